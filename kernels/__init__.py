@@ -1,0 +1,1 @@
+"""Kernels of omnicompile: each op's Triton kernels beside its pure-PyTorch reference."""
