@@ -52,8 +52,6 @@ class OmniSparseConfig:
         dense_fallback_density: when the selection computes more than this fraction of the allowed
             blocks, the CUDA path runs dense attention instead (logged); 1.0 disables the rule.
         query_chunk: query blocks processed at once by the pure-PyTorch reference (bounds memory).
-        collect_stats: record per-site density/recall statistics (costs an exact dense pass; used by
-            ``omnicompile.explain``).
         lowering: compiler for the rest of the graph, ``"inductor"`` or ``"tensorrt"``.
     """
 
@@ -78,7 +76,6 @@ class OmniSparseConfig:
     visual_spans: tuple[tuple[int, int], ...] | None = None
     dense_fallback_density: float = 0.9
     query_chunk: int = 16
-    collect_stats: bool = False
     lowering: Lowering = "inductor"
 
     def __post_init__(self) -> None:
@@ -118,9 +115,8 @@ class OmniSparseConfig:
                     f"OmniSparseConfig.visual_spans: {self.visual_spans!r} must be (start, end) pairs, 0 <= start < end"
                 )
             object.__setattr__(self, "visual_spans", spans)
-        for name in ("query_selection", "collect_stats"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"OmniSparseConfig.{name}: {getattr(self, name)!r} is not a bool")
+        if not isinstance(self.query_selection, bool):
+            raise ValueError(f"OmniSparseConfig.query_selection: {self.query_selection!r} is not a bool")
 
     def _check_range(self, name: str, value: Any, low: float, high: float, low_open: bool = False) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -1,0 +1,207 @@
+"""The custom op ``torch.ops.omnisparse.attention`` that the passes put in place of attention.
+
+Schema (SDPA's arguments, plus the config and the site name)::
+
+    omnisparse::attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float dropout_p,
+                          bool is_causal, float? scale, bool enable_gqa, str config, str site)
+        -> (Tensor out, Tensor lse)
+
+q: [B, H, Sq, D]; k: [B, Hkv, Skv, D]; v: [B, Hkv, Skv, Dv]; attn_mask: None, bool (True = keep) or
+additive float, broadcastable to [B, H, Sq, Skv]. ``out`` [B, H, Sq, Dv] (q.dtype, contiguous) equals
+SDPA semantics when nothing is skipped; ``lse`` float32 [B, H, Sq] is the log-sum-exp of the scaled
+scores over the attended keys when the sparse path ran, NaN when dense attention ran.
+
+The op decides at run time, per call, between the sparse method and dense attention
+(`dense_reason`); every dense decision is logged once per site on the ``omnicompile`` logger.
+Autograd is registered: the backward is the opaque op ``omnisparse::attention_backward``, which
+recomputes the (deterministic) selection and differentiates exactly the attention that ran.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import OmniSparseConfig
+from .recording import SiteRun, active_recorders
+
+logger = logging.getLogger("omnicompile")
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_LOGGED: set[tuple[str, str]] = set()
+
+
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float, enable_gqa: bool) -> None:
+    """Raise ``ValueError`` for inputs that no attention (dense or sparse) can take."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"omnisparse.attention: {name} must be 4-D [B, heads, seq, head_dim], got {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"omnisparse.attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"omnisparse.attention: q and k head dims differ ({q.shape[-1]} vs {k.shape[-1]})")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"omnisparse.attention: k {tuple(k.shape)} and v {tuple(v.shape)} disagree")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"omnisparse.attention: batch sizes differ ({q.shape[0]} vs {k.shape[0]})")
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if heads != kv_heads and not (enable_gqa and heads % kv_heads == 0):
+        raise ValueError(
+            f"omnisparse.attention: {heads} query heads and {kv_heads} KV heads need enable_gqa=True "
+            "and a whole number of query heads per KV head"
+        )
+    if dropout_p != 0.0:
+        raise ValueError("omnisparse.attention: dropout_p must be 0 (the passes leave attention with dropout untouched)")
+    if attn_mask is not None:
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise ValueError(f"omnisparse.attention: attn_mask must be bool or float, got {attn_mask.dtype}")
+        if attn_mask.requires_grad:
+            raise ValueError("omnisparse.attention: a learnable attn_mask (requires_grad) is not supported")
+        try:
+            torch.broadcast_shapes(attn_mask.shape, (q.shape[0], heads, q.shape[2], k.shape[2]))
+        except RuntimeError:
+            raise ValueError(
+                f"omnisparse.attention: attn_mask {tuple(attn_mask.shape)} does not broadcast to "
+                f"[B, H, Sq, Skv] = {(q.shape[0], heads, q.shape[2], k.shape[2])}"
+            ) from None
+
+
+def dense_reason(q: Tensor, k: Tensor, v: Tensor, cfg: OmniSparseConfig) -> str:
+    """Why this call runs dense attention ("" when the sparse method runs)."""
+    if cfg.mode == "dense":
+        return "mode='dense'"
+    if k.shape[2] < cfg.min_seq_len:
+        return f"kv length {k.shape[2]} < min_seq_len {cfg.min_seq_len}"
+    if q.shape[2] < cfg.block_size:
+        return f"query length {q.shape[2]} < block_size {cfg.block_size} (decode step)"
+    if q.dtype not in _SUPPORTED_DTYPES:
+        return f"dtype {q.dtype} not supported"
+    if v.shape[-1] != q.shape[-1]:
+        return f"value head dim {v.shape[-1]} differs from query head dim {q.shape[-1]}"
+    from .method import kernel_unsupported_reason
+
+    return kernel_unsupported_reason(q, k, v)
+
+
+def recompute_grads(fn, primals: tuple[Tensor, ...], grad_out: Tensor) -> tuple[Tensor, ...]:
+    """Gradients of ``fn(*primals)`` against ``grad_out`` by recomputation.
+
+    Uses ``torch.func.vjp``: plain autograd is unavailable inside a custom op's implementation
+    (the dispatcher runs it below the autograd keys).
+    """
+    _, vjp_fn = torch.func.vjp(fn, *primals)
+    return vjp_fn(grad_out)
+
+
+def _log_dense_once(site: str, reason: str) -> None:
+    if (site, reason) not in _LOGGED:
+        _LOGGED.add((site, reason))
+        logger.info("omnisparse site %s runs dense attention: %s", site, reason)
+
+
+def _dense_attention(q, k, v, attn_mask, is_causal, scale, enable_gqa) -> Tensor:
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
+    ).contiguous()
+
+
+def _record(site: str, decision: str, reason: str, q: Tensor, k: Tensor, v: Tensor, stats_fn) -> None:
+    recorders = active_recorders()
+    if not recorders:
+        return
+    stats = stats_fn() if any(r.measure for r in recorders) else {}
+    run = SiteRun(site, decision, reason, (tuple(q.shape), tuple(k.shape), tuple(v.shape)), stats)
+    for recorder in recorders:
+        recorder.runs.append(run)
+
+
+@torch.library.custom_op("omnisparse::attention", mutates_args=())
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+    config: str,
+    site: str,
+) -> tuple[Tensor, Tensor]:
+    """OmniSparse attention with SDPA semantics; see the module docstring."""
+    check_inputs(q, k, v, attn_mask, dropout_p, enable_gqa)
+    cfg = OmniSparseConfig.from_json(config)
+    reason = dense_reason(q, k, v, cfg)
+    if reason:
+        _log_dense_once(site, reason)
+        out = _dense_attention(q, k, v, attn_mask, is_causal, scale, enable_gqa)
+        _record(site, "dense", reason, q, k, v, dict)
+        return out, q.new_full((q.shape[0], q.shape[1], q.shape[2]), math.nan, dtype=torch.float32)
+    from .method import omnisparse_attention, selection_stats
+
+    out, lse, selection = omnisparse_attention(q, k, v, attn_mask, is_causal, scale, cfg)
+    _record(
+        site, "sparse", "", q, k, v,
+        lambda: selection_stats(q, k, v, attn_mask, is_causal, scale, cfg, selection, out),
+    )
+    return out.contiguous(), lse.contiguous()
+
+
+@attention.register_fake
+def _attention_fake(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, config, site):
+    batch, heads, q_len, _ = q.shape
+    out = q.new_empty((batch, heads, q_len, v.shape[-1]))
+    return out, q.new_empty((batch, heads, q_len), dtype=torch.float32)
+
+
+@torch.library.custom_op("omnisparse::attention_backward", mutates_args=())
+def attention_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+    config: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv) of `attention` with respect to q, k, v (shaped like them)."""
+    cfg = OmniSparseConfig.from_json(config)
+    if dense_reason(q, k, v, cfg):
+        grads = recompute_grads(
+            lambda q_, k_, v_: _dense_attention(q_, k_, v_, attn_mask, is_causal, scale, enable_gqa), (q, k, v), grad_out
+        )
+        return tuple(g.contiguous() for g in grads)
+    from .method import omnisparse_attention_backward
+
+    grads = omnisparse_attention_backward(grad_out, q, k, v, attn_mask, out, lse, is_causal, scale, cfg)
+    return tuple(g.contiguous() for g in grads)
+
+
+@attention_backward.register_fake
+def _attention_backward_fake(grad_out, q, k, v, attn_mask, out, lse, is_causal, scale, enable_gqa, config):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, attn_mask, _dropout_p, is_causal, scale, enable_gqa, config, _site = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, attn_mask, out, lse)
+    ctx.args = (is_causal, scale, enable_gqa, config)
+
+
+def _backward(ctx, grad_out: Tensor, _grad_lse: Tensor):
+    q, k, v, attn_mask, out, lse = ctx.saved_tensors
+    is_causal, scale, enable_gqa, config = ctx.args
+    dq, dk, dv = attention_backward(grad_out.contiguous(), q, k, v, attn_mask, out, lse, is_causal, scale, enable_gqa, config)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+attention.register_autograd(_backward, setup_context=_setup_context)
