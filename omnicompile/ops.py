@@ -9,7 +9,8 @@ Schema (SDPA's arguments, plus the config and the site name)::
 q: [B, H, Sq, D]; k: [B, Hkv, Skv, D]; v: [B, Hkv, Skv, Dv]; attn_mask: None, bool (True = keep) or
 additive float, broadcastable to [B, H, Sq, Skv]. ``out`` [B, H, Sq, Dv] (q.dtype, contiguous) equals
 SDPA semantics when nothing is skipped; ``lse`` float32 [B, H, Sq] is the log-sum-exp of the scaled
-scores over the attended keys when the sparse path ran, NaN when dense attention ran.
+scores over the attended keys when the sparse path ran; zeros (unused by the backward) when
+dense attention ran.
 
 The op decides at run time, per call, between the sparse method and dense attention
 (`dense_reason`); every dense decision is logged once per site on the ``omnicompile`` logger.
@@ -20,7 +21,6 @@ recomputes the (deterministic) selection and differentiates exactly the attentio
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 import torch.nn.functional as F
@@ -140,7 +140,7 @@ def attention(
         _log_dense_once(site, reason)
         out = _dense_attention(q, k, v, attn_mask, is_causal, scale, enable_gqa)
         _record(site, "dense", reason, q, k, v, dict)
-        return out, q.new_full((q.shape[0], q.shape[1], q.shape[2]), math.nan, dtype=torch.float32)
+        return out, q.new_zeros((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32)
     from .method import omnisparse_attention, selection_stats
 
     out, lse, selection = omnisparse_attention(q, k, v, attn_mask, is_causal, scale, cfg)
