@@ -1,0 +1,95 @@
+"""The custom op: registration checks, input validation, dense-fallback decisions and their logging."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from omnicompile import OmniSparseConfig
+from omnicompile.ops import dense_reason
+
+from tests.helpers import GRAD_REL_TOL, REL_TOL, rel_error
+
+DENSE = OmniSparseConfig(mode="dense").to_json()
+
+
+def _op(q, k, v, mask=None, causal=False, scale=None, gqa=True, config=DENSE, site="site0"):
+    return torch.ops.omnisparse.attention(q, k, v, mask, 0.0, causal, scale, gqa, config, site)
+
+
+def _qkv(b=1, h=4, hkv=2, sq=32, skv=32, d=16, dtype=torch.float32):
+    q = torch.randn(b, h, sq, d, dtype=dtype, requires_grad=True)
+    k = torch.randn(b, hkv, skv, d, dtype=dtype, requires_grad=True)
+    v = torch.randn(b, hkv, skv, d, dtype=dtype, requires_grad=True)
+    return q, k, v
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "causal", "bool", "additive"])
+def test_opcheck(mask_kind):
+    q, k, v = _qkv(sq=24, skv=40)
+    mask = {"bool": torch.rand(1, 1, 24, 40) > 0.3, "additive": torch.randn(1, 4, 24, 40)}.get(mask_kind)
+    args = (q, k, v, mask, 0.0, mask_kind == "causal", 0.2, True, DENSE, "site0")
+    torch.library.opcheck(torch.ops.omnisparse.attention.default, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_mode_equals_sdpa_forward_and_backward(dtype):
+    q, k, v = _qkv(sq=20, skv=36, dtype=dtype)
+    mask = torch.rand(1, 1, 20, 36) > 0.2
+    out, lse = _op(q, k, v, mask)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert lse.shape == (1, 4, 20) and lse.dtype == torch.float32
+    assert rel_error(out, ref) < REL_TOL[dtype]
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    for g, w in zip(got, want):
+        assert rel_error(g, w) < GRAD_REL_TOL[dtype]
+
+
+@pytest.mark.parametrize(
+    "shapes, kwargs, match",
+    [
+        (((1, 4, 8), (1, 2, 8, 8), (1, 2, 8, 8)), {}, "4-D"),
+        (((1, 4, 8, 16), (1, 2, 8, 8), (1, 2, 8, 8)), {}, "head dims"),
+        (((1, 4, 8, 8), (1, 3, 8, 8), (1, 3, 8, 8)), {}, "KV heads"),
+        (((1, 4, 8, 8), (1, 2, 8, 8), (1, 2, 8, 8)), {"gqa": False}, "enable_gqa"),
+        (((1, 4, 8, 8), (1, 2, 8, 8), (1, 2, 9, 8)), {}, "disagree"),
+        (((2, 4, 8, 8), (1, 2, 8, 8), (1, 2, 8, 8)), {}, "batch"),
+        (((1, 4, 8, 8), (1, 2, 8, 8), (1, 2, 8, 8)), {"mask": torch.ones(1, 1, 7, 8, dtype=torch.bool)}, "broadcast"),
+        (((1, 4, 8, 8), (1, 2, 8, 8), (1, 2, 8, 8)), {"mask": torch.ones(1, 1, 8, 8, dtype=torch.int64)}, "bool or float"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(shapes, kwargs, match):
+    q, k, v = (torch.randn(s) for s in shapes)
+    with pytest.raises(ValueError, match=match):
+        _op(q, k, v, **kwargs)
+
+
+def test_dropout_is_rejected():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="dropout_p"):
+        torch.ops.omnisparse.attention(q, k, v, None, 0.1, False, None, True, DENSE, "s")
+
+
+def test_dense_reasons():
+    cfg = OmniSparseConfig(min_seq_len=64, block_size=16)
+    q, k, v = _qkv(sq=32, skv=32)
+    assert "mode='dense'" in dense_reason(q, k, v, cfg.replace(mode="dense"))
+    assert "min_seq_len" in dense_reason(q, k, v, cfg)
+    q1, k1, v1 = _qkv(sq=1, skv=128)
+    assert "decode" in dense_reason(q1, k1, v1, cfg)
+    qd, kd, vd = (t.double() for t in _qkv(sq=64, skv=64))
+    assert "dtype" in dense_reason(qd, kd, vd, cfg)
+
+
+def test_dense_decision_logged_once_per_site(caplog):
+    q, k, v = _qkv()
+    cfg = OmniSparseConfig(min_seq_len=4096).to_json()
+    with caplog.at_level(logging.INFO, logger="omnicompile"):
+        for _ in range(3):
+            _op(q, k, v, config=cfg, site="log_once_site")
+        _op(q, k, v, config=cfg, site="log_once_other")
+    messages = [r.getMessage() for r in caplog.records if "log_once" in r.getMessage()]
+    assert len(messages) == 2 and all("min_seq_len" in m for m in messages)
