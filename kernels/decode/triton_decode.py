@@ -1,0 +1,223 @@
+"""Split-K (flash-decoding) Triton kernel for decode attention over a slim (ragged) KV cache.
+
+Same signature and semantics as `slim_decode_reference`. Grid of the first kernel: (B * Hkv, splits,
+query-row tiles). One program owns one KV head and loads each of its kept keys/values once for all the
+G * n query rows of its group (the G query heads times the n new tokens), over one split of the head's
+virtual sequence ``kept prompt tokens ++ tail``; it reads only the kept rows of the packed buffer
+(``offsets[b, h] .. + lengths[b, h]``), so a short head finishes early and its extra splits are empty.
+Each split writes a partial output and its log-sum-exp (fp32); the second kernel merges the splits.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+from torch import Tensor
+
+from .slim_kv import SlimKV, check_decode_inputs
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is absent on some CPU hosts
+    triton = None
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = 256
+_BLOCK_N = 64
+
+
+def supported(q: Tensor, kv: SlimKV, scale: float | None = None) -> str | None:
+    """None when `slim_decode_triton` can run these inputs, else the reason it cannot."""
+    if triton is None:
+        return "triton is not installed"
+    tensors = (q, kv.k_packed, kv.v_packed, kv.offsets, kv.lengths, kv.k_tail, kv.v_tail)
+    if len({t.device for t in tensors}) != 1:
+        return "tensors are on different devices"
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if not (q.is_cuda or (interpreted and q.device.type == "cpu")):
+        return f"device {q.device} (CUDA, or CPU with TRITON_INTERPRET=1)"
+    if q.dtype not in _DTYPES or any(t.dtype != q.dtype for t in tensors[1:3] + tensors[5:]):
+        return f"dtypes {sorted({str(t.dtype) for t in tensors})}: q and the cache must share one of {_DTYPES}"
+    if any(t.dtype != torch.int32 or not t.is_contiguous() for t in (kv.offsets, kv.lengths)):
+        return "offsets/lengths must be contiguous int32"
+    if q.shape[-1] > _MAX_HEAD_DIM:
+        return f"head_dim {q.shape[-1]} > {_MAX_HEAD_DIM}"
+    return None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _online_softmax_step(q, k, v, visible, m_i, l_i, acc, scale, PRECISION: tl.constexpr):
+        """Fold one key tile into the running (max, sum, weighted values) of each query row."""
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(scores - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _split_kernel(
+        Q, KP, VP, OFFSETS, LENGTHS, KT, VT, MID_O, MID_LSE,
+        scale, n_q, tail_len, group, num_kv_heads, split_len, num_splits, rows_padded,
+        sq_b, sq_h, sq_n, sq_d,
+        skp_n, skp_d, svp_n, svp_d,
+        skt_b, skt_h, skt_t, skt_d,
+        svt_b, svt_h, svt_t, svt_d,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = bh // num_kv_heads
+        h = bh % num_kv_heads
+        seg_start = tl.load(OFFSETS + bh).to(tl.int64)
+        seg_len = tl.load(LENGTHS + bh)
+        start = split * split_len
+        end = tl.minimum(start + split_len, seg_len + tail_len)
+
+        rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)  # row = g * n + j
+        row_ok = rows < group * n_q
+        j = rows % n_q
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_DIM
+        q_ptrs = Q + b * sq_b + (h * group + rows // n_q)[:, None] * sq_h + j[:, None] * sq_n + d[None, :] * sq_d
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+        # Kept prompt tokens of this head in [start, end): all visible.
+        for pos in range(start, tl.minimum(end, seg_len), BLOCK_N):
+            p = pos + tl.arange(0, BLOCK_N)
+            ok = p < tl.minimum(end, seg_len)
+            rows_kv = (seg_start + p)[:, None]
+            k = tl.load(KP + rows_kv * skp_n + d[None, :] * skp_d, mask=ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(VP + rows_kv * svp_n + d[None, :] * svp_d, mask=ok[:, None] & d_ok[None, :], other=0.0)
+            m_i, l_i, acc = _online_softmax_step(q, k, v, ok[None, :], m_i, l_i, acc, scale, PRECISION)
+        # Tail tokens in [start, end): query j sees tail index t <= tail_len - n_q + j.
+        for pos in range(tl.maximum(start, seg_len), end, BLOCK_N):
+            t = pos - seg_len + tl.arange(0, BLOCK_N)
+            ok = t < end - seg_len
+            k = tl.load(
+                KT + b * skt_b + h * skt_h + t[:, None] * skt_t + d[None, :] * skt_d,
+                mask=ok[:, None] & d_ok[None, :], other=0.0,
+            )
+            v = tl.load(
+                VT + b * svt_b + h * svt_h + t[:, None] * svt_t + d[None, :] * svt_d,
+                mask=ok[:, None] & d_ok[None, :], other=0.0,
+            )
+            visible = ok[None, :] & (t[None, :] <= (tail_len - n_q + j)[:, None])
+            m_i, l_i, acc = _online_softmax_step(q, k, v, visible, m_i, l_i, acc, scale, PRECISION)
+
+        lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        mid = (bh * num_splits + split) * rows_padded + rows
+        tl.store(MID_LSE + mid, lse)
+        tl.store(MID_O + mid[:, None] * HEAD_DIM + d[None, :], out, mask=d_ok[None, :])
+
+    @triton.jit
+    def _combine_kernel(
+        MID_O, MID_LSE, OUT, LSE,
+        n_q, group, num_kv_heads, num_splits, rows_padded,
+        so_b, so_h, so_n, so_d, sl_b, sl_h, sl_n,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    ):
+        bh = tl.program_id(0)
+        b = bh // num_kv_heads
+        h = bh % num_kv_heads
+        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < group * n_q
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_DIM
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        denom = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for split in range(num_splits):
+            mid = (bh * num_splits + split) * rows_padded + rows
+            lse_s = tl.load(MID_LSE + mid)
+            out_s = tl.load(MID_O + mid[:, None] * HEAD_DIM + d[None, :], mask=d_ok[None, :], other=0.0)
+            m_new = tl.maximum(m, lse_s)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_safe)
+            w = tl.exp(lse_s - m_safe)
+            denom = denom * alpha + w
+            acc = acc * alpha[:, None] + w[:, None] * out_s
+            m = m_new
+        out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
+        lse = tl.where(denom > 0, m + tl.log(tl.where(denom > 0, denom, 1.0)), float("-inf"))
+        head = h * group + rows // n_q
+        j = rows % n_q
+        out_ptrs = OUT + b * so_b + head[:, None] * so_h + j[:, None] * so_n + d[None, :] * so_d
+        tl.store(out_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(LSE + b * sl_b + head * sl_h + j * sl_n, lse, mask=row_ok)
+
+
+@functools.lru_cache(maxsize=None)
+def _target_programs(device: torch.device) -> int:
+    """Programs worth launching: twice the SM count on CUDA, a handful in the CPU interpreter."""
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
+def _split_len(kv: SlimKV, programs_per_split: int, device: torch.device) -> int:
+    """Keys per split: enough splits to fill the device, each a whole number of key tiles."""
+    longest = kv.max_length + kv.tail_len
+    splits = max(1, min(math.ceil(_target_programs(device) / programs_per_split), math.ceil(longest / _BLOCK_N)))
+    return _BLOCK_N * math.ceil(longest / (splits * _BLOCK_N))
+
+
+def slim_decode_triton(q: Tensor, kv: SlimKV, scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """Decode attention of a few queries against a slim cache (see `slim_decode_reference`).
+
+    Args:
+        q: [B, H, n, D] fp16/bf16 (fp32 too), the n newest tokens' queries.
+        kv: the layer's `SlimKV`, same dtype and device as q.
+        scale: score scale, default 1/sqrt(D).
+
+    Returns:
+        out [B, H, n, D] in q's dtype and lse float32 [B, H, n].
+    """
+    check_decode_inputs(q, kv)
+    reason = supported(q, kv, scale)
+    if reason is not None:
+        raise ValueError(f"slim_decode_triton: unsupported inputs: {reason}")
+    batch, heads, n, dim = q.shape
+    group = heads // kv.num_kv_heads
+    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    rows = group * n
+    block_m = max(16, min(64, triton.next_power_of_2(rows)))
+    row_tiles = math.ceil(rows / block_m)
+    rows_padded = row_tiles * block_m
+    block_d = max(16, triton.next_power_of_2(dim))
+    programs_per_split = batch * kv.num_kv_heads * row_tiles
+    split_len = _split_len(kv, programs_per_split, q.device)
+    num_splits = math.ceil((kv.max_length + kv.tail_len) / split_len)
+
+    mid_o = torch.empty(batch * kv.num_kv_heads, num_splits, rows_padded, dim, dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty(batch * kv.num_kv_heads, num_splits, rows_padded, dtype=torch.float32, device=q.device)
+    _split_kernel[(batch * kv.num_kv_heads, num_splits, row_tiles)](
+        q, kv.k_packed, kv.v_packed, kv.offsets, kv.lengths, kv.k_tail, kv.v_tail, mid_o, mid_lse,
+        scale, n, kv.tail_len, group, kv.num_kv_heads, split_len, num_splits, rows_padded,
+        *q.stride(), *kv.k_packed.stride(), *kv.v_packed.stride(), *kv.k_tail.stride(), *kv.v_tail.stride(),
+        HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=_BLOCK_N,
+        PRECISION="ieee" if q.dtype == torch.float32 else None,  # fp32 scores stay exact, not TF32
+    )
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, heads, n, dtype=torch.float32, device=q.device)
+    _combine_kernel[(batch * kv.num_kv_heads, row_tiles)](
+        mid_o, mid_lse, out, lse,
+        n, group, kv.num_kv_heads, num_splits, rows_padded,
+        *out.stride(), *lse.stride(),
+        HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=block_m,
+    )
+    return out, lse
