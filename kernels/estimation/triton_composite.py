@@ -1,0 +1,259 @@
+"""Fused Triton composite / pooled block estimator (the ``composite`` and ``pooled`` estimators of
+``reference.py``, same Ahat).
+
+Composite tokens are group means (torch ops, one read of q and k). Then one program per
+(batch, query head, tile of ``BLOCK_U`` query composites = whole query blocks) runs two passes over
+the key composites its rows may see (causal: up to the tile's last row):
+
+1. online softmax statistics per query composite u: max and sum over w of
+   2^(log2e * scale * qtilde_u . ktilde_w + log2 count(u, w));
+2. the normalised probabilities, summed per key block (R = b / g key composites) and over the
+   query block's R rows, divided by the number of rows that see a key, stored straight into Ahat.
+
+count(u, w) is the number of unmasked (row, key) pairs of the g x g tile (reference docstring):
+rows(u) * keys(w) below the diagonal, the triangle count on it, 0 above it or past the keys. Tiles
+strictly below the diagonal with full key groups ("interior") skip that arithmetic. Key blocks a
+tile never visits (above the diagonal) are written as zeros, so Ahat needs no memset. Only the
+[B, H, nq, nk] output is written; no score matrix is materialised.
+
+Operands are the inputs' dtype (bf16/fp16 tensor cores, fp32 accumulation); fp32 inputs use
+exact fp32 dots. With a bf16 input the composite means are rounded to bf16 before the dot, the
+only difference from the fp32 reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ...config import OmniSparseConfig
+from ..sparse_attention.triton_fwd import interpreting, needs_fp32_dot, tile_dot
+
+_LOG2E = 1.4426950408889634
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_MAX_HEAD_DIM = 128
+
+
+@dataclass(frozen=True)
+class EstimateLaunch:
+    """Tile shape and schedule of the fused estimator: ``block_u`` query and ``block_w`` key
+    composites per step (raised to b / g where smaller)."""
+
+    block_u: int = 64
+    block_w: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def supported(q: Tensor, k: Tensor, attn_mask: Tensor | None, config: OmniSparseConfig) -> str | None:
+    """None when `estimate_blocks` can run these inputs, else the reason it cannot."""
+    if config.estimator not in ("composite", "pooled"):
+        return f"estimator {config.estimator!r}: the fused kernel computes 'composite' and 'pooled'"
+    if attn_mask is not None:
+        return "attn_mask: the fused estimator takes causal or unmasked attention only"
+    if q.device.type != "cuda" and not interpreting():
+        return f"device {q.device.type} needs CUDA (or TRITON_INTERPRET=1)"
+    if q.dtype not in _DTYPES or q.dtype != k.dtype:
+        return f"dtypes q {q.dtype}, k {k.dtype}: need one of bf16, fp16, fp32"
+    head_dim = q.shape[-1]
+    if k.shape[-1] != head_dim or head_dim % 16 or not 16 <= head_dim <= _MAX_HEAD_DIM:
+        return f"head dims q {head_dim}, k {k.shape[-1]}: need equal multiples of 16 in [16, {_MAX_HEAD_DIM}]"
+    if q.shape[1] % k.shape[1]:
+        return f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} KV heads"
+    return None
+
+
+def composite_means(x: Tensor, group: int) -> Tensor:
+    """Means of consecutive groups of ``group`` tokens: x [B, Hx, S, D] -> [B, Hx, ceil(S/group), D]
+    in x.dtype (summed in fp32; the last group averages its real tokens only)."""
+    full = x.shape[2] // group
+    out = torch.empty(*x.shape[:2], -(-x.shape[2] // group), x.shape[3], dtype=x.dtype, device=x.device)
+    out[:, :, :full] = x[:, :, : full * group].unflatten(2, (full, group)).sum(3, dtype=torch.float32) / group
+    if x.shape[2] % group:
+        out[:, :, full:] = x[:, :, full * group :].float().mean(2, keepdim=True)
+    return out
+
+
+def estimate_blocks(
+    q: Tensor,
+    k: Tensor,
+    attn_mask: Tensor | None,
+    is_causal: bool,
+    scale: float,
+    config: OmniSparseConfig,
+    *,
+    launch: EstimateLaunch | None = None,
+) -> Tensor:
+    """Ahat float32 [B, H, nq, nk] of ``config.estimator`` (composite or pooled), as the reference.
+
+    q: [B, H, Sq, D], k: [B, Hkv, Skv, D] (GQA: head h reads h // (H // Hkv)), one of bf16 / fp16 /
+    fp32; attn_mask must be None (see `supported`). ``launch`` overrides the tiles (benchmarks).
+    """
+    reason = supported(q, k, attn_mask, config)
+    if reason is not None:
+        raise ValueError(f"triton estimate_blocks: {reason}")
+    b = config.block_size
+    group = config.granularity if config.estimator == "composite" else b
+    per_block = b // group
+    cfg = launch or EstimateLaunch()
+    block_u, block_w = max(cfg.block_u, per_block), max(cfg.block_w, per_block)
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    nq, nk = triton.cdiv(q_len, b), triton.cdiv(kv_len, b)
+
+    q_means, k_means = composite_means(q, group), composite_means(k, group)
+    ahat = torch.empty(batch, heads, nq, nk, dtype=torch.float32, device=q.device)
+    u_tiles = triton.cdiv(nq * per_block, block_u)
+    _composite_kernel[(batch * heads * u_tiles,)](
+        q_means, k_means, ahat,
+        *q_means.stride(), *k_means.stride(), *ahat.stride(),
+        heads, q_len, kv_len, q_means.shape[2], k_means.shape[2], nq, nk, u_tiles, scale * _LOG2E,
+        GQA=heads // kv_heads,
+        GROUP=group,
+        PER_BLOCK=per_block,
+        BLOCK_U=block_u,
+        BLOCK_W=block_w,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+        IS_CAUSAL=is_causal,
+        FP32_DOT=needs_fp32_dot(q.dtype),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return ahat
+
+
+@triton.jit
+def _scores(
+    qc, kc_base, w0, offs_u, offs_d, row_log2_count, rows_u, stride_kw, n_w, kv_len, qk_scale,
+    GROUP: tl.constexpr, BLOCK_W: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr, BOUNDARY: tl.constexpr,
+):
+    """[BLOCK_U, BLOCK_W] base-2 scores log2e * scale * qtilde . ktilde + log2 count of key
+    composites [w0, w0 + BLOCK_W); -inf where the count is 0."""
+    offs_w = w0 + tl.arange(0, BLOCK_W)
+    ptrs = kc_base + offs_w[:, None] * stride_kw
+    if BOUNDARY:
+        kc = tl.load(ptrs, mask=(offs_w[:, None] < n_w) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    elif HEAD_DIM == HEAD_DIM_PAD:
+        kc = tl.load(ptrs)
+    else:
+        kc = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    s = tile_dot(qc, tl.trans(kc), None, FP32_DOT) * qk_scale
+    if not BOUNDARY:
+        # Interior: every key group is full and strictly below the diagonal.
+        return s + row_log2_count[:, None]
+    keys = tl.minimum(tl.maximum(kv_len - offs_w * GROUP, 0), GROUP)[None, :]
+    rows = rows_u[:, None]
+    count = rows * keys
+    if IS_CAUSAL:
+        # On the diagonal, row t of the group sees min(t + 1, keys) keys.
+        lo = tl.minimum(rows, keys)
+        diag = lo * (lo + 1) // 2 + (rows - lo) * keys
+        below = offs_w[None, :] < offs_u[:, None]
+        count = tl.where(below, count, tl.where(offs_w[None, :] == offs_u[:, None], diag, 0))
+    return tl.where(count > 0, s + tl.math.log2(tl.maximum(count, 1).to(tl.float32)), float("-inf"))
+
+
+@triton.jit
+def _online_stats(m_i, l_i, s):
+    """Update the running base-2 max and sum of the rows with scores s; rows with nothing seen yet
+    keep m = -inf (shifted by 0, no NaN)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.sum(tl.math.exp2(s - m_safe[:, None]), 1)
+    return m_new, l_i
+
+
+@triton.jit
+def _store_mass(
+    s, m_shift, inv_l, inv_rows, a_base, row_ok, t, stride_aj, nk,
+    BLOCK_U: tl.constexpr, PER_BLOCK: tl.constexpr, BLOCKS_I: tl.constexpr, BLOCKS_J: tl.constexpr,
+):
+    """Probabilities of key tile t, summed per key block and averaged per query block, into Ahat."""
+    p = tl.math.exp2(s - m_shift[:, None]) * inv_l[:, None]
+    per_key_block = tl.sum(tl.reshape(p, [BLOCK_U, BLOCKS_J, PER_BLOCK]), 2)
+    mass = tl.sum(tl.reshape(per_key_block, [BLOCKS_I, PER_BLOCK, BLOCKS_J]), 1) * inv_rows[:, None]
+    offs_j = t * BLOCKS_J + tl.arange(0, BLOCKS_J)
+    tl.store(a_base + offs_j[None, :] * stride_aj, mass, mask=row_ok & (offs_j[None, :] < nk))
+
+
+@triton.jit
+def _composite_kernel(
+    QC, KC, AHAT,
+    stride_qb, stride_qh, stride_qu, stride_qd,
+    stride_kb, stride_kh, stride_kw, stride_kd,
+    stride_ab, stride_ah, stride_ai, stride_aj,
+    heads, q_len, kv_len, n_u, n_w, nq, nk, u_tiles, qk_scale,
+    GQA: tl.constexpr, GROUP: tl.constexpr, PER_BLOCK: tl.constexpr,
+    BLOCK_U: tl.constexpr, BLOCK_W: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, IS_CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    # Program order, fastest first: head (heads of a KV group share key tiles in L2), query tile
+    # (last first: causal tiles near the end are the longest), batch.
+    BLOCKS_I: tl.constexpr = BLOCK_U // PER_BLOCK
+    BLOCKS_J: tl.constexpr = BLOCK_W // PER_BLOCK
+    pid = tl.program_id(0)
+    head = (pid % heads).to(tl.int64)
+    rest = pid // heads
+    tile = u_tiles - 1 - rest % u_tiles
+    batch = (rest // u_tiles).to(tl.int64)
+
+    u0 = tile * BLOCK_U
+    offs_u = u0 + tl.arange(0, BLOCK_U)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    qc = tl.load(
+        QC + batch * stride_qb + head * stride_qh + offs_u[:, None] * stride_qu + offs_d[None, :] * stride_qd,
+        mask=(offs_u[:, None] < n_u) & (offs_d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
+    kc_base = KC + batch * stride_kb + (head // GQA) * stride_kh + offs_d[None, :] * stride_kd
+    rows_u = tl.minimum(tl.maximum(q_len - offs_u * GROUP, 0), GROUP)
+    row_log2_count = tl.where(rows_u > 0, tl.math.log2(tl.maximum(rows_u * GROUP, 1).to(tl.float32)), float("-inf"))
+
+    # Key tiles [0, interior) need no count arithmetic; [interior, visited) do.
+    w_stop = n_w
+    w_full = kv_len // GROUP
+    if IS_CAUSAL:
+        w_stop = tl.minimum(w_stop, u0 + BLOCK_U)
+        w_full = tl.minimum(w_full, u0)
+    interior = w_full // BLOCK_W
+    visited = tl.cdiv(w_stop, BLOCK_W)
+
+    m_i = tl.full([BLOCK_U], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_U], dtype=tl.float32)
+    for t in tl.range(0, interior):
+        s = _scores(qc, kc_base, t * BLOCK_W, offs_u, offs_d, row_log2_count, rows_u, stride_kw, n_w, kv_len,
+                    qk_scale, GROUP, BLOCK_W, HEAD_DIM, HEAD_DIM_PAD, IS_CAUSAL, FP32_DOT, False)
+        m_i, l_i = _online_stats(m_i, l_i, s)
+    for t in tl.range(interior, visited):
+        s = _scores(qc, kc_base, t * BLOCK_W, offs_u, offs_d, row_log2_count, rows_u, stride_kw, n_w, kv_len,
+                    qk_scale, GROUP, BLOCK_W, HEAD_DIM, HEAD_DIM_PAD, IS_CAUSAL, FP32_DOT, True)
+        m_i, l_i = _online_stats(m_i, l_i, s)
+
+    # Rows that see no key (padding) get weight 0: shift by +inf, scale by 0.
+    seen = l_i > 0.0
+    m_shift = tl.where(seen, m_i, float("inf"))
+    inv_l = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)
+    rows_seen = tl.sum(tl.reshape(seen.to(tl.float32), [BLOCKS_I, PER_BLOCK]), 1)
+    inv_rows = 1.0 / tl.maximum(rows_seen, 1.0)
+
+    offs_i = tile * BLOCKS_I + tl.arange(0, BLOCKS_I)
+    a_base = AHAT + batch * stride_ab + head * stride_ah + offs_i[:, None] * stride_ai
+    row_ok = offs_i[:, None] < nq
+    for t in tl.range(0, interior):
+        s = _scores(qc, kc_base, t * BLOCK_W, offs_u, offs_d, row_log2_count, rows_u, stride_kw, n_w, kv_len,
+                    qk_scale, GROUP, BLOCK_W, HEAD_DIM, HEAD_DIM_PAD, IS_CAUSAL, FP32_DOT, False)
+        _store_mass(s, m_shift, inv_l, inv_rows, a_base, row_ok, t, stride_aj, nk, BLOCK_U, PER_BLOCK, BLOCKS_I, BLOCKS_J)
+    for t in tl.range(interior, visited):
+        s = _scores(qc, kc_base, t * BLOCK_W, offs_u, offs_d, row_log2_count, rows_u, stride_kw, n_w, kv_len,
+                    qk_scale, GROUP, BLOCK_W, HEAD_DIM, HEAD_DIM_PAD, IS_CAUSAL, FP32_DOT, True)
+        _store_mass(s, m_shift, inv_l, inv_rows, a_base, row_ok, t, stride_aj, nk, BLOCK_U, PER_BLOCK, BLOCKS_I, BLOCKS_J)
+    for j0 in tl.range(visited * BLOCKS_J, nk, BLOCKS_J):
+        offs_j = j0 + tl.arange(0, BLOCKS_J)
+        zeros = tl.zeros([BLOCKS_I, BLOCKS_J], dtype=tl.float32)
+        tl.store(a_base + offs_j[None, :] * stride_aj, zeros, mask=row_ok & (offs_j[None, :] < nk))

@@ -1,0 +1,316 @@
+"""Block-sparse flash-attention forward in Triton, reading a `BlockSelection`.
+
+One program computes one query tile (``BLOCK_M`` rows of one query block) of one query head. It
+walks the head's selected key blocks (``kv_indices``, ascending) in two loops: first the blocks that
+need no mask at all (strictly below the diagonal, in range, no ``attn_mask``), then the tail that
+does (the diagonal block, a partial last block, every block when an ``attn_mask`` is given). The
+split point comes from one ``searchsorted`` per call on the sorted indices, so arbitrary selections
+stay correct. Online softmax in base 2, fp32 accumulation.
+
+GQA is per query head, not per KV group: the selection differs per query head, so a group-wide
+program would iterate the union of its heads' lists and waste ``union - own`` blocks of work per
+head, and its accumulators (G x BLOCK_M x D fp32) do not fit in registers for G >= 4, D = 128.
+Instead the launch order puts the G heads of a group for the same query block on consecutive
+programs, so the K/V blocks they share are read from L2 rather than HBM.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from omnicompile.kernels.selection.block_selection import BlockSelection
+
+_LOG2E = 1.4426950408889634
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_MAX_HEAD_DIM = 128
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile shape and schedule of the forward kernel.
+
+    ``block_m`` and ``block_n`` divide the selection's block size; ``block_m`` rows of one query
+    block per program, ``block_n`` keys per inner step.
+    """
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def supported(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> str | None:
+    """None when `sparse_attention_fwd` can run these inputs, else the reason it cannot."""
+    if q.device.type != "cuda" and not interpreting():
+        return f"device {q.device.type} needs CUDA (or TRITON_INTERPRET=1)"
+    if q.dtype not in _DTYPES or not (q.dtype == k.dtype == v.dtype):
+        return f"dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}: need one of bf16, fp16, fp32"
+    head_dim = q.shape[-1]
+    if not (k.shape[-1] == v.shape[-1] == head_dim):
+        return f"head dims q {head_dim}, k {k.shape[-1]}, v {v.shape[-1]} differ"
+    if head_dim % 16 or not 16 <= head_dim <= _MAX_HEAD_DIM:
+        return f"head dim {head_dim}: needs a multiple of 16 in [16, {_MAX_HEAD_DIM}]"
+    if q.shape[1] % k.shape[1]:
+        return f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} KV heads"
+    if attn_mask is not None and attn_mask.dim() > 4:
+        return f"attn_mask has {attn_mask.dim()} dims (at most 4)"
+    return None
+
+
+def default_launch_config(block_size: int, head_dim: int, dtype: torch.dtype) -> LaunchConfig:
+    """The launch config for a selection block size, head dim and dtype (H100-tuned)."""
+    block_m = min(block_size, 128)
+    if dtype == torch.float32:
+        return LaunchConfig(block_m, min(block_size, 32), num_warps=4, num_stages=2)
+    return LaunchConfig(block_m, min(block_size, 64), num_warps=4 if block_m <= 64 else 8, num_stages=3)
+
+
+def _mask_free_counts(selection: BlockSelection, is_causal: bool, has_mask: bool) -> Tensor:
+    """int32 [B, H, nq]: how many leading selected blocks of each query block need no mask.
+
+    Such a block j lies strictly below the diagonal (j < i, causal), is full (its last key is in
+    range) and no attn_mask is given. The indices are ascending, so these blocks form a prefix.
+    """
+    idx = selection.kv_indices
+    if has_mask:
+        return torch.zeros_like(selection.kv_num_blocks)
+    b, nk = selection.block_size, selection.num_kv_blocks
+    full_blocks = nk if selection.kv_len % b == 0 else nk - 1
+    limit = torch.full((selection.num_q_blocks,), full_blocks, dtype=idx.dtype, device=idx.device)
+    if is_causal:
+        limit = limit.clamp_max(torch.arange(selection.num_q_blocks, dtype=idx.dtype, device=idx.device))
+    limit = limit.view(1, 1, -1, 1).expand(*idx.shape[:3], 1).contiguous()
+    counts = torch.searchsorted(idx, limit).squeeze(-1)
+    return torch.minimum(counts, selection.kv_num_blocks).to(torch.int32)
+
+
+def _check_selection(q: Tensor, k: Tensor, selection: BlockSelection) -> None:
+    batch, heads, q_len = q.shape[:3]
+    kv_len, b = k.shape[2], selection.block_size
+    expected = (batch, heads, triton.cdiv(q_len, b), triton.cdiv(kv_len, b))
+    if (selection.q_len, selection.kv_len) != (q_len, kv_len) or tuple(selection.kv_indices.shape) != expected:
+        raise ValueError(
+            f"selection for Sq={selection.q_len}, Skv={selection.kv_len}, indices "
+            f"{tuple(selection.kv_indices.shape)} does not fit q {tuple(q.shape)}, k {tuple(k.shape)} "
+            f"(expected indices {expected})"
+        )
+
+
+def sparse_attention_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    selection: BlockSelection,
+    attn_mask: Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    *,
+    launch: LaunchConfig | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Attention of each query block over its selected key blocks only.
+
+    Args:
+        q: [B, H, Sq, D]; k, v: [B, Hkv, Skv, D] (H % Hkv == 0); bf16, fp16 or fp32, one dtype.
+        selection: the key blocks per (batch, query head, query block).
+        attn_mask: None, bool (True = keep) or additive float, broadcastable to [B, H, Sq, Skv].
+        is_causal: top-left causal mask (query row r sees key c <= r), as SDPA.
+        scale: score scale; None = 1/sqrt(D).
+        launch: tile/schedule override (benchmarks); None = `default_launch_config`.
+
+    Returns:
+        out [B, H, Sq, D] in q.dtype and lse float32 [B, H, Sq] (natural log). Rows with no
+        attended key give out 0 and lse -inf.
+    """
+    reason = supported(q, k, v, attn_mask)
+    if reason is not None:
+        raise ValueError(f"sparse_attention_fwd: {reason}")
+    _check_selection(q, k, selection)
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    b = selection.block_size
+    cfg = launch or default_launch_config(b, head_dim, q.dtype)
+    if b % cfg.block_m or b % cfg.block_n:
+        raise ValueError(f"sparse_attention_fwd: {cfg} does not tile the block size {b}")
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+
+    out = torch.empty_like(q)
+    lse = torch.empty((batch, heads, q_len), dtype=torch.float32, device=q.device)
+    kv_indices = selection.kv_indices.contiguous()
+    kv_num_blocks = selection.kv_num_blocks.contiguous()
+    mask_free = _mask_free_counts(selection, is_causal, attn_mask is not None)
+    if attn_mask is None:
+        mask, mask_kind, mask_strides = q, 0, (0, 0, 0, 0)
+    else:
+        mask = attn_mask.expand(batch, heads, q_len, kv_len)
+        mask_kind, mask_strides = (1 if mask.dtype == torch.bool else 2), mask.stride()
+
+    nq = selection.num_q_blocks
+    grid = (batch * heads * nq * (b // cfg.block_m),)
+    _sparse_fwd_kernel[grid](
+        q, k, v, out, lse, kv_num_blocks, kv_indices, mask_free, mask,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
+        kv_heads, q_len, kv_len, nq, selection.num_kv_blocks, scale * _LOG2E,
+        GROUP=heads // kv_heads,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+        SPARSE_BLOCK=b,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        IS_CAUSAL=is_causal,
+        MASK_KIND=mask_kind,
+        FP32_DOT=needs_fp32_dot(q.dtype),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return out, lse
+
+
+def needs_fp32_dot(dtype: torch.dtype) -> bool:
+    """Whether `tile_dot` must take the exact fp32 path for inputs of ``dtype``: fp32 inputs, and
+    bf16 under the interpreter, whose bf16 ``tl.dot`` is wrong (Triton 3.9). bf16 products are
+    exact in fp32, so that path computes what the tensor cores do."""
+    return dtype == torch.float32 or (interpreting() and dtype == torch.bfloat16)
+
+
+@triton.jit
+def tile_dot(a, b, acc, FP32_DOT: tl.constexpr):
+    """``a @ b (+ acc)`` with fp32 accumulation; FP32_DOT (`needs_fp32_dot`): in exact fp32."""
+    if FP32_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _load_rows(
+    base, offs_n, stride_n, offs_d, kv_len,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr,
+):
+    """[BLOCK_N, HEAD_DIM_PAD] rows ``offs_n`` of K or V; masks only what may be out of range."""
+    ptrs = base + offs_n[:, None] * stride_n
+    if MASKED:
+        if HEAD_DIM == HEAD_DIM_PAD:
+            return tl.load(ptrs, mask=offs_n[:, None] < kv_len, other=0.0)
+        return tl.load(ptrs, mask=(offs_n[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    if HEAD_DIM == HEAD_DIM_PAD:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+
+
+@triton.jit
+def _attend_block(
+    acc, l_i, m_i, q, k_base, v_base, mask_base, it,
+    idx_ptr, offs_m, offs_d, stride_kn, stride_vn, stride_mn, kv_len, qk_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+    FP32_DOT: tl.constexpr, MASKED: tl.constexpr,
+):
+    """One online-softmax step over BLOCK_N keys of a selected key block.
+
+    Step ``it`` covers part ``it % n_split`` of the ``it // n_split``-th selected block;
+    ``k_base``/``v_base`` already hold the head's base plus the [1, HEAD_DIM_PAD] column offsets.
+    """
+    n_split: tl.constexpr = SPARSE_BLOCK // BLOCK_N
+    block = tl.load(idx_ptr + it // n_split)
+    offs_n = block * SPARSE_BLOCK + (it % n_split) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = _load_rows(k_base, offs_n, stride_kn, offs_d, kv_len, HEAD_DIM, HEAD_DIM_PAD, MASKED)
+    v = _load_rows(v_base, offs_n, stride_vn, offs_d, kv_len, HEAD_DIM, HEAD_DIM_PAD, MASKED)
+    s = tile_dot(q, tl.trans(k), None, FP32_DOT) * qk_scale
+    if MASKED:
+        keep = offs_n[None, :] < kv_len
+        if IS_CAUSAL:
+            keep = keep & (offs_m[:, None] >= offs_n[None, :])
+        if MASK_KIND == 1:
+            keep = keep & (tl.load(mask_base + offs_n[None, :] * stride_mn, mask=keep, other=0) != 0)
+        if MASK_KIND == 2:
+            bias = tl.load(mask_base + offs_n[None, :] * stride_mn, mask=keep, other=0.0)
+            s = s + bias.to(tl.float32) * 1.4426950408889634
+        s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:
+        # A row with nothing attended so far keeps m = -inf; shift by 0 instead (no NaN).
+        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new_safe = m_new
+    alpha = tl.math.exp2(m_i - m_new_safe)
+    p = tl.math.exp2(s - m_new_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tile_dot(p.to(v.dtype), v, acc * alpha[:, None], FP32_DOT)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _sparse_fwd_kernel(
+    Q, K, V, O, LSE, KV_NUM, KV_IDX, MASK_FREE, MASK,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    kv_heads, q_len, kv_len, nq, nk, qk_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    SPARSE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    # Program order, fastest first: head within its KV group, query tile, query block (last
+    # first: causal rows near the end are the longest), KV head, batch.
+    m_split: tl.constexpr = SPARSE_BLOCK // BLOCK_M
+    n_split: tl.constexpr = SPARSE_BLOCK // BLOCK_N
+    pid = tl.program_id(0)
+    g = pid % GROUP
+    rest = pid // GROUP
+    m_sub = rest % m_split
+    rest = rest // m_split
+    qblock = nq - 1 - rest % nq
+    rest = rest // nq
+    hkv = (rest % kv_heads).to(tl.int64)
+    batch = (rest // kv_heads).to(tl.int64)
+    head = hkv * GROUP + g
+
+    offs_m = qblock * SPARSE_BLOCK + m_sub * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    q_ptrs = Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    row_ok = offs_m[:, None] < q_len
+    q = tl.load(q_ptrs, mask=row_ok & (offs_d[None, :] < HEAD_DIM), other=0.0)
+
+    k_base = K + batch * stride_kb + hkv * stride_kh + offs_d[None, :] * stride_kd
+    v_base = V + batch * stride_vb + hkv * stride_vh + offs_d[None, :] * stride_vd
+    mask_base = MASK + batch * stride_mb + head * stride_mh + offs_m.to(tl.int64)[:, None] * stride_mm
+    sel = (batch * (kv_heads * GROUP) + head) * nq + qblock
+    n_blocks = tl.load(KV_NUM + sel)
+    n_free = tl.load(MASK_FREE + sel)
+    idx_ptr = KV_IDX + sel * nk
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    for it in tl.range(0, n_free * n_split):
+        acc, l_i, m_i = _attend_block(
+            acc, l_i, m_i, q, k_base, v_base, mask_base, it, idx_ptr, offs_m, offs_d,
+            stride_kn, stride_vn, stride_mn, kv_len, qk_scale,
+            HEAD_DIM, HEAD_DIM_PAD, SPARSE_BLOCK, BLOCK_N, IS_CAUSAL, MASK_KIND, FP32_DOT, False,
+        )
+    for it in tl.range(n_free * n_split, n_blocks * n_split):
+        acc, l_i, m_i = _attend_block(
+            acc, l_i, m_i, q, k_base, v_base, mask_base, it, idx_ptr, offs_m, offs_d,
+            stride_kn, stride_vn, stride_mn, kv_len, qk_scale,
+            HEAD_DIM, HEAD_DIM_PAD, SPARSE_BLOCK, BLOCK_N, IS_CAUSAL, MASK_KIND, FP32_DOT, True,
+        )
+
+    attended = l_i > 0.0
+    out = acc / tl.where(attended, l_i, 1.0)[:, None]
+    lse = tl.where(attended, (m_i + tl.math.log2(tl.where(attended, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    o_ptrs = O + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok & (offs_d[None, :] < HEAD_DIM))
+    tl.store(LSE + (batch * (kv_heads * GROUP) + head) * q_len + offs_m, lse, mask=offs_m < q_len)
