@@ -56,7 +56,10 @@ class SlimPlan:
 
 
 def long_range_region(
-    seq_len: int, config: OmniSparseConfig, token_mask: Tensor | None = None, device: torch.device | str = "cpu"
+    seq_len: int,
+    config: OmniSparseConfig,
+    token_mask: Tensor | None = None,
+    device: torch.device | str = "cpu",
 ) -> Tensor:
     """bool [B or 1, S]: the long-range region R of an S-token prompt.
 
@@ -64,9 +67,15 @@ def long_range_region(
         token_mask: optional bool [S] or [B, S] marking the visual tokens; exclusive with ``config.visual_spans``.
     """
     if token_mask is not None and config.visual_spans is not None:
-        raise ValueError("slimming: give the visual tokens either as config.visual_spans or as a token mask, not both")
+        raise ValueError(
+            "slimming: give the visual tokens either as config.visual_spans or as a token mask, not both"
+        )
     if token_mask is not None:
-        if token_mask.dtype != torch.bool or token_mask.shape[-1] != seq_len or token_mask.dim() not in (1, 2):
+        if (
+            token_mask.dtype != torch.bool
+            or token_mask.shape[-1] != seq_len
+            or token_mask.dim() not in (1, 2)
+        ):
             raise ValueError(
                 f"slimming: the token mask must be bool [S] or [B, S] with S = {seq_len}, got "
                 f"{token_mask.dtype} {tuple(token_mask.shape)}"
@@ -97,10 +106,14 @@ def observed_attention(q_obs: Tensor, k: Tensor, scale: float) -> Tensor:
         raise ValueError(f"slimming: q_obs {tuple(q_obs.shape)} does not fit keys {tuple(k.shape)}")
     group = heads // kv_heads
     positions = torch.arange(seq_len, device=k.device)
-    visible = positions[None, :] <= (seq_len - window + torch.arange(window, device=k.device))[:, None]  # [w, S]
+    visible = (
+        positions[None, :] <= (seq_len - window + torch.arange(window, device=k.device))[:, None]
+    )  # [w, S]
     observed = torch.empty(batch, kv_heads, seq_len, dtype=torch.float32, device=k.device)
     for h in range(kv_heads):  # one KV head at a time bounds the fp32 scores to [B, G, w, S]
-        scores = (q_obs[:, h * group : (h + 1) * group].float() @ k[:, h, None].float().transpose(-1, -2)) * scale
+        scores = (
+            q_obs[:, h * group : (h + 1) * group].float() @ k[:, h, None].float().transpose(-1, -2)
+        ) * scale
         attention = scores.masked_fill(~visible, float("-inf")).softmax(-1)
         observed[:, h] = attention.mean(2).amax(1)
     return observed

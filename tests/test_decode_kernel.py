@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from omnicompile.kernels.decode.reference import slim_decode_reference
 from omnicompile.kernels.decode.slim_kv import SlimKV
 from omnicompile.kernels.decode.triton_decode import slim_decode_triton, supported
+
 from tests.helpers import REL_TOL, rel_error
 
 pytestmark = pytest.mark.interpreter
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _random_slim_kv(batch: int, kv_heads: int, prompt: int, tail: int, dim: int, dtype: torch.dtype) -> SlimKV:
+def _random_slim_kv(
+    batch: int, kv_heads: int, prompt: int, tail: int, dim: int, dtype: torch.dtype
+) -> SlimKV:
     """A slim cache whose heads keep very different numbers of prompt tokens (one keeps none)."""
     k, v = torch.randn(2, batch, kv_heads, prompt + tail, dim, dtype=dtype, device=DEVICE).unbind(0)
     density = torch.rand(batch, kv_heads, 1, device=DEVICE)
@@ -25,7 +27,9 @@ def _random_slim_kv(batch: int, kv_heads: int, prompt: int, tail: int, dim: int,
 
 BF16 = pytest.param(
     torch.bfloat16,
-    marks=pytest.mark.skipif(DEVICE == "cpu", reason="the Triton interpreter computes bf16 tl.dot wrongly; checked on CUDA only"),
+    marks=pytest.mark.skipif(
+        DEVICE == "cpu", reason="the Triton interpreter computes bf16 tl.dot wrongly; checked on CUDA only"
+    ),
 )
 
 
@@ -46,7 +50,9 @@ def test_reference_equals_dense_attention_when_everything_is_kept():
     """Keeping every prompt token, the slim cache is a dense cache: SDPA with a bottom-right causal tail."""
     batch, kv_heads, group, prompt, tail, n, dim = 1, 2, 2, 40, 5, 3, 16
     k, v = torch.randn(2, batch, kv_heads, prompt + tail, dim).unbind(0)
-    kv = SlimKV.pack(k[:, :, :prompt], v[:, :, :prompt], torch.ones(batch, kv_heads, prompt, dtype=torch.bool))
+    kv = SlimKV.pack(
+        k[:, :, :prompt], v[:, :, :prompt], torch.ones(batch, kv_heads, prompt, dtype=torch.bool)
+    )
     kv = kv.append(k[:, :, prompt:], v[:, :, prompt:])
     q = torch.randn(batch, kv_heads * group, n, dim)
     visible = torch.ones(n, prompt + tail, dtype=torch.bool).tril(diagonal=prompt + tail - n)

@@ -8,12 +8,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from omnicompile.kernels.decode.slim_kv import SlimKV
 
 from omnicompile.config import OmniSparseConfig
-from omnicompile.kernels.decode.slim_kv import SlimKV
 from omnicompile.slimming import SLIM_BLOCK, long_range_region, plan_slimming, slim
 
-CONFIG = OmniSparseConfig(block_size=16, n_sink=1, recent_window=64, obs_window=8, head_mass_eps=0.05, tau_decode=0.95)
+CONFIG = OmniSparseConfig(
+    block_size=16, n_sink=1, recent_window=64, obs_window=8, head_mass_eps=0.05, tau_decode=0.95
+)
 S, D = 320, 32
 SINK_AND_RECENT = torch.cat([torch.arange(16), torch.arange(S - 64, S)])
 
@@ -102,8 +104,12 @@ def test_plan_invariants(seed, seq_len, tau, eps):
     assert torch.equal(plan.keep[plan.local_heads], outside[plan.local_heads])
     blocks = -(-seq_len // SLIM_BLOCK)
     pad = blocks * SLIM_BLOCK - seq_len
-    block_mass = torch.nn.functional.pad(observed * plan.region[:, None], (0, pad)).view(2, 3, blocks, -1).sum(-1)
-    kept_block = torch.nn.functional.pad(plan.keep & plan.region[:, None], (0, pad)).view(2, 3, blocks, -1).any(-1)
+    block_mass = (
+        torch.nn.functional.pad(observed * plan.region[:, None], (0, pad)).view(2, 3, blocks, -1).sum(-1)
+    )
+    kept_block = (
+        torch.nn.functional.pad(plan.keep & plan.region[:, None], (0, pad)).view(2, 3, blocks, -1).any(-1)
+    )
     for b, h in (~plan.local_heads).nonzero().tolist():
         kept, total = block_mass[b, h][kept_block[b, h]], plan.mass_on_region[b, h]
         assert kept.sum() >= tau * total * (1 - 1e-5)

@@ -32,7 +32,9 @@ def slim_decode_reference(q: Tensor, kv: SlimKV, scale: float | None = None) -> 
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
     tail = kv.tail_len
     # Query j may see tail positions t <= tail - n + j; every kept prompt token is visible.
-    tail_visible = torch.arange(tail, device=q.device)[None, :] <= (tail - n + torch.arange(n, device=q.device))[:, None]
+    tail_visible = (
+        torch.arange(tail, device=q.device)[None, :] <= (tail - n + torch.arange(n, device=q.device))[:, None]
+    )
     out = torch.empty(batch, heads, n, dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch, heads, n, dtype=torch.float32, device=q.device)
     segments = zip(kv.offsets.flatten().tolist(), kv.lengths.flatten().tolist())

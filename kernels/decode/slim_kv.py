@@ -55,7 +55,7 @@ class SlimKV:
         return self.k_tail.shape[3]
 
     @classmethod
-    def pack(cls, k: Tensor, v: Tensor, keep: Tensor) -> "SlimKV":
+    def pack(cls, k: Tensor, v: Tensor, keep: Tensor) -> SlimKV:
         """Pack the kept tokens of dense prompt keys/values; the tail starts empty.
 
         Args:
@@ -63,7 +63,9 @@ class SlimKV:
             keep: bool [B, Hkv, S], True where token s is kept for (b, h).
         """
         if keep.shape != k.shape[:3] or k.shape != v.shape:
-            raise ValueError(f"SlimKV.pack: keep {tuple(keep.shape)} does not match k {tuple(k.shape)}, v {tuple(v.shape)}")
+            raise ValueError(
+                f"SlimKV.pack: keep {tuple(keep.shape)} does not match k {tuple(k.shape)}, v {tuple(v.shape)}"
+            )
         b, h, s = keep.nonzero(as_tuple=True)  # row-major: segments in (b, h) order, tokens ascending
         lengths = keep.sum(-1, dtype=torch.int32)
         offsets = (lengths.flatten().cumsum(0, dtype=torch.int32) - lengths.flatten()).view_as(lengths)
@@ -78,9 +80,13 @@ class SlimKV:
             v_tail=empty_tail.clone(),
         )
 
-    def append(self, k_new: Tensor, v_new: Tensor) -> "SlimKV":
+    def append(self, k_new: Tensor, v_new: Tensor) -> SlimKV:
         """The same cache with ``k_new``, ``v_new`` [B, Hkv, n, D] appended to every head's tail."""
-        if k_new.shape[:2] != self.k_tail.shape[:2] or k_new.shape[3] != self.head_dim or k_new.shape != v_new.shape:
+        if (
+            k_new.shape[:2] != self.k_tail.shape[:2]
+            or k_new.shape[3] != self.head_dim
+            or k_new.shape != v_new.shape
+        ):
             raise ValueError(
                 f"SlimKV.append: new keys {tuple(k_new.shape)} / values {tuple(v_new.shape)} do not fit a tail "
                 f"{tuple(self.k_tail.shape)}"
@@ -91,20 +97,26 @@ class SlimKV:
             v_tail=torch.cat([self.v_tail, v_new.to(self.v_tail.dtype)], dim=2),
         )
 
-    def drop_tail(self, count: int) -> "SlimKV":
+    def drop_tail(self, count: int) -> SlimKV:
         """The same cache without the last ``count`` tail tokens (0 <= count <= T)."""
         if not 0 <= count <= self.tail_len:
             raise ValueError(f"SlimKV.drop_tail: cannot drop {count} of {self.tail_len} tail tokens")
         keep = self.tail_len - count
-        return replace(self, k_tail=self.k_tail[:, :, :keep].contiguous(), v_tail=self.v_tail[:, :, :keep].contiguous())
+        return replace(
+            self, k_tail=self.k_tail[:, :, :keep].contiguous(), v_tail=self.v_tail[:, :, :keep].contiguous()
+        )
 
     def stored_bytes(self) -> int:
-        """Bytes of every tensor this cache holds (distinct storages, measured, metadata included)."""
-        storages = {}
-        for t in (self.k_packed, self.v_packed, self.offsets, self.lengths, self.k_tail, self.v_tail):
-            storage = t.untyped_storage()
-            storages[storage.data_ptr(), t.device] = storage.nbytes()
-        return sum(storages.values())
+        """Bytes of every tensor this cache holds (measured, metadata included)."""
+        return storage_bytes(
+            self.k_packed, self.v_packed, self.offsets, self.lengths, self.k_tail, self.v_tail
+        )
+
+
+def storage_bytes(*tensors: Tensor) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (a view counts its whole storage, once)."""
+    storages = {(t.device, t.untyped_storage().data_ptr()): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
 
 
 def check_decode_inputs(q: Tensor, kv: SlimKV) -> None:
@@ -113,7 +125,9 @@ def check_decode_inputs(q: Tensor, kv: SlimKV) -> None:
         raise ValueError(f"slim decode: q must be [B, H, n, D], got {tuple(q.shape)}")
     batch, heads, n, dim = q.shape
     if (batch, dim) != (kv.batch_size, kv.head_dim):
-        raise ValueError(f"slim decode: q {tuple(q.shape)} does not match the cache tail {tuple(kv.k_tail.shape)}")
+        raise ValueError(
+            f"slim decode: q {tuple(q.shape)} does not match the cache tail {tuple(kv.k_tail.shape)}"
+        )
     if heads % kv.num_kv_heads:
         raise ValueError(f"slim decode: {heads} query heads are not a multiple of {kv.num_kv_heads} KV heads")
     if not 1 <= n <= kv.tail_len:
@@ -122,6 +136,8 @@ def check_decode_inputs(q: Tensor, kv: SlimKV) -> None:
             "(append the new keys/values before attending)"
         )
     if kv.k_packed.shape[-1] != dim or kv.k_packed.shape != kv.v_packed.shape:
-        raise ValueError(f"slim decode: packed keys {tuple(kv.k_packed.shape)} / values {tuple(kv.v_packed.shape)}")
+        raise ValueError(
+            f"slim decode: packed keys {tuple(kv.k_packed.shape)} / values {tuple(kv.v_packed.shape)}"
+        )
     if kv.offsets.shape != (batch, kv.num_kv_heads) or kv.lengths.shape != kv.offsets.shape:
         raise ValueError(f"slim decode: offsets/lengths must be [B, Hkv] = {(batch, kv.num_kv_heads)}")

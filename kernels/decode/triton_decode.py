@@ -41,7 +41,9 @@ def supported(q: Tensor, kv: SlimKV, scale: float | None = None) -> str | None:
     if not (q.is_cuda or (interpreted and q.device.type == "cpu")):
         return f"device {q.device} (CUDA, or CPU with TRITON_INTERPRET=1)"
     if q.dtype not in _DTYPES or any(t.dtype != q.dtype for t in tensors[1:3] + tensors[5:]):
-        return f"dtypes {sorted({str(t.dtype) for t in tensors})}: q and the cache must share one of {_DTYPES}"
+        return (
+            f"dtypes {sorted({str(t.dtype) for t in tensors})}: q and the cache must share one of {_DTYPES}"
+        )
     if any(t.dtype != torch.int32 or not t.is_contiguous() for t in (kv.offsets, kv.lengths)):
         return "offsets/lengths must be contiguous int32"
     if q.shape[-1] > _MAX_HEAD_DIM:
@@ -66,13 +68,43 @@ if triton is not None:
 
     @triton.jit
     def _split_kernel(
-        Q, KP, VP, OFFSETS, LENGTHS, KT, VT, MID_O, MID_LSE,
-        scale, n_q, tail_len, group, num_kv_heads, split_len, num_splits, rows_padded,
-        sq_b, sq_h, sq_n, sq_d,
-        skp_n, skp_d, svp_n, svp_d,
-        skt_b, skt_h, skt_t, skt_d,
-        svt_b, svt_h, svt_t, svt_d,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        Q,
+        KP,
+        VP,
+        OFFSETS,
+        LENGTHS,
+        KT,
+        VT,
+        MID_O,
+        MID_LSE,
+        scale,
+        n_q,
+        tail_len,
+        group,
+        num_kv_heads,
+        split_len,
+        num_splits,
+        rows_padded,
+        sq_b,
+        sq_h,
+        sq_n,
+        sq_d,
+        skp_n,
+        skp_d,
+        svp_n,
+        svp_d,
+        skt_b,
+        skt_h,
+        skt_t,
+        skt_d,
+        svt_b,
+        svt_h,
+        svt_t,
+        svt_d,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
         bh = tl.program_id(0)
@@ -89,7 +121,9 @@ if triton is not None:
         j = rows % n_q
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
-        q_ptrs = Q + b * sq_b + (h * group + rows // n_q)[:, None] * sq_h + j[:, None] * sq_n + d[None, :] * sq_d
+        q_ptrs = (
+            Q + b * sq_b + (h * group + rows // n_q)[:, None] * sq_h + j[:, None] * sq_n + d[None, :] * sq_d
+        )
         q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -100,8 +134,12 @@ if triton is not None:
             p = pos + tl.arange(0, BLOCK_N)
             ok = p < tl.minimum(end, seg_len)
             rows_kv = (seg_start + p)[:, None]
-            k = tl.load(KP + rows_kv * skp_n + d[None, :] * skp_d, mask=ok[:, None] & d_ok[None, :], other=0.0)
-            v = tl.load(VP + rows_kv * svp_n + d[None, :] * svp_d, mask=ok[:, None] & d_ok[None, :], other=0.0)
+            k = tl.load(
+                KP + rows_kv * skp_n + d[None, :] * skp_d, mask=ok[:, None] & d_ok[None, :], other=0.0
+            )
+            v = tl.load(
+                VP + rows_kv * svp_n + d[None, :] * svp_d, mask=ok[:, None] & d_ok[None, :], other=0.0
+            )
             m_i, l_i, acc = _online_softmax_step(q, k, v, ok[None, :], m_i, l_i, acc, scale, PRECISION)
         # Tail tokens in [start, end): query j sees tail index t <= tail_len - n_q + j.
         for pos in range(tl.maximum(start, seg_len), end, BLOCK_N):
@@ -109,11 +147,13 @@ if triton is not None:
             ok = t < end - seg_len
             k = tl.load(
                 KT + b * skt_b + h * skt_h + t[:, None] * skt_t + d[None, :] * skt_d,
-                mask=ok[:, None] & d_ok[None, :], other=0.0,
+                mask=ok[:, None] & d_ok[None, :],
+                other=0.0,
             )
             v = tl.load(
                 VT + b * svt_b + h * svt_h + t[:, None] * svt_t + d[None, :] * svt_d,
-                mask=ok[:, None] & d_ok[None, :], other=0.0,
+                mask=ok[:, None] & d_ok[None, :],
+                other=0.0,
             )
             visible = ok[None, :] & (t[None, :] <= (tail_len - n_q + j)[:, None])
             m_i, l_i, acc = _online_softmax_step(q, k, v, visible, m_i, l_i, acc, scale, PRECISION)
@@ -126,10 +166,25 @@ if triton is not None:
 
     @triton.jit
     def _combine_kernel(
-        MID_O, MID_LSE, OUT, LSE,
-        n_q, group, num_kv_heads, num_splits, rows_padded,
-        so_b, so_h, so_n, so_d, sl_b, sl_h, sl_n,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+        MID_O,
+        MID_LSE,
+        OUT,
+        LSE,
+        n_q,
+        group,
+        num_kv_heads,
+        num_splits,
+        rows_padded,
+        so_b,
+        so_h,
+        so_n,
+        so_d,
+        sl_b,
+        sl_h,
+        sl_n,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
     ):
         bh = tl.program_id(0)
         b = bh // num_kv_heads
@@ -161,7 +216,7 @@ if triton is not None:
         tl.store(LSE + b * sl_b + head * sl_h + j * sl_n, lse, mask=row_ok)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _target_programs(device: torch.device) -> int:
     """Programs worth launching: twice the SM count on CUDA, a handful in the CPU interpreter."""
     if device.type == "cuda":
@@ -172,7 +227,9 @@ def _target_programs(device: torch.device) -> int:
 def _split_len(kv: SlimKV, programs_per_split: int, device: torch.device) -> int:
     """Keys per split: enough splits to fill the device, each a whole number of key tiles."""
     longest = kv.max_length + kv.tail_len
-    splits = max(1, min(math.ceil(_target_programs(device) / programs_per_split), math.ceil(longest / _BLOCK_N)))
+    splits = max(
+        1, min(math.ceil(_target_programs(device) / programs_per_split), math.ceil(longest / _BLOCK_N))
+    )
     return _BLOCK_N * math.ceil(longest / (splits * _BLOCK_N))
 
 
@@ -203,21 +260,57 @@ def slim_decode_triton(q: Tensor, kv: SlimKV, scale: float | None = None) -> tup
     split_len = _split_len(kv, programs_per_split, q.device)
     num_splits = math.ceil((kv.max_length + kv.tail_len) / split_len)
 
-    mid_o = torch.empty(batch * kv.num_kv_heads, num_splits, rows_padded, dim, dtype=torch.float32, device=q.device)
-    mid_lse = torch.empty(batch * kv.num_kv_heads, num_splits, rows_padded, dtype=torch.float32, device=q.device)
+    mid_o = torch.empty(
+        batch * kv.num_kv_heads, num_splits, rows_padded, dim, dtype=torch.float32, device=q.device
+    )
+    mid_lse = torch.empty(
+        batch * kv.num_kv_heads, num_splits, rows_padded, dtype=torch.float32, device=q.device
+    )
     _split_kernel[(batch * kv.num_kv_heads, num_splits, row_tiles)](
-        q, kv.k_packed, kv.v_packed, kv.offsets, kv.lengths, kv.k_tail, kv.v_tail, mid_o, mid_lse,
-        scale, n, kv.tail_len, group, kv.num_kv_heads, split_len, num_splits, rows_padded,
-        *q.stride(), *kv.k_packed.stride(), *kv.v_packed.stride(), *kv.k_tail.stride(), *kv.v_tail.stride(),
-        HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=_BLOCK_N,
+        q,
+        kv.k_packed,
+        kv.v_packed,
+        kv.offsets,
+        kv.lengths,
+        kv.k_tail,
+        kv.v_tail,
+        mid_o,
+        mid_lse,
+        scale,
+        n,
+        kv.tail_len,
+        group,
+        kv.num_kv_heads,
+        split_len,
+        num_splits,
+        rows_padded,
+        *q.stride(),
+        *kv.k_packed.stride(),
+        *kv.v_packed.stride(),
+        *kv.k_tail.stride(),
+        *kv.v_tail.stride(),
+        HEAD_DIM=dim,
+        BLOCK_D=block_d,
+        BLOCK_M=block_m,
+        BLOCK_N=_BLOCK_N,
         PRECISION="ieee" if q.dtype == torch.float32 else None,  # fp32 scores stay exact, not TF32
     )
     out = torch.empty_like(q)
     lse = torch.empty(batch, heads, n, dtype=torch.float32, device=q.device)
     _combine_kernel[(batch * kv.num_kv_heads, row_tiles)](
-        mid_o, mid_lse, out, lse,
-        n, group, kv.num_kv_heads, num_splits, rows_padded,
-        *out.stride(), *lse.stride(),
-        HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=block_m,
+        mid_o,
+        mid_lse,
+        out,
+        lse,
+        n,
+        group,
+        kv.num_kv_heads,
+        num_splits,
+        rows_padded,
+        *out.stride(),
+        *lse.stride(),
+        HEAD_DIM=dim,
+        BLOCK_D=block_d,
+        BLOCK_M=block_m,
     )
     return out, lse

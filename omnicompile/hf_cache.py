@@ -1,0 +1,349 @@
+"""`SlimKVCache`: a transformers Cache that slims itself after the prefill (METHOD.md section 4).
+
+Use with an unmodified transformers model (Llama, Qwen2, ... any model whose attention calls
+``past_key_values.update`` and then the registered attention function, as transformers 5.x models do)::
+
+    import omnicompile.hf_cache  # registers the attention implementation "omnisparse_decode"
+    model.set_attn_implementation("omnisparse_decode")  # or from_pretrained(..., attn_implementation=...)
+    model.generate(ids, past_key_values=SlimKVCache(model.config, OmniSparseConfig(...)))
+
+How the observation reaches the cache and how decode reads it: each attention layer calls
+``cache.update(k, v, layer_idx)`` and hands the tensors it returns to the attention function. `update`
+tags the returned key tensor with its `SlimKVLayer` (attribute ``_omnisparse_slim_layer``); the attention
+function registered here (`slim_attention_forward`) reads the tag:
+- prefill (the layer's first forward, S tokens): `update` stores the dense K/V and returns them; the
+  attention function runs SDPA, then, when S >= ``min_seq_len`` and ``mode == "sparse"``, passes the
+  layer's queries to `SlimKVLayer.observe`, which keeps per KV head what `omnicompile.slimming` decides
+  and repacks the layer into a ragged `SlimKV` (the dense K/V are released);
+- every later forward of a slimmed layer: `update` appends the new tokens to every head's tail and the
+  attention function runs slim decode attention (the split-K Triton kernel where `supported`, else the
+  fp32 reference), reading only the kept KV;
+- a layer that is not slimmed (short prompt, ``mode == "dense"``) stays a dense cache and runs SDPA.
+The attention mask function of the implementation is transformers' SDPA one. Supported: batch size >= 1
+without padding (a padding mask is an error), greedy or sampled decoding, chunks of several new tokens,
+`crop` of tokens generated after slimming. Not supported (clear errors): beam search and other batch
+reordering, sliding-window layers, a batch size change, a model whose KV shapes differ from the config.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import AttentionInterface, PreTrainedConfig
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+from .config import OmniSparseConfig
+from .kernels.decode.reference import slim_decode_reference
+from .kernels.decode.slim_kv import SlimKV, storage_bytes
+from .kernels.decode.triton_decode import slim_decode_triton, supported
+from .slimming import slim
+
+ATTN_IMPLEMENTATION = "omnisparse_decode"
+_LAYER_TAG = "_omnisparse_slim_layer"
+_logger = logging.getLogger(__name__)
+_logged_fallbacks: set[str] = set()
+
+
+@dataclass(frozen=True)
+class LayerSlimming:
+    """What slimming decided for one layer.
+
+    Attributes:
+        prompt_len: S, the prefill length.
+        kept_prompt_tokens: int32 [B, Hkv], prompt tokens kept per KV head.
+        local_heads: bool [B, Hkv], heads classified local.
+        mass_on_region: float32 [B, Hkv], observed attention mass on the long-range region R.
+    """
+
+    prompt_len: int
+    kept_prompt_tokens: Tensor
+    local_heads: Tensor
+    mass_on_region: Tensor
+
+
+class SlimKVLayer(CacheLayerMixin):
+    """One layer of a `SlimKVCache`: dense until its prefill is observed, then a ragged `SlimKV`."""
+
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(
+        self,
+        layer_idx: int,
+        config: OmniSparseConfig,
+        num_kv_heads: int,
+        head_dim: int,
+        token_mask: Tensor | None = None,
+    ):
+        super().__init__()
+        self.layer_idx, self.config, self.token_mask = layer_idx, config, token_mask
+        self.kv_shape = (num_kv_heads, head_dim)
+        self.slim: SlimKV | None = None
+        self.slimming: LayerSlimming | None = None
+        self.awaits_observation = False
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        batch, heads, _, dim = key_states.shape
+        self.keys = key_states.new_empty(batch, heads, 0, dim)
+        self.values = value_states.new_empty(batch, heads, 0, dim)
+        self.is_initialized = True
+
+    def _check_states(self, key_states: Tensor, value_states: Tensor) -> None:
+        if (
+            key_states.shape != value_states.shape
+            or tuple(key_states.shape[1:2] + key_states.shape[3:]) != self.kv_shape
+        ):
+            raise ValueError(
+                f"SlimKVCache layer {self.layer_idx}: key/value states {tuple(key_states.shape)} / "
+                f"{tuple(value_states.shape)} do not have the (KV heads, head dim) {self.kv_shape} of the model "
+                "config the cache was built for: the cache is used with a different model"
+            )
+        cached = (
+            self.slim.batch_size
+            if self.slim is not None
+            else (self.keys.shape[0] if self.is_initialized else None)
+        )
+        if cached is not None and key_states.shape[0] != cached:
+            raise ValueError(
+                f"SlimKVCache layer {self.layer_idx}: batch size changed from {cached} to {key_states.shape[0]} "
+                "(beam search and batch expansion are not supported)"
+            )
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        """Store new tokens and return what the attention function reads (the key tensor is tagged).
+
+        Args:
+            key_states, value_states: [B, Hkv, n, D], the new tokens' keys/values (after RoPE).
+
+        Returns:
+            Dense [B, Hkv, S, D] keys/values before slimming, the tail [B, Hkv, T, D] after.
+        """
+        self._check_states(key_states, value_states)
+        if self.awaits_observation:
+            raise RuntimeError(
+                f"SlimKVCache layer {self.layer_idx}: the prefill was never observed, so the cache was not slimmed; "
+                f"run the model with attn_implementation={ATTN_IMPLEMENTATION!r}"
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.slim is not None:
+            self.slim = self.slim.append(key_states, value_states)
+            keys, values = self.slim.k_tail, self.slim.v_tail
+        else:
+            prefill = self.keys.shape[2] == 0
+            self.keys = torch.cat([self.keys, key_states], dim=2)
+            self.values = torch.cat([self.values, value_states], dim=2)
+            keys, values = self.keys, self.values
+            self.awaits_observation = (
+                prefill and self.config.mode == "sparse" and key_states.shape[2] >= self.config.min_seq_len
+            )
+        setattr(keys, _LAYER_TAG, self)
+        return keys, values
+
+    def observe(self, queries: Tensor, scale: float) -> None:
+        """Slim the layer from its prefill queries [B, H, S, D] (only the last ``obs_window`` are used)."""
+        plan = slim(queries, self.keys, self.config, scale, self.token_mask)
+        self.slim = SlimKV.pack(self.keys, self.values, plan.keep)
+        self.slimming = LayerSlimming(
+            prompt_len=self.keys.shape[2],
+            kept_prompt_tokens=self.slim.lengths,
+            local_heads=plan.local_heads,
+            mass_on_region=plan.mass_on_region,
+        )
+        self.keys = self.values = None
+        self.awaits_observation = False
+
+    def get_seq_length(self) -> int:
+        if self.slim is not None:
+            return self.slimming.prompt_len + self.slim.tail_len
+        return self.keys.shape[2] if self.is_initialized else 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def kept_lengths(self) -> Tensor:
+        """int64 [B, Hkv]: tokens stored per KV head (kept prompt tokens plus later tokens)."""
+        if self.slim is not None:
+            return self.slim.lengths.long() + self.slim.tail_len
+        if not self.is_initialized:
+            raise RuntimeError(f"SlimKVCache layer {self.layer_idx} holds nothing yet")
+        return torch.full(self.keys.shape[:2], self.keys.shape[2], dtype=torch.long, device=self.keys.device)
+
+    def stored_bytes(self) -> int:
+        """Bytes of the tensors this layer holds (measured)."""
+        if self.slim is not None:
+            return self.slim.stored_bytes()
+        return storage_bytes(self.keys, self.values) if self.is_initialized else 0
+
+    def reset(self) -> None:
+        self.keys = self.values = self.slim = self.slimming = None
+        self.is_initialized = self.awaits_observation = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` tokens (a negative count, as transformers 5.x calls it)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"SlimKVCache.crop: pass a negative token count, got {tokens_to_remove}")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        if self.slim is not None:
+            if -tokens_to_remove > self.slim.tail_len:
+                raise ValueError(
+                    f"SlimKVCache.crop: cannot remove {-tokens_to_remove} tokens: only the {self.slim.tail_len} "
+                    "tokens added after slimming can be removed"
+                )
+            self.slim = self.slim.drop_tail(-tokens_to_remove)
+        else:
+            self.keys, self.values = self.keys[:, :, :tokens_to_remove], self.values[:, :, :tokens_to_remove]
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        raise NotImplementedError(
+            "SlimKVCache does not support beam search (per-head ragged storage); use num_beams=1"
+        )
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("SlimKVCache does not support batch expansion of a filled cache")
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        raise NotImplementedError("SlimKVCache does not support batch selection of a filled cache")
+
+
+class SlimKVCache(Cache):
+    """A cache that keeps, per layer and KV head, only what decode slimming decides (METHOD.md section 4).
+
+    Args:
+        model_config: the model's transformers config (layers, KV heads, head dim are checked against it).
+        config: the slimming settings (obs_window, recent_window, head_mass_eps, tau_decode, visual_spans,
+            n_sink, block_size, min_seq_len, mode).
+        token_mask: optional bool [S] or [B, S] marking the prompt's visual tokens (the long-range
+            region R); alternative to ``config.visual_spans``.
+    """
+
+    def __init__(
+        self,
+        model_config: PreTrainedConfig,
+        config: OmniSparseConfig | None = None,
+        token_mask: Tensor | None = None,
+    ):
+        config = OmniSparseConfig() if config is None else config
+        if not isinstance(config, OmniSparseConfig):
+            raise TypeError(f"SlimKVCache: config must be an OmniSparseConfig, got {type(config).__name__}")
+        text_config = model_config.get_text_config(decoder=True)
+        layer_types = getattr(text_config, "layer_types", None) or ["full_attention"]
+        if any(kind != "full_attention" for kind in layer_types):
+            raise ValueError(
+                f"SlimKVCache: only full-attention layers are supported, the model has {sorted(set(layer_types))}"
+            )
+        head_dim = (
+            getattr(text_config, "head_dim", None)
+            or text_config.hidden_size // text_config.num_attention_heads
+        )
+        kv_heads = text_config.num_key_value_heads or text_config.num_attention_heads
+        self.config = config
+        super().__init__(
+            layers=[
+                SlimKVLayer(i, config, kv_heads, head_dim, token_mask)
+                for i in range(text_config.num_hidden_layers)
+            ]
+        )
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[Tensor, Tensor]:
+        if not 0 <= layer_idx < len(self.layers):
+            raise ValueError(
+                f"SlimKVCache: layer {layer_idx} does not exist in the {len(self.layers)}-layer model config the "
+                "cache was built for: the cache is used with a different model"
+            )
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def stored_bytes(self) -> int:
+        """Bytes of every tensor the cache holds, measured from the tensors (all layers)."""
+        return sum(layer.stored_bytes() for layer in self.layers)
+
+    def kept_lengths(self) -> list[Tensor]:
+        """Per layer, int64 [B, Hkv]: tokens stored per KV head."""
+        return [layer.kept_lengths() for layer in self.layers]
+
+    def slimming(self) -> list[LayerSlimming | None]:
+        """Per layer, what slimming decided (None where the layer was not slimmed)."""
+        return [layer.slimming for layer in self.layers]
+
+
+def slim_decode(q: Tensor, kv: SlimKV, scale: float | None) -> tuple[Tensor, Tensor]:
+    """Slim decode attention: the Triton kernel where it is supported, else the reference (logged once)."""
+    reason = supported(q, kv, scale)
+    if reason is None:
+        return slim_decode_triton(q, kv, scale)
+    if reason not in _logged_fallbacks:
+        _logged_fallbacks.add(reason)
+        _logger.info("slim decode runs the PyTorch reference: %s", reason)
+    return slim_decode_reference(q, kv, scale)
+
+
+def _check_no_padding(attention_mask: Tensor | None) -> None:
+    """Raise if the mask hides a key from the last query (padding), which the slim cache cannot honour."""
+    if attention_mask is None:
+        return
+    last_row = attention_mask[..., -1, :]
+    visible = last_row if last_row.dtype == torch.bool else last_row == 0
+    if not bool(visible.all()):
+        raise ValueError("SlimKVCache: padded batches are not supported (the attention mask hides keys)")
+
+
+def slim_attention_forward(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """The ``"omnisparse_decode"`` attention function (transformers' AttentionInterface signature).
+
+    Args:
+        query: [B, H, n, D]; key, value: as `SlimKVLayer.update` returned them (or any dense [B, Hkv, S, D]).
+
+    Returns:
+        attn_output [B, n, H, D] and no attention weights.
+    """
+    if sliding_window is not None:
+        raise ValueError(f"{ATTN_IMPLEMENTATION}: sliding-window attention layers are not supported")
+    layer: SlimKVLayer | None = getattr(key, _LAYER_TAG, None)
+    if layer is not None and layer.layer_idx != getattr(module, "layer_idx", layer.layer_idx):
+        raise RuntimeError(
+            f"{ATTN_IMPLEMENTATION}: module {module.layer_idx} got the cache of layer {layer.layer_idx}"
+        )
+    if layer is None or layer.slim is None:
+        out, _ = sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+        if layer is not None and layer.awaits_observation:
+            _check_no_padding(attention_mask)
+            layer.observe(query, query.shape[-1] ** -0.5 if scaling is None else scaling)
+        return out, None
+    if dropout:
+        raise ValueError(f"{ATTN_IMPLEMENTATION}: dropout is not supported on a slimmed cache")
+    _check_no_padding(attention_mask)
+    out, _ = slim_decode(query, layer.slim, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_attention() -> None:
+    """Register `slim_attention_forward` (and the SDPA mask) as ``attn_implementation="omnisparse_decode"``."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, slim_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+register_attention()

@@ -1,0 +1,141 @@
+"""`SlimKVCache` with model.generate on small random-weight Llama / Qwen2 models (fp32, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+
+from omnicompile.config import OmniSparseConfig
+from omnicompile.hf_cache import ATTN_IMPLEMENTATION, SlimKVCache
+
+PROMPT, NEW = 96, 6
+# Sink: 1 block of 16 tokens; recent: the last 16; R is everything between.
+SLIM = OmniSparseConfig(block_size=16, n_sink=1, recent_window=16, obs_window=8, min_seq_len=64)
+KEEP_ALL = SLIM.replace(head_mass_eps=0.0, tau_decode=1.0)
+ALL_LOCAL = SLIM.replace(head_mass_eps=1.0)  # every head's mass on R is < 1: every head is local
+SMALL = {
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+
+
+def _model(model_type: str, **overrides) -> torch.nn.Module:
+    config = AutoConfig.for_model(model_type, **{**SMALL, **overrides})
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+
+
+def _greedy(model, ids, cache, attn_implementation: str):
+    model.set_attn_implementation(attn_implementation)
+    out = model.generate(
+        ids,
+        past_key_values=cache,
+        max_new_tokens=NEW,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    return out.sequences[:, ids.shape[1] :], torch.stack(out.scores)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+@pytest.mark.parametrize(
+    "config", [SLIM.replace(min_seq_len=PROMPT + 1), KEEP_ALL], ids=["short-prompt", "keep-all"]
+)
+def test_slimming_off_equals_dynamic_cache(model_type, config):
+    """A prompt below min_seq_len (dense path) or a rule that keeps everything (ragged path): same tokens."""
+    model = _model(model_type)
+    ids = torch.randint(0, SMALL["vocab_size"], (1, PROMPT))
+    ref_tokens, ref_scores = _greedy(model, ids, DynamicCache(), "eager")
+    cache = SlimKVCache(model.config, config)
+    tokens, scores = _greedy(model, ids, cache, ATTN_IMPLEMENTATION)
+    assert torch.equal(tokens, ref_tokens)
+    assert torch.allclose(scores, ref_scores, atol=1e-4, rtol=1e-4)
+    slimmed = config is KEEP_ALL
+    assert all((layer is not None) == slimmed for layer in cache.slimming())
+    assert all(lengths.tolist() == [[PROMPT + NEW - 1] * 2] for lengths in cache.kept_lengths())
+
+
+def test_local_heads_decode_over_sink_and_recent_only():
+    """All heads local: decode must equal dense decode with the long-range region masked out."""
+    model = _model("llama")
+    ids = torch.randint(0, SMALL["vocab_size"], (1, PROMPT))
+    cache = SlimKVCache(model.config, ALL_LOCAL)
+    tokens, scores = _greedy(model, ids, cache, ATTN_IMPLEMENTATION)
+
+    model.set_attn_implementation("eager")
+    dense = DynamicCache()
+    logits = model(ids, past_key_values=dense).logits[:, -1]
+    ref_scores, ref_tokens = [logits], [logits.argmax(-1, keepdim=True)]
+    for step in range(1, NEW):
+        mask = torch.zeros(1, 1, 1, PROMPT + step)
+        mask[..., 16 : PROMPT - 16] = float("-inf")  # R: outside the sink and the recent window
+        position = torch.tensor([[PROMPT + step - 1]])
+        logits = model(
+            ref_tokens[-1], past_key_values=dense, attention_mask=mask, position_ids=position
+        ).logits[:, -1]
+        ref_scores.append(logits)
+        ref_tokens.append(logits.argmax(-1, keepdim=True))
+    assert torch.equal(tokens, torch.cat(ref_tokens, dim=1))
+    assert torch.allclose(scores, torch.stack(ref_scores), atol=1e-4, rtol=1e-4)
+
+    kept = 16 + 16 + NEW - 1
+    assert all(lengths.tolist() == [[kept, kept]] for lengths in cache.kept_lengths())
+    assert all(layer.local_heads.all() for layer in cache.slimming())
+    head_dim = SMALL["hidden_size"] // SMALL["num_attention_heads"]
+    per_layer = 2 * kept * 2 * head_dim * 4 + 2 * 2 * 4  # K and V of 2 heads, fp32; int32 offsets and lengths
+    assert cache.stored_bytes() == SMALL["num_hidden_layers"] * per_layer
+
+
+def test_batch_rows_are_slimmed_independently():
+    model = _model("qwen2")
+    ids = torch.randint(0, SMALL["vocab_size"], (2, PROMPT))
+    both, _ = _greedy(model, ids, SlimKVCache(model.config, SLIM), ATTN_IMPLEMENTATION)
+    for row in range(2):
+        alone, _ = _greedy(model, ids[row : row + 1], SlimKVCache(model.config, SLIM), ATTN_IMPLEMENTATION)
+        assert torch.equal(both[row], alone[0])
+
+
+def test_misuse_raises_clear_errors():
+    model = _model("llama")
+    ids = torch.randint(0, SMALL["vocab_size"], (1, PROMPT))
+    with pytest.raises(RuntimeError, match="never observed"):
+        _greedy(model, ids, SlimKVCache(model.config, SLIM), "sdpa")
+    with pytest.raises(NotImplementedError, match="beam search"):
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        model.generate(ids, past_key_values=SlimKVCache(model.config, SLIM), max_new_tokens=3, num_beams=2)
+    padded = torch.ones(2, PROMPT, dtype=torch.long)
+    padded[0, :5] = 0
+    with pytest.raises(ValueError, match="padded"):
+        model.generate(
+            ids.repeat(2, 1),
+            attention_mask=padded,
+            past_key_values=SlimKVCache(model.config, SLIM),
+            max_new_tokens=2,
+            pad_token_id=0,
+        )
+
+    cache = SlimKVCache(model.config, SLIM)
+    _greedy(model, ids, cache, ATTN_IMPLEMENTATION)
+    with pytest.raises(ValueError, match="batch size changed"):
+        model(ids[:, :1].repeat(2, 1), past_key_values=cache)
+    with pytest.raises(ValueError, match="only the 5 tokens added after slimming"):
+        cache.crop(-6)
+    other = _model("llama", num_key_value_heads=4)
+    with pytest.raises(ValueError, match="different model"):
+        other.set_attn_implementation(ATTN_IMPLEMENTATION)
+        other(ids, past_key_values=SlimKVCache(model.config, SLIM))
+    with pytest.raises(ValueError, match="only full-attention layers"):
+        SlimKVCache(
+            AutoConfig.for_model(
+                "qwen2", use_sliding_window=True, sliding_window=32, max_window_layers=0, **SMALL
+            ),
+            SLIM,
+        )
+    with pytest.raises(TypeError, match="OmniSparseConfig"):
+        SlimKVCache(model.config, SLIM.to_dict())
