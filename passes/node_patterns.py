@@ -1,0 +1,162 @@
+"""Recognisers for the spellings of torch-level calls in Dynamo graphs.
+
+A Dynamo graph records calls as the user wrote them: ``q @ k`` is ``operator.matmul``, ``torch.matmul``
+or the ``matmul`` method, with arguments positional or by keyword. `Call` names one operation's
+spellings and binds a node's arguments to parameter names, so the passes match operations, not
+spellings.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+
+@dataclass(frozen=True)
+class Call:
+    """One torch operation: its function and method spellings and its parameter names (input first)."""
+
+    functions: frozenset[Callable[..., Any]]
+    methods: frozenset[str]
+    params: tuple[str, ...] = ("input",)
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    def matches(self, node: Node) -> bool:
+        """Whether ``node`` calls this operation, in any spelling."""
+        if node.op == "call_function":
+            return node.target in self.functions
+        return node.op == "call_method" and node.target in self.methods
+
+    def bind(self, node: Node) -> dict[str, Any] | None:
+        """``node``'s arguments by parameter name, defaults filled in.
+
+        None when ``node`` is not this operation or its arguments do not fit the parameters (an
+        unknown keyword, too many positional arguments, a parameter without default left out).
+        """
+        if (
+            not self.matches(node)
+            or len(node.args) > len(self.params)
+            or not set(node.kwargs) <= set(self.params)
+        ):
+            return None
+        bound = {**self.defaults, **dict(zip(self.params, node.args)), **node.kwargs}
+        return bound if set(self.params) <= set(bound) else None
+
+
+def _call(
+    functions: set[Callable[..., Any]],
+    methods: set[str],
+    params: tuple[str, ...] = ("input",),
+    **defaults: Any,
+) -> Call:
+    return Call(frozenset(functions), frozenset(methods), params, defaults)
+
+
+MATMUL = _call({torch.matmul, operator.matmul}, {"matmul"}, ("input", "other"))
+MUL = _call({torch.mul, operator.mul}, {"mul"}, ("input", "other"))
+DIV = _call(
+    {torch.div, torch.true_divide, operator.truediv},
+    {"div", "true_divide"},
+    ("input", "other", "rounding_mode"),
+    rounding_mode=None,
+)
+ADD = _call({torch.add, operator.add}, {"add"}, ("input", "other", "alpha"), alpha=1)
+# F.softmax's third positional parameter is _stacklevel, torch.softmax's is dtype: both are ignored.
+SOFTMAX = _call(
+    {F.softmax, torch.softmax},
+    {"softmax"},
+    ("input", "dim", "_stacklevel", "dtype"),
+    _stacklevel=3,
+    dtype=None,
+)
+TRANSPOSE = _call({torch.transpose}, {"transpose"}, ("input", "dim0", "dim1"))
+DROPOUT = _call(
+    {F.dropout}, set(), ("input", "p", "training", "inplace"), p=0.5, training=True, inplace=False
+)
+UNSQUEEZE = _call({torch.unsqueeze}, {"unsqueeze"}, ("input", "dim"))
+INDEX = _call({operator.getitem}, set(), ("input", "index"))
+# Variadic sizes: only `matches` and the input (args[0]) are used.
+EXPAND = _call(set(), {"expand"})
+RESHAPE = _call({torch.reshape}, {"reshape", "view"})
+SDPA = _call(
+    {F.scaled_dot_product_attention},
+    set(),
+    ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"),
+    attn_mask=None,
+    dropout_p=0.0,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+)
+
+_CAST_METHODS = {
+    "float": torch.float32,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "double": torch.float64,
+}
+
+
+def is_number(value: Any) -> bool:
+    """A Python int or float constant (not a bool, not a graph value)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_scalar_value(value: Any) -> bool:
+    """A number constant, or a graph value holding a (possibly symbolic) Python float."""
+    if isinstance(value, Node):
+        return isinstance(value.meta.get("example_value"), (float, torch.SymFloat))
+    return is_number(value)
+
+
+def float_cast_source(node: Node) -> Node | None:
+    """The input of ``node`` when it only casts a tensor to a floating dtype, else None.
+
+    Spellings: ``x.float()``, ``x.half()``, ``x.bfloat16()``, ``x.double()``, ``x.to(dtype)`` and
+    ``x.to(dtype=dtype)``.
+    """
+    if node.op != "call_method" or not node.args:
+        return None
+    if node.target in _CAST_METHODS and len(node.args) == 1 and not node.kwargs:
+        return node.args[0]
+    if node.target == "to":
+        dtypes = [*node.args[1:], *node.kwargs.values()]
+        keys_ok = set(node.kwargs) <= {"dtype"}
+        if (
+            keys_ok
+            and len(dtypes) == 1
+            and isinstance(dtypes[0], torch.dtype)
+            and dtypes[0].is_floating_point
+        ):
+            return node.args[0]
+    return None
+
+
+def dropout_is_identity(bound: Mapping[str, Any]) -> bool:
+    """Whether a bound `DROPOUT` call returns its input unchanged (``p == 0`` or ``training=False``)."""
+    return bound["training"] is False or (is_number(bound["p"]) and bound["p"] == 0)
+
+
+def example_value(node: Any) -> torch.Tensor | None:
+    """The fake tensor Dynamo recorded for ``node`` (``meta["example_value"]``), or None."""
+    value = node.meta.get("example_value") if isinstance(node, Node) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def known_equal(a: Any, b: Any) -> bool:
+    """``a == b`` for ints or SymInts, true only when provable without adding guards."""
+    return statically_known_true(a == b)
+
+
+def normalized_dim(dim: Any, ndim: int) -> int | None:
+    """A constant dim index made non-negative, or None when it is not a valid constant."""
+    if not isinstance(dim, int) or isinstance(dim, bool) or not -ndim <= dim < ndim:
+        return None
+    return dim % ndim
