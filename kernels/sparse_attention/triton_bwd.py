@@ -1,0 +1,390 @@
+"""Triton backward of OmniSparse sparse attention over exactly the selected blocks.
+
+Three launches, FlashAttention-2 style, reusing the forward's log-sum-exp:
+
+1. `_preprocess`: per query row, delta = rowsum(dO * O) and the lse in base 2 (+inf for a fully
+   masked row, so its probabilities, hence all its gradients, are exactly 0).
+2. `_dq_kernel`: one program per (batch, query head, query tile) walks the tile's selected key
+   blocks (``kv_indices``) and accumulates dq = scale * sum_j dS_ij K_j.
+3. `_dkdv_kernel`: one program per (batch, KV head, key tile, chunk) walks, over the query heads
+   of its GQA group, the query blocks that selected the tile's key block (the transposed
+   selection, `transpose_selection`), and accumulates dv = P^T dO and dk = scale * dS^T Q. The
+   group's heads are summed inside the program, so dk and dv come out shaped like k and v.
+   A key block chosen by many query blocks (a sink block is chosen by all of them) would make one
+   program walk nq * G blocks while the others walk a few; the list is therefore cut into chunks
+   of ``dkdv_chunk`` entries, one program each, summed with float32 atomics (when any list can
+   be longer than one chunk; otherwise each program stores its tile directly).
+
+With P = exp(scale * Q K^T + bias - lse), dP = dO V^T, dS = P * (dP - delta). Causal masking
+(top-left aligned) is applied only on tiles that cross the diagonal, the key bound only on tiles
+past the last key. All accumulation is float32.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..selection.block_selection import BlockSelection
+from ..selection.transpose import transpose_selection
+from .triton_fwd import needs_fp32_dot, tile_dot
+
+_LOG2E = 1.4426950408889634
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = 128
+# attn_mask kinds, a constexpr of the kernels.
+_NO_MASK, _BOOL_MASK, _ADDITIVE_MASK = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class BackwardTiles:
+    """Tile shapes and launch settings of the two gradient kernels.
+
+    dq kernel: query tile ``dq_block_m`` x key sub-tile ``dq_block_n``. dk/dv kernel: key tile
+    ``dkdv_block_n`` x query sub-tile ``dkdv_block_m``, at most ``dkdv_chunk`` (query head, query
+    block) entries per program (``None``: no limit, never atomics). Block sizes are powers of two,
+    capped at the selection's block size.
+    """
+
+    dq_block_m: int = 64
+    dq_block_n: int = 32
+    dkdv_block_m: int = 32
+    dkdv_block_n: int = 64
+    dkdv_chunk: int | None = 128
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> str | None:
+    """None when the Triton backward can run these inputs, else the reason it cannot."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if q.device.type != "cuda" and not interpreted:
+        return f"tensors on {q.device.type} (CUDA needed, or TRITON_INTERPRET=1)"
+    if not (q.device == k.device == v.device):
+        return "q, k, v on different devices"
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        return "q, k, v must be 4-D with k and v of one shape"
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
+        return f"dtypes {q.dtype}, {k.dtype}, {v.dtype} (one of {_DTYPES} needed)"
+    if q.shape[0] != k.shape[0] or q.shape[1] % k.shape[1]:
+        return f"q {tuple(q.shape)} and k {tuple(k.shape)}: batch differs or heads not a multiple of KV heads"
+    dim = q.shape[3]
+    if k.shape[3] != dim or dim % 16 or not 16 <= dim <= _MAX_HEAD_DIM:
+        return f"head dims {dim}, {k.shape[3]} (equal, a multiple of 16 in [16, {_MAX_HEAD_DIM}] needed)"
+    if attn_mask is not None:
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            return f"attn_mask dtype {attn_mask.dtype} (bool or floating needed)"
+        if attn_mask.device != q.device:
+            return "attn_mask on another device than q"
+        try:
+            torch.broadcast_shapes(attn_mask.shape, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
+        except RuntimeError:
+            return f"attn_mask {tuple(attn_mask.shape)} does not broadcast to [B, H, Sq, Skv]"
+    return None
+
+
+@triton.jit
+def _preprocess(
+    O, DO, LSE, DELTA, LSE2,
+    s_ob, s_oh, s_os, s_od,
+    s_dob, s_doh, s_dos, s_dod,
+    s_lb, s_lh, s_ls,
+    H, q_len,
+    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+):
+    """delta [B*H, Sq] = rowsum(dO * O); lse2 [B*H, Sq] = lse * log2(e), +inf where lse = -inf."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    row_ok = offs_m < q_len
+    tile_ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(O + b * s_ob + h * s_oh + offs_m[:, None] * s_os + offs_d[None, :] * s_od, mask=tile_ok, other=0.0)
+    do = tl.load(DO + b * s_dob + h * s_doh + offs_m[:, None] * s_dos + offs_d[None, :] * s_dod,
+                 mask=tile_ok, other=0.0)
+    lse = tl.load(LSE + b * s_lb + h * s_lh + offs_m * s_ls, mask=row_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    out = pid_bh.to(tl.int64) * q_len + offs_m
+    tl.store(DELTA + out, tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1), mask=row_ok)
+    tl.store(LSE2 + out, lse2, mask=row_ok)
+
+
+@triton.jit
+def _load_tile(base, offs_s, s_s, offs_d, s_d, seq_len, HEAD_DIM: tl.constexpr):
+    """[len(offs_s), HEAD_DIM_PAD] rows ``offs_s`` of a [seq_len, HEAD_DIM] matrix, zero outside."""
+    return tl.load(base + offs_s[:, None] * s_s + offs_d[None, :] * s_d,
+                   mask=(offs_s[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+
+
+@triton.jit
+def _scores(
+    a, b_t, qk_scale, mask_base, s_mq, s_mk, q_offs, k_offs, q_len, kv_len,
+    MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    """Base-2 scores (a @ b_t) * scale * log2(e) plus the tile's attn_mask.
+
+    ``q_offs`` / ``k_offs`` are the query / key positions broadcast to the tile's shape (either may
+    run along the rows); ``mask_base`` points at this (batch, head)'s attn_mask.
+    """
+    s = tile_dot(a, b_t, None, FP32_DOT) * qk_scale
+    if MASK_KIND != 0:
+        m = tl.load(mask_base + q_offs * s_mq + k_offs * s_mk, mask=(q_offs < q_len) & (k_offs < kv_len), other=0)
+        if MASK_KIND == 1:
+            s = tl.where(m != 0, s, float("-inf"))
+        else:
+            s += m.to(tl.float32) * 1.4426950408889634
+    return s
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K, V, DO, DQ, MASK, LSE2, DELTA, KV_NUM, KV_IDX,
+    s_qb, s_qh, s_qs, s_qd,
+    s_kb, s_kh, s_ks, s_kd,
+    s_vb, s_vh, s_vs, s_vd,
+    s_dob, s_doh, s_dos, s_dod,
+    s_dqb, s_dqh, s_dqs, s_dqd,
+    s_mb, s_mh, s_mq, s_mk,
+    s_nb, s_nh, s_ni,
+    s_ib, s_ih, s_ii, s_it,
+    KV_HEADS, q_len, kv_len, n_tiles, scale, qk_scale,
+    GROUP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    # Program order, fastest first: head within its GQA group (the group shares K/V blocks, read
+    # from L2), query tile from the last (causal rows near the end are the longest), KV head, batch.
+    pid = tl.program_id(0)
+    g = pid % GROUP
+    rest = pid // GROUP
+    tile = n_tiles - 1 - rest % n_tiles
+    rest = rest // n_tiles
+    hk = (rest % KV_HEADS).to(tl.int64)
+    b = (rest // KV_HEADS).to(tl.int64)
+    h = hk * GROUP + g
+    m0 = tile * BLOCK_M
+    block_i = m0 // BLOCK
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    q = _load_tile(Q + b * s_qb + h * s_qh, offs_m, s_qs, offs_d, s_qd, q_len, HEAD_DIM)
+    do = _load_tile(DO + b * s_dob + h * s_doh, offs_m, s_dos, offs_d, s_dod, q_len, HEAD_DIM)
+    row = (b * KV_HEADS * GROUP + h) * q_len + offs_m
+    lse2 = tl.load(LSE2 + row, mask=offs_m < q_len, other=float("inf"))
+    delta = tl.load(DELTA + row, mask=offs_m < q_len, other=0.0)
+    k_base = K + b * s_kb + hk * s_kh
+    v_base = V + b * s_vb + hk * s_vh
+    mask_base = MASK + b * s_mb + h * s_mh
+    idx_base = KV_IDX + b * s_ib + h * s_ih + block_i * s_ii
+    dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    num_selected = tl.load(KV_NUM + b * s_nb + h * s_nh + block_i * s_ni)
+    for t in range(num_selected):
+        block_j = tl.load(idx_base + t * s_it)
+        for sub in tl.static_range(BLOCK // BLOCK_N):
+            n0 = block_j * BLOCK + sub * BLOCK_N
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            k = _load_tile(k_base, offs_n, s_ks, offs_d, s_kd, kv_len, HEAD_DIM)
+            v = _load_tile(v_base, offs_n, s_vs, offs_d, s_vd, kv_len, HEAD_DIM)
+            s = _scores(q, tl.trans(k), qk_scale, mask_base, s_mq, s_mk, offs_m[:, None], offs_n[None, :],
+                        q_len, kv_len, MASK_KIND, FP32_DOT)
+            needs_mask = n0 + BLOCK_N > kv_len
+            if IS_CAUSAL:
+                needs_mask = needs_mask | (n0 + BLOCK_N - 1 > m0)
+            if needs_mask:
+                keep = offs_n[None, :] < kv_len
+                if IS_CAUSAL:
+                    keep = keep & (offs_n[None, :] <= offs_m[:, None])
+                s = tl.where(keep, s, float("-inf"))
+            p = tl.math.exp2(s - lse2[:, None])
+            dp = tile_dot(do, tl.trans(v), None, FP32_DOT)
+            ds = p * (dp - delta[:, None])
+            dq = tile_dot(ds.to(k.dtype), k, dq, FP32_DOT)
+    dq *= scale
+    tl.store(DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqs + offs_d[None, :] * s_dqd,
+             dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _dkdv_kernel(
+    Q, K, V, DO, DK, DV, MASK, LSE2, DELTA, Q_NUM, Q_IDX,
+    s_qb, s_qh, s_qs, s_qd,
+    s_kb, s_kh, s_ks, s_kd,
+    s_vb, s_vh, s_vs, s_vd,
+    s_dob, s_doh, s_dos, s_dod,
+    s_dkb, s_dkh, s_dks, s_dkd,
+    s_dvb, s_dvh, s_dvs, s_dvd,
+    s_mb, s_mh, s_mq, s_mk,
+    s_nb, s_nh, s_nj,
+    s_ib, s_ih, s_ij, s_it,
+    KV_HEADS, BATCH_KV_HEADS, q_len, kv_len, n_tiles, chunk, scale, qk_scale,
+    GROUP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr, ATOMIC: tl.constexpr,
+):
+    # Program order, fastest first: (batch, KV head), key tile, chunk. Low key blocks (the sink,
+    # and under causal masking the blocks most query blocks may choose) start first; programs of
+    # later chunks are mostly empty.
+    pid = tl.program_id(0)
+    bhk = pid % BATCH_KV_HEADS
+    rest = pid // BATCH_KV_HEADS
+    tile = rest % n_tiles
+    first = (rest // n_tiles) * chunk
+    b = (bhk // KV_HEADS).to(tl.int64)
+    hk = (bhk % KV_HEADS).to(tl.int64)
+    n0 = tile * BLOCK_N
+    block_j = n0 // BLOCK
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    k = _load_tile(K + b * s_kb + hk * s_kh, offs_n, s_ks, offs_d, s_kd, kv_len, HEAD_DIM)
+    v = _load_tile(V + b * s_vb + hk * s_vh, offs_n, s_vs, offs_d, s_vd, kv_len, HEAD_DIM)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+    # This program takes entries [first, first + chunk) of the group's list: head g's entries
+    # are numbered from `seen`, the count of the group's earlier heads.
+    seen = first * 0
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        q_base = Q + b * s_qb + h * s_qh
+        do_base = DO + b * s_dob + h * s_doh
+        row_base = (b * KV_HEADS * GROUP + h) * q_len
+        mask_base = MASK + b * s_mb + h * s_mh
+        idx_base = Q_IDX + b * s_ib + h * s_ih + block_j * s_ij
+        count = tl.load(Q_NUM + b * s_nb + h * s_nh + block_j * s_nj)
+        lo = tl.maximum(first - seen, 0)
+        hi = tl.minimum(first + chunk - seen, count)
+        seen += count
+        for t in range(lo, hi):
+            block_i = tl.load(idx_base + t * s_it)
+            for sub in tl.static_range(BLOCK // BLOCK_M):
+                m0 = block_i * BLOCK + sub * BLOCK_M
+                offs_m = m0 + tl.arange(0, BLOCK_M)
+                q = _load_tile(q_base, offs_m, s_qs, offs_d, s_qd, q_len, HEAD_DIM)
+                do = _load_tile(do_base, offs_m, s_dos, offs_d, s_dod, q_len, HEAD_DIM)
+                lse2 = tl.load(LSE2 + row_base + offs_m, mask=offs_m < q_len, other=float("inf"))
+                delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < q_len, other=0.0)
+                # Transposed tile: rows are this program's keys, columns the block's queries.
+                s_t = _scores(k, tl.trans(q), qk_scale, mask_base, s_mq, s_mk, offs_m[None, :], offs_n[:, None],
+                              q_len, kv_len, MASK_KIND, FP32_DOT)
+                if IS_CAUSAL:
+                    # Keys past the end need no mask: their rows of dk, dv are never stored.
+                    if n0 + BLOCK_N - 1 > m0:
+                        s_t = tl.where(offs_n[:, None] <= offs_m[None, :], s_t, float("-inf"))
+                p_t = tl.math.exp2(s_t - lse2[None, :])
+                dv = tile_dot(p_t.to(do.dtype), do, dv, FP32_DOT)
+                dp_t = tile_dot(v, tl.trans(do), None, FP32_DOT)
+                ds_t = p_t * (dp_t - delta[None, :])
+                dk = tile_dot(ds_t.to(q.dtype), q, dk, FP32_DOT)
+    dk *= scale
+    out_ok = (offs_n[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM)
+    dk_ptrs = DK + b * s_dkb + hk * s_dkh + offs_n[:, None] * s_dks + offs_d[None, :] * s_dkd
+    dv_ptrs = DV + b * s_dvb + hk * s_dvh + offs_n[:, None] * s_dvs + offs_d[None, :] * s_dvd
+    if ATOMIC:
+        if first < seen:
+            tl.atomic_add(dk_ptrs, dk, mask=out_ok)
+            tl.atomic_add(dv_ptrs, dv, mask=out_ok)
+    else:
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=out_ok)
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=out_ok)
+
+
+def _mask_operand(attn_mask: torch.Tensor | None, shape: tuple[int, int, int, int], q: torch.Tensor):
+    """(tensor, strides [B, H, Sq, Skv] with 0 on broadcast dims, kind) of the attn_mask."""
+    if attn_mask is None:
+        return q, (0, 0, 0, 0), _NO_MASK
+    kind = _BOOL_MASK if attn_mask.dtype == torch.bool else _ADDITIVE_MASK
+    mask = (attn_mask.view(torch.uint8) if kind == _BOOL_MASK else attn_mask).expand(shape)
+    return mask, mask.stride(), kind
+
+
+def sparse_attention_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    selection: BlockSelection,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    tiles: BackwardTiles | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of sparse attention over exactly ``selection``'s blocks.
+
+    Args:
+        grad_out: dO [B, H, Sq, D], dtype of q.
+        q: [B, H, Sq, D]; k, v: [B, Hkv, Skv, D]; float16, bfloat16 or float32 (H % Hkv == 0).
+        out: the forward's output [B, H, Sq, D].
+        lse: float32 [B, H, Sq], the forward's natural-log log-sum-exp of the scaled scores (+bias);
+            -inf on fully masked rows (their gradients are 0).
+        selection: the forward's `BlockSelection` (block size b, nq x nk blocks).
+        attn_mask: None, bool (True = keep) or additive float, broadcastable to [B, H, Sq, Skv].
+        is_causal: top-left aligned causal mask (query row r sees key c <= r).
+        scale: score scale (None = 1 / sqrt(D)).
+        tiles: tile shapes and chunking (benchmarks); None = `BackwardTiles()`.
+
+    Returns:
+        dq [B, H, Sq, D] like q; dk, dv [B, Hkv, Skv, D] like k, v (GQA heads summed).
+    """
+    reason = supported(q, k, v, attn_mask)
+    if reason is not None:
+        raise ValueError(f"sparse_attention_bwd: {reason}")
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    block = selection.block_size
+    nq, nk = triton.cdiv(q_len, block), triton.cdiv(kv_len, block)
+    if (selection.q_len, selection.kv_len) != (q_len, kv_len) or selection.kv_indices.shape != (batch, heads, nq, nk):
+        raise ValueError(
+            f"sparse_attention_bwd: selection for Sq={selection.q_len}, Skv={selection.kv_len}, indices "
+            f"{tuple(selection.kv_indices.shape)} does not fit q {tuple(q.shape)}, k {tuple(k.shape)}"
+        )
+    tiles = tiles or BackwardTiles()
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    group = heads // kv_heads
+    mask, mask_strides, mask_kind = _mask_operand(attn_mask, (batch, heads, q_len, kv_len), q)
+    shared = dict(GROUP=group, BLOCK=block, HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+                  IS_CAUSAL=is_causal, MASK_KIND=mask_kind, FP32_DOT=needs_fp32_dot(q.dtype),
+                  num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+
+    delta = torch.empty((batch, heads, q_len), dtype=torch.float32, device=q.device)
+    lse2 = torch.empty_like(delta)
+    pre_m = min(64, block)
+    _preprocess[(triton.cdiv(q_len, pre_m), batch * heads)](
+        out, grad_out, lse, delta, lse2, *out.stride(), *grad_out.stride(), *lse.stride(), heads, q_len,
+        BLOCK_M=pre_m, HEAD_DIM=head_dim, HEAD_DIM_PAD=shared["HEAD_DIM_PAD"],
+    )
+
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dq_m = min(tiles.dq_block_m, block)
+    dq_tiles = triton.cdiv(q_len, dq_m)
+    _dq_kernel[(batch * heads * dq_tiles,)](
+        q, k, v, grad_out, dq, mask, lse2, delta, selection.kv_num_blocks, selection.kv_indices,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *mask_strides,
+        *selection.kv_num_blocks.stride(), *selection.kv_indices.stride(),
+        kv_heads, q_len, kv_len, dq_tiles, scale, scale * _LOG2E,
+        BLOCK_M=dq_m, BLOCK_N=min(tiles.dq_block_n, block), **shared,
+    )
+
+    q_num_blocks, q_indices = transpose_selection(selection)
+    longest = nq * group  # the most entries a key block's list can have
+    chunk = min(tiles.dkdv_chunk or longest, longest)
+    chunks = triton.cdiv(longest, chunk)
+    accum = torch.float32 if chunks > 1 else k.dtype
+    dk = (torch.zeros if chunks > 1 else torch.empty)(k.shape, dtype=accum, device=k.device)
+    dv = (torch.zeros if chunks > 1 else torch.empty)(v.shape, dtype=accum, device=v.device)
+    dkdv_n = min(tiles.dkdv_block_n, block)
+    kv_tiles = triton.cdiv(kv_len, dkdv_n)
+    _dkdv_kernel[(batch * kv_heads * kv_tiles * chunks,)](
+        q, k, v, grad_out, dk, dv, mask, lse2, delta, q_num_blocks, q_indices,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), *mask_strides,
+        *q_num_blocks.stride(), *q_indices.stride(),
+        kv_heads, batch * kv_heads, q_len, kv_len, kv_tiles, chunk, scale, scale * _LOG2E,
+        BLOCK_M=min(tiles.dkdv_block_m, block), BLOCK_N=dkdv_n, ATOMIC=chunks > 1, **shared,
+    )
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
