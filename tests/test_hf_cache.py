@@ -92,6 +92,16 @@ def test_local_heads_decode_over_sink_and_recent_only():
     assert cache.stored_bytes() == SMALL["num_hidden_layers"] * per_layer
 
 
+def test_token_mask_makes_the_region_the_marked_tokens():
+    model = _model("qwen2")
+    ids = torch.randint(0, SMALL["vocab_size"], (1, PROMPT))
+    visual = torch.zeros(PROMPT, dtype=torch.bool)
+    visual[30:50] = True
+    cache = SlimKVCache(model.config, ALL_LOCAL, token_mask=visual)
+    _greedy(model, ids, cache, ATTN_IMPLEMENTATION)
+    assert all(lengths.tolist() == [[PROMPT - 20 + NEW - 1] * 2] for lengths in cache.kept_lengths())
+
+
 def test_batch_rows_are_slimmed_independently():
     model = _model("qwen2")
     ids = torch.randint(0, SMALL["vocab_size"], (2, PROMPT))
