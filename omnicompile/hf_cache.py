@@ -9,8 +9,8 @@ Use with an unmodified transformers model (Llama, Qwen2, ... any model whose att
 
 How the observation reaches the cache and how decode reads it: each attention layer calls
 ``cache.update(k, v, layer_idx)`` and hands the tensors it returns to the attention function. `update`
-tags the returned key tensor with its `SlimKVLayer` (attribute ``_omnisparse_slim_layer``); the attention
-function registered here (`slim_attention_forward`) reads the tag:
+tags the returned key tensor with a weak reference to its `SlimKVLayer` (attribute
+``_omnisparse_slim_layer``); the attention function registered here (`slim_attention_forward`) reads it:
 - prefill (the layer's first forward, S tokens): `update` stores the dense K/V and returns them; the
   attention function runs SDPA, then, when S >= ``min_seq_len`` and ``mode == "sparse"``, passes the
   layer's queries to `SlimKVLayer.observe`, which keeps per KV head what `omnicompile.slimming` decides
@@ -28,6 +28,7 @@ reordering, sliding-window layers, a batch size change, a model whose KV shapes 
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -96,8 +97,9 @@ class SlimKVLayer(CacheLayerMixin):
 
     def _check_states(self, key_states: Tensor, value_states: Tensor) -> None:
         if (
-            key_states.shape != value_states.shape
-            or tuple(key_states.shape[1:2] + key_states.shape[3:]) != self.kv_shape
+            key_states.dim() != 4
+            or key_states.shape != value_states.shape
+            or (key_states.shape[1], key_states.shape[3]) != self.kv_shape
         ):
             raise ValueError(
                 f"SlimKVCache layer {self.layer_idx}: key/value states {tuple(key_states.shape)} / "
@@ -143,7 +145,7 @@ class SlimKVLayer(CacheLayerMixin):
             self.awaits_observation = (
                 prefill and self.config.mode == "sparse" and key_states.shape[2] >= self.config.min_seq_len
             )
-        setattr(keys, _LAYER_TAG, self)
+        setattr(keys, _LAYER_TAG, weakref.ref(self))  # weak: no layer <-> tensor cycle delays freeing
         return keys, values
 
     def observe(self, queries: Tensor, scale: float) -> None:
@@ -320,7 +322,8 @@ def slim_attention_forward(
     """
     if sliding_window is not None:
         raise ValueError(f"{ATTN_IMPLEMENTATION}: sliding-window attention layers are not supported")
-    layer: SlimKVLayer | None = getattr(key, _LAYER_TAG, None)
+    tag = getattr(key, _LAYER_TAG, None)
+    layer: SlimKVLayer | None = tag() if tag is not None else None
     if layer is not None and layer.layer_idx != getattr(module, "layer_idx", layer.layer_idx):
         raise RuntimeError(
             f"{ATTN_IMPLEMENTATION}: module {module.layer_idx} got the cache of layer {layer.layer_idx}"

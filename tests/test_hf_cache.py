@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
@@ -100,6 +103,21 @@ def test_token_mask_makes_the_region_the_marked_tokens():
     cache = SlimKVCache(model.config, ALL_LOCAL, token_mask=visual)
     _greedy(model, ids, cache, ATTN_IMPLEMENTATION)
     assert all(lengths.tolist() == [[PROMPT - 20 + NEW - 1] * 2] for lengths in cache.kept_lengths())
+
+
+def test_dropping_the_cache_frees_its_tensors_without_garbage_collection():
+    """The tag on returned keys must not form a reference cycle that keeps a dropped cache's memory alive."""
+    model = _model("llama")
+    ids = torch.randint(0, SMALL["vocab_size"], (1, PROMPT))
+    gc.disable()
+    try:
+        cache = SlimKVCache(model.config, SLIM)
+        _greedy(model, ids, cache, ATTN_IMPLEMENTATION)
+        packed, tail = weakref.ref(cache.layers[0].slim.k_packed), weakref.ref(cache.layers[0].slim.k_tail)
+        del cache
+        assert packed() is None and tail() is None
+    finally:
+        gc.enable()
 
 
 def test_batch_rows_are_slimmed_independently():
