@@ -249,7 +249,6 @@ class SlimKVCache(Cache):
             or text_config.hidden_size // text_config.num_attention_heads
         )
         kv_heads = text_config.num_key_value_heads or text_config.num_attention_heads
-        self.config = config
         super().__init__(
             layers=[
                 SlimKVLayer(i, config, kv_heads, head_dim, token_mask)
