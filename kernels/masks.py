@@ -1,0 +1,150 @@
+"""Attention-mask handling shared by every estimator, selector, reference and kernel.
+
+Semantics follow ``torch.nn.functional.scaled_dot_product_attention``:
+- ``is_causal``: query row r sees key c iff c <= r (top-left aligned, also when Sq != Skv);
+- a bool mask keeps the entries where it is True;
+- a float mask is added to the scaled scores; its ``-inf`` entries count as masked.
+A mask must broadcast to [B, H, Sq, Skv]; ``is_causal`` together with a mask is an error (as SDPA).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+MaskKind = Literal["none", "causal", "bool", "additive"]
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -> tuple[int, int, int, int, int]:
+    """Validate attention inputs and return (B, H, Hkv, Sq, Skv).
+
+    q: [B, H, Sq, D]; k, v: [B, Hkv, Skv, D] floating point, H a multiple of Hkv (GQA: query head h
+    reads kv head h // (H // Hkv)). Raises ``ValueError`` naming the offending shape or dtype.
+    """
+    tensors = {"q": q, "k": k} if v is None else {"q": q, "k": k, "v": v}
+    for name, t in tensors.items():
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, heads, seq, head_dim], got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got {t.dtype}")
+    batch, heads, q_len, dim = q.shape
+    _, kv_heads, kv_len, _ = k.shape
+    if k.shape[0] != batch or k.shape[3] != dim:
+        raise ValueError(f"k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in batch/head_dim")
+    if v is not None and (v.shape[:3] != k.shape[:3]):
+        raise ValueError(f"v shape {tuple(v.shape)} does not match k shape {tuple(k.shape)} in batch/heads/seq")
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"query heads {heads} are not a multiple of kv heads {kv_heads}")
+    if min(batch, q_len, kv_len, dim) == 0:
+        raise ValueError(f"empty attention input: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    return batch, heads, kv_heads, q_len, kv_len
+
+
+def resolve_scale(scale: float | None, head_dim: int) -> float:
+    """The score scale: ``scale``, or SDPA's default 1 / sqrt(head_dim) when ``None``."""
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+def classify_mask(attn_mask: torch.Tensor | None, is_causal: bool) -> MaskKind:
+    """The kind of masking: ``"none"``, ``"causal"``, ``"bool"`` or ``"additive"`` (float mask)."""
+    if attn_mask is None:
+        return "causal" if is_causal else "none"
+    if is_causal:
+        raise ValueError("attn_mask and is_causal=True are mutually exclusive (as in SDPA)")
+    if attn_mask.dtype == torch.bool:
+        return "bool"
+    if attn_mask.is_floating_point():
+        return "additive"
+    raise ValueError(f"attn_mask must be bool (True = keep) or floating point (additive), got {attn_mask.dtype}")
+
+
+def validate_mask(
+    attn_mask: torch.Tensor | None, is_causal: bool, batch: int, heads: int, q_len: int, kv_len: int
+) -> MaskKind:
+    """Classify ``attn_mask`` and check it broadcasts to [batch, heads, q_len, kv_len]."""
+    kind = classify_mask(attn_mask, is_causal)
+    if attn_mask is not None:
+        target = (batch, heads, q_len, kv_len)
+        shape = tuple(attn_mask.shape)
+        if attn_mask.dim() > 4 or any(s not in (1, t) for s, t in zip(shape[::-1], target[::-1])):
+            raise ValueError(f"attn_mask shape {shape} is not broadcastable to [B, H, Sq, Skv] = {list(target)}")
+    return kind
+
+
+def _as_4d(attn_mask: torch.Tensor) -> torch.Tensor:
+    """View of a (validated) mask with singleton dims prepended to 4-D."""
+    return attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+
+
+def mask_bias(
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    q_len: int,
+    kv_len: int,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+) -> torch.Tensor:
+    """fp32 additive bias of the (query, key) position pairs ``q_pos`` x ``k_pos``.
+
+    q_pos, k_pos: int64 tensors of equal rank n >= 2 broadcastable to each other; their first two
+    dims index batch and head (size 1 or the mask's size there). Entries are 0 (keep), the additive
+    mask value, or -inf (masked by the mask or causality, or a position outside [0, q_len) x
+    [0, kv_len): padding of partial blocks). Shape: the broadcast of q_pos, k_pos and the mask's
+    batch/head dims (a mask of size B or H there widens dims 0 and 1).
+    """
+    keep = (q_pos < q_len) & (k_pos < kv_len) & (q_pos >= 0) & (k_pos >= 0)
+    if is_causal:
+        keep = keep & (k_pos <= q_pos)
+    if attn_mask is None:
+        return torch.zeros(keep.shape, dtype=torch.float32, device=keep.device).masked_fill_(~keep, float("-inf"))
+    mask = _as_4d(attn_mask)
+    n = q_pos.dim()
+    index = [
+        torch.arange(mask.shape[0], device=mask.device).view((-1,) + (1,) * (n - 1)),
+        torch.arange(mask.shape[1], device=mask.device).view((1, -1) + (1,) * (n - 2)),
+        q_pos.clamp(0, q_len - 1) if mask.shape[2] > 1 else torch.zeros_like(q_pos),
+        k_pos.clamp(0, kv_len - 1) if mask.shape[3] > 1 else torch.zeros_like(k_pos),
+    ]
+    values = mask[tuple(index)]
+    if values.dtype == torch.bool:
+        keep = keep & values
+        values = torch.zeros((), dtype=torch.float32, device=values.device)
+    return torch.where(keep, values.float(), float("-inf"))
+
+
+def allowed_blocks(
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    batch: int,
+    heads: int,
+    q_len: int,
+    kv_len: int,
+    block_size: int,
+    device: torch.device | str,
+) -> torch.Tensor:
+    """bool [B or 1, H or 1, nq, nk]: True where the (query block, key block) tile has an unmasked entry.
+
+    nq = ceil(q_len / block_size), nk = ceil(kv_len / block_size). Dims 0 and 1 are 1 unless the mask
+    varies over batch or heads there. Causal: key block j is allowed for query block i iff its first
+    key j*b is <= the last query row of block i.
+    """
+    kind = validate_mask(attn_mask, is_causal, batch, heads, q_len, kv_len)
+    nq, nk = -(-q_len // block_size), -(-kv_len // block_size)
+    if kind in ("none", "causal"):
+        allowed = torch.ones(1, 1, nq, nk, dtype=torch.bool, device=device)
+        if kind == "causal":
+            last_row = (torch.arange(1, nq + 1, device=device) * block_size).clamp(max=q_len) - 1
+            first_key = torch.arange(nk, device=device) * block_size
+            allowed = (first_key[None, :] <= last_row[:, None]).view(1, 1, nq, nk)
+        return allowed
+    mask = _as_4d(attn_mask).to(device)
+    keep = mask if kind == "bool" else ~torch.isneginf(mask)
+    rows = nq if keep.shape[2] > 1 else 1
+    cols = nk if keep.shape[3] > 1 else 1
+    pad_q = rows * block_size - keep.shape[2] if rows > 1 else 0
+    pad_k = cols * block_size - keep.shape[3] if cols > 1 else 0
+    keep = torch.nn.functional.pad(keep, (0, pad_k, 0, pad_q), value=False)
+    tiles = keep.reshape(keep.shape[0], keep.shape[1], rows, -1, cols, keep.shape[3] // cols)
+    return tiles.any(dim=5).any(dim=3).expand(keep.shape[0], keep.shape[1], nq, nk)
