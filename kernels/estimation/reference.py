@@ -1,0 +1,221 @@
+"""Block estimators (METHOD.md section 1), pure PyTorch, fp32 math, chunked over query blocks.
+
+Every estimator returns Ahat, float32 [B, H, nq, nk]: for each query block i a distribution over the
+key blocks j allowed by the mask (>= 0, sums to 1 over allowed j, exactly 0 on disallowed j; a query
+block whose rows are all fully masked gets an all-zero row).
+
+Common scheme. Queries and keys are summarised in groups of ``group`` consecutive tokens (a group
+never straddles a block). For a query group u and key group w the score is
+
+    score(u, w) = score_scale * qsum_u . ksum_w + c(u, w),
+    c(u, w)     = log sum_{r in u, c in w} exp(bias[r, c]),
+
+where bias is the fp32 mask bias of ``masks.mask_bias`` (0 keep, -inf masked or padding, or the
+additive mask value). Without a mask c = log(rows in u) + log(keys in w): the per-query term cancels
+in the softmax, leaving the count correction log(g) (fewer for a partial last group). With causality
+or a bool mask c is the log of the number of unmasked entries of the g x g tile; an additive bias
+enters as the log-mean-exp of exp(bias) over the tile times its size. The similarity term is
+mask-blind (the summaries average all tokens of a group); the mask acts through c only, so a key
+group whose tile is fully masked gets exactly zero probability. Each query group takes a softmax over
+all key groups; probabilities are summed per key block and averaged over the query block's groups
+that see at least one key.
+
+Estimators (g = ``granularity``, s = ``antidiagonal_stride``):
+- ``composite``: qsum, ksum are the means of the real tokens of a group; group = g, score_scale = scale.
+- ``pooled``: ``composite`` with g = block_size.
+- ``antidiagonal`` (XAttention-style): qsum of a stride group is its s query rows in reverse order and
+  ksum its s key rows, concatenated to s*D vectors, so qsum . ksum is the sum of the s anti-diagonal
+  products of the s x s tile; group = s, score_scale = scale / s (the anti-diagonal mean).
+- composite at g = 1 is exact attention (``omnicompile.metrics.exact_block_mass``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+
+from ...config import OmniSparseConfig
+from ..masks import check_qkv, mask_bias, validate_mask
+
+Summary = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def _padded_rows(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """fp32 rows [start, stop) of x [B, H, S, D], zero-padded past S: [B, H, stop - start, D]."""
+    rows = x[:, :, start : min(stop, x.shape[2])].float()
+    return torch.nn.functional.pad(rows, (0, 0, 0, stop - start - rows.shape[2]))
+
+
+def _group_mean(x: torch.Tensor, start: int, seq_len: int, group: int) -> torch.Tensor:
+    """Means of the real tokens of each group of a padded chunk x [B, H, P, D] starting at ``start``."""
+    batch, heads, length, dim = x.shape
+    sums = x.view(batch, heads, length // group, group, dim).sum(3)
+    starts = start + torch.arange(length // group, device=x.device) * group
+    counts = (seq_len - starts).clamp(1, group)
+    return sums / counts[:, None].to(sums.dtype)
+
+
+def _stride_rows(x: torch.Tensor, start: int, stride: int, reverse: bool) -> torch.Tensor:
+    """Concatenate each group of ``stride`` rows of x [B, H, P, D] (reversed if asked): [B, H, P/s, s*D]."""
+    batch, heads, length, dim = x.shape
+    groups = x.view(batch, heads, length // stride, stride, dim)
+    return (groups.flip(3) if reverse else groups).reshape(batch, heads, length // stride, stride * dim)
+
+
+def _log_counts(
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    q_len: int,
+    kv_len: int,
+    group: int,
+    row_start: int,
+    num_rows: int,
+    num_keys: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """c(u, w) of the module docstring for rows [row_start, row_start + num_rows) and keys [0, num_keys).
+
+    Returns float32 [Bm, Hm, num_rows / group, num_keys / group] (Bm, Hm: the mask's batch/head sizes or 1).
+    """
+    if attn_mask is None:
+        rows = row_start + torch.arange(num_rows, device=device).view(-1, group, 1)
+        first_key = torch.arange(0, num_keys, group, device=device)
+        end_key = (first_key + group).clamp(max=kv_len)
+        stop = torch.minimum(rows + 1, end_key) if is_causal else end_key
+        visible = (stop - first_key).clamp(min=0) * (rows < q_len)
+        return visible.sum(1).float().log()[None, None]
+    q_pos = (row_start + torch.arange(num_rows, device=device)).view(1, 1, -1, 1)
+    k_pos = torch.arange(num_keys, device=device).view(1, 1, 1, -1)
+    bias = mask_bias(attn_mask, False, q_len, kv_len, q_pos, k_pos)
+    tiles = bias.view(bias.shape[0], bias.shape[1], num_rows // group, group, num_keys // group, group)
+    return tiles.logsumexp(dim=(3, 5))
+
+
+@torch.no_grad()
+def _grouped_block_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    score_scale: float,
+    block_size: int,
+    group: int,
+    query_chunk: int,
+    summarise_q: Summary,
+    summarise_k: Summary,
+) -> torch.Tensor:
+    """The common scheme of the module docstring: float32 [B, H, nq, nk]."""
+    batch, heads, kv_heads, q_len, kv_len = check_qkv(q, k)
+    validate_mask(attn_mask, is_causal, batch, heads, q_len, kv_len)
+    if block_size % group:
+        raise ValueError(f"group size {group} does not divide block_size {block_size}")
+    if query_chunk < 1:
+        raise ValueError(f"query_chunk must be >= 1, got {query_chunk}")
+    nq, nk = -(-q_len // block_size), -(-kv_len // block_size)
+    per_block = block_size // group
+    k_sum = summarise_k(_padded_rows(k, 0, nk * block_size), 0).unsqueeze(2).transpose(-1, -2)
+    ahat = torch.empty(batch, heads, nq, nk, dtype=torch.float32, device=q.device)
+    for i0 in range(0, nq, query_chunk):
+        i1 = min(i0 + query_chunk, nq)
+        rows = (i1 - i0) * block_size
+        q_sum = summarise_q(_padded_rows(q, i0 * block_size, i1 * block_size), i0 * block_size)
+        q_sum = q_sum.view(batch, kv_heads, heads // kv_heads, q_sum.shape[2], q_sum.shape[3])
+        scores = torch.matmul(q_sum, k_sum).view(batch, heads, -1, nk * per_block) * score_scale
+        scores = scores + _log_counts(
+            attn_mask, is_causal, q_len, kv_len, group, i0 * block_size, rows, nk * block_size, q.device
+        )
+        row_max = scores.amax(dim=-1, keepdim=True)
+        seen = torch.isfinite(row_max)
+        probs = torch.exp(scores - torch.where(seen, row_max, 0.0))
+        probs = probs / torch.where(seen, probs.sum(dim=-1, keepdim=True), 1.0)
+        per_group = probs.view(batch, heads, -1, nk, per_block).sum(-1)
+        per_group = per_group.view(batch, heads, i1 - i0, per_block, nk).sum(3)
+        groups_seen = seen.view(seen.shape[0], seen.shape[1], i1 - i0, per_block).sum(-1, keepdim=True)
+        ahat[:, :, i0:i1] = per_group / groups_seen.clamp(min=1)
+    return ahat
+
+
+def composite_estimate(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    block_size: int,
+    granularity: int,
+    query_chunk: int,
+) -> torch.Tensor:
+    """UniSparse composite-token estimate, float32 [B, H, nq, nk] (module docstring).
+
+    q: [B, H, Sq, D], k: [B, Hkv, Skv, D] (GQA by h // (H // Hkv)); any float dtype; attn_mask bool
+    or additive, broadcastable to [B, H, Sq, Skv]; granularity g divides block_size.
+    """
+    return _grouped_block_mass(
+        q,
+        k,
+        attn_mask,
+        is_causal,
+        scale,
+        block_size,
+        granularity,
+        query_chunk,
+        functools.partial(_group_mean, seq_len=q.shape[2], group=granularity),
+        functools.partial(_group_mean, seq_len=k.shape[2], group=granularity),
+    )
+
+
+def pooled_estimate(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    block_size: int,
+    query_chunk: int,
+) -> torch.Tensor:
+    """Block-mean estimate: ``composite_estimate`` at granularity = block_size."""
+    return composite_estimate(q, k, attn_mask, is_causal, scale, block_size, block_size, query_chunk)
+
+
+def antidiagonal_estimate(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    block_size: int,
+    stride: int,
+    query_chunk: int,
+) -> torch.Tensor:
+    """XAttention-style strided anti-diagonal estimate, float32 [B, H, nq, nk] (module docstring)."""
+    return _grouped_block_mass(
+        q,
+        k,
+        attn_mask,
+        is_causal,
+        scale / stride,
+        block_size,
+        stride,
+        query_chunk,
+        functools.partial(_stride_rows, stride=stride, reverse=True),
+        functools.partial(_stride_rows, stride=stride, reverse=False),
+    )
+
+
+def estimate_blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    config: OmniSparseConfig,
+) -> torch.Tensor:
+    """Ahat float32 [B, H, nq, nk] by ``config.estimator`` at ``config.block_size``, chunked by ``config.query_chunk``."""
+    b, chunk = config.block_size, config.query_chunk
+    if config.estimator == "composite":
+        return composite_estimate(q, k, attn_mask, is_causal, scale, b, config.granularity, chunk)
+    if config.estimator == "pooled":
+        return pooled_estimate(q, k, attn_mask, is_causal, scale, b, chunk)
+    return antidiagonal_estimate(q, k, attn_mask, is_causal, scale, b, config.antidiagonal_stride, chunk)
