@@ -96,12 +96,7 @@ SDPA = _call(
     enable_gqa=False,
 )
 
-_CAST_METHODS = {
-    "float": torch.float32,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "double": torch.float64,
-}
+_CAST_METHODS = frozenset({"float", "half", "bfloat16", "double"})
 
 
 def is_number(value: Any) -> bool:
@@ -126,15 +121,9 @@ def float_cast_source(node: Node) -> Node | None:
         return None
     if node.target in _CAST_METHODS and len(node.args) == 1 and not node.kwargs:
         return node.args[0]
-    if node.target == "to":
+    if node.target == "to" and set(node.kwargs) <= {"dtype"}:
         dtypes = [*node.args[1:], *node.kwargs.values()]
-        keys_ok = set(node.kwargs) <= {"dtype"}
-        if (
-            keys_ok
-            and len(dtypes) == 1
-            and isinstance(dtypes[0], torch.dtype)
-            and dtypes[0].is_floating_point
-        ):
+        if len(dtypes) == 1 and isinstance(dtypes[0], torch.dtype) and dtypes[0].is_floating_point:
             return node.args[0]
     return None
 

@@ -184,6 +184,9 @@ def _blocker(scores: _Scores, weight_nodes: tuple[Node, ...], key_t: object) -> 
         dropout = DROPOUT.bind(node)
         if dropout is not None and not dropout_is_identity(dropout):
             return f"{node.name}: dropout p={dropout['p']!r} in training mode"
+    mask = example_value(scores.mask)
+    if mask is not None and not mask.is_floating_point():
+        return f"the mask added to the scores is {mask.dtype}, not an additive float mask"
     if scores.scale is None:
         return "the scaling mixes a symbolic factor with other factors (the op takes one scale)"
     if _untransposed(key_t) is None:
