@@ -1,0 +1,110 @@
+"""Query selection and KV selection with a head-level shared budget (METHOD.md sections 2-3).
+
+All on Ahat's device with vectorised torch ops and no host synchronisation: shapes depend only on
+(B, H, nq, nk) and the config, never on data.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...config import OmniSparseConfig
+from .block_selection import BlockSelection
+from .transpose import block_mask_to_indices
+
+
+def forced_pattern(
+    num_q_blocks: int, num_kv_blocks: int, n_sink: int, n_local: int, is_causal: bool, device: torch.device | str
+) -> torch.Tensor:
+    """bool [nq, nk]: the forced blocks F(i) before intersecting with the allowed blocks.
+
+    Sinks are key blocks 0 .. n_sink-1. The local window holds n_local key blocks: i-n_local+1 .. i when
+    causal; centred on i otherwise, i.e. i - n_local//2 .. i - n_local//2 + n_local - 1 (for the default
+    n_local = 2 that is {i-1, i}, the same as the causal window, so a causal bool mask and
+    ``is_causal`` force the same blocks). Key block i is the diagonal block (top-left alignment).
+    """
+    i = torch.arange(num_q_blocks, device=device)[:, None]
+    j = torch.arange(num_kv_blocks, device=device)[None, :]
+    first = i - n_local + 1 if is_causal else i - n_local // 2
+    return (j < n_sink) | ((j >= first) & (j < first + n_local))
+
+
+def _shared_budget(need: torch.Tensor, scope: str, num_kv_heads: int) -> torch.Tensor:
+    """Budget K per (b, h, i) from the per-head need k_h [B, H, nq] (0 for lazy heads) by budget scope."""
+    if scope == "head":
+        return need
+    batch, heads, nq = need.shape
+    if scope == "heads":
+        return need.amax(dim=1, keepdim=True).expand(batch, heads, nq)
+    grouped = need.view(batch, num_kv_heads, heads // num_kv_heads, nq)
+    return grouped.amax(dim=2, keepdim=True).expand_as(grouped).reshape(batch, heads, nq)
+
+
+def select_blocks(
+    ahat: torch.Tensor,
+    allowed: torch.Tensor,
+    config: OmniSparseConfig,
+    num_kv_heads: int,
+    *,
+    is_causal: bool,
+    q_len: int,
+    kv_len: int,
+) -> BlockSelection:
+    """Select key blocks per (b, h, i) from the estimate (METHOD.md sections 2-3).
+
+    Args:
+        ahat: float32 [B, H, nq, nk], the block estimate (a distribution over allowed blocks).
+        allowed: bool, broadcastable to [B, H, nq, nk] (``masks.allowed_blocks``).
+        config: tau, n_sink, n_local, query_selection, effective_lazy_threshold, min_blocks, max_blocks,
+            budget_scope and block_size are read.
+        num_kv_heads: Hkv; ``"kv_group"`` shares the budget among the H // Hkv heads of a KV head.
+        is_causal: picks the local window (ending at i, or centred on i; ``forced_pattern``).
+        q_len, kv_len: Sq and Skv, recorded in the selection.
+
+    Rule: F(i) = forced & allowed. A (b, h, i) is lazy when query selection is on and its mass on F(i)
+    is >= the lazy threshold; lazy blocks take F(i) only. An active block's need k_h is the smallest
+    number of available (allowed, non-forced) blocks, in descending Ahat order (ties: lower index
+    first), whose mass with F(i) reaches tau (all available blocks if it never does; all of them by
+    definition when tau >= 1). K = the max of k_h over the heads sharing the budget, clamped to
+    [min_blocks, max_blocks]; each active head takes F(i) plus its top min(K, available) blocks.
+    ``budget`` records that count (equal across the heads sharing K unless a per-head mask leaves a
+    head fewer available blocks). Cumulative masses are summed in float64.
+    """
+    batch, heads, nq, nk = ahat.shape
+    if heads % num_kv_heads:
+        raise ValueError(f"query heads {heads} are not a multiple of kv heads {num_kv_heads}")
+    if (nq, nk) != (-(-q_len // config.block_size), -(-kv_len // config.block_size)):
+        raise ValueError(f"ahat blocks {(nq, nk)} do not match q_len {q_len}, kv_len {kv_len}, b {config.block_size}")
+    allowed = allowed.expand(batch, heads, nq, nk)
+    pattern = forced_pattern(nq, nk, config.n_sink, config.n_local, is_causal, ahat.device)
+    forced = allowed & pattern
+    available = allowed & ~pattern
+    local_mass = torch.where(forced, ahat, 0.0).sum(-1, dtype=torch.float64)
+    if config.query_selection:
+        lazy = local_mass >= config.effective_lazy_threshold
+    else:
+        lazy = torch.zeros_like(local_mass, dtype=torch.bool)
+    num_available = available.sum(-1)
+    ranked, order = torch.sort(torch.where(available, ahat, -1.0), dim=-1, descending=True, stable=True)
+    if config.tau >= 1.0:
+        need = num_available
+    else:
+        ranked_mass = ranked.double().clamp(min=0.0)
+        mass_before = local_mass.unsqueeze(-1) + ranked_mass.cumsum(-1) - ranked_mass
+        need = ((mass_before < config.tau) & (ranked >= 0)).sum(-1)
+    need = torch.where(lazy, 0, need)
+    budget = _shared_budget(need, config.budget_scope, num_kv_heads).clamp(config.min_blocks, config.max_blocks)
+    take = torch.where(lazy, 0, torch.minimum(budget, num_available))
+    positions = torch.arange(nk, device=ahat.device).expand(batch, heads, nq, nk)
+    rank = torch.empty_like(order).scatter_(-1, order, positions)
+    selected = forced | (available & (rank < take.unsqueeze(-1)))
+    kv_num_blocks, kv_indices = block_mask_to_indices(selected)
+    return BlockSelection(
+        kv_num_blocks=kv_num_blocks,
+        kv_indices=kv_indices,
+        lazy=lazy,
+        budget=take.to(torch.int32),
+        block_size=config.block_size,
+        q_len=q_len,
+        kv_len=kv_len,
+    )
