@@ -144,6 +144,8 @@ def sparse_attention_fwd(
     if b % cfg.block_m or b % cfg.block_n:
         raise ValueError(f"sparse_attention_fwd: {cfg} does not tile the block size {b}")
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    if scale < 0:  # q . k * scale == (-q) . k * (-scale), exactly; the kernel wants scale >= 0
+        q, scale = -q, -scale
 
     out = torch.empty_like(q)
     lse = torch.empty((batch, heads, q_len), dtype=torch.float32, device=q.device)
@@ -226,8 +228,9 @@ def _attend_block(
     offs_n = block * SPARSE_BLOCK + (it % n_split) * BLOCK_N + tl.arange(0, BLOCK_N)
     k = _load_rows(k_base, offs_n, stride_kn, offs_d, kv_len, HEAD_DIM, HEAD_DIM_PAD, MASKED)
     v = _load_rows(v_base, offs_n, stride_vn, offs_d, kv_len, HEAD_DIM, HEAD_DIM_PAD, MASKED)
-    s = tile_dot(q, tl.trans(k), None, FP32_DOT) * qk_scale
+    s = tile_dot(q, tl.trans(k), None, FP32_DOT)
     if MASKED:
+        s = s * qk_scale
         keep = offs_n[None, :] < kv_len
         if IS_CAUSAL:
             keep = keep & (offs_m[:, None] >= offs_n[None, :])
@@ -237,14 +240,17 @@ def _attend_block(
             bias = tl.load(mask_base + offs_n[None, :] * stride_mn, mask=keep, other=0.0)
             s = s + bias.to(tl.float32) * 1.4426950408889634
         s = tl.where(keep, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    if MASKED:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing attended so far keeps m = -inf; shift by 0 instead (no NaN).
-        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_shift[:, None])
     else:
-        m_new_safe = m_new
-    alpha = tl.math.exp2(m_i - m_new_safe)
-    p = tl.math.exp2(s - m_new_safe[:, None])
+        # qk_scale >= 0 (the wrapper flips the sign of q otherwise): scale the row max, then one
+        # fused multiply-add per score.
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        m_shift = m_new
+        p = tl.math.exp2(s * qk_scale - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = tile_dot(p.to(v.dtype), v, acc * alpha[:, None], FP32_DOT)
     return acc, l_i, m_new
