@@ -1,5 +1,12 @@
-"""omnicompile: a torch.compile backend that rewrites attention into OmniSparse sparse attention."""
+"""omnicompile: a torch.compile backend that rewrites attention into OmniSparse sparse attention.
 
+Public API: `OmniSparseConfig`, `backend` (a backend for a config), `explain` (what the backend
+did at each attention site). ``torch.compile(model, backend="omnisparse")`` needs no import.
+"""
+
+from . import ops  # noqa: F401  (registers torch.ops.omnisparse.*)
+from .backend import backend
 from .config import OmniSparseConfig
+from .explain import ExplainReport, ExplainSite, explain
 
-__all__ = ["OmniSparseConfig"]
+__all__ = ["ExplainReport", "ExplainSite", "OmniSparseConfig", "backend", "explain"]

@@ -109,14 +109,17 @@ def _dense_attention(q, k, v, attn_mask, is_causal, scale, enable_gqa) -> Tensor
     ).contiguous()
 
 
-def _record(site: str, decision: str, reason: str, q: Tensor, k: Tensor, v: Tensor, stats_fn) -> None:
+def _record(site: str, decision: str, reason: str, inputs: tuple, stats_fn) -> None:
+    """Append a `SiteRun` to the active recorders (none in normal runs: nothing is measured)."""
     recorders = active_recorders()
     if not recorders:
         return
     stats = stats_fn() if any(r.measure for r in recorders) else {}
-    run = SiteRun(site, decision, reason, (tuple(q.shape), tuple(k.shape), tuple(v.shape)), stats)
+    q, k, v, attn_mask, is_causal, scale = inputs
+    shapes = (tuple(q.shape), tuple(k.shape), tuple(v.shape))
     for recorder in recorders:
-        recorder.runs.append(run)
+        keep = recorder.keep_run == len(recorder.runs)
+        recorder.runs.append(SiteRun(site, decision, reason, shapes, stats, (q, k, attn_mask, is_causal, scale) if keep else None))
 
 
 @torch.library.custom_op("omnisparse::attention", mutates_args=())
@@ -139,13 +142,13 @@ def attention(
     if reason:
         _log_dense_once(site, reason)
         out = _dense_attention(q, k, v, attn_mask, is_causal, scale, enable_gqa)
-        _record(site, "dense", reason, q, k, v, dict)
+        _record(site, "dense", reason, (q, k, v, attn_mask, is_causal, scale), dict)
         return out, q.new_zeros((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32)
     from .method import omnisparse_attention, selection_stats
 
     out, lse, selection = omnisparse_attention(q, k, v, attn_mask, is_causal, scale, cfg)
     _record(
-        site, "sparse", "", q, k, v,
+        site, "sparse", "", (q, k, v, attn_mask, is_causal, scale),
         lambda: selection_stats(q, k, v, attn_mask, is_causal, scale, cfg, selection, out),
     )
     return out.contiguous(), lse.contiguous()

@@ -24,6 +24,7 @@ class SiteRun:
         reason: why dense ran (empty for sparse).
         shapes: (q, k, v) shapes.
         stats: selection statistics (density, recall, lazy fraction, ...) when measured.
+        inputs: (q, k, attn_mask, is_causal, scale) when the recorder asked to keep this run's inputs.
     """
 
     site: str
@@ -31,20 +32,26 @@ class SiteRun:
     reason: str
     shapes: tuple[tuple[int, ...], ...]
     stats: dict[str, float] = field(default_factory=dict)
+    inputs: tuple | None = None
 
 
 @dataclass
 class Recorder:
-    """Collects `SiteRun`s while active; ``measure`` asks the op for exact recall and error."""
+    """Collects `SiteRun`s while active.
+
+    ``measure`` asks the op for exact recall and error; ``keep_run`` (an index into ``runs``) asks
+    it to keep that run's inputs, e.g. to plot one layer's selection.
+    """
 
     measure: bool = True
+    keep_run: int | None = None
     runs: list[SiteRun] = field(default_factory=list)
 
 
 @contextlib.contextmanager
-def recording(measure: bool = True) -> Iterator[Recorder]:
+def recording(measure: bool = True, keep_run: int | None = None) -> Iterator[Recorder]:
     """Context manager activating a fresh `Recorder` for the ops run inside it."""
-    recorder = Recorder(measure=measure)
+    recorder = Recorder(measure=measure, keep_run=keep_run)
     token = _ACTIVE.set(_ACTIVE.get() + (recorder,))
     try:
         yield recorder

@@ -41,10 +41,13 @@ class PassReport:
     sites: tuple[SiteRecord, ...]
 
 
-def run_passes(gm: GraphModule, config: OmniSparseConfig) -> PassReport:
-    """Run `PASSES` on a copy of ``gm``; ``config`` travels into the graph as the op's JSON argument."""
+def run_passes(gm: GraphModule, config: OmniSparseConfig, site_prefix: str = "") -> PassReport:
+    """Run `PASSES` on a copy of ``gm``; ``config`` travels into the graph as the op's JSON argument.
+
+    Site names are ``site_prefix`` + the node name (node names are unique within one graph only).
+    """
     copied = copy_graph_module(gm)
-    ctx = PassContext(config_json=config.to_json())
+    ctx = PassContext(config_json=config.to_json(), site_prefix=site_prefix)
     changed = False
     for rewrite in PASSES:
         if rewrite(copied, ctx):

@@ -98,9 +98,10 @@ def rewrite_site(
     """
     call = fold_repeat_kv(call)
     reason = blocker or unsupported_reason(call)
+    name = ctx.site_prefix + site.name
     ctx.sites.append(
         SiteRecord(
-            site=site.name,
+            site=name,
             pattern=pattern,
             shapes=tuple(_shape(node) for node in (call.query, call.key, call.value)),
             mask=_mask_kind(call),
@@ -111,11 +112,11 @@ def rewrite_site(
     )
     if reason:
         return False
-    _insert_op(gm, site, call, ctx.config_json)
+    _insert_op(gm, site, call, ctx.config_json, name)
     return True
 
 
-def _insert_op(gm: GraphModule, site: Node, call: AttentionCall, config_json: str) -> None:
+def _insert_op(gm: GraphModule, site: Node, call: AttentionCall, config_json: str, name: str) -> None:
     scale = float(call.scale) if is_number(call.scale) else call.scale
     args = (
         call.query,
@@ -127,7 +128,7 @@ def _insert_op(gm: GraphModule, site: Node, call: AttentionCall, config_json: st
         scale,
         call.enable_gqa,
         config_json,
-        site.name,
+        name,
     )
     with gm.graph.inserting_before(site):
         attention = gm.graph.call_function(torch.ops.omnisparse.attention.default, args)

@@ -40,7 +40,9 @@ class SiteRecord:
 
 @dataclass
 class PassContext:
-    """What every pass gets beside the graph: the op's config argument, and the site records."""
+    """What every pass gets beside the graph: the op's config argument, the prefix that makes site
+    names unique across graphs, and the site records."""
 
     config_json: str
+    site_prefix: str = ""
     sites: list[SiteRecord] = field(default_factory=list)

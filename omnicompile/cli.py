@@ -1,0 +1,85 @@
+"""The ``omnicompile`` command line: a thin layer over the public API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+import torch
+
+from .config import OmniSparseConfig
+
+
+def _config_from_args(args: argparse.Namespace) -> OmniSparseConfig:
+    values = json.loads(args.config) if args.config else {}
+    if not isinstance(values, dict):
+        raise SystemExit("--config must be a JSON object of OmniSparseConfig fields")
+    return OmniSparseConfig.from_dict(values)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoSettings, run_demo
+
+    settings = DemoSettings(model=args.model, seq_len=args.seq_len, structured_len=args.structured_len, tau=args.tau)
+    if args.device:
+        settings.device = args.device
+    run_demo(settings)
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .explain import explain
+    from .models import build_model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(args.model, attn_implementation=args.attn_implementation, device=device)
+    ids = torch.randint(0, model.config.vocab_size, (1, args.seq_len), device=device)
+    with torch.no_grad():
+        report = explain(model, ids, config=_config_from_args(args))
+    print(report)
+    if args.plot:
+        from .plotting import plot_site
+
+        plot_site(model, ids, _config_from_args(args), layer=args.layer, heads=args.heads, path=args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``omnicompile`` command."""
+    parser = argparse.ArgumentParser(prog="omnicompile", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log the backend's decisions")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="compile a built-in small Llama and show what the backend did")
+    demo.add_argument("--model", default="llama-tiny")
+    demo.add_argument("--seq-len", type=int, default=2048)
+    demo.add_argument("--structured-len", type=int, default=4096)
+    demo.add_argument("--tau", type=float, default=0.95)
+    demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    demo.set_defaults(func=_cmd_demo)
+
+    inspect = sub.add_parser("inspect", help="explain a transformers model (local folder or built-in config)")
+    inspect.add_argument("model", help="a built-in config name or a local checkpoint folder")
+    inspect.add_argument("--seq-len", type=int, default=2048)
+    inspect.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"])
+    inspect.add_argument("--config", default=None, help='OmniSparseConfig fields as JSON, e.g. \'{"min_seq_len": 1024}\'')
+    inspect.add_argument("--device", default=None)
+    inspect.add_argument("--plot", default=None, metavar="FILE.png", help="draw the selected blocks of one layer")
+    inspect.add_argument("--layer", type=int, default=0)
+    inspect.add_argument("--heads", type=int, nargs="+", default=[0, 1])
+    inspect.set_defaults(func=_cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``omnicompile`` script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
