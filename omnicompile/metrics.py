@@ -1,0 +1,116 @@
+"""Measures of a selection: exact block mass and recall, density, lazy fraction, relative error.
+
+These cost an exact pass over the attention (chunked over query blocks, never a [Sq, Skv] matrix)
+and are meant for tests, benchmarks and ``omnicompile.explain``, not the hot path. They synchronise
+with the host to return Python floats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .kernels.estimation import composite_estimate
+from .kernels.masks import allowed_blocks, check_qkv, resolve_scale
+from .kernels.selection import BlockSelection
+
+
+def exact_block_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    block_size: int,
+    query_chunk: int = 4,
+) -> torch.Tensor:
+    """Exact attention mass of query block i on key block j, averaged over i's attending rows.
+
+    float32 [B, H, nq, nk]. It is the composite estimate at granularity 1: composite tokens of one
+    token are the tokens, so the score is exact. Memory per chunk: B * H * query_chunk * block_size *
+    Skv floats. Rows with no unmasked key take no part in the average.
+    """
+    scale = resolve_scale(scale, q.shape[-1])
+    return composite_estimate(q, k, attn_mask, is_causal, scale, block_size, 1, query_chunk)
+
+
+def exact_recall(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    selection: BlockSelection,
+    query_chunk: int = 4,
+) -> torch.Tensor:
+    """float32 [B, H, nq]: true attention mass on the selected blocks, averaged over each block's rows.
+
+    A query block none of whose rows sees any key has nothing to recall and gets 1.
+    """
+    mass = exact_block_mass(q, k, attn_mask, is_causal, scale, selection.block_size, query_chunk)
+    recall = (mass * selection.dense_mask()).sum(-1)
+    return torch.where(mass.sum(-1) > 0, recall, 1.0)
+
+
+def density(selection: BlockSelection, allowed: torch.Tensor) -> float:
+    """Computed blocks / allowed blocks over all (b, h, i); allowed: bool broadcastable to [B, H, nq, nk]."""
+    allowed_total = allowed.expand(selection.kv_indices.shape).sum()
+    return (selection.kv_num_blocks.sum() / allowed_total.clamp(min=1)).item()
+
+
+def lazy_fraction(selection: BlockSelection) -> float:
+    """Fraction of the (b, h, i) query blocks classified lazy."""
+    return selection.lazy.float().mean().item()
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in fp32 (0 when both are zero)."""
+    diff = (out.float() - ref.float()).norm()
+    return (diff / ref.float().norm().clamp(min=torch.finfo(torch.float32).tiny)).item()
+
+
+@dataclass(frozen=True)
+class SelectionStats:
+    """Summary of one selection.
+
+    Attributes:
+        density: computed / allowed blocks.
+        recall_mean, recall_min: mean and worst exact recall over (b, h, i) (``exact_recall``).
+        lazy_fraction: fraction of lazy (b, h, i).
+        budget_mean: mean non-forced blocks taken per active (b, h, i) (0 when none is active).
+    """
+
+    density: float
+    recall_mean: float
+    recall_min: float
+    lazy_fraction: float
+    budget_mean: float
+
+    def as_dict(self) -> dict[str, float]:
+        """The fields as a plain dict."""
+        return asdict(self)
+
+
+def selection_stats(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    selection: BlockSelection,
+    query_chunk: int = 4,
+) -> SelectionStats:
+    """`SelectionStats` of a selection made for q [B, H, Sq, D], k [B, Hkv, Skv, D] and the mask."""
+    batch, heads, _, q_len, kv_len = check_qkv(q, k)
+    allowed = allowed_blocks(attn_mask, is_causal, batch, heads, q_len, kv_len, selection.block_size, q.device)
+    recall = exact_recall(q, k, attn_mask, is_causal, scale, selection, query_chunk)
+    active = ~selection.lazy
+    budget_mean = (selection.budget * active).sum() / active.sum().clamp(min=1)
+    return SelectionStats(
+        density=density(selection, allowed),
+        recall_mean=recall.mean().item(),
+        recall_min=recall.min().item(),
+        lazy_fraction=lazy_fraction(selection),
+        budget_mean=budget_mean.item(),
+    )
