@@ -1,0 +1,94 @@
+"""Selection metrics against dense attention probabilities."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from omnicompile import OmniSparseConfig
+from omnicompile.kernels.masks import allowed_blocks
+from omnicompile.kernels.selection.transpose import selection_from_block_mask
+from omnicompile.method import plan
+from omnicompile.metrics import (
+    density,
+    exact_block_mass,
+    exact_recall,
+    lazy_fraction,
+    relative_error,
+    selection_stats,
+)
+from tests.attention_cases import Case, cases, dense_probs, make_mask, make_qkv
+
+BLOCK = 16
+
+
+def _rows_per_block(case: Case, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(attending-row indicator [B, H, nq, b], count [B, H, nq]) from dense probabilities."""
+    nq = -(-case.q_len // BLOCK)
+    attends = torch.nn.functional.pad(probs.sum(-1) > 0.5, (0, nq * BLOCK - case.q_len)).view(*probs.shape[:2], nq, BLOCK)
+    return attends, attends.sum(-1)
+
+
+@settings(max_examples=20, deadline=None)
+@given(case=cases, query_chunk=st.integers(1, 3))
+def test_exact_block_mass_equals_dense_block_sums(case: Case, query_chunk: int):
+    q, k, _ = make_qkv(case)
+    attn_mask, is_causal = make_mask(case)
+    probs = dense_probs(q, k, attn_mask, is_causal, case.dim**-0.5)
+    nq, nk = -(-case.q_len // BLOCK), -(-case.kv_len // BLOCK)
+    padded = torch.nn.functional.pad(probs, (0, nk * BLOCK - case.kv_len, 0, nq * BLOCK - case.q_len))
+    per_row = padded.view(case.batch, case.heads, nq, BLOCK, nk, BLOCK).sum(-1)
+    _, rows = _rows_per_block(case, probs)
+    want = per_row.sum(3) / rows.clamp(min=1).unsqueeze(-1)
+    got = exact_block_mass(q, k, attn_mask, is_causal, None, BLOCK, query_chunk)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(case=cases, density_=st.sampled_from([0.2, 0.6]))
+def test_exact_recall_is_the_mean_row_mass_on_selected_tokens(case: Case, density_: float):
+    q, k, _ = make_qkv(case)
+    attn_mask, is_causal = make_mask(case)
+    nq, nk = -(-case.q_len // BLOCK), -(-case.kv_len // BLOCK)
+    blocks = torch.rand(case.batch, case.heads, nq, nk, generator=torch.Generator().manual_seed(case.seed)) < density_
+    selection = selection_from_block_mask(blocks, BLOCK, case.q_len, case.kv_len)
+    probs = dense_probs(q, k, attn_mask, is_causal, case.dim**-0.5)
+    tokens = blocks.repeat_interleave(BLOCK, 2).repeat_interleave(BLOCK, 3)[:, :, : case.q_len, : case.kv_len]
+    row_recall = torch.nn.functional.pad((probs * tokens).sum(-1), (0, nq * BLOCK - case.q_len))
+    attends, rows = _rows_per_block(case, probs)
+    want = (row_recall.view_as(attends) * attends).sum(-1) / rows.clamp(min=1)
+    want = torch.where(rows > 0, want, 1.0)
+    got = exact_recall(q, k, attn_mask, is_causal, None, selection)
+    assert got.shape == (case.batch, case.heads, nq)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_density_lazy_fraction_and_stats():
+    case = Case(1, 2, 1, 64, 64, 8, "causal", 1)
+    q, k, _ = make_qkv(case)
+    allowed = allowed_blocks(None, True, 1, 2, 64, 64, BLOCK, "cpu")
+    everything = selection_from_block_mask(allowed.expand(1, 2, 4, 4), BLOCK, 64, 64)
+    assert density(everything, allowed) == 1.0
+    diagonal = selection_from_block_mask(torch.eye(4, dtype=torch.bool).expand(1, 2, 4, 4), BLOCK, 64, 64)
+    assert density(diagonal, allowed) == pytest.approx(4 / 10)
+    assert lazy_fraction(diagonal) == 0.0
+    cfg = OmniSparseConfig(tau=0.9, block_size=BLOCK, granularity=4)
+    selection = plan(q, k, None, True, None, cfg)
+    stats = selection_stats(q, k, None, True, None, selection)
+    recall = exact_recall(q, k, None, True, None, selection)
+    assert stats.density == pytest.approx(density(selection, allowed))
+    assert stats.recall_mean == pytest.approx(recall.mean().item())
+    assert stats.recall_min == pytest.approx(recall.min().item())
+    assert stats.lazy_fraction == pytest.approx(selection.lazy.float().mean().item())
+    active = ~selection.lazy
+    assert stats.budget_mean == pytest.approx(selection.budget[active].float().mean().item() if active.any() else 0.0)
+    assert set(stats.as_dict()) == {"density", "recall_mean", "recall_min", "lazy_fraction", "budget_mean"}
+
+
+def test_relative_error():
+    ref = torch.tensor([3.0, 4.0])
+    assert relative_error(ref.to(torch.bfloat16), ref) == 0.0
+    assert relative_error(torch.tensor([3.0, 4.5]), ref) == pytest.approx(0.1)
+    assert relative_error(torch.zeros(2), torch.zeros(2)) == 0.0
