@@ -1,6 +1,6 @@
 """Triton backward of OmniSparse sparse attention over exactly the selected blocks.
 
-Three launches, FlashAttention-2 style, reusing the forward's log-sum-exp:
+FlashAttention-2 style launches, reusing the forward's log-sum-exp:
 
 1. `_preprocess`: per query row, delta = rowsum(dO * O) and the lse in base 2 (+inf for a fully
    masked row, so its probabilities, hence all its gradients, are exactly 0).
@@ -11,9 +11,10 @@ Three launches, FlashAttention-2 style, reusing the forward's log-sum-exp:
    selection, `transpose_selection`), and accumulates dv = P^T dO and dk = scale * dS^T Q. The
    group's heads are summed inside the program, so dk and dv come out shaped like k and v.
    A key block chosen by many query blocks (a sink block is chosen by all of them) would make one
-   program walk nq * G blocks while the others walk a few; the list is therefore cut into chunks
-   of ``dkdv_chunk`` entries, one program each, summed with float32 atomics (when any list can
-   be longer than one chunk; otherwise each program stores its tile directly).
+   program walk nq * G blocks while the others walk a few, so a list longer than ``dkdv_chunk``
+   entries is cut into chunks, one program each, summed with float32 atomics into a scratch
+   buffer; `_dkdv_finalize` then casts those tiles. A tile with a short list (most of them) is
+   stored directly by its one program: no atomics, no scratch traffic.
 
 With P = exp(scale * Q K^T + bias - lse), dP = dO V^T, dS = P * (dP - delta). Causal masking
 (top-left aligned) is applied only on tiles that cross the diagonal, the key bound only on tiles
@@ -57,7 +58,7 @@ class BackwardTiles:
     dkdv_block_n: int = 64
     dkdv_chunk: int | None = 128
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int = 2
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> str | None:
@@ -211,25 +212,37 @@ def _dq_kernel(
 
 
 @triton.jit
+def _group_count(Q_NUM, b, hk, block_j, s_nb, s_nh, s_nj, GROUP: tl.constexpr):
+    """Entries of key block ``block_j``'s list summed over the query heads of KV head ``hk``."""
+    total = tl.load(Q_NUM + b * s_nb + hk * GROUP * s_nh + block_j * s_nj)
+    for g in range(1, GROUP):
+        total += tl.load(Q_NUM + b * s_nb + (hk * GROUP + g) * s_nh + block_j * s_nj)
+    return total
+
+
+@triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, DK, DV, MASK, LSE2, DELTA, Q_NUM, Q_IDX,
+    Q, K, V, DO, DK, DV, DK32, DV32, MASK, LSE2, DELTA, Q_NUM, Q_IDX,
     s_qb, s_qh, s_qs, s_qd,
     s_kb, s_kh, s_ks, s_kd,
     s_vb, s_vh, s_vs, s_vd,
     s_dob, s_doh, s_dos, s_dod,
-    s_dkb, s_dkh, s_dks, s_dkd,
-    s_dvb, s_dvh, s_dvs, s_dvd,
     s_mb, s_mh, s_mq, s_mk,
     s_nb, s_nh, s_nj,
     s_ib, s_ih, s_ij, s_it,
     KV_HEADS, BATCH_KV_HEADS, q_len, kv_len, n_tiles, chunk, scale, qk_scale,
     GROUP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr, ATOMIC: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
+    """dk, dv (DK, DV, like k and v: contiguous [B, Hkv, Skv, D]) of one key tile and one chunk.
+
+    Short lists (<= chunk entries) are stored into DK, DV by chunk 0; long ones are added into
+    the float32 scratch DK32, DV32 (same layout) by every chunk that holds entries.
+    """
     # Program order, fastest first: (batch, KV head), key tile, chunk. Low key blocks (the sink,
     # and under causal masking the blocks most query blocks may choose) start first; programs of
-    # later chunks are mostly empty.
+    # later chunks are mostly empty and return after reading the counts.
     pid = tl.program_id(0)
     bhk = pid % BATCH_KV_HEADS
     rest = pid // BATCH_KV_HEADS
@@ -239,58 +252,81 @@ def _dkdv_kernel(
     hk = (bhk % KV_HEADS).to(tl.int64)
     n0 = tile * BLOCK_N
     block_j = n0 // BLOCK
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    k = _load_tile(K + b * s_kb + hk * s_kh, offs_n, s_ks, offs_d, s_kd, kv_len, HEAD_DIM)
-    v = _load_tile(V + b * s_vb + hk * s_vh, offs_n, s_vs, offs_d, s_vd, kv_len, HEAD_DIM)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
-    # This program takes entries [first, first + chunk) of the group's list: head g's entries
-    # are numbered from `seen`, the count of the group's earlier heads.
-    seen = first * 0
-    for g in range(GROUP):
-        h = hk * GROUP + g
-        q_base = Q + b * s_qb + h * s_qh
-        do_base = DO + b * s_dob + h * s_doh
-        row_base = (b * KV_HEADS * GROUP + h) * q_len
-        mask_base = MASK + b * s_mb + h * s_mh
-        idx_base = Q_IDX + b * s_ib + h * s_ih + block_j * s_ij
-        count = tl.load(Q_NUM + b * s_nb + h * s_nh + block_j * s_nj)
-        lo = tl.maximum(first - seen, 0)
-        hi = tl.minimum(first + chunk - seen, count)
-        seen += count
-        for t in range(lo, hi):
-            block_i = tl.load(idx_base + t * s_it)
-            for sub in tl.static_range(BLOCK // BLOCK_M):
-                m0 = block_i * BLOCK + sub * BLOCK_M
-                offs_m = m0 + tl.arange(0, BLOCK_M)
-                q = _load_tile(q_base, offs_m, s_qs, offs_d, s_qd, q_len, HEAD_DIM)
-                do = _load_tile(do_base, offs_m, s_dos, offs_d, s_dod, q_len, HEAD_DIM)
-                lse2 = tl.load(LSE2 + row_base + offs_m, mask=offs_m < q_len, other=float("inf"))
-                delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < q_len, other=0.0)
-                # Transposed tile: rows are this program's keys, columns the block's queries.
-                s_t = _scores(k, tl.trans(q), qk_scale, mask_base, s_mq, s_mk, offs_m[None, :], offs_n[:, None],
-                              q_len, kv_len, MASK_KIND, FP32_DOT)
-                if IS_CAUSAL:
-                    # Keys past the end need no mask: their rows of dk, dv are never stored.
-                    if n0 + BLOCK_N - 1 > m0:
-                        s_t = tl.where(offs_n[:, None] <= offs_m[None, :], s_t, float("-inf"))
-                p_t = tl.math.exp2(s_t - lse2[None, :])
-                dv = tile_dot(p_t.to(do.dtype), do, dv, FP32_DOT)
-                dp_t = tile_dot(v, tl.trans(do), None, FP32_DOT)
-                ds_t = p_t * (dp_t - delta[None, :])
-                dk = tile_dot(ds_t.to(q.dtype), q, dk, FP32_DOT)
-    dk *= scale
-    out_ok = (offs_n[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM)
-    dk_ptrs = DK + b * s_dkb + hk * s_dkh + offs_n[:, None] * s_dks + offs_d[None, :] * s_dkd
-    dv_ptrs = DV + b * s_dvb + hk * s_dvh + offs_n[:, None] * s_dvs + offs_d[None, :] * s_dvd
-    if ATOMIC:
-        if first < seen:
-            tl.atomic_add(dk_ptrs, dk, mask=out_ok)
-            tl.atomic_add(dv_ptrs, dv, mask=out_ok)
-    else:
-        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=out_ok)
-        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=out_ok)
+    total = _group_count(Q_NUM, b, hk, block_j, s_nb, s_nh, s_nj, GROUP)
+    if (first < total) | (first == 0):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        k = _load_tile(K + b * s_kb + hk * s_kh, offs_n, s_ks, offs_d, s_kd, kv_len, HEAD_DIM)
+        v = _load_tile(V + b * s_vb + hk * s_vh, offs_n, s_vs, offs_d, s_vd, kv_len, HEAD_DIM)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+        # This program takes entries [first, first + chunk) of the group's list; head g's
+        # entries are numbered from `seen`, the count of the group's earlier heads.
+        seen = total * 0
+        for g in range(GROUP):
+            h = hk * GROUP + g
+            q_base = Q + b * s_qb + h * s_qh
+            do_base = DO + b * s_dob + h * s_doh
+            row_base = (b * KV_HEADS * GROUP + h) * q_len
+            mask_base = MASK + b * s_mb + h * s_mh
+            idx_base = Q_IDX + b * s_ib + h * s_ih + block_j * s_ij
+            count = tl.load(Q_NUM + b * s_nb + h * s_nh + block_j * s_nj)
+            lo = tl.maximum(first - seen, 0)
+            hi = tl.minimum(first + chunk - seen, count)
+            seen += count
+            for t in range(lo, hi):
+                block_i = tl.load(idx_base + t * s_it)
+                for sub in tl.static_range(BLOCK // BLOCK_M):
+                    m0 = block_i * BLOCK + sub * BLOCK_M
+                    offs_m = m0 + tl.arange(0, BLOCK_M)
+                    q = _load_tile(q_base, offs_m, s_qs, offs_d, s_qd, q_len, HEAD_DIM)
+                    do = _load_tile(do_base, offs_m, s_dos, offs_d, s_dod, q_len, HEAD_DIM)
+                    lse2 = tl.load(LSE2 + row_base + offs_m, mask=offs_m < q_len, other=float("inf"))
+                    delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < q_len, other=0.0)
+                    # Transposed tile: rows are this program's keys, columns the block's queries.
+                    s_t = _scores(k, tl.trans(q), qk_scale, mask_base, s_mq, s_mk, offs_m[None, :], offs_n[:, None],
+                                  q_len, kv_len, MASK_KIND, FP32_DOT)
+                    if IS_CAUSAL:
+                        # Keys past the end need no mask: their rows of dk, dv are never stored.
+                        if n0 + BLOCK_N - 1 > m0:
+                            s_t = tl.where(offs_n[:, None] <= offs_m[None, :], s_t, float("-inf"))
+                    p_t = tl.math.exp2(s_t - lse2[None, :])
+                    dv = tile_dot(p_t.to(do.dtype), do, dv, FP32_DOT)
+                    dp_t = tile_dot(v, tl.trans(do), None, FP32_DOT)
+                    ds_t = p_t * (dp_t - delta[None, :])
+                    dk = tile_dot(ds_t.to(q.dtype), q, dk, FP32_DOT)
+        dk *= scale
+        out_ok = (offs_n[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM)
+        offs = ((b * KV_HEADS + hk) * kv_len + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
+        if total <= chunk:
+            tl.store(DK + offs, dk.to(DK.dtype.element_ty), mask=out_ok)
+            tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=out_ok)
+        else:
+            tl.atomic_add(DK32 + offs, dk, mask=out_ok)
+            tl.atomic_add(DV32 + offs, dv, mask=out_ok)
+
+
+@triton.jit
+def _dkdv_finalize(
+    DK, DV, DK32, DV32, Q_NUM, s_nb, s_nh, s_nj,
+    KV_HEADS, BATCH_KV_HEADS, kv_len, chunk,
+    GROUP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+):
+    """Cast the scratch sums of the key tiles whose lists were chunked into DK, DV."""
+    pid = tl.program_id(0)
+    bhk = pid % BATCH_KV_HEADS
+    tile = pid // BATCH_KV_HEADS
+    b = (bhk // KV_HEADS).to(tl.int64)
+    hk = (bhk % KV_HEADS).to(tl.int64)
+    n0 = tile * BLOCK_N
+    if _group_count(Q_NUM, b, hk, n0 // BLOCK, s_nb, s_nh, s_nj, GROUP) > chunk:
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        ok = (offs_n[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM)
+        offs = ((b * KV_HEADS + hk) * kv_len + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
+        tl.store(DK + offs, tl.load(DK32 + offs, mask=ok).to(DK.dtype.element_ty), mask=ok)
+        tl.store(DV + offs, tl.load(DV32 + offs, mask=ok).to(DV.dtype.element_ty), mask=ok)
 
 
 def _mask_operand(attn_mask: torch.Tensor | None, shape: tuple[int, int, int, int], q: torch.Tensor):
@@ -375,16 +411,24 @@ def sparse_attention_bwd(
     longest = nq * group  # the most entries a key block's list can have
     chunk = min(tiles.dkdv_chunk or longest, longest)
     chunks = triton.cdiv(longest, chunk)
-    accum = torch.float32 if chunks > 1 else k.dtype
-    dk = (torch.zeros if chunks > 1 else torch.empty)(k.shape, dtype=accum, device=k.device)
-    dv = (torch.zeros if chunks > 1 else torch.empty)(v.shape, dtype=accum, device=v.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    # Scratch for chunked lists (never touched when no list can need more than one chunk).
+    scratch_shape = k.shape if chunks > 1 else (1,)
+    dk32 = torch.zeros(scratch_shape, dtype=torch.float32, device=k.device)
+    dv32 = torch.zeros(scratch_shape, dtype=torch.float32, device=k.device)
     dkdv_n = min(tiles.dkdv_block_n, block)
     kv_tiles = triton.cdiv(kv_len, dkdv_n)
     _dkdv_kernel[(batch * kv_heads * kv_tiles * chunks,)](
-        q, k, v, grad_out, dk, dv, mask, lse2, delta, q_num_blocks, q_indices,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), *mask_strides,
+        q, k, v, grad_out, dk, dv, dk32, dv32, mask, lse2, delta, q_num_blocks, q_indices,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *mask_strides,
         *q_num_blocks.stride(), *q_indices.stride(),
         kv_heads, batch * kv_heads, q_len, kv_len, kv_tiles, chunk, scale, scale * _LOG2E,
-        BLOCK_M=min(tiles.dkdv_block_m, block), BLOCK_N=dkdv_n, ATOMIC=chunks > 1, **shared,
+        BLOCK_M=min(tiles.dkdv_block_m, block), BLOCK_N=dkdv_n, **shared,
     )
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+    if chunks > 1:
+        _dkdv_finalize[(batch * kv_heads * kv_tiles,)](
+            dk, dv, dk32, dv32, q_num_blocks, *q_num_blocks.stride(), kv_heads, batch * kv_heads, kv_len, chunk,
+            GROUP=group, BLOCK=block, BLOCK_N=dkdv_n, HEAD_DIM=head_dim, HEAD_DIM_PAD=shared["HEAD_DIM_PAD"],
+        )
+    return dq, dk, dv
