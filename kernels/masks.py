@@ -1,4 +1,4 @@
-"""Attention-mask handling shared by every estimator, selector, reference and kernel.
+"""Attention-mask handling and input checks shared by every estimator, selector, reference and kernel.
 
 Semantics follow ``torch.nn.functional.scaled_dot_product_attention``:
 - ``is_causal``: query row r sees key c iff c <= r (top-left aligned, also when Sq != Skv);
@@ -17,11 +17,14 @@ import torch
 MaskKind = Literal["none", "causal", "bool", "additive"]
 
 
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -> tuple[int, int, int, int, int]:
+def check_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None
+) -> tuple[int, int, int, int, int]:
     """Validate attention inputs and return (B, H, Hkv, Sq, Skv).
 
-    q: [B, H, Sq, D]; k, v: [B, Hkv, Skv, D] floating point, H a multiple of Hkv (GQA: query head h
-    reads kv head h // (H // Hkv)). Raises ``ValueError`` naming the offending shape or dtype.
+    q: [B, H, Sq, D]; k: [B, Hkv, Skv, D]; v: [B, Hkv, Skv, Dv]; floating point, non-empty, H a
+    multiple of Hkv (GQA: query head h reads kv head h // (H // Hkv)). Raises ``ValueError`` naming
+    the offending shape or dtype.
     """
     tensors = {"q": q, "k": k} if v is None else {"q": q, "k": k, "v": v}
     for name, t in tensors.items():
@@ -32,9 +35,13 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -
     batch, heads, q_len, dim = q.shape
     _, kv_heads, kv_len, _ = k.shape
     if k.shape[0] != batch or k.shape[3] != dim:
-        raise ValueError(f"k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in batch/head_dim")
+        raise ValueError(
+            f"k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in batch/head_dim"
+        )
     if v is not None and (v.shape[:3] != k.shape[:3]):
-        raise ValueError(f"v shape {tuple(v.shape)} does not match k shape {tuple(k.shape)} in batch/heads/seq")
+        raise ValueError(
+            f"v shape {tuple(v.shape)} does not match k shape {tuple(k.shape)} in batch/heads/seq"
+        )
     if kv_heads == 0 or heads % kv_heads:
         raise ValueError(f"query heads {heads} are not a multiple of kv heads {kv_heads}")
     if min(batch, q_len, kv_len, dim) == 0:
@@ -57,7 +64,9 @@ def classify_mask(attn_mask: torch.Tensor | None, is_causal: bool) -> MaskKind:
         return "bool"
     if attn_mask.is_floating_point():
         return "additive"
-    raise ValueError(f"attn_mask must be bool (True = keep) or floating point (additive), got {attn_mask.dtype}")
+    raise ValueError(
+        f"attn_mask must be bool (True = keep) or floating point (additive), got {attn_mask.dtype}"
+    )
 
 
 def validate_mask(
@@ -69,7 +78,9 @@ def validate_mask(
         target = (batch, heads, q_len, kv_len)
         shape = tuple(attn_mask.shape)
         if attn_mask.dim() > 4 or any(s not in (1, t) for s, t in zip(shape[::-1], target[::-1])):
-            raise ValueError(f"attn_mask shape {shape} is not broadcastable to [B, H, Sq, Skv] = {list(target)}")
+            raise ValueError(
+                f"attn_mask shape {shape} is not broadcastable to [B, H, Sq, Skv] = {list(target)}"
+            )
     return kind
 
 
@@ -98,7 +109,9 @@ def mask_bias(
     if is_causal:
         keep = keep & (k_pos <= q_pos)
     if attn_mask is None:
-        return torch.zeros(keep.shape, dtype=torch.float32, device=keep.device).masked_fill_(~keep, float("-inf"))
+        return torch.zeros(keep.shape, dtype=torch.float32, device=keep.device).masked_fill_(
+            ~keep, float("-inf")
+        )
     mask = _as_4d(attn_mask)
     n = q_pos.dim()
     index = [
@@ -132,13 +145,12 @@ def allowed_blocks(
     """
     kind = validate_mask(attn_mask, is_causal, batch, heads, q_len, kv_len)
     nq, nk = -(-q_len // block_size), -(-kv_len // block_size)
-    if kind in ("none", "causal"):
-        allowed = torch.ones(1, 1, nq, nk, dtype=torch.bool, device=device)
-        if kind == "causal":
-            last_row = (torch.arange(1, nq + 1, device=device) * block_size).clamp(max=q_len) - 1
-            first_key = torch.arange(nk, device=device) * block_size
-            allowed = (first_key[None, :] <= last_row[:, None]).view(1, 1, nq, nk)
-        return allowed
+    if kind == "none":
+        return torch.ones(1, 1, nq, nk, dtype=torch.bool, device=device)
+    if kind == "causal":
+        last_row = (torch.arange(1, nq + 1, device=device) * block_size).clamp(max=q_len) - 1
+        first_key = torch.arange(nk, device=device) * block_size
+        return (first_key[None, :] <= last_row[:, None]).view(1, 1, nq, nk)
     mask = _as_4d(attn_mask).to(device)
     keep = mask if kind == "bool" else ~torch.isneginf(mask)
     rows = nq if keep.shape[2] > 1 else 1

@@ -15,7 +15,8 @@ from .kernels.estimation import estimate_blocks
 from .kernels.masks import allowed_blocks, check_qkv, resolve_scale, validate_mask
 from .kernels.selection import BlockSelection, select_blocks
 from .kernels.sparse_attention.reference import sparse_attention_reference
-from .metrics import relative_error, selection_stats as measure_selection
+from .metrics import relative_error
+from .metrics import selection_stats as measure_selection
 
 
 def kernel_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
@@ -27,7 +28,12 @@ def kernel_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor)
 
 
 def _estimate(
-    q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool, scale: float, config: OmniSparseConfig
+    q: torch.Tensor,
+    k: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    config: OmniSparseConfig,
 ) -> torch.Tensor:
     """Ahat float32 [B, H, nq, nk] (the one estimator call)."""
     return estimate_blocks(q, k, attn_mask, is_causal, scale, config)
@@ -65,7 +71,9 @@ def plan(
     scale = resolve_scale(scale, q.shape[-1])
     with torch.no_grad():
         ahat = _estimate(q, k, attn_mask, is_causal, scale, config)
-        allowed = allowed_blocks(attn_mask, is_causal, batch, heads, q_len, kv_len, config.block_size, q.device)
+        allowed = allowed_blocks(
+            attn_mask, is_causal, batch, heads, q_len, kv_len, config.block_size, q.device
+        )
         return select_blocks(ahat, allowed, config, kv_heads, is_causal=is_causal, q_len=q_len, kv_len=kv_len)
 
 

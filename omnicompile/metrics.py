@@ -103,7 +103,9 @@ def selection_stats(
 ) -> SelectionStats:
     """`SelectionStats` of a selection made for q [B, H, Sq, D], k [B, Hkv, Skv, D] and the mask."""
     batch, heads, _, q_len, kv_len = check_qkv(q, k)
-    allowed = allowed_blocks(attn_mask, is_causal, batch, heads, q_len, kv_len, selection.block_size, q.device)
+    allowed = allowed_blocks(
+        attn_mask, is_causal, batch, heads, q_len, kv_len, selection.block_size, q.device
+    )
     recall = exact_recall(q, k, attn_mask, is_causal, scale, selection, query_chunk)
     active = ~selection.lazy
     budget_mean = (selection.budget * active).sum() / active.sum().clamp(min=1)

@@ -14,18 +14,20 @@ sparse attention exploits, each placed exactly, without any [S, S] tensor (memor
 
 Construction, in logit units (scale * q . k; q and k are multiplied by D**0.25 at the end). Dim 0 is
 a global direction: sink and stripe keys carry their logit there and queries a per-head gain near 1.
-Positional keys carry a position code: with u = (position + phase) / window, the linear interpolation
-(1 - frac u) e_floor(u) + (frac u) e_floor(u)+1 of one-hot codes, cyclic with C = slash_period / window
-codes. A query at u carries ``strength`` times the sum of the key codes at u - 1, u, u + 1, so its
-logit is a smooth (piecewise-linear) function of the key's position, ``strength`` near the diagonal;
-the cyclic codes repeat it every slash_period tokens: those are the slashes. A bank of cos/sin pairs with periods 4 * (slashes + 1) * slash_period * 2^m
-(up to >= 2 S) adds a distance decay of ``decay`` logits per pair, smooth near the diagonal and >= ~3
-decay logits beyond the visible slashes. Needle keys and query spans share a needle dim. Structural
-keys (sinks, stripes, needle keys) carry no positional code, so no distance decay. Remaining dims
-hold Gaussian content noise of ``noise`` logits std. Codes are exactly orthogonal: no cross-talk.
-Positional peak P = strength + decay * (number of pairs); sinks reach P + 2, needles P + 1, stripes
-P - 1, each query-head component scaled by a per-head gain in [0.9, 1.1]. Structure is shared over
-the batch; noise and v are not.
+Positional keys carry a position code: with u = (position + phase) / window, the linear
+interpolation (1 - frac u) e_floor(u) + (frac u) e_floor(u)+1 of one-hot codes, cyclic with
+C = slash_period / window codes. A query at u carries ``strength`` times the sum of the key codes at
+u - 1, u and u + 1, so its logit is a smooth (piecewise-linear) function of the key's position,
+``strength`` near the diagonal; the cyclic codes repeat it every slash_period tokens: the slashes.
+A bank of cos/sin pairs with periods 4 * (slashes + 1) * slash_period * 2^m (m = 0, 1, ... until
+>= 2 S) adds a distance decay, in units of ``decay`` logits: smooth near the diagonal; for slashes = 2,
+0.18, 0.68, 1.4, 2.2, 2.9 at slashes 1 to 5 and >= 3 from 6 slash periods on.
+Needle keys and query spans share a needle dim. Structural keys (sinks, stripes, needle keys) carry
+no positional code, hence no distance decay. Remaining dims (>= 4) hold Gaussian content noise of
+``noise`` logits std. Codes are exactly orthogonal: no cross-talk between them. Positional peak
+P = strength + decay * (number of pairs); sinks reach P + 2, needles P + 1, stripes P - 1, each
+query-head component scaled by a per-head gain in [0.9, 1.1]. Structure is shared over the batch;
+noise and v are not.
 
 Presets:
 - ``"structured"``: all of the above.
@@ -55,7 +57,7 @@ def _cos_sin(positions: torch.Tensor, periods: torch.Tensor) -> torch.Tensor:
 
 
 def _interpolated_code(u: torch.Tensor, codes: int) -> torch.Tensor:
-    """float32 [..., codes]: linear interpolation between the cyclic one-hot codes of floor(u) and floor(u) + 1."""
+    """float32 [..., codes]: linear interpolation of the cyclic one-hot codes of floor(u) and floor(u) + 1."""
     cell = u.floor()
     frac = (u - cell).float()[..., None]
     cell = cell.long()
@@ -122,11 +124,13 @@ def structured_qkv(
         """Random int64 [rows, count] in [low, max(high, low + 1))."""
         return low + (uniform(rows, count) * max(high - low, 1)).long()
 
-    # Keys [Hkv, S, code_dims]: global | decay pairs | segment codes | needle codes.
+    # Keys [Hkv, S, code_dims]: global | decay pairs | position codes | needle codes.
     key = torch.zeros(kv_heads, seq_len, code_dims, device=device)
     structural = torch.zeros(kv_heads, seq_len, dtype=torch.bool, device=device)
     key[:, :sink_tokens, 0] = peak + 2
-    stripe_pos = starts(stripes, sink_tokens, seq_len - stripe_width, kv_heads)[..., None] + torch.arange(stripe_width, device=device)
+    stripe_pos = starts(stripes, sink_tokens, seq_len - stripe_width, kv_heads)[..., None] + torch.arange(
+        stripe_width, device=device
+    )
     stripe_pos = stripe_pos.clamp(max=seq_len - 1).flatten(1)
     key[:, :, 0].scatter_(1, stripe_pos, peak - 1)
     needle_keys = starts(needles, 0, seq_len - needle_len, kv_heads)
@@ -156,11 +160,15 @@ def structured_qkv(
     query_u = u[kv_of]
     query[:, :, 1 : 1 + 2 * pairs] = math.sqrt(decay) * _cos_sin(pos, periods) * gain[:, 1, None, None]
     query[:, :, 1 + 2 * pairs : 1 + 2 * pairs + codes] = (
-        math.sqrt(strength) * gain[:, 1, None, None] * sum(_interpolated_code(query_u + t, codes) for t in (-1, 0, 1))
+        math.sqrt(strength)
+        * gain[:, 1, None, None]
+        * sum(_interpolated_code(query_u + t, codes) for t in (-1, 0, 1))
     )
     # Each query span starts after its key span ends (visible under causal masking when there is room).
     after_key = needle_keys[kv_of] + needle_len
-    needle_queries = after_key + (uniform(heads, needles) * (seq_len - needle_len - after_key).clamp(min=1)).long()
+    needle_queries = (
+        after_key + (uniform(heads, needles) * (seq_len - needle_len - after_key).clamp(min=1)).long()
+    )
     query_pos = (needle_queries[..., None] + torch.arange(needle_len, device=device)).clamp(max=seq_len - 1)
     for n in range(needles):
         query[:, :, code_dims - needles + n].scatter_(1, query_pos[:, n], 1.0)

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import torch
 from hypothesis import strategies as st
-
 from omnicompile.kernels.masks import mask_bias
 
 MASK_KINDS = ("none", "causal", "bool", "additive")
@@ -39,7 +38,9 @@ cases = st.builds(
 )
 
 
-def make_qkv(case: Case, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def make_qkv(
+    case: Case, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fresh Gaussian q, k, v for the case (seeded by case.seed)."""
     gen = torch.Generator().manual_seed(case.seed)
     q = torch.randn(case.batch, case.heads, case.q_len, case.dim, generator=gen)
@@ -82,5 +83,7 @@ def dense_probs(
 ) -> torch.Tensor:
     """Exact attention probabilities fp32 [B, H, Sq, Skv] (fully masked rows all zero), small sizes only."""
     k = k.float().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    scores = q.float() @ k.transpose(-1, -2) * scale + dense_bias(attn_mask, is_causal, q.shape[2], k.shape[2])
+    scores = q.float() @ k.transpose(-1, -2) * scale + dense_bias(
+        attn_mask, is_causal, q.shape[2], k.shape[2]
+    )
     return scores.softmax(-1).nan_to_num(0.0)

@@ -6,10 +6,15 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from omnicompile.kernels.estimation import (
+    antidiagonal_estimate,
+    composite_estimate,
+    estimate_blocks,
+    pooled_estimate,
+)
+from omnicompile.kernels.masks import allowed_blocks
 
 from omnicompile import OmniSparseConfig
-from omnicompile.kernels.estimation import antidiagonal_estimate, composite_estimate, estimate_blocks, pooled_estimate
-from omnicompile.kernels.masks import allowed_blocks
 from tests.attention_cases import Case, cases, dense_bias, make_mask, make_qkv
 
 BLOCK = 16
@@ -20,7 +25,9 @@ def _summary(x: torch.Tensor, start: int, group: int, kind: str, reverse: bool) 
     rows = x[:, :, start : start + group].double()
     if kind == "composite":
         return rows.mean(2)
-    padded = torch.cat([rows, rows.new_zeros(rows.shape[0], rows.shape[1], group - rows.shape[2], rows.shape[3])], 2)
+    padded = torch.cat(
+        [rows, rows.new_zeros(rows.shape[0], rows.shape[1], group - rows.shape[2], rows.shape[3])], 2
+    )
     return (padded.flip(2) if reverse else padded).flatten(2)
 
 
@@ -42,7 +49,9 @@ def definition_estimate(
         groups = torch.zeros(batch, heads, 1, dtype=torch.float64)
         for r in range(i * BLOCK, min((i + 1) * BLOCK, q_len), group):
             query = _summary(q, r, group, kind, reverse=True)
-            count = torch.stack([bias[:, :, r : r + group, c : c + group].logsumexp((-1, -2)) for c in key_starts], -1)
+            count = torch.stack(
+                [bias[:, :, r : r + group, c : c + group].logsumexp((-1, -2)) for c in key_starts], -1
+            )
             scores = torch.einsum("bhd,bhwd->bhw", query, keys) * score_scale + count
             seen = torch.isfinite(scores).any(-1, keepdim=True)
             probs = scores.softmax(-1).nan_to_num(0.0)
@@ -71,20 +80,35 @@ def test_estimators_follow_the_definition(case: Case, kind: str, group: int):
 
 
 @settings(max_examples=20, deadline=None)
-@given(case=cases, estimator=st.sampled_from(["composite", "pooled", "antidiagonal"]), query_chunk=st.integers(1, 3))
+@given(
+    case=cases,
+    estimator=st.sampled_from(["composite", "pooled", "antidiagonal"]),
+    query_chunk=st.integers(1, 3),
+)
 def test_estimate_is_a_distribution_over_allowed_blocks(case: Case, estimator: str, query_chunk: int):
     """Invariant 1: >= 0, sums to 1 over allowed blocks (rows with any), exactly 0 on disallowed, > 0 on allowed."""
     q, k, _ = make_qkv(case)
     attn_mask, is_causal = make_mask(case)
-    cfg = OmniSparseConfig(block_size=BLOCK, granularity=4, antidiagonal_stride=4, estimator=estimator, query_chunk=query_chunk)
+    cfg = OmniSparseConfig(
+        block_size=BLOCK, granularity=4, antidiagonal_stride=4, estimator=estimator, query_chunk=query_chunk
+    )
     ahat = estimate_blocks(q, k, attn_mask, is_causal, case.dim**-0.5, cfg)
-    allowed = allowed_blocks(attn_mask, is_causal, case.batch, case.heads, case.q_len, case.kv_len, BLOCK, "cpu")
+    allowed = allowed_blocks(
+        attn_mask, is_causal, case.batch, case.heads, case.q_len, case.kv_len, BLOCK, "cpu"
+    )
     allowed = allowed.expand_as(ahat)
-    assert ahat.dtype == torch.float32 and ahat.shape == (case.batch, case.heads, -(-case.q_len // BLOCK), -(-case.kv_len // BLOCK))
+    assert ahat.dtype == torch.float32 and ahat.shape == (
+        case.batch,
+        case.heads,
+        -(-case.q_len // BLOCK),
+        -(-case.kv_len // BLOCK),
+    )
     assert (ahat[~allowed] == 0).all()
     assert (ahat[allowed] > 0).all()
     has_allowed = allowed.any(-1)
-    torch.testing.assert_close(ahat.sum(-1)[has_allowed], torch.ones_like(ahat.sum(-1)[has_allowed]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        ahat.sum(-1)[has_allowed], torch.ones_like(ahat.sum(-1)[has_allowed]), atol=1e-5, rtol=0
+    )
     assert (ahat.sum(-1)[~has_allowed] == 0).all()
 
 
@@ -136,4 +160,11 @@ def test_composite_sees_a_needle_that_pooling_smears_out():
 )
 def test_estimate_rejects_bad_inputs(q_shape, k_shape, mask, message):
     with pytest.raises(ValueError, match=message):
-        estimate_blocks(torch.zeros(q_shape), torch.zeros(k_shape), mask, False, 0.3, OmniSparseConfig(block_size=BLOCK, granularity=4))
+        estimate_blocks(
+            torch.zeros(q_shape),
+            torch.zeros(k_shape),
+            mask,
+            False,
+            0.3,
+            OmniSparseConfig(block_size=BLOCK, granularity=4),
+        )

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
-
 from omnicompile.kernels.masks import allowed_blocks, check_qkv, classify_mask, mask_bias, validate_mask
+
 from tests.attention_cases import Case, cases, dense_bias, make_mask, make_qkv
 
 
@@ -62,7 +62,9 @@ def test_mask_bias_reproduces_sdpa(case: Case):
     attn_mask, is_causal = make_mask(case)
     group = case.heads // case.kv_heads
     kr, vr = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    scores = q @ kr.transpose(-1, -2) * case.dim**-0.5 + dense_bias(attn_mask, is_causal, case.q_len, case.kv_len)
+    scores = q @ kr.transpose(-1, -2) * case.dim**-0.5 + dense_bias(
+        attn_mask, is_causal, case.q_len, case.kv_len
+    )
     out = scores.softmax(-1).nan_to_num(0.0) @ vr
     ref = F.scaled_dot_product_attention(q, kr, vr, attn_mask=attn_mask, is_causal=is_causal)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
@@ -70,7 +72,9 @@ def test_mask_bias_reproduces_sdpa(case: Case):
 
 def test_mask_bias_out_of_range_positions_are_masked():
     mask = torch.zeros(1, 2, 3, 5)
-    bias = mask_bias(mask, False, 3, 5, torch.tensor([0, 2, 3, -1]).view(1, 1, 4, 1), torch.arange(7).view(1, 1, 1, 7))
+    bias = mask_bias(
+        mask, False, 3, 5, torch.tensor([0, 2, 3, -1]).view(1, 1, 4, 1), torch.arange(7).view(1, 1, 1, 7)
+    )
     assert bias.shape == (1, 2, 4, 7)
     assert torch.isfinite(bias[:, :, :2, :5]).all()
     assert torch.isneginf(bias[:, :, 2:]).all() and torch.isneginf(bias[..., 5:]).all()
@@ -90,4 +94,6 @@ def test_allowed_blocks_is_tile_any(case: Case):
     expanded = allowed.expand(case.batch, case.heads, nq, nk)
     for i in range(nq):
         for j in range(nk):
-            assert torch.equal(expanded[:, :, i, j], keep[:, :, i * b : (i + 1) * b, j * b : (j + 1) * b].any(-1).any(-1))
+            assert torch.equal(
+                expanded[:, :, i, j], keep[:, :, i * b : (i + 1) * b, j * b : (j + 1) * b].any(-1).any(-1)
+            )

@@ -6,10 +6,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from omnicompile import OmniSparseConfig
 from omnicompile.kernels.masks import allowed_blocks
 from omnicompile.kernels.selection.transpose import selection_from_block_mask
+
+from omnicompile import OmniSparseConfig
 from omnicompile.method import plan
 from omnicompile.metrics import (
     density,
@@ -27,7 +27,9 @@ BLOCK = 16
 def _rows_per_block(case: Case, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(attending-row indicator [B, H, nq, b], count [B, H, nq]) from dense probabilities."""
     nq = -(-case.q_len // BLOCK)
-    attends = torch.nn.functional.pad(probs.sum(-1) > 0.5, (0, nq * BLOCK - case.q_len)).view(*probs.shape[:2], nq, BLOCK)
+    attends = torch.nn.functional.pad(probs.sum(-1) > 0.5, (0, nq * BLOCK - case.q_len)).view(
+        *probs.shape[:2], nq, BLOCK
+    )
     return attends, attends.sum(-1)
 
 
@@ -52,7 +54,10 @@ def test_exact_recall_is_the_mean_row_mass_on_selected_tokens(case: Case, densit
     q, k, _ = make_qkv(case)
     attn_mask, is_causal = make_mask(case)
     nq, nk = -(-case.q_len // BLOCK), -(-case.kv_len // BLOCK)
-    blocks = torch.rand(case.batch, case.heads, nq, nk, generator=torch.Generator().manual_seed(case.seed)) < density_
+    blocks = (
+        torch.rand(case.batch, case.heads, nq, nk, generator=torch.Generator().manual_seed(case.seed))
+        < density_
+    )
     selection = selection_from_block_mask(blocks, BLOCK, case.q_len, case.kv_len)
     probs = dense_probs(q, k, attn_mask, is_causal, case.dim**-0.5)
     tokens = blocks.repeat_interleave(BLOCK, 2).repeat_interleave(BLOCK, 3)[:, :, : case.q_len, : case.kv_len]
@@ -83,7 +88,9 @@ def test_density_lazy_fraction_and_stats():
     assert stats.recall_min == pytest.approx(recall.min().item())
     assert stats.lazy_fraction == pytest.approx(selection.lazy.float().mean().item())
     active = ~selection.lazy
-    assert stats.budget_mean == pytest.approx(selection.budget[active].float().mean().item() if active.any() else 0.0)
+    assert stats.budget_mean == pytest.approx(
+        selection.budget[active].float().mean().item() if active.any() else 0.0
+    )
     assert set(stats.as_dict()) == {"density", "recall_mean", "recall_min", "lazy_fraction", "budget_mean"}
 
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from omnicompile import OmniSparseConfig
 from omnicompile.kernels.estimation import estimate_blocks
 from omnicompile.kernels.masks import allowed_blocks
 from omnicompile.kernels.selection import BlockSelection, forced_pattern, select_blocks
+
+from omnicompile import OmniSparseConfig
 from omnicompile.structured import structured_qkv
 from tests.attention_cases import Case, cases, make_mask, make_qkv
 
@@ -34,8 +34,20 @@ configs = st.builds(
 def _select(case: Case, cfg: OmniSparseConfig, structured: bool):
     if structured:
         q, k, _ = structured_qkv(
-            "structured", case.batch, case.heads, case.kv_heads, 256, 32, seed=case.seed,
-            window=16, slash_period=96, slashes=1, stripes=2, stripe_width=8, needles=2, needle_len=16,
+            "structured",
+            case.batch,
+            case.heads,
+            case.kv_heads,
+            256,
+            32,
+            seed=case.seed,
+            window=16,
+            slash_period=96,
+            slashes=1,
+            stripes=2,
+            stripe_width=8,
+            needles=2,
+            needle_len=16,
         )
         attn_mask, is_causal = None, case.mask_kind == "causal"
     else:
@@ -106,8 +118,10 @@ def test_selection_invariants(case: Case, cfg: OmniSparseConfig, structured: boo
 def test_per_head_budget_is_minimal(case: Case, tau: float):
     """Under budget_scope="head" (no clamp) k_h is the smallest count: dropping the smallest taken
     non-forced block falls below tau."""
-    cfg = OmniSparseConfig(tau=tau, block_size=BLOCK, granularity=4, budget_scope="head", query_selection=False)
-    ahat, allowed, forced, selection = _select(case, cfg, structured=False)
+    cfg = OmniSparseConfig(
+        tau=tau, block_size=BLOCK, granularity=4, budget_scope="head", query_selection=False
+    )
+    ahat, _allowed, forced, selection = _select(case, cfg, structured=False)
     dense = selection.dense_mask()
     extra = dense & ~forced
     smallest = torch.where(extra, ahat.double(), float("inf")).amin(-1)
@@ -123,34 +137,59 @@ def test_tau_one_without_query_selection_takes_every_allowed_block(case: Case):
     cfg = OmniSparseConfig(tau=1.0, block_size=BLOCK, granularity=4, query_selection=False)
     ahat, allowed, _, _ = _select(case, cfg, structured=False)
     ahat = torch.where(torch.rand_like(ahat) < 0.3, 0.0, ahat)
-    selection = select_blocks(ahat, allowed, cfg, case.kv_heads, is_causal=case.mask_kind == "causal",
-                              q_len=case.q_len, kv_len=case.kv_len)
+    selection = select_blocks(
+        ahat,
+        allowed,
+        cfg,
+        case.kv_heads,
+        is_causal=case.mask_kind == "causal",
+        q_len=case.q_len,
+        kv_len=case.kv_len,
+    )
     assert torch.equal(selection.dense_mask(), allowed)
 
 
 def test_forced_pattern_windows():
     causal = forced_pattern(4, 6, n_sink=1, n_local=2, is_causal=True, device="cpu")
     centred = forced_pattern(4, 6, n_sink=0, n_local=3, is_causal=False, device="cpu")
-    assert causal.int().tolist() == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0], [1, 0, 1, 1, 0, 0]]
-    assert centred.int().tolist() == [[1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0]]
+    assert causal.int().tolist() == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [1, 0, 1, 1, 0, 0],
+    ]
+    assert centred.int().tolist() == [
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [0, 1, 1, 1, 0, 0],
+        [0, 0, 1, 1, 1, 0],
+    ]
 
 
 def test_budget_scopes_on_a_flat_head():
     """One near-flat head (flat_head preset, last head): "heads" inflates every head's budget, "kv_group"
     only its group's, "head" only its own; the structured heads' budgets order accordingly."""
-    q, k, _ = structured_qkv("flat_head", 1, 4, 2, 512, 32, seed=0, window=16, slash_period=128, needle_len=16, stripe_width=8)
+    q, k, _ = structured_qkv(
+        "flat_head", 1, 4, 2, 512, 32, seed=0, window=16, slash_period=128, needle_len=16, stripe_width=8
+    )
     budgets = {}
     for scope in ("heads", "kv_group", "head"):
         cfg = OmniSparseConfig(block_size=BLOCK, granularity=4, budget_scope=scope, query_selection=False)
         ahat = estimate_blocks(q, k, None, True, 32**-0.5, cfg)
         allowed = allowed_blocks(None, True, 1, 4, 512, 512, BLOCK, "cpu")
-        budgets[scope] = select_blocks(ahat, allowed, cfg, 2, is_causal=True, q_len=512, kv_len=512).budget.float().mean(-1)[0]
+        budgets[scope] = (
+            select_blocks(ahat, allowed, cfg, 2, is_causal=True, q_len=512, kv_len=512)
+            .budget.float()
+            .mean(-1)[0]
+        )
     flat = budgets["head"][3]
     assert flat > 2 * budgets["head"][:3].max()
     assert torch.equal(budgets["heads"], budgets["heads"][3].expand(4))
     assert torch.equal(budgets["kv_group"][2:], budgets["heads"][2:])
     assert (budgets["kv_group"][:2] < budgets["heads"][:2]).all()
-    assert (budgets["head"][:3] <= budgets["kv_group"][:3]).all() and (budgets["head"][2] < budgets["kv_group"][2])
+    assert (budgets["head"][:3] <= budgets["kv_group"][:3]).all() and (
+        budgets["head"][2] < budgets["kv_group"][2]
+    )
 
 
 def test_select_blocks_traces_without_host_synchronisation():
@@ -164,9 +203,18 @@ def test_select_blocks_traces_without_host_synchronisation():
     assert torch.equal(got.kv_indices, want.kv_indices) and torch.equal(got.budget, want.budget)
 
 
-@pytest.mark.parametrize("heads, kv_heads, q_len, message", [(4, 3, 96, "multiple"), (4, 2, 80, "do not match")])
+@pytest.mark.parametrize(
+    "heads, kv_heads, q_len, message", [(4, 3, 96, "multiple"), (4, 2, 80, "do not match")]
+)
 def test_select_blocks_rejects_bad_inputs(heads, kv_heads, q_len, message):
     ahat = torch.rand(1, heads, 6, 6)
     with pytest.raises(ValueError, match=message):
-        select_blocks(ahat, torch.ones(1, 1, 6, 6, dtype=torch.bool), OmniSparseConfig(block_size=BLOCK), kv_heads,
-                      is_causal=False, q_len=q_len, kv_len=96)
+        select_blocks(
+            ahat,
+            torch.ones(1, 1, 6, 6, dtype=torch.bool),
+            OmniSparseConfig(block_size=BLOCK),
+            kv_heads,
+            is_causal=False,
+            q_len=q_len,
+            kv_len=96,
+        )

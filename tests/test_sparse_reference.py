@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from omnicompile import OmniSparseConfig
 from omnicompile.kernels.selection.flex import to_block_mask
 from omnicompile.kernels.selection.transpose import selection_from_block_mask
 from omnicompile.kernels.sparse_attention.reference import sparse_attention_reference
+
+from omnicompile import OmniSparseConfig
 from omnicompile.method import omnisparse_attention, omnisparse_attention_backward
 from tests.attention_cases import Case, cases, dense_bias, make_mask, make_qkv
 from tests.helpers import GRAD_REL_TOL, REL_TOL, rel_error
@@ -44,9 +44,14 @@ def test_reference_equals_sdpa_on_the_selected_blocks(case: Case, density: float
     attn_mask, is_causal = make_mask(case)
     selection = _random_selection(case, density)
     out, lse = sparse_attention_reference(q, k, v, selection, attn_mask, is_causal, None, query_chunk)
-    restricted = dense_bias(attn_mask, is_causal, case.q_len, case.kv_len).masked_fill(~_token_mask(selection), float("-inf"))
+    restricted = dense_bias(attn_mask, is_causal, case.q_len, case.kv_len).masked_fill(
+        ~_token_mask(selection), float("-inf")
+    )
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=restricted, enable_gqa=True)
-    scores = q @ k.repeat_interleave(case.heads // case.kv_heads, 1).transpose(-1, -2) * case.dim**-0.5 + restricted
+    scores = (
+        q @ k.repeat_interleave(case.heads // case.kv_heads, 1).transpose(-1, -2) * case.dim**-0.5
+        + restricted
+    )
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, scores.logsumexp(-1), atol=1e-5, rtol=1e-5)
     empty = torch.isneginf(lse)
@@ -68,10 +73,12 @@ def test_tau_one_equals_dense_sdpa(dtype: torch.dtype, mask_kind: str):
     q, k, v = (t.requires_grad_() for t in make_qkv(case, dtype))
     attn_mask, is_causal = make_mask(case)
     cfg = OmniSparseConfig(tau=1.0, query_selection=False, block_size=BLOCK, granularity=4, query_chunk=2)
-    out, lse, selection = omnisparse_attention(q, k, v, attn_mask, is_causal, None, cfg)
+    out, lse, _selection = omnisparse_attention(q, k, v, attn_mask, is_causal, None, cfg)
     assert out.dtype == dtype and lse.dtype == torch.float32
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
-    ref = F.scaled_dot_product_attention(q32, k32, v32, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=True)
+    ref = F.scaled_dot_product_attention(
+        q32, k32, v32, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=True
+    )
     assert rel_error(out, ref) < REL_TOL[dtype]
     cotangent = torch.randn_like(ref)
     grads = torch.autograd.grad(out, (q, k, v), cotangent.to(dtype))
@@ -90,7 +97,9 @@ def test_backward_by_recomputation_equals_autograd():
     assert selection.kv_num_blocks.sum() < selection.dense_mask().numel()  # genuinely sparse
     cotangent = torch.randn_like(out)
     want = torch.autograd.grad(out, (q, k, v), cotangent)
-    got = omnisparse_attention_backward(cotangent, q.detach(), k.detach(), v.detach(), None, out, lse, True, None, cfg)
+    got = omnisparse_attention_backward(
+        cotangent, q.detach(), k.detach(), v.detach(), None, out, lse, True, None, cfg
+    )
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)
 
@@ -106,7 +115,9 @@ def test_flex_attention_on_the_same_selection(is_causal: bool):
     out, lse = sparse_attention_reference(q, k, v, selection, None, is_causal, None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "flex_attention called without torch.compile()"
-        flex_out, aux = flex_attention(q, k, v, block_mask=to_block_mask(selection, is_causal), return_aux=AuxRequest(lse=True))
+        flex_out, aux = flex_attention(
+            q, k, v, block_mask=to_block_mask(selection, is_causal), return_aux=AuxRequest(lse=True)
+        )
     flex_lse = aux.lse
     rows = torch.isfinite(lse)
     torch.testing.assert_close(out[rows], flex_out[rows], atol=1e-5, rtol=1e-5)

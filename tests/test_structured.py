@@ -13,7 +13,7 @@ from omnicompile.metrics import exact_block_mass, selection_stats
 from omnicompile.structured import structured_qkv
 from tests.attention_cases import dense_probs
 
-SMALL = dict(window=16, slash_period=128, stripes=4, stripe_width=32, needles=4, needle_len=64)
+SMALL = {"window": 16, "slash_period": 128, "stripes": 4, "stripe_width": 32, "needles": 4, "needle_len": 64}
 
 
 def _oracle_density(q: torch.Tensor, k: torch.Tensor, tau: float = 0.95) -> torch.Tensor:
@@ -25,8 +25,11 @@ def _oracle_density(q: torch.Tensor, k: torch.Tensor, tau: float = 0.95) -> torc
 
 
 @settings(max_examples=6, deadline=None)
-@given(preset=st.sampled_from(["structured", "flat_head", "random"]), seed=st.integers(0, 100),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+@given(
+    preset=st.sampled_from(["structured", "flat_head", "random"]),
+    seed=st.integers(0, 100),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)
 def test_deterministic_given_seed(preset: str, seed: int, dtype: torch.dtype):
     first = structured_qkv(preset, 2, 4, 2, 200, 32, dtype=dtype, seed=seed, **SMALL)
     again = structured_qkv(preset, 2, 4, 2, 200, 32, dtype=dtype, seed=seed, **SMALL)
@@ -52,7 +55,9 @@ def test_structured_attention_has_sinks_local_windows_and_slashes():
     }
     for name, region in regions.items():
         assert (probs * region).sum(-1).mean() > 0.1, name
-    structured = regions["sink"] | regions["local"] | regions["slash"] | (((distance - 256).abs() < 32) & ~sink)
+    structured = (
+        regions["sink"] | regions["local"] | regions["slash"] | (((distance - 256).abs() < 32) & ~sink)
+    )
     assert (probs * ~structured).sum(-1).mean() < 0.05
 
 
@@ -98,13 +103,22 @@ def test_method_recall_on_structured_inputs(estimator: str, structure: str, is_c
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(preset="dense"), "unknown preset"),
-        (dict(head_dim=16), "cannot hold"),
-        (dict(slash_period=40), "multiple >= 6"),
-        (dict(kv_heads=3), "multiple of kv_heads"),
+        ({"preset": "dense"}, "unknown preset"),
+        ({"head_dim": 16}, "cannot hold"),
+        ({"slash_period": 40}, "multiple >= 6"),
+        ({"kv_heads": 3}, "multiple of kv_heads"),
     ],
 )
 def test_rejects_bad_arguments(kwargs, message):
-    args = dict(preset="structured", batch=1, heads=4, kv_heads=2, seq_len=256, head_dim=32, window=16, slash_period=128)
+    args = {
+        "preset": "structured",
+        "batch": 1,
+        "heads": 4,
+        "kv_heads": 2,
+        "seq_len": 256,
+        "head_dim": 32,
+        "window": 16,
+        "slash_period": 128,
+    }
     with pytest.raises(ValueError, match=message):
         structured_qkv(**{**args, **kwargs})

@@ -32,13 +32,14 @@ Estimators (g = ``granularity``, s = ``antidiagonal_stride``):
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from ...config import OmniSparseConfig
 from ..masks import check_qkv, mask_bias, validate_mask
 
+# (padded fp32 chunk [B, H, P, D], position of its first row) -> group summaries [B, H, P / group, D'].
 Summary = Callable[[torch.Tensor, int], torch.Tensor]
 
 
@@ -58,7 +59,10 @@ def _group_mean(x: torch.Tensor, start: int, seq_len: int, group: int) -> torch.
 
 
 def _stride_rows(x: torch.Tensor, start: int, stride: int, reverse: bool) -> torch.Tensor:
-    """Concatenate each group of ``stride`` rows of x [B, H, P, D] (reversed if asked): [B, H, P/s, s*D]."""
+    """Concatenate each group of ``stride`` rows of x [B, H, P, D] (reversed if asked): [B, H, P/s, s*D].
+
+    ``start`` is unused: padding rows are zero, so partial groups need no count.
+    """
     batch, heads, length, dim = x.shape
     groups = x.view(batch, heads, length // stride, stride, dim)
     return (groups.flip(3) if reverse else groups).reshape(batch, heads, length // stride, stride * dim)
@@ -130,10 +134,10 @@ def _grouped_block_mass(
         seen = torch.isfinite(row_max)
         probs = torch.exp(scores - torch.where(seen, row_max, 0.0))
         probs = probs / torch.where(seen, probs.sum(dim=-1, keepdim=True), 1.0)
-        per_group = probs.view(batch, heads, -1, nk, per_block).sum(-1)
-        per_group = per_group.view(batch, heads, i1 - i0, per_block, nk).sum(3)
+        block_probs = probs.view(batch, heads, -1, nk, per_block).sum(-1)
+        block_sums = block_probs.view(batch, heads, i1 - i0, per_block, nk).sum(3)
         groups_seen = seen.view(seen.shape[0], seen.shape[1], i1 - i0, per_block).sum(-1, keepdim=True)
-        ahat[:, :, i0:i1] = per_group / groups_seen.clamp(min=1)
+        ahat[:, :, i0:i1] = block_sums / groups_seen.clamp(min=1)
     return ahat
 
 

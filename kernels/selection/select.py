@@ -14,7 +14,12 @@ from .transpose import block_mask_to_indices
 
 
 def forced_pattern(
-    num_q_blocks: int, num_kv_blocks: int, n_sink: int, n_local: int, is_causal: bool, device: torch.device | str
+    num_q_blocks: int,
+    num_kv_blocks: int,
+    n_sink: int,
+    n_local: int,
+    is_causal: bool,
+    device: torch.device | str,
 ) -> torch.Tensor:
     """bool [nq, nk]: the forced blocks F(i) before intersecting with the allowed blocks.
 
@@ -74,7 +79,9 @@ def select_blocks(
     if heads % num_kv_heads:
         raise ValueError(f"query heads {heads} are not a multiple of kv heads {num_kv_heads}")
     if (nq, nk) != (-(-q_len // config.block_size), -(-kv_len // config.block_size)):
-        raise ValueError(f"ahat blocks {(nq, nk)} do not match q_len {q_len}, kv_len {kv_len}, b {config.block_size}")
+        raise ValueError(
+            f"ahat blocks {(nq, nk)} do not match q_len {q_len}, kv_len {kv_len}, b {config.block_size}"
+        )
     allowed = allowed.expand(batch, heads, nq, nk)
     pattern = forced_pattern(nq, nk, config.n_sink, config.n_local, is_causal, ahat.device)
     forced = allowed & pattern
@@ -93,7 +100,9 @@ def select_blocks(
         mass_before = local_mass.unsqueeze(-1) + ranked_mass.cumsum(-1) - ranked_mass
         need = ((mass_before < config.tau) & (ranked >= 0)).sum(-1)
     need = torch.where(lazy, 0, need)
-    budget = _shared_budget(need, config.budget_scope, num_kv_heads).clamp(config.min_blocks, config.max_blocks)
+    budget = _shared_budget(need, config.budget_scope, num_kv_heads).clamp(
+        config.min_blocks, config.max_blocks
+    )
     take = torch.where(lazy, 0, torch.minimum(budget, num_available))
     positions = torch.arange(nk, device=ahat.device).expand(batch, heads, nq, nk)
     rank = torch.empty_like(order).scatter_(-1, order, positions)

@@ -45,7 +45,12 @@ def sparse_attention_reference(
     validate_mask(attn_mask, is_causal, batch, heads, q_len, kv_len)
     b = selection.block_size
     nq, nk = -(-q_len // b), -(-kv_len // b)
-    if (selection.q_len, selection.kv_len) != (q_len, kv_len) or selection.kv_indices.shape != (batch, heads, nq, nk):
+    if (selection.q_len, selection.kv_len) != (q_len, kv_len) or selection.kv_indices.shape != (
+        batch,
+        heads,
+        nq,
+        nk,
+    ):
         raise ValueError(
             f"selection (q_len {selection.q_len}, kv_len {selection.kv_len}, indices "
             f"{tuple(selection.kv_indices.shape)}) does not match q {tuple(q.shape)}, k {tuple(k.shape)}"
