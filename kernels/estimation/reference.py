@@ -37,7 +37,7 @@ from collections.abc import Callable
 import torch
 
 from ...config import OmniSparseConfig
-from ..masks import check_qkv, mask_bias, validate_mask
+from ..masks import check_qkv, mask_bias, resolve_scale, validate_mask
 
 # (padded fp32 chunk [B, H, P, D], position of its first row) -> group summaries [B, H, P / group, D'].
 Summary = Callable[[torch.Tensor, int], torch.Tensor]
@@ -213,11 +213,13 @@ def estimate_blocks(
     k: torch.Tensor,
     attn_mask: torch.Tensor | None,
     is_causal: bool,
-    scale: float,
+    scale: float | None,
     config: OmniSparseConfig,
 ) -> torch.Tensor:
-    """Ahat float32 [B, H, nq, nk] by ``config.estimator`` at ``config.block_size``, chunked by ``config.query_chunk``."""
+    """Ahat float32 [B, H, nq, nk] by ``config.estimator`` at ``config.block_size``, chunked by
+    ``config.query_chunk``; scale ``None`` = 1 / sqrt(D) (as SDPA)."""
     b, chunk = config.block_size, config.query_chunk
+    scale = resolve_scale(scale, q.shape[-1])
     if config.estimator == "composite":
         return composite_estimate(q, k, attn_mask, is_causal, scale, b, config.granularity, chunk)
     if config.estimator == "pooled":
