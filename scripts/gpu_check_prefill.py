@@ -5,7 +5,7 @@
 Checks, each against an independent computation on the same inputs:
 - sparse attention forward vs ``sparse_attention_reference`` (fp32 math) for real selections (estimate +
   select on structured inputs) and random ones: causal and not, GQA, partial blocks, Sq != Skv, bool and
-  additive masks, head dims 64 / 96 / 128, bf16 / fp16 / fp32; output memory pre-poisoned with NaN;
+  additive masks, head dims 64 / 96 / 128, bf16 / fp16; output memory pre-poisoned with NaN;
 - tau = 1 without query selection: the pipeline selects every allowed block and equals dense SDPA;
 - the fused estimator vs the reference estimator (Ahat error, and whether selecting from either gives
   the same blocks).
@@ -35,9 +35,9 @@ from omnicompile.metrics import relative_error
 from omnicompile.structured import structured_qkv
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-OUT_TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+OUT_TOL = {torch.float16: 5e-3, torch.bfloat16: 2e-2}
 LSE_ATOL = 1e-3
-AHAT_TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+AHAT_TOL = {torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
 def _select(q, k, is_causal: bool, config: OmniSparseConfig, ahat: torch.Tensor) -> BlockSelection:
@@ -86,7 +86,7 @@ def forward_checks(shrink: int) -> list[dict]:
     for dtype, head_dim, is_causal, q_len, kv_len in (
         (torch.float16, 64, False, 3000, 4000),
         (torch.bfloat16, 96, True, 4000, 3000),
-        (torch.float32, 128, True, 1000, 1000),
+        (torch.float16, 128, True, 1000, 1000),
         (torch.bfloat16, 128, False, 2500, 2500),
     ):
         q_len, kv_len = q_len // shrink, kv_len // shrink

@@ -59,6 +59,8 @@ def supported(q: Tensor, k: Tensor, attn_mask: Tensor | None, config: OmniSparse
         return f"device {q.device.type} needs CUDA (or TRITON_INTERPRET=1)"
     if q.dtype not in _DTYPES or q.dtype != k.dtype:
         return f"dtypes q {q.dtype}, k {k.dtype}: need one of bf16, fp16, fp32"
+    if q.dtype == torch.float32 and not interpreting():
+        return "fp32 on CUDA: the kernel's exact-fp32 path serves the interpreter"
     head_dim = q.shape[-1]
     if k.shape[-1] != head_dim or head_dim % 16 or not 16 <= head_dim <= _MAX_HEAD_DIM:
         return f"head dims q {head_dim}, k {k.shape[-1]}: need equal multiples of 16 in [16, {_MAX_HEAD_DIM}]"
@@ -144,19 +146,21 @@ def _scores(
     else:
         kc = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
     s = tile_dot(qc, tl.trans(kc), None, FP32_DOT) * qk_scale
-    if not BOUNDARY:
+    if BOUNDARY:
+        keys = tl.minimum(tl.maximum(kv_len - offs_w * GROUP, 0), GROUP)[None, :]
+        rows = rows_u[:, None]
+        count = rows * keys
+        if IS_CAUSAL:
+            # On the diagonal, row t of the group sees min(t + 1, keys) keys.
+            lo = tl.minimum(rows, keys)
+            diag = lo * (lo + 1) // 2 + (rows - lo) * keys
+            below = offs_w[None, :] < offs_u[:, None]
+            count = tl.where(below, count, tl.where(offs_w[None, :] == offs_u[:, None], diag, 0))
+        s = tl.where(count > 0, s + tl.math.log2(tl.maximum(count, 1).to(tl.float32)), float("-inf"))
+    else:
         # Interior: every key group is full and strictly below the diagonal.
-        return s + row_log2_count[:, None]
-    keys = tl.minimum(tl.maximum(kv_len - offs_w * GROUP, 0), GROUP)[None, :]
-    rows = rows_u[:, None]
-    count = rows * keys
-    if IS_CAUSAL:
-        # On the diagonal, row t of the group sees min(t + 1, keys) keys.
-        lo = tl.minimum(rows, keys)
-        diag = lo * (lo + 1) // 2 + (rows - lo) * keys
-        below = offs_w[None, :] < offs_u[:, None]
-        count = tl.where(below, count, tl.where(offs_w[None, :] == offs_u[:, None], diag, 0))
-    return tl.where(count > 0, s + tl.math.log2(tl.maximum(count, 1).to(tl.float32)), float("-inf"))
+        s = s + row_log2_count[:, None]
+    return s
 
 
 @triton.jit

@@ -57,6 +57,8 @@ def supported(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> str 
         return f"device {q.device.type} needs CUDA (or TRITON_INTERPRET=1)"
     if q.dtype not in _DTYPES or not (q.dtype == k.dtype == v.dtype):
         return f"dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}: need one of bf16, fp16, fp32"
+    if q.dtype == torch.float32 and not interpreting():
+        return "fp32 on CUDA: the kernel's exact-fp32 path spills registers (it serves the interpreter)"
     head_dim = q.shape[-1]
     if not (k.shape[-1] == v.shape[-1] == head_dim):
         return f"head dims q {head_dim}, k {k.shape[-1]}, v {v.shape[-1]} differ"
@@ -69,12 +71,18 @@ def supported(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> str 
     return None
 
 
-def default_launch_config(block_size: int, head_dim: int, dtype: torch.dtype) -> LaunchConfig:
-    """The launch config for a selection block size, head dim and dtype (H100-tuned)."""
-    block_m = min(block_size, 128)
-    if dtype == torch.float32:
+def default_launch_config(block_size: int, dtype: torch.dtype, has_mask: bool) -> LaunchConfig:
+    """The launch config for a selection block size, dtype and mask presence.
+
+    Chosen from sm_90 resource reports (no register spills; K/V pipelined num_stages deep) and
+    H100 timings (notes/prefill_kernel.md). An attn_mask tile costs registers: narrower key steps.
+    """
+    block_m = min(block_size, 64)
+    if dtype == torch.float32:  # interpreter only (see `supported`)
         return LaunchConfig(block_m, min(block_size, 32), num_warps=4, num_stages=2)
-    return LaunchConfig(block_m, min(block_size, 64), num_warps=4 if block_m <= 64 else 8, num_stages=3)
+    if has_mask:
+        return LaunchConfig(block_m, min(block_size, 32), num_warps=4, num_stages=3)
+    return LaunchConfig(block_m, min(block_size, 64), num_warps=4, num_stages=3)
 
 
 def _mask_free_counts(selection: BlockSelection, is_causal: bool, has_mask: bool) -> Tensor:
@@ -140,7 +148,7 @@ def sparse_attention_fwd(
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     b = selection.block_size
-    cfg = launch or default_launch_config(b, head_dim, q.dtype)
+    cfg = launch or default_launch_config(b, q.dtype, attn_mask is not None)
     if b % cfg.block_m or b % cfg.block_n:
         raise ValueError(f"sparse_attention_fwd: {cfg} does not tile the block size {b}")
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
@@ -190,8 +198,10 @@ def needs_fp32_dot(dtype: torch.dtype) -> bool:
 def tile_dot(a, b, acc, FP32_DOT: tl.constexpr):
     """``a @ b (+ acc)`` with fp32 accumulation; FP32_DOT (`needs_fp32_dot`): in exact fp32."""
     if FP32_DOT:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc)
+    return out
 
 
 @triton.jit
@@ -203,29 +213,29 @@ def _load_rows(
     ptrs = base + offs_n[:, None] * stride_n
     if MASKED:
         if HEAD_DIM == HEAD_DIM_PAD:
-            return tl.load(ptrs, mask=offs_n[:, None] < kv_len, other=0.0)
-        return tl.load(ptrs, mask=(offs_n[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    if HEAD_DIM == HEAD_DIM_PAD:
-        return tl.load(ptrs)
-    return tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            rows = tl.load(ptrs, mask=offs_n[:, None] < kv_len, other=0.0)
+        else:
+            rows = tl.load(ptrs, mask=(offs_n[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    elif HEAD_DIM == HEAD_DIM_PAD:
+        rows = tl.load(ptrs)
+    else:
+        rows = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    return rows
 
 
 @triton.jit
 def _attend_block(
-    acc, l_i, m_i, q, k_base, v_base, mask_base, it,
-    idx_ptr, offs_m, offs_d, stride_kn, stride_vn, stride_mn, kv_len, qk_scale,
+    acc, l_i, m_i, q, k_base, v_base, mask_base, block, part,
+    offs_m, offs_d, stride_kn, stride_vn, stride_mn, kv_len, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
     FP32_DOT: tl.constexpr, MASKED: tl.constexpr,
 ):
-    """One online-softmax step over BLOCK_N keys of a selected key block.
+    """One online-softmax step over keys [part * BLOCK_N, (part + 1) * BLOCK_N) of key block ``block``.
 
-    Step ``it`` covers part ``it % n_split`` of the ``it // n_split``-th selected block;
     ``k_base``/``v_base`` already hold the head's base plus the [1, HEAD_DIM_PAD] column offsets.
     """
-    n_split: tl.constexpr = SPARSE_BLOCK // BLOCK_N
-    block = tl.load(idx_ptr + it // n_split)
-    offs_n = block * SPARSE_BLOCK + (it % n_split) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = block * SPARSE_BLOCK + part * BLOCK_N + tl.arange(0, BLOCK_N)
     k = _load_rows(k_base, offs_n, stride_kn, offs_d, kv_len, HEAD_DIM, HEAD_DIM_PAD, MASKED)
     v = _load_rows(v_base, offs_n, stride_vn, offs_d, kv_len, HEAD_DIM, HEAD_DIM_PAD, MASKED)
     s = tile_dot(q, tl.trans(k), None, FP32_DOT)
@@ -301,18 +311,26 @@ def _sparse_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    # The next step's block index is loaded one step ahead (loop-carried), so the software
+    # pipeliner can issue K/V loads num_stages - 1 steps early (an index loaded in the same step
+    # would cost a stage).
+    block = tl.load(idx_ptr)
     for it in tl.range(0, n_free * n_split):
+        nxt = tl.load(idx_ptr + tl.minimum((it + 1) // n_split, nk - 1))
         acc, l_i, m_i = _attend_block(
-            acc, l_i, m_i, q, k_base, v_base, mask_base, it, idx_ptr, offs_m, offs_d,
+            acc, l_i, m_i, q, k_base, v_base, mask_base, block, it % n_split, offs_m, offs_d,
             stride_kn, stride_vn, stride_mn, kv_len, qk_scale,
             HEAD_DIM, HEAD_DIM_PAD, SPARSE_BLOCK, BLOCK_N, IS_CAUSAL, MASK_KIND, FP32_DOT, False,
         )
+        block = nxt
     for it in tl.range(n_free * n_split, n_blocks * n_split):
+        nxt = tl.load(idx_ptr + tl.minimum((it + 1) // n_split, nk - 1))
         acc, l_i, m_i = _attend_block(
-            acc, l_i, m_i, q, k_base, v_base, mask_base, it, idx_ptr, offs_m, offs_d,
+            acc, l_i, m_i, q, k_base, v_base, mask_base, block, it % n_split, offs_m, offs_d,
             stride_kn, stride_vn, stride_mn, kv_len, qk_scale,
             HEAD_DIM, HEAD_DIM_PAD, SPARSE_BLOCK, BLOCK_N, IS_CAUSAL, MASK_KIND, FP32_DOT, True,
         )
+        block = nxt
 
     attended = l_i > 0.0
     out = acc / tl.where(attended, l_i, 1.0)[:, None]

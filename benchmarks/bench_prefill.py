@@ -1,0 +1,341 @@
+"""Prefill benchmark (GPU; not a test): OmniSparse Triton kernels against dense SDPA and FlexAttention.
+
+For each sequence length S, KV-head count and input preset (`omnicompile.structured`: ``structured``,
+``flat_head``, ``random``), with B = 1, causal, bf16:
+- dense: torch SDPA with the flash, cuDNN and memory-efficient backends (each alone; a backend that
+  refuses GQA is retried on repeated K/V and marked so);
+- per estimator and budget scope: our pipeline in parts (Triton estimator, selection in torch ops,
+  Triton sparse attention) and in total, and FlexAttention on the same selection (``--flex-seq-lens``:
+  it compiles per shape);
+- density (computed / allowed blocks), exact recall (`omnicompile.metrics.exact_recall`, on
+  ``--recall-heads`` sampled heads, up to ``--recall-max-seq``: it costs an exact fp32 pass), output
+  relative error against dense flash, speed-ups, and our TFLOP/s on the computed blocks
+  (4 * D * b^2 per computed block).
+
+``--sweep`` first times launch configurations of both kernels at the first S. Writes
+``prefill.csv``, ``prefill.json`` (and ``sweep.csv``) and ``prefill.png`` to ``--out``; prints a table
+last. Stops starting new cases after ``--time-budget-s`` and still writes what it has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from omnicompile.config import OmniSparseConfig
+from omnicompile.kernels.estimation.triton_composite import EstimateLaunch, estimate_blocks
+from omnicompile.kernels.masks import allowed_blocks
+from omnicompile.kernels.selection.block_selection import BlockSelection
+from omnicompile.kernels.selection.select import select_blocks
+from omnicompile.kernels.sparse_attention.triton_fwd import LaunchConfig, sparse_attention_fwd
+from omnicompile.metrics import density, exact_recall, relative_error
+from omnicompile.structured import structured_qkv
+
+DENSE_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+}
+FWD_SWEEP = [
+    LaunchConfig(64, 64, 4, 2),
+    LaunchConfig(64, 64, 4, 3),
+    LaunchConfig(64, 64, 4, 4),
+    LaunchConfig(64, 64, 8, 3),
+    LaunchConfig(64, 32, 4, 3),
+    LaunchConfig(64, 32, 4, 4),
+]
+EST_SWEEP = [
+    EstimateLaunch(64, 64, 4, 2),
+    EstimateLaunch(64, 64, 4, 3),
+    EstimateLaunch(64, 64, 8, 2),
+    EstimateLaunch(128, 64, 8, 2),
+    EstimateLaunch(128, 64, 8, 3),
+]
+
+
+def time_ms(fn: Callable[[], object], target_ms: float = 200.0, max_reps: int = 50) -> float:
+    """Median milliseconds of ``fn`` after one warm-up call (CUDA events; host clock on the CPU)."""
+    fn()
+    reps = max_reps
+    times = []
+    for _ in range(max_reps):
+        if len(times) >= reps:
+            break
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        reps = max(3, min(max_reps, math.ceil(target_ms / max(times[0], 1e-3))))
+    return statistics.median(times)
+
+
+def _dense(q, k, v, backend: SDPBackend) -> tuple[Callable[[], torch.Tensor], str]:
+    """A dense causal SDPA call pinned to ``backend``; K/V repeated if the backend refuses GQA."""
+    group = q.shape[1] // k.shape[1]
+
+    def native() -> torch.Tensor:
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=group > 1)
+
+    try:
+        native()
+        return native, ""
+    except RuntimeError:
+        if group == 1:
+            raise
+    k_rep, v_rep = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+
+    def expanded() -> torch.Tensor:
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=True)
+
+    expanded()
+    return expanded, " (K/V repeated)"
+
+
+def _head_subset(selection: BlockSelection, heads: list[int]) -> BlockSelection:
+    index = torch.tensor(heads, device=selection.kv_indices.device)
+    fields = {f: getattr(selection, f).index_select(1, index) for f in ("kv_num_blocks", "kv_indices", "lazy", "budget")}
+    return dataclasses.replace(selection, **fields)
+
+
+def _recall(q, k, selection: BlockSelection, scale: float, num_heads: int) -> tuple[float, float]:
+    """Mean and worst exact recall over ``num_heads`` heads spread over the layer (last one included)."""
+    heads = sorted({round(i * (q.shape[1] - 1) / max(num_heads - 1, 1)) for i in range(num_heads)})
+    group = q.shape[1] // k.shape[1]
+    sub_k = k[:, [h // group for h in heads]]  # one KV head per sampled query head
+    recall = exact_recall(q[:, heads], sub_k, None, True, scale, _head_subset(selection, heads))
+    return recall.mean().item(), recall.min().item()
+
+
+def _flex_runner(q, k, v, selection: BlockSelection, scale: float) -> Callable[[], torch.Tensor]:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from omnicompile.kernels.selection.flex import to_block_mask
+
+    block_mask = to_block_mask(selection, is_causal=True)
+    compiled = torch.compile(flex_attention, dynamic=False)
+    return lambda: compiled(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _pipeline(q, k, v, config: OmniSparseConfig, scale: float):
+    """The parts of our prefill, each a zero-argument callable, and their results."""
+    batch, heads, seq, _ = q.shape
+    allowed = allowed_blocks(None, True, batch, heads, seq, seq, config.block_size, q.device)
+
+    def estimate() -> torch.Tensor:
+        return estimate_blocks(q, k, None, True, scale, config)
+
+    ahat = estimate()
+
+    def select() -> BlockSelection:
+        return select_blocks(ahat, allowed, config, k.shape[1], is_causal=True, q_len=seq, kv_len=seq)
+
+    selection = select()
+
+    def attend() -> tuple[torch.Tensor, torch.Tensor]:
+        return sparse_attention_fwd(q, k, v, selection, None, True, scale)
+
+    def total() -> tuple[torch.Tensor, torch.Tensor]:
+        a = estimate_blocks(q, k, None, True, scale, config)
+        s = select_blocks(a, allowed, config, k.shape[1], is_causal=True, q_len=seq, kv_len=seq)
+        return sparse_attention_fwd(q, k, v, s, None, True, scale)
+
+    return {"estimate": estimate, "select": select, "attend": attend, "total": total}, selection, allowed
+
+
+def run_case(args, seq: int, kv_heads: int, preset: str, dense_ms: dict, log: Console) -> list[dict]:
+    """All rows of one (S, Hkv, preset): one per (estimator, budget scope)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q, k, v = structured_qkv(preset, 1, args.heads, kv_heads, seq, args.head_dim, dtype=dtype, device=device, seed=0)
+    scale = args.head_dim**-0.5
+    dense_key = (seq, kv_heads)
+    dense_out = None
+    for name, backend in DENSE_BACKENDS.items():
+        try:
+            fn, note = _dense(q, k, v, backend)
+            if dense_key + (name,) not in dense_ms:
+                dense_ms[dense_key + (name,)] = (time_ms(fn), note)
+            if dense_out is None:
+                dense_out = fn()
+        except RuntimeError as err:
+            dense_ms[dense_key + (name,)] = (float("nan"), f" n/a: {str(err).splitlines()[0][:80]}")
+    rows = []
+    for estimator in args.estimators:
+        for scope in args.scopes:
+            config = OmniSparseConfig(tau=args.tau, estimator=estimator, budget_scope=scope)
+            parts, selection, allowed = _pipeline(q, k, v, config, scale)
+            ms = {name: time_ms(fn) for name, fn in parts.items()}
+            out, _ = parts["attend"]()
+            row = {
+                "seq_len": seq, "heads": args.heads, "kv_heads": kv_heads, "head_dim": args.head_dim,
+                "preset": preset, "estimator": estimator, "budget_scope": scope, "tau": args.tau,
+                **{f"{name}_ms": dense_ms[dense_key + (name,)][0] for name in DENSE_BACKENDS},
+                "dense_notes": "; ".join(f"{n}{dense_ms[dense_key + (n,)][1]}" for n in DENSE_BACKENDS if dense_ms[dense_key + (n,)][1]),
+                **{f"ours_{name}_ms": value for name, value in ms.items()},
+                "density": density(selection, allowed),
+                "lazy_fraction": selection.lazy.float().mean().item(),
+                "rel_error": relative_error(out, dense_out) if dense_out is not None else float("nan"),
+            }
+            blocks = selection.kv_num_blocks.sum().item()
+            row["ours_attend_tflops"] = 4 * args.head_dim * config.block_size**2 * blocks / (ms["attend"] * 1e9)
+            row["speedup_total_vs_flash"] = row["flash_ms"] / ms["total"]
+            row["speedup_attend_vs_flash"] = row["flash_ms"] / ms["attend"]
+            row["estimate_share_of_attend"] = ms["estimate"] / ms["attend"]
+            row["flex_ms"] = float("nan")
+            if seq in args.flex_seq_lens:
+                try:
+                    row["flex_ms"] = time_ms(_flex_runner(q, k, v, selection, scale))
+                except Exception as err:  # noqa: BLE001 - report, never fake, a missing baseline
+                    log.print(f"flex at S={seq}: {type(err).__name__}: {str(err).splitlines()[0][:120]}")
+            row["recall_mean"] = row["recall_min"] = float("nan")
+            if args.recall_heads and seq <= args.recall_max_seq:
+                row["recall_mean"], row["recall_min"] = _recall(q, k, selection, scale, args.recall_heads)
+            rows.append(row)
+            del parts, selection, out
+    return rows
+
+
+def sweep(args, log: Console) -> list[dict]:
+    """Time each launch config of both kernels on the structured preset at the first S."""
+    seq, kv_heads = args.seq_lens[0], args.kv_heads[0]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q, k, v = structured_qkv("structured", 1, args.heads, kv_heads, seq, args.head_dim, dtype=dtype, device=device)
+    scale, config = args.head_dim**-0.5, OmniSparseConfig(tau=args.tau)
+    _, selection, _ = _pipeline(q, k, v, config, scale)
+    rows = []
+    for launch in FWD_SWEEP:
+        ms = time_ms(lambda: sparse_attention_fwd(q, k, v, selection, None, True, scale, launch=launch))
+        rows.append({"kernel": "attention", "seq_len": seq, "kv_heads": kv_heads, **dataclasses.asdict(launch), "ms": ms})
+        log.print(json.dumps(rows[-1]))
+    for launch in EST_SWEEP:
+        ms = time_ms(lambda: estimate_blocks(q, k, None, True, scale, config, launch=launch))
+        rows.append({"kernel": "estimate", "seq_len": seq, "kv_heads": kv_heads, **dataclasses.asdict(launch), "ms": ms})
+        log.print(json.dumps(rows[-1]))
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    if rows:
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def _plot(path: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["preset"], r["kv_heads"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (preset, kv_heads) in zip(axes[0], panels):
+        sub = [r for r in rows if r["preset"] == preset and r["kv_heads"] == kv_heads]
+        seqs = sorted({r["seq_len"] for r in sub})
+        first = {s: next(r for r in sub if r["seq_len"] == s) for s in seqs}
+        for name in DENSE_BACKENDS:
+            ax.plot(seqs, [first[s][f"{name}_ms"] for s in seqs], "--", label=f"SDPA {name}")
+        for est, scope in sorted({(r["estimator"], r["budget_scope"]) for r in sub}):
+            mine = {r["seq_len"]: r for r in sub if (r["estimator"], r["budget_scope"]) == (est, scope)}
+            xs = sorted(mine)
+            ax.plot(xs, [mine[s]["ours_total_ms"] for s in xs], "o-", label=f"ours {est}/{scope}")
+            ax.plot(xs, [mine[s]["flex_ms"] for s in xs], "x:", label=f"flex {est}/{scope}")
+        ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="ms", title=f"{preset}, Hkv={kv_heads}")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _table(rows: list[dict]) -> Table:
+    table = Table(title="prefill (B=1, causal): ms, speed-up vs SDPA flash, quality")
+    columns = [
+        ("S", "seq_len", "{}"), ("Hkv", "kv_heads", "{}"), ("preset", "preset", "{}"), ("est", "estimator", "{}"),
+        ("scope", "budget_scope", "{}"), ("flash", "flash_ms", "{:.2f}"), ("cudnn", "cudnn_ms", "{:.2f}"),
+        ("eff", "efficient_ms", "{:.2f}"), ("flex", "flex_ms", "{:.2f}"), ("est ms", "ours_estimate_ms", "{:.2f}"),
+        ("sel ms", "ours_select_ms", "{:.2f}"), ("attn ms", "ours_attend_ms", "{:.2f}"), ("total", "ours_total_ms", "{:.2f}"),
+        ("x flash", "speedup_total_vs_flash", "{:.2f}"), ("density", "density", "{:.3f}"),
+        ("recall", "recall_mean", "{:.3f}"), ("worst", "recall_min", "{:.3f}"), ("rel err", "rel_error", "{:.1e}"),
+        ("TFLOP/s", "ours_attend_tflops", "{:.0f}"),
+    ]
+    for title, _, _ in columns:
+        table.add_column(title, justify="right")
+    for row in rows:
+        table.add_row(*[fmt.format(row[key]) for _, key, fmt in columns])
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 32768, 131072])
+    parser.add_argument("--kv-heads", type=int, nargs="+", default=[8])
+    parser.add_argument("--presets", nargs="+", default=["structured", "flat_head", "random"])
+    parser.add_argument("--estimators", nargs="+", default=["composite"])
+    parser.add_argument("--scopes", nargs="+", default=["heads"])
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--tau", type=float, default=0.95)
+    parser.add_argument("--flex-seq-lens", type=int, nargs="*", default=[32768])
+    parser.add_argument("--recall-heads", type=int, default=2, help="heads sampled for exact recall (0: off)")
+    parser.add_argument("--recall-max-seq", type=int, default=32768)
+    parser.add_argument("--sweep", action="store_true", help="time launch configs first")
+    parser.add_argument("--time-budget-s", type=float, default=480.0)
+    parser.add_argument("--out", type=Path, default=Path("out/bench_prefill"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = Console(width=240)
+    started = time.monotonic()
+    if torch.cuda.is_available():
+        log.print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__}")
+    if args.sweep:
+        _write_csv(args.out / "sweep.csv", sweep(args, log))
+    cases = [(s, h, p) for s in args.seq_lens for h in args.kv_heads for p in args.presets]
+    rows: list[dict] = []
+    dense_ms: dict = {}
+    with Progress(console=log) as progress:
+        task = progress.add_task("prefill cases", total=len(cases))
+        for seq, kv_heads, preset in cases:
+            if time.monotonic() - started > args.time_budget_s:
+                log.print(f"time budget reached: skipped S={seq} Hkv={kv_heads} {preset} and later cases")
+                break
+            progress.update(task, description=f"S={seq} Hkv={kv_heads} {preset}")
+            try:
+                rows += run_case(args, seq, kv_heads, preset, dense_ms, log)
+            except torch.OutOfMemoryError as err:
+                log.print(f"S={seq} Hkv={kv_heads} {preset}: out of memory ({str(err).splitlines()[0][:100]})")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            progress.advance(task)
+            _write_csv(args.out / "prefill.csv", rows)
+    (args.out / "prefill.json").write_text(json.dumps(rows, indent=1))
+    if rows:
+        _plot(args.out / "prefill.png", rows)
+        log.print(_table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""The Triton block-sparse forward equals the pure-PyTorch reference given the same selection.
+
+Runs under the Triton interpreter on the CPU (tests/conftest.py sets TRITON_INTERPRET=1 without a
+GPU), at tiny shapes: causal and not, GQA, partial last blocks, Sq != Skv, bool and additive masks,
+split tiles (BLOCK_M, BLOCK_N < b), random and real selections; a full selection equals dense SDPA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from omnicompile.config import OmniSparseConfig
+from omnicompile.kernels.estimation.reference import estimate_blocks
+from omnicompile.kernels.masks import allowed_blocks
+from omnicompile.kernels.selection.select import select_blocks
+from omnicompile.kernels.selection.transpose import selection_from_block_mask
+from omnicompile.kernels.sparse_attention.reference import sparse_attention_reference
+from omnicompile.kernels.sparse_attention.triton_fwd import LaunchConfig, sparse_attention_fwd, supported
+from tests.helpers import REL_TOL, rel_error
+
+pytestmark = pytest.mark.interpreter
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Largest |lse - lse_ref| on rows that attend to something (both compute fp32 scores of the same inputs).
+LSE_ATOL = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-4}
+
+
+def _inputs(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, gen):
+    q = torch.randn(batch, heads, q_len, head_dim, generator=gen).to(dtype)
+    k = torch.randn(batch, kv_heads, kv_len, head_dim, generator=gen).to(dtype)
+    v = torch.randn(batch, kv_heads, kv_len, head_dim, generator=gen).to(dtype)
+    return q, k, v
+
+
+def _random_selection(batch, heads, q_len, kv_len, block, density, gen):
+    """Random blocks, any of them (above the causal diagonal too: the kernel must mask them out)."""
+    nq, nk = -(-q_len // block), -(-kv_len // block)
+    mask = torch.rand(batch, heads, nq, nk, generator=gen) < density
+    return selection_from_block_mask(mask, block, q_len, kv_len)
+
+
+def _check(q, k, v, selection, attn_mask, is_causal, scale=None, launch=None):
+    out, lse = sparse_attention_fwd(q, k, v, selection, attn_mask, is_causal, scale, launch=launch)
+    ref_out, ref_lse = sparse_attention_reference(q, k, v, selection, attn_mask, is_causal, scale)
+    assert out.dtype == q.dtype and out.shape == q.shape and lse.dtype == torch.float32
+    assert rel_error(out, ref_out) < REL_TOL[q.dtype]
+    empty = torch.isneginf(ref_lse)
+    assert torch.equal(torch.isneginf(lse), empty)
+    assert torch.all(out[empty] == 0)
+    assert torch.all((lse - ref_lse)[~empty].abs() < LSE_ATOL[q.dtype])
+    return empty
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("is_causal", [True, False])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (1, 2, 2, 64, 64, 32, 16),  # B, H, Hkv, Sq, Skv, D, b: exact blocks
+        (2, 4, 2, 70, 45, 32, 16),  # GQA, Sq > Skv, partial last blocks
+        (1, 4, 1, 40, 100, 48, 16),  # MQA, Sq < Skv, padded head dim
+    ],
+)
+def test_matches_reference_random_selection(dtype, is_causal, shape):
+    gen = torch.Generator().manual_seed(hash((str(dtype), is_causal, shape)) % 2**31)
+    batch, heads, kv_heads, q_len, kv_len, head_dim, block = shape
+    q, k, v = _inputs(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, gen)
+    selection = _random_selection(batch, heads, q_len, kv_len, block, 0.5, gen)
+    _check(q, k, v, selection, None, is_causal, scale=0.3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_attn_mask(dtype, kind):
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = _inputs(1, 4, 2, 50, 60, 32, dtype, gen)
+    selection = _random_selection(1, 4, 50, 60, 16, 0.7, gen)
+    if kind == "bool":
+        mask = torch.rand(4, 50, 60, generator=gen) < 0.6  # broadcast over the batch
+        mask[1, 3] = False  # a fully masked row
+    else:
+        mask = torch.randn(1, 1, 50, 60, generator=gen).to(dtype)
+        mask[..., 5, :] = float("-inf")
+    empty = _check(q, k, v, selection, mask, False)
+    assert empty.any()
+
+
+def test_negative_scale():
+    gen = torch.Generator().manual_seed(13)
+    q, k, v = _inputs(1, 2, 1, 48, 48, 32, torch.float32, gen)
+    _check(q, k, v, _random_selection(1, 2, 48, 48, 16, 0.8, gen), None, True, scale=-0.2)
+
+
+@pytest.mark.parametrize("launch", [LaunchConfig(16, 16, 4, 1), LaunchConfig(32, 16, 4, 2)])
+def test_split_tiles(launch):
+    """Several programs per query block and several steps per key block (BLOCK_M, BLOCK_N < b)."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = _inputs(1, 2, 1, 90, 90, 32, torch.float16, gen)
+    selection = _random_selection(1, 2, 90, 90, 32, 0.6, gen)
+    _check(q, k, v, selection, None, True, launch=launch)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    batch=st.integers(1, 2),
+    kv_heads=st.integers(1, 2),
+    group=st.sampled_from([1, 2, 3]),
+    q_len=st.integers(1, 80),
+    kv_len=st.integers(1, 80),
+    head_dim=st.sampled_from([16, 32, 48]),
+    block=st.sampled_from([16, 32]),
+    is_causal=st.booleans(),
+    density=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_matches_reference_property(batch, kv_heads, group, q_len, kv_len, head_dim, block, is_causal, density, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = _inputs(batch, kv_heads * group, kv_heads, q_len, kv_len, head_dim, torch.float32, gen)
+    selection = _random_selection(batch, kv_heads * group, q_len, kv_len, block, density, gen)
+    _check(q, k, v, selection, None, is_causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_full_selection_equals_sdpa(dtype, is_causal):
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = _inputs(1, 4, 2, 77, 77, 64, dtype, gen)
+    allowed = allowed_blocks(None, is_causal, 1, 4, 77, 77, 16, q.device).expand(1, 4, 5, 5)
+    out, _ = sparse_attention_fwd(q, k, v, selection_from_block_mask(allowed, 16, 77, 77), None, is_causal, None)
+    dense = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=is_causal, enable_gqa=True)
+    assert rel_error(out, dense) < REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_real_selection(is_causal):
+    """A selection made by the method (estimate, select) at a low tau."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = _inputs(1, 4, 2, 200, 200, 32, torch.float16, gen)
+    config = OmniSparseConfig(tau=0.6, block_size=16, granularity=4)
+    ahat = estimate_blocks(q, k, None, is_causal, 32**-0.5, config)
+    allowed = allowed_blocks(None, is_causal, 1, 4, 200, 200, 16, q.device)
+    selection = select_blocks(ahat, allowed, config, 2, is_causal=is_causal, q_len=200, kv_len=200)
+    assert selection.kv_num_blocks.sum() < allowed.expand_as(ahat).sum()
+    _check(q, k, v, selection, None, is_causal)
+
+
+def test_rejects_mismatched_selection():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = _inputs(1, 2, 2, 64, 64, 32, torch.float32, gen)
+    with pytest.raises(ValueError, match="does not fit"):
+        sparse_attention_fwd(q, k, v, _random_selection(1, 2, 64, 48, 16, 0.5, gen), None, True, None)
+
+
+def test_supported_reasons(monkeypatch):
+    q = torch.zeros(1, 4, 8, 64, dtype=torch.bfloat16)
+    kv = torch.zeros(1, 2, 8, 64, dtype=torch.bfloat16)
+    assert supported(q, kv, kv, None) is None
+    assert "head dim" in supported(q[..., :40], kv[..., :40], kv[..., :40], None)
+    assert "head dim" in supported(torch.zeros(1, 4, 8, 256), torch.zeros(1, 2, 8, 256), torch.zeros(1, 2, 8, 256), None)
+    assert "dtypes" in supported(q.double(), kv.double(), kv.double(), None)
+    assert "multiple" in supported(q[:, :3], kv, kv, None)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert "CUDA" in supported(q, kv, kv, None)
