@@ -1,30 +1,43 @@
 """The OmniSparse pipeline: estimate, select, attend (METHOD.md sections 1-3 and 5).
 
-The estimator runs in `_estimate` and the attention in `_attend`, one place each, so that a device
-dispatch (Triton kernels on CUDA) changes only those two functions. Today both run the pure-PyTorch
-references, which take every input the op accepts.
+Device dispatch lives here, one place each: `_estimate` runs the fused Triton estimator on CUDA
+when it takes the inputs (else the reference estimator), `_attend` the Triton block-sparse kernel
+on CUDA (the op checks `kernel_unsupported_reason` first and runs dense attention, logged, when it
+cannot), and the backward the Triton backward kernels on CUDA. On the CPU everything runs the
+pure-PyTorch references, which take every input the op accepts.
+
+On CUDA a selection denser than ``config.dense_fallback_density`` runs dense attention instead
+(`density_fallback_reason`): at that density the sparse kernel cannot beat a dense one. Deciding
+costs one host synchronisation per call (a scalar read of the selection's size).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .config import OmniSparseConfig
 from .kernels.estimation import estimate_blocks
+from .kernels.estimation import triton_composite
 from .kernels.masks import allowed_blocks, check_qkv, resolve_scale, validate_mask
 from .kernels.selection import BlockSelection, select_blocks
+from .kernels.sparse_attention import triton_bwd, triton_fwd
 from .kernels.sparse_attention.reference import sparse_attention_reference
 from .metrics import relative_error
 from .metrics import selection_stats as measure_selection
 
 
-def kernel_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
-    """Why the attention implementation `_attend` would run cannot take these inputs ("" = it can).
+def kernel_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> str:
+    """Why `_attend` cannot take these inputs ("" = it can): CUDA inputs the Triton kernel rejects.
 
-    The pure-PyTorch reference takes every input the op accepts, so this is always "".
+    The pure-PyTorch reference (CPU) takes every input the op accepts.
     """
-    return ""
+    if q.device.type != "cuda":
+        return ""
+    reason = triton_fwd.supported(q, k, v, attn_mask)
+    return f"Triton prefill kernel: {reason}" if reason else ""
 
 
 def _estimate(
@@ -36,6 +49,8 @@ def _estimate(
     config: OmniSparseConfig,
 ) -> torch.Tensor:
     """Ahat float32 [B, H, nq, nk] (the one estimator call)."""
+    if q.device.type == "cuda" and triton_composite.supported(q, k, attn_mask, config) is None:
+        return triton_composite.estimate_blocks(q, k, attn_mask, is_causal, scale, config)
     return estimate_blocks(q, k, attn_mask, is_causal, scale, config)
 
 
@@ -50,7 +65,27 @@ def _attend(
     config: OmniSparseConfig,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, H, Sq, Dv] in q.dtype, lse float32 [B, H, Sq]) over the selection (the one attention call)."""
+    if q.device.type == "cuda":
+        return triton_fwd.sparse_attention_fwd(q, k, v, selection, attn_mask, is_causal, scale)
     return sparse_attention_reference(q, k, v, selection, attn_mask, is_causal, scale, config.query_chunk)
+
+
+def density_fallback_reason(
+    selection: BlockSelection, attn_mask: torch.Tensor | None, is_causal: bool, config: OmniSparseConfig
+) -> str:
+    """On CUDA, why this selection runs dense attention ("" = sparse): denser than the config allows."""
+    if selection.kv_indices.device.type != "cuda" or config.dense_fallback_density >= 1.0:
+        return ""
+    batch, heads = selection.kv_num_blocks.shape[:2]
+    allowed = allowed_blocks(
+        attn_mask, is_causal, batch, heads, selection.q_len, selection.kv_len, selection.block_size,
+        selection.kv_indices.device,
+    )
+    allowed_count = allowed.expand(batch, heads, -1, -1).sum()
+    density = (selection.kv_num_blocks.sum() / allowed_count).item()
+    if density > config.dense_fallback_density:
+        return f"selection density {density:.2f} > dense_fallback_density {config.dense_fallback_density}"
+    return ""
 
 
 def plan(
@@ -77,6 +112,29 @@ def plan(
         return select_blocks(ahat, allowed, config, kv_heads, is_causal=is_causal, q_len=q_len, kv_len=kv_len)
 
 
+@dataclass
+class SparseResult:
+    """What `omnisparse_attention` computed.
+
+    Attributes:
+        out: [B, H, Sq, Dv] in q.dtype.
+        lse: float32 [B, H, Sq] (natural log) when the sparse path ran; zeros when dense ran.
+        selection: the block selection.
+        dense_reason: why dense attention ran instead ("" when sparse ran).
+    """
+
+    out: torch.Tensor
+    lse: torch.Tensor
+    selection: BlockSelection
+    dense_reason: str
+
+
+def _dense(q, k, v, attn_mask, is_causal, scale) -> torch.Tensor:
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
+
+
 def omnisparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -85,16 +143,20 @@ def omnisparse_attention(
     is_causal: bool,
     scale: float | None,
     config: OmniSparseConfig,
-) -> tuple[torch.Tensor, torch.Tensor, BlockSelection]:
+) -> SparseResult:
     """OmniSparse attention with SDPA semantics (shapes as `plan`; v: [B, Hkv, Skv, Dv]).
 
-    Returns (out [B, H, Sq, Dv] in q.dtype, lse float32 [B, H, Sq], the selection). Differentiable by
-    autograd with respect to q, k, v with the selection held constant (METHOD.md section 5).
+    On the CPU, differentiable by autograd with respect to q, k, v with the selection held constant
+    (METHOD.md section 5); the op's registered backward is `omnisparse_attention_backward`.
     """
     check_qkv(q, k, v)
     selection = plan(q, k, attn_mask, is_causal, scale, config)
+    reason = density_fallback_reason(selection, attn_mask, is_causal, config)
+    if reason:
+        out = _dense(q, k, v, attn_mask, is_causal, scale)
+        return SparseResult(out, q.new_zeros(q.shape[:3], dtype=torch.float32), selection, reason)
     out, lse = _attend(q, k, v, selection, attn_mask, is_causal, resolve_scale(scale, q.shape[-1]), config)
-    return out, lse, selection
+    return SparseResult(out, lse, selection, "")
 
 
 def omnisparse_attention_backward(
@@ -111,16 +173,20 @@ def omnisparse_attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of `omnisparse_attention` for the cotangent grad_out [B, H, Sq, Dv].
 
-    Recomputes the (deterministic) selection, then differentiates the sparse attention over exactly
-    those blocks with ``torch.func.vjp`` (usable inside a custom op, below the autograd keys). ``out``
-    and ``lse`` are the forward's results, accepted for a kernel backward that reuses them; the
-    reference recomputes them.
+    Recomputes the (deterministic) selection and the density decision, then differentiates exactly
+    the attention that ran: the Triton backward on CUDA (it reuses ``out`` and ``lse``), else the
+    reference through ``torch.func.vjp`` (usable inside a custom op, below the autograd keys).
     """
     selection = plan(q, k, attn_mask, is_causal, scale, config)
+    if density_fallback_reason(selection, attn_mask, is_causal, config):
+        _, vjp_fn = torch.func.vjp(lambda q_, k_, v_: _dense(q_, k_, v_, attn_mask, is_causal, scale), q, k, v)
+        return vjp_fn(grad_out)
     scale = resolve_scale(scale, q.shape[-1])
+    if q.device.type == "cuda" and triton_bwd.supported(q, k, v, attn_mask) is None:
+        return triton_bwd.sparse_attention_bwd(grad_out, q, k, v, out, lse, selection, attn_mask, is_causal, scale)
 
     def attention_out(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor) -> torch.Tensor:
-        return _attend(q_, k_, v_, selection, attn_mask, is_causal, scale, config)[0]
+        return sparse_attention_reference(q_, k_, v_, selection, attn_mask, is_causal, scale, config.query_chunk)[0]
 
     _, vjp_fn = torch.func.vjp(attention_out, q, k, v)
     return vjp_fn(grad_out)
@@ -142,7 +208,4 @@ def selection_stats(
     Costs an exact pass (chunked by ``config.query_chunk``) and a dense attention: for explain/benchmarks.
     """
     stats = measure_selection(q, k, attn_mask, is_causal, scale, selection, config.query_chunk).as_dict()
-    dense = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-    )
-    return {**stats, "rel_error": relative_error(out, dense)}
+    return {**stats, "rel_error": relative_error(out, _dense(q, k, v, attn_mask, is_causal, scale))}

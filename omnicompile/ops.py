@@ -70,7 +70,7 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, drop
             ) from None
 
 
-def dense_reason(q: Tensor, k: Tensor, v: Tensor, cfg: OmniSparseConfig) -> str:
+def dense_reason(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, cfg: OmniSparseConfig) -> str:
     """Why this call runs dense attention ("" when the sparse method runs)."""
     if cfg.mode == "dense":
         return "mode='dense'"
@@ -84,7 +84,7 @@ def dense_reason(q: Tensor, k: Tensor, v: Tensor, cfg: OmniSparseConfig) -> str:
         return f"value head dim {v.shape[-1]} differs from query head dim {q.shape[-1]}"
     from .method import kernel_unsupported_reason
 
-    return kernel_unsupported_reason(q, k, v)
+    return kernel_unsupported_reason(q, k, v, attn_mask)
 
 
 def recompute_grads(fn, primals: tuple[Tensor, ...], grad_out: Tensor) -> tuple[Tensor, ...]:
@@ -138,7 +138,7 @@ def attention(
     """OmniSparse attention with SDPA semantics; see the module docstring."""
     check_inputs(q, k, v, attn_mask, dropout_p, enable_gqa)
     cfg = OmniSparseConfig.from_json(config)
-    reason = dense_reason(q, k, v, cfg)
+    reason = dense_reason(q, k, v, attn_mask, cfg)
     if reason:
         _log_dense_once(site, reason)
         out = _dense_attention(q, k, v, attn_mask, is_causal, scale, enable_gqa)
@@ -146,12 +146,15 @@ def attention(
         return out, q.new_zeros((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32)
     from .method import omnisparse_attention, selection_stats
 
-    out, lse, selection = omnisparse_attention(q, k, v, attn_mask, is_causal, scale, cfg)
+    result = omnisparse_attention(q, k, v, attn_mask, is_causal, scale, cfg)
+    decision = "dense" if result.dense_reason else "sparse"
+    if result.dense_reason:
+        _log_dense_once(site, result.dense_reason)
     _record(
-        site, "sparse", "", (q, k, v, attn_mask, is_causal, scale),
-        lambda: selection_stats(q, k, v, attn_mask, is_causal, scale, cfg, selection, out),
+        site, decision, result.dense_reason, (q, k, v, attn_mask, is_causal, scale),
+        lambda: selection_stats(q, k, v, attn_mask, is_causal, scale, cfg, result.selection, result.out),
     )
-    return out.contiguous(), lse.contiguous()
+    return result.out.contiguous(), result.lse.contiguous()
 
 
 @attention.register_fake
@@ -177,7 +180,7 @@ def attention_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of `attention` with respect to q, k, v (shaped like them)."""
     cfg = OmniSparseConfig.from_json(config)
-    if dense_reason(q, k, v, cfg):
+    if dense_reason(q, k, v, attn_mask, cfg):
         grads = recompute_grads(
             lambda q_, k_, v_: _dense_attention(q_, k_, v_, attn_mask, is_causal, scale, enable_gqa), (q, k, v), grad_out
         )

@@ -76,12 +76,12 @@ def test_dropout_is_rejected():
 def test_dense_reasons():
     cfg = OmniSparseConfig(min_seq_len=64, block_size=16)
     q, k, v = _qkv(sq=32, skv=32)
-    assert "mode='dense'" in dense_reason(q, k, v, cfg.replace(mode="dense"))
-    assert "min_seq_len" in dense_reason(q, k, v, cfg)
+    assert "mode='dense'" in dense_reason(q, k, v, None, cfg.replace(mode="dense"))
+    assert "min_seq_len" in dense_reason(q, k, v, None, cfg)
     q1, k1, v1 = _qkv(sq=1, skv=128)
-    assert "decode" in dense_reason(q1, k1, v1, cfg)
+    assert "decode" in dense_reason(q1, k1, v1, None, cfg)
     qd, kd, vd = (t.double() for t in _qkv(sq=64, skv=64))
-    assert "dtype" in dense_reason(qd, kd, vd, cfg)
+    assert "dtype" in dense_reason(qd, kd, vd, None, cfg)
 
 
 def test_dense_decision_logged_once_per_site(caplog):
@@ -93,3 +93,35 @@ def test_dense_decision_logged_once_per_site(caplog):
         _op(q, k, v, config=cfg, site="log_once_other")
     messages = [r.getMessage() for r in caplog.records if "log_once" in r.getMessage()]
     assert len(messages) == 2 and all("min_seq_len" in m for m in messages)
+
+
+SPARSE_FULL = OmniSparseConfig(tau=1.0, query_selection=False, block_size=16, granularity=4, min_seq_len=64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_sparse_path_with_full_selection_equals_sdpa(dtype, causal):
+    """tau = 1 and no query selection select every allowed block: the op equals SDPA, fwd and bwd."""
+    q, k, v = _qkv(sq=72, skv=72, d=16, dtype=dtype)
+    out, lse = _op(q, k, v, causal=causal, config=SPARSE_FULL.to_json())
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    assert torch.isfinite(lse).all()
+    assert rel_error(out, ref) < REL_TOL[dtype]
+    grad = torch.randn_like(out)
+    for g, w in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        assert rel_error(g, w) < GRAD_REL_TOL[dtype]
+
+
+def test_sparse_path_records_stats_on_structured_input():
+    from omnicompile.recording import recording
+    from omnicompile.structured import structured_qkv
+
+    q, k, v = structured_qkv("structured", 1, 4, 2, 1024, 32, dtype=torch.float32, device="cpu", seed=1)
+    cfg = OmniSparseConfig(block_size=16, granularity=4, min_seq_len=256).to_json()
+    with recording(measure=True) as recorder:
+        out, lse = _op(q, k, v, causal=True, config=cfg, site="structured_site")
+    (run,) = recorder.runs
+    assert run.decision == "sparse" and run.site == "structured_site"
+    assert run.stats["density"] < 0.5 and run.stats["recall_mean"] > 0.9
+    assert run.stats["rel_error"] < 0.1
+    assert torch.isfinite(lse).all()
