@@ -32,18 +32,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .explain import explain
     from .models import build_model
+    from .recording import recording
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(args.model, attn_implementation=args.attn_implementation, device=device)
     ids = torch.randint(0, model.config.vocab_size, (1, args.seq_len), device=device)
-    with torch.no_grad():
-        report = explain(model, ids, config=_config_from_args(args))
+    config = _config_from_args(args)
+    with torch.no_grad(), recording(measure=False, keep_run=args.layer if args.plot else None) as recorder:
+        report = explain(model, ids, config=config)
     print(report)
     if args.plot:
-        from .plotting import plot_site
+        from .plotting import plot_selection
 
-        plot_site(model, ids, _config_from_args(args), layer=args.layer, heads=args.heads, path=args.plot)
-        print(f"wrote {args.plot}")
+        if args.layer >= len(recorder.runs):
+            raise SystemExit(f"--layer {args.layer}: the model ran {len(recorder.runs)} attention sites")
+        print(f"wrote {plot_selection(recorder.runs[args.layer], config, args.heads, args.plot)}")
     return 0
 
 
