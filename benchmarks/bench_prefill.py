@@ -5,7 +5,8 @@ For each sequence length S, KV-head count and input preset (`omnicompile.structu
 - dense: torch SDPA with the flash, cuDNN and memory-efficient backends (each alone; a backend that
   refuses GQA is retried on repeated K/V and marked so);
 - per estimator and budget scope: our pipeline in parts (Triton estimator, selection in torch ops,
-  Triton sparse attention) and in total, and FlexAttention on the same selection (``--flex-seq-lens``:
+  Triton sparse attention) and in total, eager and replayed from a CUDA graph (no Python or launch
+  overhead: what a compiled model would see), and FlexAttention on the same selection (``--flex-seq-lens``:
   it compiles per shape);
 - density (computed / allowed blocks), exact recall (`omnicompile.metrics.exact_recall`, on
   ``--recall-heads`` sampled heads, up to ``--recall-max-seq``: it costs an exact fp32 pass), output
@@ -144,6 +145,19 @@ def _flex_runner(q, k, v, selection: BlockSelection, scale: float) -> Callable[[
     )
 
 
+def _graphed(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` captured in a CUDA graph (replay without Python or launch overhead)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def _pipeline(q, k, v, config: OmniSparseConfig, scale: float):
     """The parts of our prefill, each a zero-argument callable, and their results."""
     batch, heads, seq, _ = q.shape
@@ -193,6 +207,12 @@ def run_case(args, seq: int, kv_heads: int, preset: str, dense_ms: dict, log: Co
             config = OmniSparseConfig(tau=args.tau, estimator=estimator, budget_scope=scope)
             parts, selection, allowed = _pipeline(q, k, v, config, scale)
             ms = {name: time_ms(fn) for name, fn in parts.items()}
+            ms["total_graph"] = float("nan")
+            if device.type == "cuda":
+                try:
+                    ms["total_graph"] = time_ms(_graphed(parts["total"]))
+                except RuntimeError as err:  # e.g. a host synchronisation inside the pipeline
+                    log.print(f"CUDA graph capture at S={seq}: {str(err).splitlines()[0][:120]}")
             out, _ = parts["attend"]()
             row = {
                 "seq_len": seq, "heads": args.heads, "kv_heads": kv_heads, "head_dim": args.head_dim,
@@ -286,6 +306,7 @@ def _plot(path: Path, rows: list[dict]) -> None:
             mine = {r["seq_len"]: r for r in sub if (r["estimator"], r["budget_scope"]) == (est, scope)}
             xs = sorted(mine)
             ax.plot(xs, [mine[s]["ours_total_ms"] for s in xs], "o-", label=f"ours {est}/{scope}")
+            ax.plot(xs, [mine[s]["ours_total_graph_ms"] for s in xs], "s-", label=f"ours {est}/{scope}, CUDA graph")
             ax.plot(xs, [mine[s]["flex_ms"] for s in xs], "x:", label=f"flex {est}/{scope}")
         ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="ms", title=f"{preset}, Hkv={kv_heads}")
         ax.legend(fontsize=6)
@@ -300,6 +321,7 @@ def _table(rows: list[dict]) -> Table:
         ("scope", "budget_scope", "{}"), ("flash", "flash_ms", "{:.2f}"), ("cudnn", "cudnn_ms", "{:.2f}"),
         ("eff", "efficient_ms", "{:.2f}"), ("flex", "flex_ms", "{:.2f}"), ("est ms", "ours_estimate_ms", "{:.2f}"),
         ("sel ms", "ours_select_ms", "{:.2f}"), ("attn ms", "ours_attend_ms", "{:.2f}"), ("total", "ours_total_ms", "{:.2f}"),
+        ("graph", "ours_total_graph_ms", "{:.2f}"),
         ("x flash", "speedup_total_vs_flash", "{:.2f}"), ("x cudnn", "speedup_total_vs_cudnn", "{:.2f}"),
         ("density", "density", "{:.3f}"),
         ("recall", "recall_mean", "{:.3f}"), ("worst", "recall_min", "{:.3f}"), ("rel err", "rel_error", "{:.1e}"),
