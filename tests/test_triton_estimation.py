@@ -96,6 +96,13 @@ def test_structured_inputs(preset):
     _check(q, k, True, OmniSparseConfig(block_size=32, granularity=8), launch=SMALL_TILES)
 
 
+def test_default_scale():
+    gen = torch.Generator().manual_seed(4)
+    q, k = _qk(1, 2, 1, 64, 64, 32, torch.float32, gen)
+    config = OmniSparseConfig(block_size=16, granularity=4)
+    assert torch.equal(estimate_blocks(q, k, None, True, None, config), estimate_blocks(q, k, None, True, 32**-0.5, config))
+
+
 def test_composite_means():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 37, 16, generator=gen)

@@ -51,6 +51,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def needs_fp32_dot(dtype: torch.dtype) -> bool:
+    """Whether `tile_dot` must take the exact fp32 path for inputs of ``dtype``: fp32 inputs, and
+    bf16 under the interpreter, whose bf16 ``tl.dot`` is wrong (Triton 3.9). bf16 products are
+    exact in fp32, so that path computes what the tensor cores do."""
+    return dtype == torch.float32 or (interpreting() and dtype == torch.bfloat16)
+
+
 def supported(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> str | None:
     """None when `sparse_attention_fwd` can run these inputs, else the reason it cannot."""
     if q.device.type != "cuda" and not interpreting():
@@ -74,8 +81,9 @@ def supported(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> str 
 def default_launch_config(block_size: int, dtype: torch.dtype, has_mask: bool) -> LaunchConfig:
     """The launch config for a selection block size, dtype and mask presence.
 
-    Chosen from sm_90 resource reports (no register spills; K/V pipelined num_stages deep) and
-    H100 timings (notes/prefill_kernel.md). An attn_mask tile costs registers: narrower key steps.
+    Chosen from sm_90 resource reports (no register spills; K/V pipelined num_stages deep) and an
+    H100 sweep (notes/prefill_kernel.md: 64/64/4 warps/3 stages fastest; 8 warps 2x slower; 4
+    stages leave one program per SM). An attn_mask tile costs registers: narrower key steps.
     """
     block_m = min(block_size, 64)
     if dtype == torch.float32:  # interpreter only (see `supported`)
@@ -91,9 +99,9 @@ def _mask_free_counts(selection: BlockSelection, is_causal: bool, has_mask: bool
     Such a block j lies strictly below the diagonal (j < i, causal), is full (its last key is in
     range) and no attn_mask is given. The indices are ascending, so these blocks form a prefix.
     """
-    idx = selection.kv_indices
     if has_mask:
         return torch.zeros_like(selection.kv_num_blocks)
+    idx = selection.kv_indices
     b, nk = selection.block_size, selection.num_kv_blocks
     full_blocks = nk if selection.kv_len % b == 0 else nk - 1
     limit = torch.full((selection.num_q_blocks,), full_blocks, dtype=idx.dtype, device=idx.device)
@@ -185,13 +193,6 @@ def sparse_attention_fwd(
         num_stages=cfg.num_stages,
     )
     return out, lse
-
-
-def needs_fp32_dot(dtype: torch.dtype) -> bool:
-    """Whether `tile_dot` must take the exact fp32 path for inputs of ``dtype``: fp32 inputs, and
-    bf16 under the interpreter, whose bf16 ``tl.dot`` is wrong (Triton 3.9). bf16 products are
-    exact in fp32, so that path computes what the tensor cores do."""
-    return dtype == torch.float32 or (interpreting() and dtype == torch.bfloat16)
 
 
 @triton.jit
