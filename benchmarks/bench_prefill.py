@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import json
 import math
 import statistics
@@ -33,17 +34,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from omnicompile.kernels.estimation.triton_composite import EstimateLaunch, estimate_blocks
+from omnicompile.kernels.masks import allowed_blocks
+from omnicompile.kernels.selection.block_selection import BlockSelection
+from omnicompile.kernels.selection.select import select_blocks
+from omnicompile.kernels.sparse_attention.triton_fwd import LaunchConfig, sparse_attention_fwd
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from omnicompile.config import OmniSparseConfig
-from omnicompile.kernels.estimation.triton_composite import EstimateLaunch, estimate_blocks
-from omnicompile.kernels.masks import allowed_blocks
-from omnicompile.kernels.selection.block_selection import BlockSelection
-from omnicompile.kernels.selection.select import select_blocks
-from omnicompile.kernels.sparse_attention.triton_fwd import LaunchConfig, sparse_attention_fwd
 from omnicompile.metrics import density, exact_recall, relative_error
 from omnicompile.structured import structured_qkv
 
@@ -118,7 +119,10 @@ def _dense(q, k, v, backend: SDPBackend) -> tuple[Callable[[], torch.Tensor], st
 
 def _head_subset(selection: BlockSelection, heads: list[int]) -> BlockSelection:
     index = torch.tensor(heads, device=selection.kv_indices.device)
-    fields = {f: getattr(selection, f).index_select(1, index) for f in ("kv_num_blocks", "kv_indices", "lazy", "budget")}
+    fields = {
+        f: getattr(selection, f).index_select(1, index)
+        for f in ("kv_num_blocks", "kv_indices", "lazy", "budget")
+    }
     return dataclasses.replace(selection, **fields)
 
 
@@ -132,9 +136,8 @@ def _recall(q, k, selection: BlockSelection, scale: float, num_heads: int) -> tu
 
 
 def _flex_runner(q, k, v, selection: BlockSelection, scale: float) -> Callable[[], torch.Tensor]:
-    from torch.nn.attention.flex_attention import flex_attention
-
     from omnicompile.kernels.selection.flex import to_block_mask
+    from torch.nn.attention.flex_attention import flex_attention
 
     block_mask = to_block_mask(selection, is_causal=True)
     compiled = torch.compile(flex_attention, dynamic=False)
@@ -188,7 +191,9 @@ def run_case(args, seq: int, kv_heads: int, preset: str, dense_ms: dict, log: Co
     """All rows of one (S, Hkv, preset): one per (estimator, budget scope)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    q, k, v = structured_qkv(preset, 1, args.heads, kv_heads, seq, args.head_dim, dtype=dtype, device=device, seed=0)
+    q, k, v = structured_qkv(
+        preset, 1, args.heads, kv_heads, seq, args.head_dim, dtype=dtype, device=device, seed=0
+    )
     scale = args.head_dim**-0.5
     dense_key = (seq, kv_heads)
     dense_out = None
@@ -215,17 +220,29 @@ def run_case(args, seq: int, kv_heads: int, preset: str, dense_ms: dict, log: Co
                     log.print(f"CUDA graph capture at S={seq}: {str(err).splitlines()[0][:120]}")
             out, _ = parts["attend"]()
             row = {
-                "seq_len": seq, "heads": args.heads, "kv_heads": kv_heads, "head_dim": args.head_dim,
-                "preset": preset, "estimator": estimator, "budget_scope": scope, "tau": args.tau,
+                "seq_len": seq,
+                "heads": args.heads,
+                "kv_heads": kv_heads,
+                "head_dim": args.head_dim,
+                "preset": preset,
+                "estimator": estimator,
+                "budget_scope": scope,
+                "tau": args.tau,
                 **{f"{name}_ms": dense_ms[dense_key + (name,)][0] for name in DENSE_BACKENDS},
-                "dense_notes": "; ".join(f"{n}{dense_ms[dense_key + (n,)][1]}" for n in DENSE_BACKENDS if dense_ms[dense_key + (n,)][1]),
+                "dense_notes": "; ".join(
+                    f"{n}{dense_ms[dense_key + (n,)][1]}"
+                    for n in DENSE_BACKENDS
+                    if dense_ms[dense_key + (n,)][1]
+                ),
                 **{f"ours_{name}_ms": value for name, value in ms.items()},
                 "density": density(selection, allowed),
                 "lazy_fraction": selection.lazy.float().mean().item(),
                 "rel_error": relative_error(out, dense_out) if dense_out is not None else float("nan"),
             }
             blocks = selection.kv_num_blocks.sum().item()
-            row["ours_attend_tflops"] = 4 * args.head_dim * config.block_size**2 * blocks / (ms["attend"] * 1e9)
+            row["ours_attend_tflops"] = (
+                4 * args.head_dim * config.block_size**2 * blocks / (ms["attend"] * 1e9)
+            )
             row["speedup_total_vs_flash"] = row["flash_ms"] / ms["total"]
             row["speedup_total_vs_cudnn"] = row["cudnn_ms"] / ms["total"]
             row["speedup_attend_vs_flash"] = row["flash_ms"] / ms["attend"]
@@ -249,7 +266,16 @@ def profile_pipeline(args, log: Console) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     for seq in args.seq_lens:
-        q, k, v = structured_qkv("structured", 1, args.heads, args.kv_heads[0], seq, args.head_dim, dtype=torch.bfloat16, device="cuda")
+        q, k, v = structured_qkv(
+            "structured",
+            1,
+            args.heads,
+            args.kv_heads[0],
+            seq,
+            args.head_dim,
+            dtype=torch.bfloat16,
+            device="cuda",
+        )
         parts, _, _ = _pipeline(q, k, v, OmniSparseConfig(tau=args.tau), args.head_dim**-0.5)
         parts["total"]()
         torch.cuda.synchronize()
@@ -257,7 +283,11 @@ def profile_pipeline(args, log: Console) -> None:
             parts["total"]()
             torch.cuda.synchronize()
         log.print(f"S={seq} Hkv={args.kv_heads[0]} structured: CUDA kernels of one prefill")
-        log.print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=70))
+        log.print(
+            prof.key_averages().table(
+                sort_by="self_device_time_total", row_limit=14, max_name_column_width=70
+            )
+        )
 
 
 def sweep(args, log: Console) -> list[dict]:
@@ -265,17 +295,37 @@ def sweep(args, log: Console) -> list[dict]:
     seq, kv_heads = args.seq_lens[0], args.kv_heads[0]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    q, k, v = structured_qkv("structured", 1, args.heads, kv_heads, seq, args.head_dim, dtype=dtype, device=device)
+    q, k, v = structured_qkv(
+        "structured", 1, args.heads, kv_heads, seq, args.head_dim, dtype=dtype, device=device
+    )
     scale, config = args.head_dim**-0.5, OmniSparseConfig(tau=args.tau)
     _, selection, _ = _pipeline(q, k, v, config, scale)
     rows = []
     for launch in FWD_SWEEP:
-        ms = time_ms(lambda: sparse_attention_fwd(q, k, v, selection, None, True, scale, launch=launch))
-        rows.append({"kernel": "attention", "seq_len": seq, "kv_heads": kv_heads, **dataclasses.asdict(launch), "ms": ms})
+        ms = time_ms(
+            functools.partial(sparse_attention_fwd, q, k, v, selection, None, True, scale, launch=launch)
+        )
+        rows.append(
+            {
+                "kernel": "attention",
+                "seq_len": seq,
+                "kv_heads": kv_heads,
+                **dataclasses.asdict(launch),
+                "ms": ms,
+            }
+        )
         log.print(json.dumps(rows[-1]))
     for launch in EST_SWEEP:
-        ms = time_ms(lambda: estimate_blocks(q, k, None, True, scale, config, launch=launch))
-        rows.append({"kernel": "estimate", "seq_len": seq, "kv_heads": kv_heads, **dataclasses.asdict(launch), "ms": ms})
+        ms = time_ms(functools.partial(estimate_blocks, q, k, None, True, scale, config, launch=launch))
+        rows.append(
+            {
+                "kernel": "estimate",
+                "seq_len": seq,
+                "kv_heads": kv_heads,
+                **dataclasses.asdict(launch),
+                "ms": ms,
+            }
+        )
         log.print(json.dumps(rows[-1]))
     return rows
 
@@ -306,9 +356,20 @@ def _plot(path: Path, rows: list[dict]) -> None:
             mine = {r["seq_len"]: r for r in sub if (r["estimator"], r["budget_scope"]) == (est, scope)}
             xs = sorted(mine)
             ax.plot(xs, [mine[s]["ours_total_ms"] for s in xs], "o-", label=f"ours {est}/{scope}")
-            ax.plot(xs, [mine[s]["ours_total_graph_ms"] for s in xs], "s-", label=f"ours {est}/{scope}, CUDA graph")
+            ax.plot(
+                xs,
+                [mine[s]["ours_total_graph_ms"] for s in xs],
+                "s-",
+                label=f"ours {est}/{scope}, CUDA graph",
+            )
             ax.plot(xs, [mine[s]["flex_ms"] for s in xs], "x:", label=f"flex {est}/{scope}")
-        ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="ms", title=f"{preset}, Hkv={kv_heads}")
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="sequence length",
+            ylabel="ms",
+            title=f"{preset}, Hkv={kv_heads}",
+        )
         ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -317,14 +378,26 @@ def _plot(path: Path, rows: list[dict]) -> None:
 def _table(rows: list[dict]) -> Table:
     table = Table(title="prefill (B=1, causal): ms, speed-up vs SDPA flash, quality")
     columns = [
-        ("S", "seq_len", "{}"), ("Hkv", "kv_heads", "{}"), ("preset", "preset", "{}"), ("est", "estimator", "{}"),
-        ("scope", "budget_scope", "{}"), ("flash", "flash_ms", "{:.2f}"), ("cudnn", "cudnn_ms", "{:.2f}"),
-        ("eff", "efficient_ms", "{:.2f}"), ("flex", "flex_ms", "{:.2f}"), ("est ms", "ours_estimate_ms", "{:.2f}"),
-        ("sel ms", "ours_select_ms", "{:.2f}"), ("attn ms", "ours_attend_ms", "{:.2f}"), ("total", "ours_total_ms", "{:.2f}"),
+        ("S", "seq_len", "{}"),
+        ("Hkv", "kv_heads", "{}"),
+        ("preset", "preset", "{}"),
+        ("est", "estimator", "{}"),
+        ("scope", "budget_scope", "{}"),
+        ("flash", "flash_ms", "{:.2f}"),
+        ("cudnn", "cudnn_ms", "{:.2f}"),
+        ("eff", "efficient_ms", "{:.2f}"),
+        ("flex", "flex_ms", "{:.2f}"),
+        ("est ms", "ours_estimate_ms", "{:.2f}"),
+        ("sel ms", "ours_select_ms", "{:.2f}"),
+        ("attn ms", "ours_attend_ms", "{:.2f}"),
+        ("total", "ours_total_ms", "{:.2f}"),
         ("graph", "ours_total_graph_ms", "{:.2f}"),
-        ("x flash", "speedup_total_vs_flash", "{:.2f}"), ("x cudnn", "speedup_total_vs_cudnn", "{:.2f}"),
+        ("x flash", "speedup_total_vs_flash", "{:.2f}"),
+        ("x cudnn", "speedup_total_vs_cudnn", "{:.2f}"),
         ("density", "density", "{:.3f}"),
-        ("recall", "recall_mean", "{:.3f}"), ("worst", "recall_min", "{:.3f}"), ("rel err", "rel_error", "{:.1e}"),
+        ("recall", "recall_mean", "{:.3f}"),
+        ("worst", "recall_min", "{:.3f}"),
+        ("rel err", "rel_error", "{:.1e}"),
         ("TFLOP/s", "ours_attend_tflops", "{:.0f}"),
     ]
     for title, _, _ in columns:
@@ -349,7 +422,9 @@ def main() -> None:
     parser.add_argument("--recall-heads", type=int, default=2, help="heads sampled for exact recall (0: off)")
     parser.add_argument("--recall-max-seq", type=int, default=32768)
     parser.add_argument("--sweep", action="store_true", help="time launch configs first")
-    parser.add_argument("--profile", action="store_true", help="kernel-time breakdown of one prefill per S first")
+    parser.add_argument(
+        "--profile", action="store_true", help="kernel-time breakdown of one prefill per S first"
+    )
     parser.add_argument("--time-budget-s", type=float, default=480.0)
     parser.add_argument("--out", type=Path, default=Path("out/bench_prefill"))
     args = parser.parse_args()
@@ -375,7 +450,9 @@ def main() -> None:
             try:
                 rows += run_case(args, seq, kv_heads, preset, dense_ms, log)
             except torch.OutOfMemoryError as err:
-                log.print(f"S={seq} Hkv={kv_heads} {preset}: out of memory ({str(err).splitlines()[0][:100]})")
+                log.print(
+                    f"S={seq} Hkv={kv_heads} {preset}: out of memory ({str(err).splitlines()[0][:100]})"
+                )
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             progress.advance(task)

@@ -21,8 +21,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-from omnicompile.config import OmniSparseConfig
 from omnicompile.kernels.estimation.reference import estimate_blocks as reference_estimate
 from omnicompile.kernels.estimation.triton_composite import estimate_blocks
 from omnicompile.kernels.masks import allowed_blocks
@@ -31,6 +29,8 @@ from omnicompile.kernels.selection.select import select_blocks
 from omnicompile.kernels.selection.transpose import selection_from_block_mask
 from omnicompile.kernels.sparse_attention.reference import sparse_attention_reference
 from omnicompile.kernels.sparse_attention.triton_fwd import sparse_attention_fwd
+
+from omnicompile.config import OmniSparseConfig
 from omnicompile.metrics import relative_error
 from omnicompile.structured import structured_qkv
 
@@ -43,7 +43,9 @@ AHAT_TOL = {torch.float16: 5e-3, torch.bfloat16: 2e-2}
 def _select(q, k, is_causal: bool, config: OmniSparseConfig, ahat: torch.Tensor) -> BlockSelection:
     batch, heads, q_len, _ = q.shape
     allowed = allowed_blocks(None, is_causal, batch, heads, q_len, k.shape[2], config.block_size, q.device)
-    return select_blocks(ahat, allowed, config, k.shape[1], is_causal=is_causal, q_len=q_len, kv_len=k.shape[2])
+    return select_blocks(
+        ahat, allowed, config, k.shape[1], is_causal=is_causal, q_len=q_len, kv_len=k.shape[2]
+    )
 
 
 def _poison() -> None:
@@ -80,9 +82,15 @@ def forward_checks(shrink: int) -> list[dict]:
     results = []
     config = OmniSparseConfig()
     for seq, heads, kv_heads in ((4096 // shrink, 8, 2), (32768 // shrink, 32, 8)):
-        q, k, v = structured_qkv("structured", 1, heads, kv_heads, seq, 128, dtype=torch.bfloat16, device=DEVICE)
+        q, k, v = structured_qkv(
+            "structured", 1, heads, kv_heads, seq, 128, dtype=torch.bfloat16, device=DEVICE
+        )
         selection = _select(q, k, True, config, estimate_blocks(q, k, None, True, 128**-0.5, config))
-        results.append(check_forward(f"fwd real selection S={seq} H={heads}/{kv_heads} causal", q, k, v, selection, None, True))
+        results.append(
+            check_forward(
+                f"fwd real selection S={seq} H={heads}/{kv_heads} causal", q, k, v, selection, None, True
+            )
+        )
     for dtype, head_dim, is_causal, q_len, kv_len in (
         (torch.float16, 64, False, 3000, 4000),
         (torch.bfloat16, 96, True, 4000, 3000),
@@ -113,7 +121,9 @@ def dense_equality_checks(shrink: int) -> list[dict]:
     results = []
     config = OmniSparseConfig(tau=1.0, query_selection=False)
     for seq, heads, kv_heads in ((4000 // shrink, 8, 2), (32768 // shrink, 32, 8)):
-        q, k, v = structured_qkv("structured", 1, heads, kv_heads, seq, 128, dtype=torch.bfloat16, device=DEVICE)
+        q, k, v = structured_qkv(
+            "structured", 1, heads, kv_heads, seq, 128, dtype=torch.bfloat16, device=DEVICE
+        )
         ahat = estimate_blocks(q, k, None, True, 128**-0.5, config)
         selection = _select(q, k, True, config, ahat)
         allowed = allowed_blocks(None, True, 1, heads, seq, seq, 64, DEVICE)
@@ -121,7 +131,14 @@ def dense_equality_checks(shrink: int) -> list[dict]:
         out, _ = sparse_attention_fwd(q, k, v, selection, None, True, None)
         err = relative_error(out, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
         ok = full and err < OUT_TOL[torch.bfloat16]
-        results.append({"check": f"tau=1 equals dense SDPA S={seq}", "all_allowed_selected": full, "rel_error": err, "ok": ok})
+        results.append(
+            {
+                "check": f"tau=1 equals dense SDPA S={seq}",
+                "all_allowed_selected": full,
+                "rel_error": err,
+                "ok": ok,
+            }
+        )
     return results
 
 
@@ -141,13 +158,15 @@ def estimator_checks(shrink: int) -> list[dict]:
         mine, theirs = _select(q, k, is_causal, config, ahat), _select(q, k, is_causal, config, ref)
         same = (mine.dense_mask() == theirs.dense_mask()).all(-1).float().mean().item()
         err = relative_error(ahat, ref)
-        results.append({
-            "check": f"estimator {estimator} {preset} S={seq} causal={is_causal}",
-            "ahat_rel_error": err,
-            "ahat_max_abs": (ahat - ref).abs().max().item(),
-            "rows_with_same_selection": same,
-            "ok": err < AHAT_TOL[torch.bfloat16],
-        })
+        results.append(
+            {
+                "check": f"estimator {estimator} {preset} S={seq} causal={is_causal}",
+                "ahat_rel_error": err,
+                "ahat_max_abs": (ahat - ref).abs().max().item(),
+                "rows_with_same_selection": same,
+                "ok": err < AHAT_TOL[torch.bfloat16],
+            }
+        )
     return results
 
 
@@ -170,7 +189,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_check.json").write_text(json.dumps(results, indent=1))
     failed = [r["check"] for r in results if not r["ok"]]
-    print(f"{len(results) - len(failed)}/{len(results)} checks passed" + (f"; FAILED: {failed}" if failed else ""))
+    print(
+        f"{len(results) - len(failed)}/{len(results)} checks passed"
+        + (f"; FAILED: {failed}" if failed else "")
+    )
     sys.exit(1 if failed else 0)
 
 

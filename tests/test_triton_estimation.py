@@ -11,11 +11,16 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from omnicompile.kernels.estimation.reference import estimate_blocks as reference_estimate
+from omnicompile.kernels.estimation.triton_composite import (
+    EstimateLaunch,
+    composite_means,
+    estimate_blocks,
+    supported,
+)
+from omnicompile.kernels.masks import allowed_blocks
 
 from omnicompile.config import OmniSparseConfig
-from omnicompile.kernels.estimation.reference import estimate_blocks as reference_estimate
-from omnicompile.kernels.estimation.triton_composite import EstimateLaunch, composite_means, estimate_blocks, supported
-from omnicompile.kernels.masks import allowed_blocks
 from omnicompile.structured import structured_qkv
 from tests.helpers import rel_error
 
@@ -81,7 +86,9 @@ def test_default_tiles(is_causal):
     is_causal=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_matches_reference_property(batch, kv_heads, group, q_len, kv_len, block_and_granularity, is_causal, seed):
+def test_matches_reference_property(
+    batch, kv_heads, group, q_len, kv_len, block_and_granularity, is_causal, seed
+):
     gen = torch.Generator().manual_seed(seed)
     q, k = _qk(batch, kv_heads * group, kv_heads, q_len, kv_len, 16, torch.float32, gen)
     block, granularity = block_and_granularity
@@ -92,7 +99,9 @@ def test_matches_reference_property(batch, kv_heads, group, q_len, kv_len, block
 @pytest.mark.parametrize("preset", ["structured", "flat_head"])
 def test_structured_inputs(preset):
     """Sharp structure (sinks, windows, needles): logits far larger than random inputs'."""
-    q, k, _ = structured_qkv(preset, 1, 4, 2, 256, 64, dtype=torch.bfloat16, seed=2, window=16, slash_period=96)
+    q, k, _ = structured_qkv(
+        preset, 1, 4, 2, 256, 64, dtype=torch.bfloat16, seed=2, window=16, slash_period=96
+    )
     _check(q, k, True, OmniSparseConfig(block_size=32, granularity=8), launch=SMALL_TILES)
 
 
@@ -100,7 +109,9 @@ def test_default_scale():
     gen = torch.Generator().manual_seed(4)
     q, k = _qk(1, 2, 1, 64, 64, 32, torch.float32, gen)
     config = OmniSparseConfig(block_size=16, granularity=4)
-    assert torch.equal(estimate_blocks(q, k, None, True, None, config), estimate_blocks(q, k, None, True, 32**-0.5, config))
+    assert torch.equal(
+        estimate_blocks(q, k, None, True, None, config), estimate_blocks(q, k, None, True, 32**-0.5, config)
+    )
 
 
 def test_composite_means():

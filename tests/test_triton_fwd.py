@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from omnicompile.config import OmniSparseConfig
 from omnicompile.kernels.estimation.reference import estimate_blocks
 from omnicompile.kernels.masks import allowed_blocks
 from omnicompile.kernels.selection.select import select_blocks
 from omnicompile.kernels.selection.transpose import selection_from_block_mask
 from omnicompile.kernels.sparse_attention.reference import sparse_attention_reference
 from omnicompile.kernels.sparse_attention.triton_fwd import LaunchConfig, sparse_attention_fwd, supported
+
+from omnicompile.config import OmniSparseConfig
 from tests.helpers import REL_TOL, rel_error
 
 pytestmark = pytest.mark.interpreter
@@ -117,7 +117,9 @@ def test_split_tiles(launch):
     density=st.floats(0.0, 1.0),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_matches_reference_property(batch, kv_heads, group, q_len, kv_len, head_dim, block, is_causal, density, seed):
+def test_matches_reference_property(
+    batch, kv_heads, group, q_len, kv_len, head_dim, block, is_causal, density, seed
+):
     gen = torch.Generator().manual_seed(seed)
     q, k, v = _inputs(batch, kv_heads * group, kv_heads, q_len, kv_len, head_dim, torch.float32, gen)
     selection = _random_selection(batch, kv_heads * group, q_len, kv_len, block, density, gen)
@@ -130,8 +132,12 @@ def test_full_selection_equals_sdpa(dtype, is_causal):
     gen = torch.Generator().manual_seed(11)
     q, k, v = _inputs(1, 4, 2, 77, 77, 64, dtype, gen)
     allowed = allowed_blocks(None, is_causal, 1, 4, 77, 77, 16, q.device).expand(1, 4, 5, 5)
-    out, _ = sparse_attention_fwd(q, k, v, selection_from_block_mask(allowed, 16, 77, 77), None, is_causal, None)
-    dense = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=is_causal, enable_gqa=True)
+    out, _ = sparse_attention_fwd(
+        q, k, v, selection_from_block_mask(allowed, 16, 77, 77), None, is_causal, None
+    )
+    dense = F.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), is_causal=is_causal, enable_gqa=True
+    )
     assert rel_error(out, dense) < REL_TOL[dtype]
 
 
@@ -160,7 +166,9 @@ def test_supported_reasons(monkeypatch):
     kv = torch.zeros(1, 2, 8, 64, dtype=torch.bfloat16)
     assert supported(q, kv, kv, None) is None
     assert "head dim" in supported(q[..., :40], kv[..., :40], kv[..., :40], None)
-    assert "head dim" in supported(torch.zeros(1, 4, 8, 256), torch.zeros(1, 2, 8, 256), torch.zeros(1, 2, 8, 256), None)
+    assert "head dim" in supported(
+        torch.zeros(1, 4, 8, 256), torch.zeros(1, 2, 8, 256), torch.zeros(1, 2, 8, 256), None
+    )
     assert "dtypes" in supported(q.double(), kv.double(), kv.double(), None)
     assert "multiple" in supported(q[:, :3], kv, kv, None)
     monkeypatch.delenv("TRITON_INTERPRET")

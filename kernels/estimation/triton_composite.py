@@ -122,9 +122,21 @@ def estimate_blocks(
     ahat = torch.empty(batch, heads, nq, nk, dtype=torch.float32, device=q.device)
     u_tiles = triton.cdiv(nq * per_block, block_u)
     _composite_kernel[(batch * heads * u_tiles,)](
-        q_means, k_means, ahat,
-        *q_means.stride(), *k_means.stride(), *ahat.stride(),
-        heads, q_len, kv_len, q_means.shape[2], k_means.shape[2], nq, nk, u_tiles, scale * _LOG2E,
+        q_means,
+        k_means,
+        ahat,
+        *q_means.stride(),
+        *k_means.stride(),
+        *ahat.stride(),
+        heads,
+        q_len,
+        kv_len,
+        q_means.shape[2],
+        k_means.shape[2],
+        nq,
+        nk,
+        u_tiles,
+        scale * _LOG2E,
         GQA=heads // kv_heads,
         GROUP=group,
         PER_BLOCK=per_block,
@@ -142,9 +154,24 @@ def estimate_blocks(
 
 @triton.jit
 def _scores(
-    qc, kc_base, w0, offs_u, offs_d, row_log2_count, rows_u, stride_kw, n_w, kv_len, qk_scale,
-    GROUP: tl.constexpr, BLOCK_W: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr, BOUNDARY: tl.constexpr,
+    qc,
+    kc_base,
+    w0,
+    offs_u,
+    offs_d,
+    row_log2_count,
+    rows_u,
+    stride_kw,
+    n_w,
+    kv_len,
+    qk_scale,
+    GROUP: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    BOUNDARY: tl.constexpr,
 ):
     """[BLOCK_U, BLOCK_W] base-2 scores log2e * scale * qtilde . ktilde + log2 count of key
     composites [w0, w0 + BLOCK_W); -inf where the count is 0."""
@@ -186,8 +213,19 @@ def _online_stats(m_i, l_i, s):
 
 @triton.jit
 def _store_mass(
-    s, m_shift, inv_l, inv_rows, a_base, row_ok, t, stride_aj, nk,
-    BLOCK_U: tl.constexpr, PER_BLOCK: tl.constexpr, BLOCKS_I: tl.constexpr, BLOCKS_J: tl.constexpr,
+    s,
+    m_shift,
+    inv_l,
+    inv_rows,
+    a_base,
+    row_ok,
+    t,
+    stride_aj,
+    nk,
+    BLOCK_U: tl.constexpr,
+    PER_BLOCK: tl.constexpr,
+    BLOCKS_I: tl.constexpr,
+    BLOCKS_J: tl.constexpr,
 ):
     """Probabilities of key tile t, summed per key block and averaged per query block, into Ahat."""
     p = tl.math.exp2(s - m_shift[:, None]) * inv_l[:, None]
@@ -199,14 +237,39 @@ def _store_mass(
 
 @triton.jit
 def _composite_kernel(
-    QC, KC, AHAT,
-    stride_qb, stride_qh, stride_qu, stride_qd,
-    stride_kb, stride_kh, stride_kw, stride_kd,
-    stride_ab, stride_ah, stride_ai, stride_aj,
-    heads, q_len, kv_len, n_u, n_w, nq, nk, u_tiles, qk_scale,
-    GQA: tl.constexpr, GROUP: tl.constexpr, PER_BLOCK: tl.constexpr,
-    BLOCK_U: tl.constexpr, BLOCK_W: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, IS_CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
+    QC,
+    KC,
+    AHAT,
+    stride_qb,
+    stride_qh,
+    stride_qu,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kw,
+    stride_kd,
+    stride_ab,
+    stride_ah,
+    stride_ai,
+    stride_aj,
+    heads,
+    q_len,
+    kv_len,
+    n_u,
+    n_w,
+    nq,
+    nk,
+    u_tiles,
+    qk_scale,
+    GQA: tl.constexpr,
+    GROUP: tl.constexpr,
+    PER_BLOCK: tl.constexpr,
+    BLOCK_U: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    FP32_DOT: tl.constexpr,
 ):
     # Program order, fastest first: head (heads of a KV group share key tiles in L2), query tile
     # (last first: causal tiles near the end are the longest), batch.
@@ -228,7 +291,9 @@ def _composite_kernel(
     )
     kc_base = KC + batch * stride_kb + (head // GQA) * stride_kh + offs_d[None, :] * stride_kd
     rows_u = tl.minimum(tl.maximum(q_len - offs_u * GROUP, 0), GROUP)
-    row_log2_count = tl.where(rows_u > 0, tl.math.log2(tl.maximum(rows_u * GROUP, 1).to(tl.float32)), float("-inf"))
+    row_log2_count = tl.where(
+        rows_u > 0, tl.math.log2(tl.maximum(rows_u * GROUP, 1).to(tl.float32)), float("-inf")
+    )
 
     # Key tiles [0, interior) need no count arithmetic; [interior, visited) do.
     w_stop = n_w
@@ -242,12 +307,48 @@ def _composite_kernel(
     m_i = tl.full([BLOCK_U], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_U], dtype=tl.float32)
     for t in tl.range(0, interior):
-        s = _scores(qc, kc_base, t * BLOCK_W, offs_u, offs_d, row_log2_count, rows_u, stride_kw, n_w, kv_len,
-                    qk_scale, GROUP, BLOCK_W, HEAD_DIM, HEAD_DIM_PAD, IS_CAUSAL, FP32_DOT, False)
+        s = _scores(
+            qc,
+            kc_base,
+            t * BLOCK_W,
+            offs_u,
+            offs_d,
+            row_log2_count,
+            rows_u,
+            stride_kw,
+            n_w,
+            kv_len,
+            qk_scale,
+            GROUP,
+            BLOCK_W,
+            HEAD_DIM,
+            HEAD_DIM_PAD,
+            IS_CAUSAL,
+            FP32_DOT,
+            False,
+        )
         m_i, l_i = _online_stats(m_i, l_i, s)
     for t in tl.range(interior, visited):
-        s = _scores(qc, kc_base, t * BLOCK_W, offs_u, offs_d, row_log2_count, rows_u, stride_kw, n_w, kv_len,
-                    qk_scale, GROUP, BLOCK_W, HEAD_DIM, HEAD_DIM_PAD, IS_CAUSAL, FP32_DOT, True)
+        s = _scores(
+            qc,
+            kc_base,
+            t * BLOCK_W,
+            offs_u,
+            offs_d,
+            row_log2_count,
+            rows_u,
+            stride_kw,
+            n_w,
+            kv_len,
+            qk_scale,
+            GROUP,
+            BLOCK_W,
+            HEAD_DIM,
+            HEAD_DIM_PAD,
+            IS_CAUSAL,
+            FP32_DOT,
+            True,
+        )
         m_i, l_i = _online_stats(m_i, l_i, s)
 
     # Rows that see no key (padding) get weight 0: shift by +inf, scale by 0.
@@ -261,13 +362,77 @@ def _composite_kernel(
     a_base = AHAT + batch * stride_ab + head * stride_ah + offs_i[:, None] * stride_ai
     row_ok = offs_i[:, None] < nq
     for t in tl.range(0, interior):
-        s = _scores(qc, kc_base, t * BLOCK_W, offs_u, offs_d, row_log2_count, rows_u, stride_kw, n_w, kv_len,
-                    qk_scale, GROUP, BLOCK_W, HEAD_DIM, HEAD_DIM_PAD, IS_CAUSAL, FP32_DOT, False)
-        _store_mass(s, m_shift, inv_l, inv_rows, a_base, row_ok, t, stride_aj, nk, BLOCK_U, PER_BLOCK, BLOCKS_I, BLOCKS_J)
+        s = _scores(
+            qc,
+            kc_base,
+            t * BLOCK_W,
+            offs_u,
+            offs_d,
+            row_log2_count,
+            rows_u,
+            stride_kw,
+            n_w,
+            kv_len,
+            qk_scale,
+            GROUP,
+            BLOCK_W,
+            HEAD_DIM,
+            HEAD_DIM_PAD,
+            IS_CAUSAL,
+            FP32_DOT,
+            False,
+        )
+        _store_mass(
+            s,
+            m_shift,
+            inv_l,
+            inv_rows,
+            a_base,
+            row_ok,
+            t,
+            stride_aj,
+            nk,
+            BLOCK_U,
+            PER_BLOCK,
+            BLOCKS_I,
+            BLOCKS_J,
+        )
     for t in tl.range(interior, visited):
-        s = _scores(qc, kc_base, t * BLOCK_W, offs_u, offs_d, row_log2_count, rows_u, stride_kw, n_w, kv_len,
-                    qk_scale, GROUP, BLOCK_W, HEAD_DIM, HEAD_DIM_PAD, IS_CAUSAL, FP32_DOT, True)
-        _store_mass(s, m_shift, inv_l, inv_rows, a_base, row_ok, t, stride_aj, nk, BLOCK_U, PER_BLOCK, BLOCKS_I, BLOCKS_J)
+        s = _scores(
+            qc,
+            kc_base,
+            t * BLOCK_W,
+            offs_u,
+            offs_d,
+            row_log2_count,
+            rows_u,
+            stride_kw,
+            n_w,
+            kv_len,
+            qk_scale,
+            GROUP,
+            BLOCK_W,
+            HEAD_DIM,
+            HEAD_DIM_PAD,
+            IS_CAUSAL,
+            FP32_DOT,
+            True,
+        )
+        _store_mass(
+            s,
+            m_shift,
+            inv_l,
+            inv_rows,
+            a_base,
+            row_ok,
+            t,
+            stride_aj,
+            nk,
+            BLOCK_U,
+            PER_BLOCK,
+            BLOCKS_I,
+            BLOCKS_J,
+        )
     for j0 in tl.range(visited * BLOCKS_J, nk, BLOCKS_J):
         offs_j = j0 + tl.arange(0, BLOCKS_J)
         zeros = tl.zeros([BLOCKS_I, BLOCKS_J], dtype=tl.float32)

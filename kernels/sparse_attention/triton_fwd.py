@@ -23,9 +23,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from torch import Tensor
-
 from omnicompile.kernels.selection.block_selection import BlockSelection
+from torch import Tensor
 
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -116,7 +115,9 @@ def _check_selection(q: Tensor, k: Tensor, selection: BlockSelection) -> None:
     batch, heads, q_len = q.shape[:3]
     kv_len, b = k.shape[2], selection.block_size
     expected = (batch, heads, triton.cdiv(q_len, b), triton.cdiv(kv_len, b))
-    if (selection.q_len, selection.kv_len) != (q_len, kv_len) or tuple(selection.kv_indices.shape) != expected:
+    if (selection.q_len, selection.kv_len) != (q_len, kv_len) or tuple(
+        selection.kv_indices.shape
+    ) != expected:
         raise ValueError(
             f"selection for Sq={selection.q_len}, Skv={selection.kv_len}, indices "
             f"{tuple(selection.kv_indices.shape)} does not fit q {tuple(q.shape)}, k {tuple(k.shape)} "
@@ -177,9 +178,26 @@ def sparse_attention_fwd(
     nq = selection.num_q_blocks
     grid = (batch * heads * nq * (b // cfg.block_m),)
     _sparse_fwd_kernel[grid](
-        q, k, v, out, lse, kv_num_blocks, kv_indices, mask_free, mask,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
-        kv_heads, q_len, kv_len, nq, selection.num_kv_blocks, scale * _LOG2E,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        kv_num_blocks,
+        kv_indices,
+        mask_free,
+        mask,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        *mask_strides,
+        kv_heads,
+        q_len,
+        kv_len,
+        nq,
+        selection.num_kv_blocks,
+        scale * _LOG2E,
         GROUP=heads // kv_heads,
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
@@ -207,8 +225,14 @@ def tile_dot(a, b, acc, FP32_DOT: tl.constexpr):
 
 @triton.jit
 def _load_rows(
-    base, offs_n, stride_n, offs_d, kv_len,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr,
+    base,
+    offs_n,
+    stride_n,
+    offs_d,
+    kv_len,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
     """[BLOCK_N, HEAD_DIM_PAD] rows ``offs_n`` of K or V; masks only what may be out of range."""
     ptrs = base + offs_n[:, None] * stride_n
@@ -226,11 +250,30 @@ def _load_rows(
 
 @triton.jit
 def _attend_block(
-    acc, l_i, m_i, q, k_base, v_base, mask_base, block, part,
-    offs_m, offs_d, stride_kn, stride_vn, stride_mn, kv_len, qk_scale,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
-    BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-    FP32_DOT: tl.constexpr, MASKED: tl.constexpr,
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    mask_base,
+    block,
+    part,
+    offs_m,
+    offs_d,
+    stride_kn,
+    stride_vn,
+    stride_mn,
+    kv_len,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    SPARSE_BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
     """One online-softmax step over keys [part * BLOCK_N, (part + 1) * BLOCK_N) of key block ``block``.
 
@@ -269,16 +312,50 @@ def _attend_block(
 
 @triton.jit
 def _sparse_fwd_kernel(
-    Q, K, V, O, LSE, KV_NUM, KV_IDX, MASK_FREE, MASK,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_mb, stride_mh, stride_mm, stride_mn,
-    kv_heads, q_len, kv_len, nq, nk, qk_scale,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    SPARSE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    KV_NUM,
+    KV_IDX,
+    MASK_FREE,
+    MASK,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    stride_mb,
+    stride_mh,
+    stride_mm,
+    stride_mn,
+    kv_heads,
+    q_len,
+    kv_len,
+    nq,
+    nk,
+    qk_scale,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    SPARSE_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    FP32_DOT: tl.constexpr,
 ):
     # Program order, fastest first: head within its KV group, query tile, query block (last
     # first: causal rows near the end are the longest), KV head, batch.
@@ -297,7 +374,9 @@ def _sparse_fwd_kernel(
 
     offs_m = qblock * SPARSE_BLOCK + m_sub * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    q_ptrs = Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q_ptrs = (
+        Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    )
     row_ok = offs_m[:, None] < q_len
     q = tl.load(q_ptrs, mask=row_ok & (offs_d[None, :] < HEAD_DIM), other=0.0)
 
@@ -319,23 +398,69 @@ def _sparse_fwd_kernel(
     for it in tl.range(0, n_free * n_split):
         nxt = tl.load(idx_ptr + tl.minimum((it + 1) // n_split, nk - 1))
         acc, l_i, m_i = _attend_block(
-            acc, l_i, m_i, q, k_base, v_base, mask_base, block, it % n_split, offs_m, offs_d,
-            stride_kn, stride_vn, stride_mn, kv_len, qk_scale,
-            HEAD_DIM, HEAD_DIM_PAD, SPARSE_BLOCK, BLOCK_N, IS_CAUSAL, MASK_KIND, FP32_DOT, False,
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_base,
+            v_base,
+            mask_base,
+            block,
+            it % n_split,
+            offs_m,
+            offs_d,
+            stride_kn,
+            stride_vn,
+            stride_mn,
+            kv_len,
+            qk_scale,
+            HEAD_DIM,
+            HEAD_DIM_PAD,
+            SPARSE_BLOCK,
+            BLOCK_N,
+            IS_CAUSAL,
+            MASK_KIND,
+            FP32_DOT,
+            False,
         )
         block = nxt
     for it in tl.range(n_free * n_split, n_blocks * n_split):
         nxt = tl.load(idx_ptr + tl.minimum((it + 1) // n_split, nk - 1))
         acc, l_i, m_i = _attend_block(
-            acc, l_i, m_i, q, k_base, v_base, mask_base, block, it % n_split, offs_m, offs_d,
-            stride_kn, stride_vn, stride_mn, kv_len, qk_scale,
-            HEAD_DIM, HEAD_DIM_PAD, SPARSE_BLOCK, BLOCK_N, IS_CAUSAL, MASK_KIND, FP32_DOT, True,
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_base,
+            v_base,
+            mask_base,
+            block,
+            it % n_split,
+            offs_m,
+            offs_d,
+            stride_kn,
+            stride_vn,
+            stride_mn,
+            kv_len,
+            qk_scale,
+            HEAD_DIM,
+            HEAD_DIM_PAD,
+            SPARSE_BLOCK,
+            BLOCK_N,
+            IS_CAUSAL,
+            MASK_KIND,
+            FP32_DOT,
+            True,
         )
         block = nxt
 
     attended = l_i > 0.0
     out = acc / tl.where(attended, l_i, 1.0)[:, None]
-    lse = tl.where(attended, (m_i + tl.math.log2(tl.where(attended, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    o_ptrs = O + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    lse = tl.where(
+        attended, (m_i + tl.math.log2(tl.where(attended, l_i, 1.0))) * 0.6931471805599453, float("-inf")
+    )
+    o_ptrs = (
+        O + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    )
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok & (offs_d[None, :] < HEAD_DIM))
     tl.store(LSE + (batch * (kv_heads * GROUP) + head) * q_len + offs_m, lse, mask=offs_m < q_len)
