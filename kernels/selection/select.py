@@ -104,9 +104,11 @@ def select_blocks(
         config.min_blocks, config.max_blocks
     )
     take = torch.where(lazy, 0, torch.minimum(budget, num_available))
-    positions = torch.arange(nk, device=ahat.device).expand(batch, heads, nq, nk)
-    rank = torch.empty_like(order).scatter_(-1, order, positions)
-    selected = forced | (available & (rank < take.unsqueeze(-1)))
+    # The first `take` entries of each ranked row are available blocks (take <= num_available and
+    # unavailable blocks rank last), so scattering "rank < take" back through `order` marks them.
+    taken_ranks = torch.arange(nk, device=ahat.device) < take.unsqueeze(-1)
+    chosen = torch.zeros_like(forced).scatter_(-1, order, taken_ranks)
+    selected = forced | chosen
     kv_num_blocks, kv_indices = block_mask_to_indices(selected)
     return BlockSelection(
         kv_num_blocks=kv_num_blocks,

@@ -28,7 +28,7 @@ def block_mask_to_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     # Each True entry goes to its rank among the row's True entries, so the first num_blocks
     # slots hold the positions ascending and the rest keep the padding; False entries go to a
     # spill slot n that is cut off. Linear time, no sort.
-    slot = torch.where(mask, mask.cumsum(-1) - 1, n)
+    slot = torch.where(mask, mask.cumsum(-1, dtype=torch.int32) - 1, n).long()
     positions = torch.arange(n, dtype=torch.int32, device=mask.device).expand_as(mask)
     indices = torch.full(mask.shape[:-1] + (n + 1,), n, dtype=torch.int32, device=mask.device)
     indices.scatter_(-1, slot, positions)
