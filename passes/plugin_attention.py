@@ -1,0 +1,97 @@
+"""Pass: put the plugin form of the op in place of ``torch.ops.omnisparse.attention`` (for TensorRT).
+
+Torch-TensorRT generates a TensorRT plugin from a custom op's schema, but only for arguments that
+are tensors followed by ``int``, ``float``, ``bool`` or ``str`` attributes: ``Tensor? attn_mask``
+and ``float? scale`` have no plugin form, and the plugin's outputs all take the first input's dtype
+(the float32 ``lse`` would not). So two inference-only ops, each returning ``out`` alone::
+
+    omnisparse::attention_plugin(Tensor q, Tensor k, Tensor v, bool is_causal, float scale,
+                                 bool enable_gqa, str config, str site) -> Tensor
+    omnisparse::attention_plugin_masked(Tensor q, Tensor k, Tensor v, Tensor attn_mask, float scale,
+                                        bool enable_gqa, str config, str site) -> Tensor
+
+each calling ``torch.ops.omnisparse.attention``. `use_plugin_attention` rewrites
+``getitem(attention(...), 0)`` into them, with ``scale=None`` resolved to ``1/sqrt(head_dim)``; a site
+whose ``lse`` is used, or whose scale is symbolic, stays as it is. It works on Dynamo graphs
+(``meta["example_value"]``) and on ``torch.export`` graphs (``meta["val"]``).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+from torch import Tensor
+from torch.fx import GraphModule, Node
+
+from omnicompile import ops  # noqa: F401  (registers torch.ops.omnisparse.attention)
+
+ATTENTION = torch.ops.omnisparse.attention.default
+
+
+@torch.library.custom_op("omnisparse::attention_plugin", mutates_args=())
+def attention_plugin(
+    q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float, enable_gqa: bool, config: str, site: str
+) -> Tensor:
+    """``omnisparse.attention`` without a mask, its output only."""
+    return ATTENTION(q, k, v, None, 0.0, is_causal, scale, enable_gqa, config, site)[0]
+
+
+@torch.library.custom_op("omnisparse::attention_plugin_masked", mutates_args=())
+def attention_plugin_masked(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor, scale: float, enable_gqa: bool, config: str, site: str
+) -> Tensor:
+    """``omnisparse.attention`` with a mask (bool or additive), its output only."""
+    return ATTENTION(q, k, v, attn_mask, 0.0, False, scale, enable_gqa, config, site)[0]
+
+
+@attention_plugin.register_fake
+def _attention_plugin_fake(q, k, v, is_causal, scale, enable_gqa, config, site):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+@attention_plugin_masked.register_fake
+def _attention_plugin_masked_fake(q, k, v, attn_mask, scale, enable_gqa, config, site):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+PLUGIN_OPS = ("omnisparse::attention_plugin", "omnisparse::attention_plugin_masked")
+
+
+def use_plugin_attention(gm: GraphModule) -> bool:
+    """Rewrite ``gm``'s attention op calls into the plugin ops in place; returns whether it changed."""
+    changed = False
+    for node in list(gm.graph.find_nodes(op="call_function", target=ATTENTION)):
+        changed |= _rewrite(gm, node)
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return changed
+
+
+def _rewrite(gm: GraphModule, node: Node) -> bool:
+    q, k, v, attn_mask, _dropout_p, is_causal, scale, enable_gqa, config, site = node.args
+    outputs = [user for user in node.users if user.users]  # export graphs keep an unused getitem(., 1)
+    if not outputs or not all(user.target is operator.getitem and user.args[1] == 0 for user in outputs):
+        return False
+    if scale is None:
+        scale = 1.0 / math.sqrt(_value(q).shape[-1])
+    if not isinstance(scale, float):
+        return False
+    if attn_mask is None:
+        target, args = torch.ops.omnisparse.attention_plugin.default, (q, k, v, is_causal)
+    else:
+        target, args = torch.ops.omnisparse.attention_plugin_masked.default, (q, k, v, attn_mask)
+    with gm.graph.inserting_before(node):
+        plugin = gm.graph.call_function(target, (*args, scale, enable_gqa, config, site))
+    plugin.meta.update(outputs[0].meta)
+    for user in list(node.users):
+        user.replace_all_uses_with(plugin)
+        gm.graph.erase_node(user)
+    gm.graph.erase_node(node)
+    return True
+
+
+def _value(node: Node) -> Tensor:
+    return node.meta["val"] if "val" in node.meta else node.meta["example_value"]

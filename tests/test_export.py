@@ -1,0 +1,171 @@
+"""`omnicompile.export`: AOTInductor packages of a small Llama, loaded in a fresh process.
+
+One package per mode (dense, sparse), exported once for the module with a dynamic sequence length
+and run at two lengths by a subprocess that imports nothing of ours before loading (which must
+fail: the op needs ``import omnicompile``), then imports omnicompile and records what each attention
+call ran. Dense packages must equal the eager model, sparse ones the model compiled by the
+``omnisparse`` backend with the same config.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import omnicompile
+from omnicompile import OmniSparseConfig
+from omnicompile.export import export, export_program
+from omnicompile.models import build_model
+from tests.helpers import REL_TOL, rel_error
+
+CONFIGS = {
+    "dense": OmniSparseConfig(mode="dense"),
+    "sparse": OmniSparseConfig(block_size=16, min_seq_len=64),
+}
+LENGTHS = (80, 130)  # both >= min_seq_len; 130 ends in a partial block
+VOCAB = 512
+
+# Runs in a fresh interpreter: argv = package, inputs file, outputs file.
+_LOADER = textwrap.dedent(
+    """
+    import json, sys, torch
+    package, inputs, outputs = sys.argv[1:]
+    try:
+        torch._inductor.aoti_load_package(package)
+        error_without_import = ""
+    except RuntimeError as error:
+        error_without_import = str(error)
+    import omnicompile
+    from omnicompile.recording import recording
+    model = torch._inductor.aoti_load_package(package)
+    logits, decisions = [], []
+    for ids in torch.load(inputs):
+        with recording(measure=False) as recorder:
+            logits.append(model(input_ids=ids, use_cache=False)["logits"])
+        decisions.append(sorted({run.decision for run in recorder.runs}))
+    torch.save({"logits": logits, "decisions": decisions, "error_without_import": error_without_import}, outputs)
+    """
+)
+
+
+def _input_ids(length: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (1, length), generator=torch.Generator().manual_seed(length))
+
+
+@pytest.fixture(scope="module")
+def llama() -> torch.nn.Module:
+    return build_model("llama-tiny")
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def package(request, llama, tmp_path_factory) -> tuple[str, Path]:
+    mode = request.param
+    path = tmp_path_factory.mktemp(f"export_{mode}") / "llama.pt2"
+    inputs = {"input_ids": _input_ids(96), "use_cache": False}
+    return mode, export(llama, inputs, path, CONFIGS[mode], dynamic={"input_ids": {1: "seq"}})
+
+
+def _run_package(path: Path, tmp_path: Path) -> dict:
+    inputs, outputs = tmp_path / "inputs.pt", tmp_path / "outputs.pt"
+    torch.save([_input_ids(n) for n in LENGTHS], inputs)
+    subprocess.run(
+        [sys.executable, "-c", _LOADER, str(path), str(inputs), str(outputs)], check=True, timeout=300
+    )
+    return torch.load(outputs)
+
+
+def _reference(llama: torch.nn.Module, mode: str) -> list[torch.Tensor]:
+    model = llama
+    if mode == "sparse":
+        model = torch.compile(llama, backend=omnicompile.backend(CONFIGS[mode]), dynamic=True)
+    with torch.no_grad():
+        return [model(input_ids=_input_ids(n), use_cache=False).logits for n in LENGTHS]
+
+
+def test_package_runs_in_fresh_process_at_two_lengths(package, llama, tmp_path):
+    mode, path = package
+    result = _run_package(path, tmp_path)
+    assert "omnisparse::attention" in result["error_without_import"]
+    assert result["decisions"] == [[mode]] * len(LENGTHS)
+    for got, want in zip(result["logits"], _reference(llama, mode)):
+        assert got.shape == want.shape
+        assert rel_error(got, want) < REL_TOL[torch.float32]
+
+
+def test_hand_written_attention_is_rewritten():
+    model = build_model("llama-tiny", attn_implementation="eager")
+    inputs = {"input_ids": _input_ids(40), "use_cache": False}
+    exported = export_program(model, inputs, CONFIGS["dense"], dynamic={"input_ids": {1: "seq"}})
+    assert [(s.pattern, s.status) for s in exported.report.sites] == [("eager", "replaced")] * 2
+    targets = {node.target for node in exported.program.graph.nodes}
+    assert torch.ops.omnisparse.attention.default in targets
+    assert not any("softmax" in str(target) for target in targets)
+    ids = _input_ids(57)
+    with torch.no_grad():
+        got = exported.program.module()(input_ids=ids, use_cache=False)["logits"]
+        want = model(input_ids=ids, use_cache=False).logits
+    assert rel_error(got, want) < REL_TOL[torch.float32]
+
+
+class _NoAttention(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x).softmax(-1)
+
+
+class _Attention(torch.nn.Module):
+    """One causal SDPA over a fused projection; ``flag`` is a non-tensor input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(32, 96)
+
+    def forward(self, x: torch.Tensor, flag: bool = False) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q, k, v = self.proj(x).view(batch, seq, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(batch, seq, 32)
+
+
+def test_model_without_attention_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="nothing in _NoAttention can become OmniSparse attention"):
+        export(_NoAttention(), (torch.randn(2, 16),), tmp_path / "none.pt2")
+
+
+@pytest.mark.parametrize(
+    "dynamic, match",
+    [
+        ({"y": {1: "seq"}}, r"input\(s\) \['y'\], but the inputs are \['flag', 'x'\]"),
+        ({"x": {3: "seq"}}, "dynamic dim 3 of 'x' is not a dim of its shape"),
+        ({"flag": {0: "seq"}}, "'flag', which is a bool, not a tensor"),
+        ({"x": {1: 64}}, "give a name or a torch.export.Dim"),
+        ({"x": {2: "hidden"}}, "unsupported dynamic dimension"),  # the projection fixes the hidden size
+    ],
+)
+def test_bad_dynamic_dims_are_errors(dynamic, match):
+    with pytest.raises(ValueError, match=match):
+        export_program(_Attention(), {"x": torch.randn(1, 48, 32), "flag": True}, dynamic=dynamic)
+
+
+def test_positional_input_with_two_dynamic_dims():
+    model = _Attention()
+    exported = export_program(model, (torch.randn(2, 48, 32),), CONFIGS["dense"], dynamic={"x": {0: "b", 1: "seq"}})
+    x = torch.randn(3, 70, 32)
+    assert rel_error(exported.program.module()(x), model(x)) < REL_TOL[torch.float32]
+
+
+def test_unknown_target_and_missing_tensorrt_extra(tmp_path, monkeypatch):
+    x = (torch.randn(1, 48, 32),)
+    with pytest.raises(ValueError, match="target 'onnx' is not one of"):
+        export(_Attention(), x, tmp_path / "a.pt2", target="onnx")
+    monkeypatch.setitem(sys.modules, "torch_tensorrt", None)  # importing it now raises ImportError
+    with pytest.raises(ImportError, match=r"pip install omnicompile\[tensorrt\]"):
+        export(_Attention(), x, tmp_path / "a.ep", target="tensorrt")
