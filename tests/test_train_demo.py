@@ -1,0 +1,67 @@
+"""The training demonstration: its recall data, and the tiny setting end to end on the CPU."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from omnicompile import train_demo
+from omnicompile.train_demo import RecallTask
+
+
+def test_recall_answers_are_the_values_stored_after_the_first_occurrence_of_their_key() -> None:
+    task = RecallTask(seq_len=160, pairs=10, keys=12, values=7, fillers=5)
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    ids, labels = task.batch(6, torch.Generator().manual_seed(seed), "cpu")
+    assert ids.shape == labels.shape == (6, 160) and (ids[:, 0] == 0).all()
+    assert ids.max() < task.vocab_size
+    first_key = 1 + task.fillers
+    context_end = 3 * 160 // 4
+    for row_ids, row_labels in zip(ids.tolist(), labels.tolist()):
+        answers = [p for p, label in enumerate(row_labels) if label != -100]
+        assert len(answers) == task.pairs and all(p > context_end for p in answers)
+        context = row_ids[:context_end]
+        context_keys = [t for t in context if first_key <= t < first_key + task.keys]
+        assert len(set(context_keys)) == task.pairs == len(context_keys)
+        for p in answers:
+            key = row_ids[p - 1]
+            assert key in context_keys and row_ids[p] == row_labels[p]
+            assert row_labels[p] == context[context.index(key) + 1] >= first_key + task.keys
+
+
+def test_recall_task_rejects_more_pairs_than_fit() -> None:
+    with pytest.raises(ValueError, match="distinct keys"):
+        RecallTask(seq_len=4096, pairs=20, keys=10, values=10)
+    with pytest.raises(ValueError, match="do not fit"):
+        RecallTask(seq_len=64, pairs=9, keys=16, values=16)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="omnisparse::attention_backward's fake returns empty_like(q) (q's strides, transposed in HF "
+    "models) while the op returns contiguous gradients: Inductor's stride check fails in sparse training",
+)
+def test_tiny_setting_trains_evaluates_and_saves(tmp_path) -> None:
+    parser = argparse.ArgumentParser()
+    train_demo.add_arguments(parser)
+    args = parser.parse_args(["--tiny", "--out", str(tmp_path), "--device", "cpu"])
+    assert train_demo.run(args) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    results = report["results"]
+    assert set(results) == {
+        "dense", "sparse, training-free", "sparse, after sparse fine-tune", "dense, after sparse fine-tune"
+    }
+    for name, result in results.items():
+        assert 0.0 <= result["accuracy"] <= 1.0
+        if name.startswith("sparse"):
+            assert len(result["layers"]) == train_demo.TINY.layers
+            for layer in result["layers"]:
+                assert layer["decision"] == "sparse"
+                assert 0.0 < layer["density"] <= 1.0 and 0.0 < layer["recall_min"] <= layer["recall_mean"] <= 1.0
+    for folder in ("dense", "sparse_finetuned"):
+        assert (tmp_path / folder / "model.safetensors").is_file() and (tmp_path / folder / "config.json").is_file()
