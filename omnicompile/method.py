@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .config import OmniSparseConfig
 from .kernels.estimation import estimate_blocks
@@ -26,6 +25,7 @@ from .kernels.selection import BlockSelection, select_blocks
 from .kernels.sparse_attention import triton_bwd, triton_fwd
 from .kernels.sparse_attention.reference import sparse_attention_reference
 from .metrics import relative_error
+from .ops import dense_attention
 from .metrics import selection_stats as measure_selection
 
 
@@ -130,9 +130,7 @@ class SparseResult:
 
 
 def _dense(q, k, v, attn_mask, is_causal, scale) -> torch.Tensor:
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-    )
+    return dense_attention(q, k, v, attn_mask, is_causal, scale, q.shape[1] != k.shape[1])
 
 
 def omnisparse_attention(

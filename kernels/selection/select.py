@@ -12,6 +12,10 @@ from ...config import OmniSparseConfig
 from .block_selection import BlockSelection
 from .transpose import block_mask_to_indices
 
+# The selection stops once the float32 estimated mass reaches tau + _MASS_SLACK, so the exact mass of
+# what it takes reaches tau whenever the float32 sums err by less than this (a scan over a few thousand blocks errs by ~1e-6).
+_MASS_SLACK = 1e-5
+
 
 def forced_pattern(
     num_q_blocks: int,
@@ -73,7 +77,7 @@ def select_blocks(
     definition when tau >= 1). K = the max of k_h over the heads sharing the budget, clamped to
     [min_blocks, max_blocks]; each active head takes F(i) plus its top min(K, available) blocks.
     ``budget`` records that count (equal across the heads sharing K unless a per-head mask leaves a
-    head fewer available blocks). Cumulative masses are summed in float64.
+    head fewer available blocks). Masses are summed in float32 with a slack of `_MASS_SLACK`.
     """
     batch, heads, nq, nk = ahat.shape
     if heads % num_kv_heads:
@@ -82,23 +86,25 @@ def select_blocks(
         raise ValueError(
             f"ahat blocks {(nq, nk)} do not match q_len {q_len}, kv_len {kv_len}, b {config.block_size}"
         )
-    allowed = allowed.expand(batch, heads, nq, nk)
     pattern = forced_pattern(nq, nk, config.n_sink, config.n_local, is_causal, ahat.device)
-    forced = allowed & pattern
+    forced = allowed & pattern  # broadcast shape of `allowed`: [1, 1, nq, nk] for causal / no mask
     available = allowed & ~pattern
-    local_mass = torch.where(forced, ahat, 0.0).sum(-1, dtype=torch.float64)
+    local_mass = (ahat * forced).sum(-1)
     if config.query_selection:
         lazy = local_mass >= config.effective_lazy_threshold
     else:
         lazy = torch.zeros_like(local_mass, dtype=torch.bool)
-    num_available = available.sum(-1)
+    num_available = available.sum(-1).expand(batch, heads, nq)
     ranked, order = torch.sort(torch.where(available, ahat, -1.0), dim=-1, descending=True, stable=True)
     if config.tau >= 1.0:
         need = num_available
     else:
-        ranked_mass = ranked.double().clamp(min=0.0)
-        mass_before = local_mass.unsqueeze(-1) + ranked_mass.cumsum(-1) - ranked_mass
-        need = ((mass_before < config.tau) & (ranked >= 0)).sum(-1)
+        # need = 1 + the first rank at which the mass taken so far reaches tau (cumulative mass is
+        # non-decreasing, so a binary search finds it); `_MASS_SLACK` absorbs float32 rounding.
+        cumulative = ranked.clamp(min=0.0).cumsum(-1)
+        target = (config.tau + _MASS_SLACK - local_mass).unsqueeze(-1)
+        reached = torch.searchsorted(cumulative, target).squeeze(-1)
+        need = torch.where(target.squeeze(-1) <= 0, 0, torch.minimum(reached + 1, num_available))
     need = torch.where(lazy, 0, need)
     budget = _shared_budget(need, config.budget_scope, num_kv_heads).clamp(
         config.min_blocks, config.max_blocks
@@ -107,7 +113,7 @@ def select_blocks(
     # The first `take` entries of each ranked row are available blocks (take <= num_available and
     # unavailable blocks rank last), so scattering "rank < take" back through `order` marks them.
     taken_ranks = torch.arange(nk, device=ahat.device) < take.unsqueeze(-1)
-    chosen = torch.zeros_like(forced).scatter_(-1, order, taken_ranks)
+    chosen = torch.zeros_like(order, dtype=torch.bool).scatter_(-1, order, taken_ranks)
     selected = forced | chosen
     kv_num_blocks, kv_indices = block_mask_to_indices(selected)
     return BlockSelection(
