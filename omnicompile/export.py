@@ -28,7 +28,7 @@ import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import torch
 from torch._dynamo.exc import UserError, UserErrorType
@@ -42,8 +42,8 @@ from .passes import PassReport, run_passes
 logger = logging.getLogger("omnicompile")
 
 Target = Literal["aoti", "tensorrt"]
-DimSpec = Union[str, Any]  # a name (equal names are one dim) or a torch.export.Dim
-DynamicSpec = Mapping[str, Mapping[int, DimSpec]]
+# input name -> {dim index: a name (equal names are one dim) or a torch.export.Dim}
+DynamicSpec = Mapping[str, Mapping[int, Any]]
 
 _TARGETS = ("aoti", "tensorrt")
 # Dim("x") is a Dim instance in recent torch, a type (of metaclass _Dim) in older releases; Dim.AUTO is a hint.
@@ -90,7 +90,8 @@ def export(
 
     Raises:
         ValueError: unknown target, a model with no attention the op can take, a ``dynamic`` entry
-            naming no tensor dim, or a dim the model does not let vary.
+            naming no input or no dim of it, or a dim the model does not let vary.
+        TypeError: a ``dynamic`` entry for a non-tensor input, or a dim that is not a name or a Dim.
         ImportError: ``target="tensorrt"`` without Torch-TensorRT installed.
     """
     if target not in _TARGETS:
@@ -115,12 +116,12 @@ def export_program(
     """Capture, rewrite and ``torch.export`` ``model`` (arguments as `export`), without packaging."""
     cfg = config or OmniSparseConfig()
     args, kwargs = _split_inputs(example_inputs)
-    dims = resolve_dynamic(model, args, kwargs, dynamic)
+    dims = _resolve_dynamic(model, args, kwargs, dynamic)
     wrapped = _PlainOutputs(model)
     with _dynamic_errors(dynamic):
-        graph, _guards = torch._dynamo.export(wrapped, dynamic_shapes=dynamic_shapes(wrapped, args, kwargs, dims))(
-            *args, **kwargs
-        )
+        graph, _guards = torch._dynamo.export(
+            wrapped, dynamic_shapes=dynamic_shapes(wrapped, args, kwargs, dims)
+        )(*args, **kwargs)
     report = run_passes(graph, cfg)
     _check_sites(report, model)
     rewritten = report.graph_module
@@ -150,7 +151,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _split_inputs(example_inputs: Sequence[Any] | Mapping[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def _split_inputs(
+    example_inputs: Sequence[Any] | Mapping[str, Any],
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
     if isinstance(example_inputs, Mapping):
         return (), dict(example_inputs)
     if isinstance(example_inputs, torch.Tensor):
@@ -158,7 +161,7 @@ def _split_inputs(example_inputs: Sequence[Any] | Mapping[str, Any]) -> tuple[tu
     return tuple(example_inputs), {}
 
 
-def resolve_dynamic(
+def _resolve_dynamic(
     model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic: DynamicSpec | None
 ) -> dict[int, dict[int, Any]]:
     """`export`'s ``dynamic`` as ``{id(example tensor): {dim index: Dim}}`` (empty when it is None).
@@ -176,7 +179,10 @@ def resolve_dynamic(
 
 
 def dynamic_shapes(
-    module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dims: Mapping[int, Mapping[int, Any]]
+    module: torch.nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    dims: Mapping[int, Mapping[int, Any]],
 ) -> dict[str, Any] | None:
     """The ``torch.export`` dynamic-shape spec for ``module(*args, **kwargs)``, each tensor's dims from ``dims``.
 
@@ -199,22 +205,30 @@ def _positional_names(model: torch.nn.Module, count: int) -> list[str]:
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]
     if count > len(params):
-        raise ValueError(f"export: {count} positional inputs, but {type(model).__name__}.forward takes {len(params)}")
+        raise ValueError(
+            f"export: {count} positional inputs, but {type(model).__name__}.forward takes {len(params)}"
+        )
     return params[:count]
 
 
-def _dims_of(name: str, value: Any, dims: Mapping[int, DimSpec], named: dict[str, Any]) -> dict[int, Any]:
+def _dims_of(name: str, value: Any, dims: Mapping[int, Any], named: dict[str, Any]) -> dict[int, Any]:
     """``{dim index: Dim}`` for one input; ``named`` holds the Dims made for names so far."""
     if not isinstance(value, torch.Tensor):
-        raise ValueError(f"export: dynamic names input {name!r}, which is a {type(value).__name__}, not a tensor")
+        raise TypeError(
+            f"export: dynamic names input {name!r}, which is a {type(value).__name__}, not a tensor"
+        )
     resolved: dict[int, Any] = {}
     for index, dim in dims.items():
         if isinstance(index, bool) or not isinstance(index, int) or not -value.dim() <= index < value.dim():
-            raise ValueError(f"export: dynamic dim {index!r} of {name!r} is not a dim of its shape {tuple(value.shape)}")
+            raise ValueError(
+                f"export: dynamic dim {index!r} of {name!r} is not a dim of its shape {tuple(value.shape)}"
+            )
         if isinstance(dim, str):
             dim = named.setdefault(dim, Dim(dim))
         elif not isinstance(dim, _DIM_TYPES):
-            raise ValueError(f"export: dynamic dim {index} of {name!r} is {dim!r}: give a name or a torch.export.Dim")
+            raise TypeError(
+                f"export: dynamic dim {index} of {name!r} is {dim!r}: give a name or a torch.export.Dim"
+            )
         resolved[index % value.dim()] = dim
     return resolved
 
@@ -227,7 +241,9 @@ def _dynamic_errors(dynamic: DynamicSpec | None) -> Iterator[None]:
     except (UserError, ConstraintViolationError) as error:
         if isinstance(error, UserError) and error.error_type != UserErrorType.CONSTRAINT_VIOLATION:
             raise
-        raise ValueError(f"export: unsupported dynamic dimension in {dict(dynamic or {})}: {error}") from error
+        raise ValueError(
+            f"export: unsupported dynamic dimension in {dict(dynamic or {})}: {error}"
+        ) from error
 
 
 def _check_sites(report: PassReport, model: torch.nn.Module) -> None:
@@ -236,4 +252,6 @@ def _check_sites(report: PassReport, model: torch.nn.Module) -> None:
             logger.info("omnisparse export: attention site %s left untouched: %s", site.site, site.reason)
     if not any(site.status == "replaced" for site in report.sites):
         found = "; ".join(f"{s.site}: {s.reason}" for s in report.sites) or "no attention site found"
-        raise ValueError(f"export: nothing in {type(model).__name__} can become OmniSparse attention ({found})")
+        raise ValueError(
+            f"export: nothing in {type(model).__name__} can become OmniSparse attention ({found})"
+        )

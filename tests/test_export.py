@@ -141,23 +141,29 @@ def test_model_without_attention_is_an_error(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "dynamic, match",
+    "dynamic, error, match",
     [
-        ({"y": {1: "seq"}}, r"input\(s\) \['y'\], but the inputs are \['flag', 'x'\]"),
-        ({"x": {3: "seq"}}, "dynamic dim 3 of 'x' is not a dim of its shape"),
-        ({"flag": {0: "seq"}}, "'flag', which is a bool, not a tensor"),
-        ({"x": {1: 64}}, "give a name or a torch.export.Dim"),
-        ({"x": {2: "hidden"}}, "unsupported dynamic dimension"),  # the projection fixes the hidden size
+        ({"y": {1: "seq"}}, ValueError, r"input\(s\) \['y'\], but the inputs are \['flag', 'x'\]"),
+        ({"x": {3: "seq"}}, ValueError, "dynamic dim 3 of 'x' is not a dim of its shape"),
+        ({"flag": {0: "seq"}}, TypeError, "'flag', which is a bool, not a tensor"),
+        ({"x": {1: 64}}, TypeError, "give a name or a torch.export.Dim"),
+        (
+            {"x": {2: "hidden"}},
+            ValueError,
+            "unsupported dynamic dimension",
+        ),  # the projection fixes the hidden size
     ],
 )
-def test_bad_dynamic_dims_are_errors(dynamic, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_dynamic_dims_are_errors(dynamic, error, match):
+    with pytest.raises(error, match=match):
         export_program(_Attention(), {"x": torch.randn(1, 48, 32), "flag": True}, dynamic=dynamic)
 
 
 def test_positional_input_with_two_dynamic_dims():
     model = _Attention()
-    exported = export_program(model, (torch.randn(2, 48, 32),), CONFIGS["dense"], dynamic={"x": {0: "b", 1: "seq"}})
+    exported = export_program(
+        model, (torch.randn(2, 48, 32),), CONFIGS["dense"], dynamic={"x": {0: "b", 1: "seq"}}
+    )
     x = torch.randn(3, 70, 32)
     assert rel_error(exported.program.module()(x), model(x)) < REL_TOL[torch.float32]
 
