@@ -30,11 +30,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from bench_prefill import _write_csv, time_ms
-from rich.console import Console
-from rich.table import Table
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
-from omnicompile.config import OmniSparseConfig
 from omnicompile.kernels.estimation.triton_composite import estimate_blocks
 from omnicompile.kernels.masks import allowed_blocks
 from omnicompile.kernels.selection.block_selection import BlockSelection
@@ -43,6 +38,11 @@ from omnicompile.kernels.selection.transpose import block_mask_to_indices, selec
 from omnicompile.kernels.sparse_attention.reference import sparse_attention_reference
 from omnicompile.kernels.sparse_attention.triton_bwd import BackwardTiles, sparse_attention_bwd
 from omnicompile.kernels.sparse_attention.triton_fwd import sparse_attention_fwd
+from rich.console import Console
+from rich.table import Table
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from omnicompile.config import OmniSparseConfig
 from omnicompile.metrics import density, relative_error
 from omnicompile.structured import structured_qkv
 
@@ -79,7 +79,12 @@ def flex_block_mask(selection: BlockSelection):
         return q_idx >= kv_idx
 
     return BlockMask.from_kv_blocks(
-        partial_num, partial_idx, full_num, full_idx, BLOCK_SIZE=selection.block_size, mask_mod=causal,
+        partial_num,
+        partial_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=selection.block_size,
+        mask_mod=causal,
         seq_lengths=(selection.q_len, selection.kv_len),
     )
 
@@ -103,7 +108,9 @@ def dense_fwd_bwd(q, k, v, grad_out, backend: SDPBackend) -> Callable[[], tuple]
 def dense_fwd(q, k, v, backend: SDPBackend) -> Callable[[], torch.Tensor]:
     def run() -> torch.Tensor:
         with sdpa_kernel([backend]):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+            return F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1]
+            )
 
     return run
 
@@ -119,7 +126,9 @@ def flex_fwd_bwd(q, k, v, grad_out, selection: BlockSelection) -> Callable[[], t
     options = {"BLOCK_M": selection.block_size, "BLOCK_N": selection.block_size}
 
     def run() -> tuple:
-        out = compiled(*leaves, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1], kernel_options=options)
+        out = compiled(
+            *leaves, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1], kernel_options=options
+        )
         return torch.autograd.grad(out, leaves, grad_out)
 
     return run
@@ -135,7 +144,10 @@ def ours_bwd_split(grad_out, q, k, v, out, lse, selection: BlockSelection) -> di
     split: dict[str, float] = {}
     for event in prof.key_averages():
         name = event.key
-        family = next((f for f in ("_dq_kernel", "_dkdv_kernel", "_preprocess") if f in name), "other (transpose, casts)")
+        family = next(
+            (f for f in ("_dq_kernel", "_dkdv_kernel", "_preprocess") if f in name),
+            "other (transpose, casts)",
+        )
         split[family] = split.get(family, 0.0) + event.device_time_total / 1e3
     return split
 
@@ -145,9 +157,14 @@ def _group_reference_grads(q, k, v, grad_out, selection: BlockSelection):
     group = q.shape[1] // k.shape[1]
     heads = slice(0, group)
     sub = dataclasses.replace(
-        selection, **{f: getattr(selection, f)[:, heads] for f in ("kv_num_blocks", "kv_indices", "lazy", "budget")}
+        selection,
+        **{f: getattr(selection, f)[:, heads] for f in ("kv_num_blocks", "kv_indices", "lazy", "budget")},
     )
-    leaves = [q[:, heads].float().requires_grad_(), k[:, :1].float().requires_grad_(), v[:, :1].float().requires_grad_()]
+    leaves = [
+        q[:, heads].float().requires_grad_(),
+        k[:, :1].float().requires_grad_(),
+        v[:, :1].float().requires_grad_(),
+    ]
     out, _ = sparse_attention_reference(*leaves, sub, None, True, None)
     return torch.autograd.grad(out, leaves, grad_out[:, heads].float())
 
@@ -158,16 +175,31 @@ def run_checks(q, k, v, grad_out, selection: BlockSelection, log: Console) -> li
     dq, dk, dv = sparse_attention_bwd(grad_out, q, k, v, out, lse, selection, None, True, None)
     group = q.shape[1] // k.shape[1]
     want = _group_reference_grads(q, k, v, grad_out, selection)
-    rows = [{"check": "vs fp32 reference (group 0)", "seq_len": q.shape[2],
-             **{f"d{n}": relative_error(g, w) for n, g, w in zip("qkv", (dq[:, :group], dk[:, :1], dv[:, :1]), want)}}]
+    rows = [
+        {
+            "check": "vs fp32 reference (group 0)",
+            "seq_len": q.shape[2],
+            **{
+                f"d{n}": relative_error(g, w)
+                for n, g, w in zip("qkv", (dq[:, :group], dk[:, :1], dv[:, :1]), want)
+            },
+        }
+    ]
     seq, block = q.shape[2], selection.block_size
-    allowed = allowed_blocks(None, True, 1, q.shape[1], seq, seq, block, q.device).expand(1, q.shape[1], -1, -1)
+    allowed = allowed_blocks(None, True, 1, q.shape[1], seq, seq, block, q.device).expand(
+        1, q.shape[1], -1, -1
+    )
     full = selection_from_block_mask(allowed, block, seq, seq)
     out, lse = sparse_attention_fwd(q, k, v, full, None, True, None)
     grads = sparse_attention_bwd(grad_out, q, k, v, out, lse, full, None, True, None)
     dense = dense_fwd_bwd(q, k, v, grad_out, SDPBackend.FLASH_ATTENTION)()
-    rows.append({"check": "full selection vs SDPA flash", "seq_len": seq,
-                 **{f"d{n}": relative_error(g, w) for n, g, w in zip("qkv", grads, dense)}})
+    rows.append(
+        {
+            "check": "full selection vs SDPA flash",
+            "seq_len": seq,
+            **{f"d{n}": relative_error(g, w) for n, g, w in zip("qkv", grads, dense)},
+        }
+    )
     for row in rows:
         log.print(row)
     return rows
@@ -175,21 +207,39 @@ def run_checks(q, k, v, grad_out, selection: BlockSelection, log: Console) -> li
 
 def run_case(args, seq: int, log: Console) -> tuple[dict, list[dict]]:
     """Timings of one S, and the gradient checks made there."""
-    q, k, v = structured_qkv("structured", 1, args.heads, args.kv_heads, seq, args.head_dim,
-                             dtype=torch.bfloat16, device="cuda", seed=0)
+    q, k, v = structured_qkv(
+        "structured",
+        1,
+        args.heads,
+        args.kv_heads,
+        seq,
+        args.head_dim,
+        dtype=torch.bfloat16,
+        device="cuda",
+        seed=0,
+    )
     grad_out = torch.randn_like(q)
     config = OmniSparseConfig(tau=args.tau)
     selection = make_selection(q, k, config)
     allowed = allowed_blocks(None, True, 1, args.heads, seq, seq, config.block_size, q.device)
     out, lse = sparse_attention_fwd(q, k, v, selection, None, True, None)
-    row = {"seq_len": seq, "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
-           "density": density(selection, allowed)}
+    row = {
+        "seq_len": seq,
+        "heads": args.heads,
+        "kv_heads": args.kv_heads,
+        "head_dim": args.head_dim,
+        "density": density(selection, allowed),
+    }
     row["ours_fwd_ms"] = time_ms(lambda: sparse_attention_fwd(q, k, v, selection, None, True, None))
-    row["ours_bwd_ms"] = time_ms(lambda: sparse_attention_bwd(grad_out, q, k, v, out, lse, selection, None, True, None))
+    row["ours_bwd_ms"] = time_ms(
+        lambda: sparse_attention_bwd(grad_out, q, k, v, out, lse, selection, None, True, None)
+    )
     row["ours_fwd_bwd_ms"] = row["ours_fwd_ms"] + row["ours_bwd_ms"]
     blocks = selection.kv_num_blocks.sum().item()
     row["ours_bwd_tflops"] = 10 * args.head_dim * config.block_size**2 * blocks / (row["ours_bwd_ms"] * 1e9)
-    row.update({f"ours_bwd_{k_}_ms": v_ for k_, v_ in ours_bwd_split(grad_out, q, k, v, out, lse, selection).items()})
+    row.update(
+        {f"ours_bwd_{k_}_ms": v_ for k_, v_ in ours_bwd_split(grad_out, q, k, v, out, lse, selection).items()}
+    )
     for name, backend in DENSE.items():
         try:
             row[f"{name}_fwd_bwd_ms"] = time_ms(dense_fwd_bwd(q, k, v, grad_out, backend))
@@ -217,14 +267,25 @@ def run_case(args, seq: int, log: Console) -> tuple[dict, list[dict]]:
 def sweep(args, log: Console) -> list[dict]:
     """Backward ms of each `BackwardTiles` variant at the first S."""
     seq = args.seq_lens[0]
-    q, k, v = structured_qkv("structured", 1, args.heads, args.kv_heads, seq, args.head_dim,
-                             dtype=torch.bfloat16, device="cuda", seed=0)
+    q, k, v = structured_qkv(
+        "structured",
+        1,
+        args.heads,
+        args.kv_heads,
+        seq,
+        args.head_dim,
+        dtype=torch.bfloat16,
+        device="cuda",
+        seed=0,
+    )
     grad_out = torch.randn_like(q)
     selection = make_selection(q, k, OmniSparseConfig(tau=args.tau))
     out, lse = sparse_attention_fwd(q, k, v, selection, None, True, None)
     rows = []
     for tiles in SWEEP:
-        ms = time_ms(lambda: sparse_attention_bwd(grad_out, q, k, v, out, lse, selection, None, True, None, tiles))
+        ms = time_ms(
+            lambda t=tiles: sparse_attention_bwd(grad_out, q, k, v, out, lse, selection, None, True, None, t)
+        )
         rows.append({"seq_len": seq, **dataclasses.asdict(tiles), "bwd_ms": ms})
         log.print(rows[-1])
     return rows
@@ -233,13 +294,21 @@ def sweep(args, log: Console) -> list[dict]:
 def _table(rows: list[dict]) -> Table:
     table = Table(title="backward (B=1, causal, bf16, structured preset): ms")
     columns = [
-        ("S", "seq_len", "{}"), ("density", "density", "{:.3f}"), ("ours fwd", "ours_fwd_ms", "{:.2f}"),
-        ("ours bwd", "ours_bwd_ms", "{:.2f}"), ("dq", "ours_bwd__dq_kernel_ms", "{:.2f}"),
-        ("dkdv", "ours_bwd__dkdv_kernel_ms", "{:.2f}"), ("ours f+b", "ours_fwd_bwd_ms", "{:.2f}"),
-        ("flash bwd", "flash_bwd_ms", "{:.2f}"), ("flash f+b", "flash_fwd_bwd_ms", "{:.2f}"),
-        ("cudnn f+b", "cudnn_fwd_bwd_ms", "{:.2f}"), ("flex f+b", "flex_fwd_bwd_ms", "{:.2f}"),
-        ("x flash bwd", "speedup_bwd_vs_flash", "{:.2f}"), ("x flash f+b", "speedup_fwd_bwd_vs_flash", "{:.2f}"),
-        ("bwd TFLOP/s", "ours_bwd_tflops", "{:.0f}"), ("dq err vs flex", "flex_dq_err", "{:.1e}"),
+        ("S", "seq_len", "{}"),
+        ("density", "density", "{:.3f}"),
+        ("ours fwd", "ours_fwd_ms", "{:.2f}"),
+        ("ours bwd", "ours_bwd_ms", "{:.2f}"),
+        ("dq", "ours_bwd__dq_kernel_ms", "{:.2f}"),
+        ("dkdv", "ours_bwd__dkdv_kernel_ms", "{:.2f}"),
+        ("ours f+b", "ours_fwd_bwd_ms", "{:.2f}"),
+        ("flash bwd", "flash_bwd_ms", "{:.2f}"),
+        ("flash f+b", "flash_fwd_bwd_ms", "{:.2f}"),
+        ("cudnn f+b", "cudnn_fwd_bwd_ms", "{:.2f}"),
+        ("flex f+b", "flex_fwd_bwd_ms", "{:.2f}"),
+        ("x flash bwd", "speedup_bwd_vs_flash", "{:.2f}"),
+        ("x flash f+b", "speedup_fwd_bwd_vs_flash", "{:.2f}"),
+        ("bwd TFLOP/s", "ours_bwd_tflops", "{:.0f}"),
+        ("dq err vs flex", "flex_dq_err", "{:.1e}"),
     ]
     for title, _, _ in columns:
         table.add_column(title, justify="right")

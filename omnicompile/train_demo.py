@@ -1,4 +1,4 @@
-"""Training demonstration (METHOD.md section 5): sparse fine-tuning recovers what training-free sparsity loses.
+"""Training demonstration (METHOD.md section 5): a sparse fine-tune against training-free sparsity.
 
 Task: multi-query associative recall over a long context, generated on the fly. A sequence holds
 ``pairs`` (key, value) token pairs scattered among filler tokens in its first three quarters; its
@@ -62,7 +62,9 @@ class RecallTask:
     def _context_end(self) -> int:
         return (3 * self.seq_len) // 4
 
-    def batch(self, size: int, gen: torch.Generator, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(
+        self, size: int, gen: torch.Generator, device: torch.device | str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """input_ids int64 [size, seq_len] and labels int64 [size, seq_len] (-100 except query answers).
 
         Labels are unshifted (HF convention): labels[t] is the token at t, predicted from t - 1.
@@ -121,7 +123,7 @@ class DemoSetting:
     granularity: int
     min_seq_len: int
 
-    def tasks(self) -> tuple["RecallTask", "RecallTask"]:
+    def tasks(self) -> tuple[RecallTask, RecallTask]:
         """(short-phase task, full-length task), sharing one vocabulary."""
         return (RecallTask(self.short_len, self.short_pairs, self.vocab_items, self.vocab_items),
                 RecallTask(self.seq_len, self.pairs, self.vocab_items, self.vocab_items))
@@ -156,12 +158,15 @@ def build_model(setting: DemoSetting, vocab_size: int, seed: int) -> torch.nn.Mo
 def sparse_config(setting: DemoSetting, tau: float) -> OmniSparseConfig:
     """The backend's config for this setting (default method fields, setting's block sizes)."""
     return OmniSparseConfig(
-        tau=tau, block_size=setting.block_size, granularity=setting.granularity, min_seq_len=setting.min_seq_len
+        tau=tau, block_size=setting.block_size, granularity=setting.granularity,
+        min_seq_len=setting.min_seq_len,
     )
 
 
 def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
 
 
 def train(model, task: RecallTask, steps: int, lr: float, batch_size: int, gen: torch.Generator,
@@ -251,7 +256,8 @@ def run_demo(setting: DemoSetting, out: Path, device: torch.device, tau: float, 
     timings["dense_training_s"] = time.perf_counter() - started
     model.save_pretrained(out / "dense")
 
-    evals = dict(task=task, batches=setting.eval_batches, batch_size=setting.batch_size, seed=seed + 1, device=device)
+    evals = {"task": task, "batches": setting.eval_batches, "batch_size": setting.batch_size,
+             "seed": seed + 1, "device": device}
     results = {"dense": evaluate(model, measure=False, **evals)}
     options = sparse_config(setting, tau).to_dict()
     compiled = torch.compile(model, backend="omnisparse", options=options)
@@ -280,11 +286,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiny", action="store_true", help="CPU smoke setting (about a minute)")
     parser.add_argument("--out", type=Path, default=Path("out/train_demo"), help="weights and report.json")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--tau", type=float, default=OmniSparseConfig.tau, help="recall target of the selection")
+    parser.add_argument("--tau", type=float, default=OmniSparseConfig.tau, help="recall target")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--short-steps", type=int, default=None, help="override the short-sequence dense steps")
-    parser.add_argument("--dense-steps", type=int, default=None, help="override the full-length dense steps")
-    parser.add_argument("--finetune-steps", type=int, default=None, help="override the sparse fine-tune steps")
+    parser.add_argument("--short-steps", type=int, default=None, help="short-sequence dense steps")
+    parser.add_argument("--dense-steps", type=int, default=None, help="full-length dense steps")
+    parser.add_argument("--finetune-steps", type=int, default=None, help="sparse fine-tune steps")
 
 
 def run(args: argparse.Namespace) -> int:

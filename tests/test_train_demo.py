@@ -54,7 +54,10 @@ def test_tiny_setting_trains_evaluates_and_saves(tmp_path) -> None:
     report = json.loads((tmp_path / "report.json").read_text())
     results = report["results"]
     assert set(results) == {
-        "dense", "sparse, training-free", "sparse, after sparse fine-tune", "dense, after sparse fine-tune"
+        "dense",
+        "sparse, training-free",
+        "sparse, after sparse fine-tune",
+        "dense, after sparse fine-tune",
     }
     for name, result in results.items():
         assert 0.0 <= result["accuracy"] <= 1.0
@@ -62,6 +65,10 @@ def test_tiny_setting_trains_evaluates_and_saves(tmp_path) -> None:
             assert len(result["layers"]) == train_demo.TINY.layers
             for layer in result["layers"]:
                 assert layer["decision"] == "sparse"
-                assert 0.0 < layer["density"] <= 1.0 and 0.0 < layer["recall_min"] <= layer["recall_mean"] <= 1.0
+                assert (
+                    0.0 < layer["density"] <= 1.0 and 0.0 < layer["recall_min"] <= layer["recall_mean"] <= 1.0
+                )
     for folder in ("dense", "sparse_finetuned"):
-        assert (tmp_path / folder / "model.safetensors").is_file() and (tmp_path / folder / "config.json").is_file()
+        assert (tmp_path / folder / "model.safetensors").is_file() and (
+            tmp_path / folder / "config.json"
+        ).is_file()

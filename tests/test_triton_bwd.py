@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from omnicompile.kernels.selection.block_selection import BlockSelection
 from omnicompile.kernels.selection.transpose import selection_from_block_mask
 from omnicompile.kernels.sparse_attention.reference import sparse_attention_reference
@@ -40,8 +39,16 @@ def _attn_mask(kind: str, heads: int, q_len: int, kv_len: int, gen: torch.Genera
     return None
 
 
-def _inputs(batch: int, heads: int, kv_heads: int, q_len: int, kv_len: int, dim: int, dtype: torch.dtype,
-            gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _inputs(
+    batch: int,
+    heads: int,
+    kv_heads: int,
+    q_len: int,
+    kv_len: int,
+    dim: int,
+    dtype: torch.dtype,
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     def rand(h: int, s: int) -> torch.Tensor:
         return torch.randn(batch, h, s, dim, generator=gen).to(DEVICE, dtype)
 
@@ -56,13 +63,23 @@ def _reference_grads(q, k, v, selection, attn_mask, is_causal, scale, grad_out):
     return out, lse, dq, dk, dv
 
 
-def _check_against_reference(q, k, v, selection: BlockSelection, attn_mask, is_causal: bool, scale, gen,
-                             tiles: BackwardTiles | None = None):
+def _check_against_reference(
+    q,
+    k,
+    v,
+    selection: BlockSelection,
+    attn_mask,
+    is_causal: bool,
+    scale,
+    gen,
+    tiles: BackwardTiles | None = None,
+):
     """Assert the kernel's gradients match the reference's; return (lse, (dq, dk, dv)) of the kernel run."""
     grad_out = torch.randn(q.shape, generator=gen).to(DEVICE, q.dtype)
     out, lse, *expected = _reference_grads(q, k, v, selection, attn_mask, is_causal, scale, grad_out)
-    grads = sparse_attention_bwd(grad_out, q, k, v, out.to(q.dtype), lse, selection, attn_mask, is_causal, scale,
-                                 tiles)
+    grads = sparse_attention_bwd(
+        grad_out, q, k, v, out.to(q.dtype), lse, selection, attn_mask, is_causal, scale, tiles
+    )
     for name, got, want, like in zip("qkv", grads, expected, (q, k, v)):
         assert got.shape == like.shape and got.dtype == like.dtype
         err = _rel_err(got, want)
@@ -96,16 +113,18 @@ def _full_selection(batch, heads, q_len, kv_len, block_size) -> BlockSelection:
     dkdv_chunk=st.sampled_from([None, 1, 3]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_gradients_equal_the_reference(batch, kv_heads, group, q_len, kv_len, dim, block_size, masking,
-                                       density, dtype, dkdv_chunk, seed) -> None:
+def test_gradients_equal_the_reference(
+    batch, kv_heads, group, q_len, kv_len, dim, block_size, masking, density, dtype, dkdv_chunk, seed
+) -> None:
     gen = torch.Generator().manual_seed(seed)
     heads = kv_heads * group
     q, k, v = _inputs(batch, heads, kv_heads, q_len, kv_len, dim, dtype, gen)
     selection = _random_selection(batch, heads, q_len, kv_len, block_size, density, gen)
     attn_mask = _attn_mask(masking, heads, q_len, kv_len, gen)
     tiles = BackwardTiles(dkdv_chunk=dkdv_chunk)
-    _check_against_reference(q, k, v, selection, attn_mask, masking == "causal", 0.3 if seed % 2 else None, gen,
-                             tiles)
+    _check_against_reference(
+        q, k, v, selection, attn_mask, masking == "causal", 0.3 if seed % 2 else None, gen, tiles
+    )
 
 
 @pytest.mark.interpreter
@@ -143,8 +162,12 @@ def test_full_selection_equals_dense_sdpa_gradients(is_causal: bool, dtype: torc
     q32, k32, v32 = (t.float().requires_grad_() for t in (q, k, v))
     dense = F.scaled_dot_product_attention(q32, k32, v32, is_causal=is_causal, enable_gqa=True)
     expected = torch.autograd.grad(dense, (q32, k32, v32), grad_out.float())
-    _, lse = sparse_attention_reference(q32.detach(), k32.detach(), v32.detach(), selection, None, is_causal, None)
-    grads = sparse_attention_bwd(grad_out, q, k, v, dense.detach().to(dtype), lse, selection, None, is_causal, None)
+    _, lse = sparse_attention_reference(
+        q32.detach(), k32.detach(), v32.detach(), selection, None, is_causal, None
+    )
+    grads = sparse_attention_bwd(
+        grad_out, q, k, v, dense.detach().to(dtype), lse, selection, None, is_causal, None
+    )
     for got, want in zip(grads, expected):
         assert _rel_err(got, want) < TOLERANCE[dtype]
 

@@ -61,7 +61,9 @@ class BackwardTiles:
     num_stages: int = 2
 
 
-def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> str | None:
+def supported(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None
+) -> str | None:
     """None when the Triton backward can run these inputs, else the reason it cannot."""
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if q.device.type != "cuda" and not interpreted:
@@ -107,7 +109,8 @@ def _preprocess(
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     row_ok = offs_m < q_len
     tile_ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(O + b * s_ob + h * s_oh + offs_m[:, None] * s_os + offs_d[None, :] * s_od, mask=tile_ok, other=0.0)
+    o = tl.load(O + b * s_ob + h * s_oh + offs_m[:, None] * s_os + offs_d[None, :] * s_od,
+                mask=tile_ok, other=0.0)
     do = tl.load(DO + b * s_dob + h * s_doh + offs_m[:, None] * s_dos + offs_d[None, :] * s_dod,
                  mask=tile_ok, other=0.0)
     lse = tl.load(LSE + b * s_lb + h * s_lh + offs_m * s_ls, mask=row_ok, other=0.0)
@@ -136,7 +139,8 @@ def _scores(
     """
     s = tile_dot(a, b_t, None, FP32_DOT) * qk_scale
     if MASK_KIND != 0:
-        m = tl.load(mask_base + q_offs * s_mq + k_offs * s_mk, mask=(q_offs < q_len) & (k_offs < kv_len), other=0)
+        in_bounds = (q_offs < q_len) & (k_offs < kv_len)
+        m = tl.load(mask_base + q_offs * s_mq + k_offs * s_mk, mask=in_bounds, other=0)
         if MASK_KIND == 1:
             s = tl.where(m != 0, s, float("-inf"))
         else:
@@ -284,9 +288,9 @@ def _dkdv_kernel(
                     lse2 = tl.load(LSE2 + row_base + offs_m, mask=offs_m < q_len, other=float("inf"))
                     delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < q_len, other=0.0)
                     # Transposed tile: rows are this program's keys, columns the block's queries.
-                    s_t = _scores(k, tl.trans(q), qk_scale, mask_base, s_mq, s_mk, offs_m[None, :], offs_n[:, None],
-                                  q_len, kv_len, MASK_KIND, FP32_DOT)
-                    if IS_CAUSAL:
+                    s_t = _scores(k, tl.trans(q), qk_scale, mask_base, s_mq, s_mk, offs_m[None, :],
+                                  offs_n[:, None], q_len, kv_len, MASK_KIND, FP32_DOT)
+                    if IS_CAUSAL:  # noqa: SIM102 (a compile-time test around a run-time one)
                         # Keys past the end need no mask: their rows of dk, dv are never stored.
                         if n0 + BLOCK_N - 1 > m0:
                             s_t = tl.where(offs_n[:, None] <= offs_m[None, :], s_t, float("-inf"))
@@ -375,7 +379,8 @@ def sparse_attention_bwd(
     kv_heads, kv_len = k.shape[1], k.shape[2]
     block = selection.block_size
     nq, nk = triton.cdiv(q_len, block), triton.cdiv(kv_len, block)
-    if (selection.q_len, selection.kv_len) != (q_len, kv_len) or selection.kv_indices.shape != (batch, heads, nq, nk):
+    expected = (batch, heads, nq, nk)
+    if (selection.q_len, selection.kv_len) != (q_len, kv_len) or selection.kv_indices.shape != expected:
         raise ValueError(
             f"sparse_attention_bwd: selection for Sq={selection.q_len}, Skv={selection.kv_len}, indices "
             f"{tuple(selection.kv_indices.shape)} does not fit q {tuple(q.shape)}, k {tuple(k.shape)}"
@@ -384,9 +389,12 @@ def sparse_attention_bwd(
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     group = heads // kv_heads
     mask, mask_strides, mask_kind = _mask_operand(attn_mask, (batch, heads, q_len, kv_len), q)
-    shared = dict(GROUP=group, BLOCK=block, HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
-                  IS_CAUSAL=is_causal, MASK_KIND=mask_kind, FP32_DOT=needs_fp32_dot(q.dtype),
-                  num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    shared = {
+        "GROUP": group, "BLOCK": block,
+        "HEAD_DIM": head_dim, "HEAD_DIM_PAD": triton.next_power_of_2(head_dim),
+        "IS_CAUSAL": is_causal, "MASK_KIND": mask_kind, "FP32_DOT": needs_fp32_dot(q.dtype),
+        "num_warps": tiles.num_warps, "num_stages": tiles.num_stages,
+    }
 
     delta = torch.empty((batch, heads, q_len), dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta)
@@ -428,7 +436,8 @@ def sparse_attention_bwd(
     )
     if chunks > 1:
         _dkdv_finalize[(batch * kv_heads * kv_tiles,)](
-            dk, dv, dk32, dv32, q_num_blocks, *q_num_blocks.stride(), kv_heads, batch * kv_heads, kv_len, chunk,
+            dk, dv, dk32, dv32, q_num_blocks, *q_num_blocks.stride(),
+            kv_heads, batch * kv_heads, kv_len, chunk,
             GROUP=group, BLOCK=block, BLOCK_N=dkdv_n, HEAD_DIM=head_dim, HEAD_DIM_PAD=shared["HEAD_DIM_PAD"],
         )
     return dq, dk, dv
