@@ -230,6 +230,12 @@ def evaluate(model, task: RecallTask, batches: int, batch_size: int, seed: int, 
     return {"accuracy": correct / max(total, 1), "layers": layers}
 
 
+def _tail_mean(values: list[float]) -> float:
+    """Mean of the last tenth (at least one) of ``values``; NaN when there are none."""
+    tail = values[-max(1, len(values) // 10):]
+    return sum(tail) / len(tail) if tail else float("nan")
+
+
 def _print_report(results: dict, log=print) -> None:
     log("\nevaluation                      accuracy  per-layer density / exact recall (mean, worst)")
     for name, result in results.items():
@@ -251,8 +257,10 @@ def run_demo(setting: DemoSetting, out: Path, device: torch.device, tau: float, 
     started = time.perf_counter()
     log(f"dense training: {setting.short_steps} steps at {setting.short_len} tokens, "
         f"{setting.dense_steps} at {setting.seq_len}")
-    train(model, short, setting.short_steps, setting.lr, setting.short_batch_size, gen, device, log)
-    train(model, task, setting.dense_steps, setting.lr, setting.batch_size, gen, device, log)
+    losses = {"short": train(model, short, setting.short_steps, setting.lr, setting.short_batch_size, gen,
+                             device, log)}
+    losses["dense"] = train(model, task, setting.dense_steps, setting.lr, setting.batch_size, gen, device,
+                            log)
     timings["dense_training_s"] = time.perf_counter() - started
     model.save_pretrained(out / "dense")
 
@@ -267,7 +275,9 @@ def run_demo(setting: DemoSetting, out: Path, device: torch.device, tau: float, 
 
     log(f"sparse fine-tuning: {setting.finetune_steps} steps at {setting.seq_len} tokens through the backend")
     started = time.perf_counter()
-    train(compiled, task, setting.finetune_steps, setting.finetune_lr, setting.batch_size, gen, device, log)
+    losses["sparse_finetune"] = train(
+        compiled, task, setting.finetune_steps, setting.finetune_lr, setting.batch_size, gen, device, log
+    )
     timings["sparse_finetune_s"] = time.perf_counter() - started
     model.save_pretrained(out / "sparse_finetuned")
     results["sparse, after sparse fine-tune"] = evaluate(compiled, measure=True, **evals)
@@ -275,7 +285,8 @@ def run_demo(setting: DemoSetting, out: Path, device: torch.device, tau: float, 
 
     _print_report(results, log)
     report = {"setting": asdict(setting), "task": asdict(task), "tau": tau, "device": str(device),
-              "timings_s": timings, "results": results}
+              "timings_s": timings, "final_loss": {name: _tail_mean(v) for name, v in losses.items()},
+              "results": results}
     (out / "report.json").write_text(json.dumps(report, indent=1))
     log(f"\nwrote {out / 'report.json'} and weights under {out}")
     return report
