@@ -206,7 +206,8 @@ def attention_backward(
 
 @attention_backward.register_fake
 def _attention_backward_fake(grad_out, q, k, v, attn_mask, out, lse, is_causal, scale, enable_gqa, config):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # Contiguous, as the real implementation returns them (whatever the strides of q, k, v).
+    return tuple(t.new_empty(t.shape) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output) -> None:
