@@ -2,6 +2,9 @@
 
 Public API: `OmniSparseConfig`, `backend` (a backend for a config), `explain` (what the backend
 did at each attention site). ``torch.compile(model, backend="omnisparse")`` needs no import.
+Submodules: `omnicompile.export` (``export``: AOTInductor / Torch-TensorRT packages, docs/EXPORT.md),
+`omnicompile.hf_cache` (``SlimKVCache`` for decode, docs/DECODE.md), `omnicompile.structured`
+(structured attention inputs), `omnicompile.metrics`.
 """
 
 from . import ops  # noqa: F401  (registers torch.ops.omnisparse.*)

@@ -3,7 +3,8 @@
 `run_passes` copies the graph, runs `PASSES` in order on the copy (each a plain function over a
 GraphModule that reports whether it changed it), cleans up after each pass that changed something,
 and returns the rewritten copy with one `SiteRecord` per attention site found. The input graph is
-never modified, so a caller can always fall back to it.
+never modified, so a caller can always fall back to it. `plugin_attention.py` is a Torch-TensorRT-only
+rewrite (the op into plugin-shaped ops), deliberately not in `PASSES`.
 """
 
 from __future__ import annotations
