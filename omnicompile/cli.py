@@ -50,6 +50,27 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export
+    from .models import build_model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = build_model(args.model, dtype=dtype, device=device)
+    ids = torch.randint(0, model.config.vocab_size, (1, args.seq_len), device=device)
+    dynamic = None if args.static else {"input_ids": {1: "seq"}}
+    with torch.no_grad():
+        path = export(model, {"input_ids": ids, "use_cache": False}, args.out, _config_from_args(args), dynamic, args.target)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_train_demo(args: argparse.Namespace) -> int:
+    from .train_demo import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``omnicompile`` command."""
     parser = argparse.ArgumentParser(prog="omnicompile", description=__doc__)
@@ -74,6 +95,22 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--layer", type=int, default=0)
     inspect.add_argument("--heads", type=int, nargs="+", default=[0, 1])
     inspect.set_defaults(func=_cmd_inspect)
+
+    export = sub.add_parser("export", help="export a model with OmniSparse attention (AOTInductor package)")
+    export.add_argument("model", help="a built-in config name or a local checkpoint folder")
+    export.add_argument("out", help="the package path (.pt2)")
+    export.add_argument("--seq-len", type=int, default=256, help="example sequence length")
+    export.add_argument("--static", action="store_true", help="fix the sequence length (default: dynamic)")
+    export.add_argument("--target", default="aoti", choices=["aoti", "tensorrt"])
+    export.add_argument("--config", default=None, help="OmniSparseConfig fields as JSON")
+    export.add_argument("--device", default=None)
+    export.set_defaults(func=_cmd_export)
+
+    from .train_demo import add_arguments
+
+    train = sub.add_parser("train-demo", help="train a small Llama dense, then sparse; report accuracy")
+    add_arguments(train)
+    train.set_defaults(func=_cmd_train_demo)
     return parser
 
 
