@@ -30,6 +30,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from bench_prefill import _write_csv, time_ms
+from rich.console import Console
+from rich.table import Table
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from omnicompile.config import OmniSparseConfig
 from omnicompile.kernels.estimation.triton_composite import estimate_blocks
 from omnicompile.kernels.masks import allowed_blocks
 from omnicompile.kernels.selection.block_selection import BlockSelection
@@ -38,11 +43,6 @@ from omnicompile.kernels.selection.transpose import block_mask_to_indices, selec
 from omnicompile.kernels.sparse_attention.reference import sparse_attention_reference
 from omnicompile.kernels.sparse_attention.triton_bwd import BackwardTiles, sparse_attention_bwd
 from omnicompile.kernels.sparse_attention.triton_fwd import sparse_attention_fwd
-from rich.console import Console
-from rich.table import Table
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
-from omnicompile.config import OmniSparseConfig
 from omnicompile.metrics import density, relative_error
 from omnicompile.structured import structured_qkv
 

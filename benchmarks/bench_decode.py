@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omnicompile.kernels.decode.slim_kv import SlimKV, storage_bytes
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 from omnicompile.config import OmniSparseConfig
 from omnicompile.hf_cache import ATTN_IMPLEMENTATION, SlimKVCache, slim_decode
+from omnicompile.kernels.decode.slim_kv import SlimKV, storage_bytes
 from omnicompile.metrics import relative_error
 from omnicompile.slimming import slim
 from omnicompile.structured import structured_qkv

@@ -34,17 +34,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omnicompile.kernels.estimation.triton_composite import EstimateLaunch, estimate_blocks
-from omnicompile.kernels.masks import allowed_blocks
-from omnicompile.kernels.selection.block_selection import BlockSelection
-from omnicompile.kernels.selection.select import select_blocks
-from omnicompile.kernels.sparse_attention.triton_fwd import LaunchConfig, sparse_attention_fwd
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from omnicompile.config import OmniSparseConfig
+from omnicompile.kernels.estimation.triton_composite import EstimateLaunch, estimate_blocks
+from omnicompile.kernels.masks import allowed_blocks
+from omnicompile.kernels.selection.block_selection import BlockSelection
+from omnicompile.kernels.selection.select import select_blocks
+from omnicompile.kernels.sparse_attention.triton_fwd import LaunchConfig, sparse_attention_fwd
 from omnicompile.metrics import density, exact_recall, relative_error
 from omnicompile.structured import structured_qkv
 
@@ -136,8 +136,9 @@ def _recall(q, k, selection: BlockSelection, scale: float, num_heads: int) -> tu
 
 
 def _flex_runner(q, k, v, selection: BlockSelection, scale: float) -> Callable[[], torch.Tensor]:
-    from omnicompile.kernels.selection.flex import to_block_mask
     from torch.nn.attention.flex_attention import flex_attention
+
+    from omnicompile.kernels.selection.flex import to_block_mask
 
     block_mask = to_block_mask(selection, is_causal=True)
     compiled = torch.compile(flex_attention, dynamic=False)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 Mode = Literal["sparse", "dense"]
 Estimator = Literal["composite", "pooled", "antidiagonal"]
@@ -135,7 +136,7 @@ class OmniSparseConfig:
         """The lazy threshold in force: ``lazy_threshold`` or, when unset, ``tau``."""
         return self.tau if self.lazy_threshold is None else self.lazy_threshold
 
-    def replace(self, **changes: Any) -> "OmniSparseConfig":
+    def replace(self, **changes: Any) -> OmniSparseConfig:
         """A copy with ``changes`` applied (validated like the constructor)."""
         return OmniSparseConfig.from_dict({**self.to_dict(), **changes})
 
@@ -147,7 +148,7 @@ class OmniSparseConfig:
         return out
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "OmniSparseConfig":
+    def from_dict(cls, values: Mapping[str, Any]) -> OmniSparseConfig:
         """Build from a mapping; unknown keys raise ``ValueError`` naming them."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
@@ -163,7 +164,7 @@ class OmniSparseConfig:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
     @staticmethod
-    def from_json(text: str) -> "OmniSparseConfig":
+    def from_json(text: str) -> OmniSparseConfig:
         """Parse the JSON form (cached: the op parses the same text on every call)."""
         return _parse_json(text)
 

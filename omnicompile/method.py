@@ -18,15 +18,14 @@ from dataclasses import dataclass
 import torch
 
 from .config import OmniSparseConfig
-from .kernels.estimation import estimate_blocks
-from .kernels.estimation import triton_composite
+from .kernels.estimation import estimate_blocks, triton_composite
 from .kernels.masks import allowed_blocks, check_qkv, resolve_scale, validate_mask
 from .kernels.selection import BlockSelection, select_blocks
 from .kernels.sparse_attention import triton_bwd, triton_fwd
 from .kernels.sparse_attention.reference import sparse_attention_reference
 from .metrics import relative_error
-from .ops import dense_attention
 from .metrics import selection_stats as measure_selection
+from .ops import dense_attention
 
 
 def kernel_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> str:

@@ -5,8 +5,8 @@ matplotlib is an optional extra (``pip install omnicompile[plot]``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 

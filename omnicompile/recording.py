@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
-_ACTIVE: contextvars.ContextVar[tuple["Recorder", ...]] = contextvars.ContextVar("omnicompile_recorders", default=())
+_ACTIVE: contextvars.ContextVar[tuple[Recorder, ...]] = contextvars.ContextVar("omnicompile_recorders", default=())
 
 
 @dataclass

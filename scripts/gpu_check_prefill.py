@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from omnicompile.config import OmniSparseConfig
 from omnicompile.kernels.estimation.reference import estimate_blocks as reference_estimate
 from omnicompile.kernels.estimation.triton_composite import estimate_blocks
 from omnicompile.kernels.masks import allowed_blocks
@@ -29,8 +31,6 @@ from omnicompile.kernels.selection.select import select_blocks
 from omnicompile.kernels.selection.transpose import selection_from_block_mask
 from omnicompile.kernels.sparse_attention.reference import sparse_attention_reference
 from omnicompile.kernels.sparse_attention.triton_fwd import sparse_attention_fwd
-
-from omnicompile.config import OmniSparseConfig
 from omnicompile.metrics import relative_error
 from omnicompile.structured import structured_qkv
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from hypothesis import strategies as st
+
 from omnicompile.kernels.masks import mask_bias
 
 MASK_KINDS = ("none", "causal", "bool", "additive")

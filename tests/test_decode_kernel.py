@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from omnicompile.kernels.decode.reference import slim_decode_reference
 from omnicompile.kernels.decode.slim_kv import SlimKV
 from omnicompile.kernels.decode.triton_decode import slim_decode_triton, supported
-
 from tests.helpers import REL_TOL, rel_error
 
 pytestmark = pytest.mark.interpreter

@@ -6,6 +6,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from omnicompile import OmniSparseConfig
 from omnicompile.kernels.estimation import (
     antidiagonal_estimate,
     composite_estimate,
@@ -13,8 +15,6 @@ from omnicompile.kernels.estimation import (
     pooled_estimate,
 )
 from omnicompile.kernels.masks import allowed_blocks
-
-from omnicompile import OmniSparseConfig
 from tests.attention_cases import Case, cases, dense_bias, make_mask, make_qkv
 
 BLOCK = 16

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
-from omnicompile.kernels.masks import allowed_blocks, check_qkv, classify_mask, mask_bias, validate_mask
 
+from omnicompile.kernels.masks import allowed_blocks, check_qkv, classify_mask, mask_bias, validate_mask
 from tests.attention_cases import Case, cases, dense_bias, make_mask, make_qkv
 
 

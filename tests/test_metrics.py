@@ -6,10 +6,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from omnicompile.kernels.masks import allowed_blocks
-from omnicompile.kernels.selection.transpose import selection_from_block_mask
 
 from omnicompile import OmniSparseConfig
+from omnicompile.kernels.masks import allowed_blocks
+from omnicompile.kernels.selection.transpose import selection_from_block_mask
 from omnicompile.method import plan
 from omnicompile.metrics import (
     density,

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 from omnicompile import OmniSparseConfig
 from omnicompile.ops import dense_reason
-
 from tests.helpers import GRAD_REL_TOL, REL_TOL, rel_error
 
 DENSE = OmniSparseConfig(mode="dense").to_json()
@@ -119,7 +118,7 @@ def test_sparse_path_records_stats_on_structured_input():
     q, k, v = structured_qkv("structured", 1, 4, 2, 1024, 32, dtype=torch.float32, device="cpu", seed=1)
     cfg = OmniSparseConfig(block_size=16, granularity=4, min_seq_len=256).to_json()
     with recording(measure=True) as recorder:
-        out, lse = _op(q, k, v, causal=True, config=cfg, site="structured_site")
+        _, lse = _op(q, k, v, causal=True, config=cfg, site="structured_site")
     (run,) = recorder.runs
     assert run.decision == "sparse" and run.site == "structured_site"
     assert run.stats["density"] < 0.5 and run.stats["recall_mean"] > 0.9

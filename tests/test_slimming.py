@@ -8,9 +8,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from omnicompile.kernels.decode.slim_kv import SlimKV
 
 from omnicompile.config import OmniSparseConfig
+from omnicompile.kernels.decode.slim_kv import SlimKV
 from omnicompile.slimming import SLIM_BLOCK, long_range_region, plan_slimming, slim
 
 CONFIG = OmniSparseConfig(

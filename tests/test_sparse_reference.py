@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from omnicompile import OmniSparseConfig
 from omnicompile.kernels.selection.flex import to_block_mask
 from omnicompile.kernels.selection.transpose import selection_from_block_mask
 from omnicompile.kernels.sparse_attention.reference import sparse_attention_reference
-
-from omnicompile import OmniSparseConfig
 from omnicompile.method import omnisparse_attention, omnisparse_attention_backward
 from tests.attention_cases import Case, cases, dense_bias, make_mask, make_qkv
 from tests.helpers import GRAD_REL_TOL, REL_TOL, rel_error

@@ -11,12 +11,12 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from omnicompile.passes import run_passes
-from omnicompile.passes.plugin_attention import use_plugin_attention
 
 import omnicompile
 from omnicompile import OmniSparseConfig
 from omnicompile.export import export, export_program
+from omnicompile.passes import run_passes
+from omnicompile.passes.plugin_attention import use_plugin_attention
 from omnicompile.tensorrt import INSTALL_HINT, compile_tensorrt, load_tensorrt
 from tests.helpers import REL_TOL, rel_error
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from omnicompile.kernels.selection.transpose import (
     block_mask_to_indices,
     selection_from_block_mask,

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from omnicompile.kernels.selection.block_selection import BlockSelection
 from omnicompile.kernels.selection.transpose import selection_from_block_mask
 from omnicompile.kernels.sparse_attention.reference import sparse_attention_reference

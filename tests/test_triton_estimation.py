@@ -11,6 +11,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from omnicompile.config import OmniSparseConfig
 from omnicompile.kernels.estimation.reference import estimate_blocks as reference_estimate
 from omnicompile.kernels.estimation.triton_composite import (
     EstimateLaunch,
@@ -19,8 +21,6 @@ from omnicompile.kernels.estimation.triton_composite import (
     supported,
 )
 from omnicompile.kernels.masks import allowed_blocks
-
-from omnicompile.config import OmniSparseConfig
 from omnicompile.structured import structured_qkv
 from tests.helpers import rel_error
 

@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from omnicompile.config import OmniSparseConfig
 from omnicompile.kernels.estimation.reference import estimate_blocks
 from omnicompile.kernels.masks import allowed_blocks
 from omnicompile.kernels.selection.select import select_blocks
 from omnicompile.kernels.selection.transpose import selection_from_block_mask
 from omnicompile.kernels.sparse_attention.reference import sparse_attention_reference
 from omnicompile.kernels.sparse_attention.triton_fwd import LaunchConfig, sparse_attention_fwd, supported
-
-from omnicompile.config import OmniSparseConfig
 from tests.helpers import REL_TOL, rel_error
 
 pytestmark = pytest.mark.interpreter

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from omnicompile.kernels.selection.block_selection import BlockSelection
 from torch import Tensor
+
+from omnicompile.kernels.selection.block_selection import BlockSelection
 
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
