@@ -1,0 +1,307 @@
+"""Fused Triton KV selection: `select_blocks` (select.py) in two row kernels, the same `BlockSelection`.
+
+One program per (b, h, i) row of Ahat holds the row (nk padded to a power of two) in registers:
+
+1. `_need_kernel` loads the row and the allowed row (at its broadcast strides), forms F(i) from the
+   block indices (`forced_pattern`'s formula), the local mass, lazy, the available count and the
+   need k_h; it writes need, lazy and the count ([B, H, nq] each).
+2. torch ops on those [B, H, nq] tensors: `_shared_budget` (select.py), the clamp, take.
+3. `_select_kernel` reloads the row, finds the take-th largest available value, takes the ties at
+   it by lower index first (the stable sort's order), and writes ``kv_indices`` (each selected block
+   scattered to its cumulative-count slot, then the padding) and ``kv_num_blocks``.
+
+No sort: both kernels search the bits of the float32 values instead (31-32 masked reductions over
+the row). For values >= 0 the float bits, read as int32, order like the values, so
+
+- need: the mass S(P) of the available blocks with bits >= P is non-increasing in P, and the k_h-th
+  largest value v is the one whose bits are the largest P with S(P) >= target (found bit by bit
+  from bit 30); then k_h = #(> v) + ceil((target - S(> v)) / v), at most the ties at v;
+- take: the take-th largest key is the largest P with #(key >= P) >= take (integer counts, exact;
+  the key maps any float order-preservingly to int32, -0.0 to +0.0).
+
+Exactness: the selected set, lazy and budget equal `select_blocks`' for any input on which both
+compute the same need. The masses are float32 tree sums here and a sequential cumsum (CPU) or scan
+(CUDA) there; they agree to float32 rounding (~1e-6 at nk = 2048, inside ``_MASS_SLACK``), so need
+can differ only where a cumulative mass lies within that rounding of tau + slack. Ties follow the
+reference exactly. Ahat is taken as finite and >= -1 (an estimate is >= 0; the reference ranks
+unavailable blocks at -1).
+
+Traffic per call: Ahat read twice (the allowed row comes from L2 when it is shared by heads), the
+int32 ``kv_indices`` written once, nothing else at [B, H, nq, nk]; no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ...config import OmniSparseConfig
+from ..sparse_attention.triton_fwd import interpreting
+from .block_selection import BlockSelection
+from .select import _MASS_SLACK, _shared_budget
+
+# Widest row one program holds: 8192 key blocks (512K tokens at b = 64), 16 warps x 16 values per thread.
+MAX_KV_BLOCKS = 8192
+_INT_MIN: tl.constexpr = -(2**31)
+
+
+def supported(ahat: Tensor, allowed: Tensor) -> str | None:
+    """None when `select_blocks_triton` can run these inputs, else the reason it cannot."""
+    if ahat.device.type != "cuda" and not interpreting():
+        return f"device {ahat.device.type} needs CUDA (or TRITON_INTERPRET=1)"
+    if ahat.dtype != torch.float32 or ahat.dim() != 4:
+        return f"ahat {ahat.dtype} with {ahat.dim()} dims: needs float32 [B, H, nq, nk]"
+    if allowed.dtype != torch.bool or allowed.device != ahat.device:
+        return f"allowed {allowed.dtype} on {allowed.device}: needs bool on {ahat.device}"
+    try:
+        shape = torch.broadcast_shapes(allowed.shape, ahat.shape)
+    except RuntimeError:
+        shape = None
+    if shape != ahat.shape:
+        return f"allowed {tuple(allowed.shape)} does not broadcast to ahat {tuple(ahat.shape)}"
+    if ahat.numel() == 0:
+        return f"empty estimate {tuple(ahat.shape)}"
+    if ahat.shape[3] > MAX_KV_BLOCKS:
+        return f"{ahat.shape[3]} key blocks: one program holds at most {MAX_KV_BLOCKS}"
+    return None
+
+
+def select_blocks_triton(
+    ahat: Tensor,
+    allowed: Tensor,
+    config: OmniSparseConfig,
+    num_kv_heads: int,
+    *,
+    is_causal: bool,
+    q_len: int,
+    kv_len: int,
+) -> BlockSelection:
+    """`select_blocks` in Triton: same arguments, same rule, same `BlockSelection` (module docstring).
+
+    Args:
+        ahat: float32 [B, H, nq, nk], the block estimate (any strides).
+        allowed: bool, broadcastable to [B, H, nq, nk] (read at stride 0 along broadcast dims).
+        config, num_kv_heads, is_causal, q_len, kv_len: as `select_blocks`.
+
+    Returns:
+        kv_num_blocks, budget int32 [B, H, nq]; kv_indices int32 [B, H, nq, nk] (padded with nk);
+        lazy bool [B, H, nq].
+    """
+    reason = supported(ahat, allowed)
+    if reason is not None:
+        raise ValueError(f"triton select_blocks: {reason}")
+    batch, heads, nq, nk = ahat.shape
+    if heads % num_kv_heads:
+        raise ValueError(f"query heads {heads} are not a multiple of kv heads {num_kv_heads}")
+    if (nq, nk) != (triton.cdiv(q_len, config.block_size), triton.cdiv(kv_len, config.block_size)):
+        raise ValueError(
+            f"ahat blocks {(nq, nk)} do not match q_len {q_len}, kv_len {kv_len}, b {config.block_size}"
+        )
+    allowed = allowed.expand(batch, heads, nq, nk)
+    rows = batch * heads * nq
+    block_n = triton.next_power_of_2(nk)
+    num_warps = min(16, max(1, block_n // 512))
+    row_args = (*ahat.stride(), *allowed.stride(), heads, nq, nk, config.n_sink, config.n_local)
+
+    need = torch.empty(batch, heads, nq, dtype=torch.int32, device=ahat.device)
+    lazy = torch.empty(batch, heads, nq, dtype=torch.bool, device=ahat.device)
+    num_available = torch.empty_like(need)
+    _need_kernel[(rows,)](
+        ahat,
+        allowed,
+        need,
+        lazy,
+        num_available,
+        *row_args,
+        config.tau + _MASS_SLACK,
+        config.effective_lazy_threshold,
+        IS_CAUSAL=is_causal,
+        QUERY_SELECTION=config.query_selection,
+        TAKE_ALL=config.tau >= 1.0,
+        BLOCK_N=block_n,
+        num_warps=num_warps,
+    )
+    budget = _shared_budget(need, config.budget_scope, num_kv_heads).clamp(
+        config.min_blocks, config.max_blocks
+    )
+    take = torch.where(lazy, 0, torch.minimum(budget, num_available)).to(torch.int32)
+
+    kv_indices = torch.empty(batch, heads, nq, nk, dtype=torch.int32, device=ahat.device)
+    kv_num_blocks = torch.empty_like(need)
+    _select_kernel[(rows,)](
+        ahat,
+        allowed,
+        take,
+        kv_indices,
+        kv_num_blocks,
+        *row_args,
+        IS_CAUSAL=is_causal,
+        BLOCK_N=block_n,
+        num_warps=num_warps,
+    )
+    return BlockSelection(
+        kv_num_blocks=kv_num_blocks,
+        kv_indices=kv_indices,
+        lazy=lazy,
+        budget=take,
+        block_size=config.block_size,
+        q_len=q_len,
+        kv_len=kv_len,
+    )
+
+
+@triton.jit
+def _load_row(
+    AHAT,
+    ALLOWED,
+    stride_ab,
+    stride_ah,
+    stride_ai,
+    stride_aj,
+    stride_mb,
+    stride_mh,
+    stride_mi,
+    stride_mj,
+    heads,
+    nq,
+    nk,
+    n_sink,
+    n_local,
+    IS_CAUSAL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Row index and [BLOCK_N] block index, Ahat (0 past nk), forced (allowed & F pattern) and
+    available (allowed & not F pattern) of this program's (b, h, i) row."""
+    row = tl.program_id(0)
+    i = row % nq
+    head = ((row // nq) % heads).to(tl.int64)
+    batch = (row // (nq * heads)).to(tl.int64)
+    offs = tl.arange(0, BLOCK_N)
+    in_row = offs < nk
+    value = tl.load(
+        AHAT + batch * stride_ab + head * stride_ah + i.to(tl.int64) * stride_ai + offs * stride_aj,
+        mask=in_row,
+        other=0.0,
+    )
+    allowed_ptrs = (
+        ALLOWED + batch * stride_mb + head * stride_mh + i.to(tl.int64) * stride_mi + offs * stride_mj
+    )
+    allowed = tl.load(allowed_ptrs, mask=in_row, other=0) != 0
+    # forced_pattern: sinks 0 .. n_sink-1 and n_local blocks ending at i (causal) or centred on i.
+    if IS_CAUSAL:
+        first = i - n_local + 1
+    else:
+        first = i - n_local // 2
+    pattern = (offs < n_sink) | ((offs >= first) & (offs < first + n_local))
+    return row, offs, value, allowed & pattern, allowed & ~pattern
+
+
+@triton.jit
+def _need_kernel(
+    AHAT,
+    ALLOWED,
+    NEED,
+    LAZY,
+    NUM_AVAILABLE,
+    stride_ab,
+    stride_ah,
+    stride_ai,
+    stride_aj,
+    stride_mb,
+    stride_mh,
+    stride_mi,
+    stride_mj,
+    heads,
+    nq,
+    nk,
+    n_sink,
+    n_local,
+    mass_target,
+    lazy_threshold,
+    IS_CAUSAL: tl.constexpr,
+    QUERY_SELECTION: tl.constexpr,
+    TAKE_ALL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    row, _, value, forced, available = _load_row(
+        AHAT, ALLOWED, stride_ab, stride_ah, stride_ai, stride_aj, stride_mb, stride_mh, stride_mi,
+        stride_mj, heads, nq, nk, n_sink, n_local, IS_CAUSAL, BLOCK_N,
+    )  # fmt: skip
+    local = tl.sum(tl.where(forced, value, 0.0))
+    lazy = (local >= lazy_threshold) & QUERY_SELECTION
+    num_available = tl.sum(available.to(tl.int32))
+    if TAKE_ALL:
+        need = num_available
+    else:
+        target = mass_target - local
+        mass = tl.where(available, tl.maximum(value, 0.0), 0.0)
+        # Bits of a value >= 0 order like the value; unavailable and negative entries (no mass) rank below.
+        key = tl.where(available, value.to(tl.int32, bitcast=True), -1)
+        kth = 0
+        for b in tl.static_range(31):
+            candidate = kth | (1 << (30 - b))
+            reached = tl.sum(tl.where(key >= candidate, mass, 0.0)) >= target
+            kth = tl.where(reached, candidate, kth)
+        above = key > kth
+        kth_value = kth.to(tl.float32, bitcast=True)
+        # >= 1 since S(> v) < target; capped at the ties at v against rounding. v is 0 only when unreached.
+        from_ties = tl.ceil(
+            (target - tl.sum(tl.where(above, mass, 0.0))) / tl.where(kth_value > 0.0, kth_value, 1.0)
+        )
+        from_ties = tl.minimum(from_ties, tl.sum((key == kth).to(tl.float32))).to(tl.int32)
+        need = tl.sum(above.to(tl.int32)) + from_ties
+        need = tl.where(tl.sum(mass) < target, num_available, need)
+        need = tl.where(target <= 0.0, 0, need)
+    tl.store(NEED + row, tl.where(lazy, 0, need))
+    tl.store(LAZY + row, lazy)
+    tl.store(NUM_AVAILABLE + row, num_available)
+
+
+@triton.jit
+def _select_kernel(
+    AHAT,
+    ALLOWED,
+    TAKE,
+    KV_INDICES,
+    KV_NUM_BLOCKS,
+    stride_ab,
+    stride_ah,
+    stride_ai,
+    stride_aj,
+    stride_mb,
+    stride_mh,
+    stride_mi,
+    stride_mj,
+    heads,
+    nq,
+    nk,
+    n_sink,
+    n_local,
+    IS_CAUSAL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    row, offs, value, forced, available = _load_row(
+        AHAT, ALLOWED, stride_ab, stride_ah, stride_ai, stride_aj, stride_mb, stride_mh, stride_mi,
+        stride_mj, heads, nq, nk, n_sink, n_local, IS_CAUSAL, BLOCK_N,
+    )  # fmt: skip
+    take = tl.load(TAKE + row)
+    # Order-preserving int32 key of any float (negatives: flip the magnitude bits), -0.0 as +0.0.
+    bits = tl.where(value == 0.0, 0.0, value).to(tl.int32, bitcast=True)
+    key = tl.where(available, bits ^ ((bits >> 31) & 0x7FFFFFFF), _INT_MIN)
+    # The take-th largest key: the largest P with #(key >= P) >= take, sign bit first.
+    kth = tl.where(tl.sum((key >= 0).to(tl.int32)) >= take, 0, _INT_MIN)
+    for b in tl.static_range(31):
+        candidate = kth | (1 << (30 - b))
+        kth = tl.where(tl.sum((key >= candidate).to(tl.int32)) >= take, candidate, kth)
+    above = key > kth
+    tie = available & (key == kth)
+    tie_rank = tl.cumsum(tie.to(tl.int32), 0)
+    chosen = above | (tie & (tie_rank <= take - tl.sum(above.to(tl.int32))))
+    selected = (forced | chosen).to(tl.int32)
+    count = tl.sum(selected)
+    out = KV_INDICES + row.to(tl.int64) * nk
+    tl.store(out + tl.cumsum(selected, 0) - 1, offs, mask=selected != 0)
+    tl.store(out + offs, nk, mask=(offs >= count) & (offs < nk))
+    tl.store(KV_NUM_BLOCKS + row, count)
