@@ -43,8 +43,8 @@ from omnicompile.config import OmniSparseConfig
 from omnicompile.kernels.estimation.triton_composite import EstimateLaunch, estimate_blocks
 from omnicompile.kernels.masks import allowed_blocks
 from omnicompile.kernels.selection.block_selection import BlockSelection
-from omnicompile.kernels.selection.select import select_blocks
 from omnicompile.kernels.sparse_attention.triton_fwd import LaunchConfig, sparse_attention_fwd
+from omnicompile.method import select_on_device
 from omnicompile.metrics import density, exact_recall, relative_error
 from omnicompile.structured import structured_qkv
 
@@ -173,7 +173,7 @@ def _pipeline(q, k, v, config: OmniSparseConfig, scale: float):
     ahat = estimate()
 
     def select() -> BlockSelection:
-        return select_blocks(ahat, allowed, config, k.shape[1], is_causal=True, q_len=seq, kv_len=seq)
+        return select_on_device(ahat, allowed, config, k.shape[1], is_causal=True, q_len=seq, kv_len=seq)
 
     selection = select()
 
@@ -182,7 +182,7 @@ def _pipeline(q, k, v, config: OmniSparseConfig, scale: float):
 
     def total() -> tuple[torch.Tensor, torch.Tensor]:
         a = estimate_blocks(q, k, None, True, scale, config)
-        s = select_blocks(a, allowed, config, k.shape[1], is_causal=True, q_len=seq, kv_len=seq)
+        s = select_on_device(a, allowed, config, k.shape[1], is_causal=True, q_len=seq, kv_len=seq)
         return sparse_attention_fwd(q, k, v, s, None, True, scale)
 
     return {"estimate": estimate, "select": select, "attend": attend, "total": total}, selection, allowed

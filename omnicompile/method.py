@@ -1,7 +1,8 @@
 """The OmniSparse pipeline: estimate, select, attend (METHOD.md sections 1-3 and 5).
 
 Device dispatch lives here, one place each: `_estimate` runs the fused Triton estimator on CUDA
-when it takes the inputs (else the reference estimator), `_attend` the Triton block-sparse kernel
+when it takes the inputs (else the reference estimator), `plan` the fused Triton selection on CUDA
+(else `select_blocks`), `_attend` the Triton block-sparse kernel
 on CUDA (the op checks `kernel_unsupported_reason` first and runs dense attention, logged, when it
 cannot), and the backward the Triton backward kernels on CUDA. On the CPU everything runs the
 pure-PyTorch references, which take every input the op accepts.
@@ -20,7 +21,7 @@ import torch
 from .config import OmniSparseConfig
 from .kernels.estimation import estimate_blocks, triton_composite
 from .kernels.masks import allowed_blocks, check_qkv, resolve_scale, validate_mask
-from .kernels.selection import BlockSelection, select_blocks
+from .kernels.selection import BlockSelection, select_blocks, triton_select
 from .kernels.sparse_attention import triton_bwd, triton_fwd
 from .kernels.sparse_attention.reference import sparse_attention_reference
 from .metrics import relative_error
@@ -69,6 +70,24 @@ def _attend(
     return sparse_attention_reference(q, k, v, selection, attn_mask, is_causal, scale, config.query_chunk)
 
 
+def select_on_device(
+    ahat: torch.Tensor,
+    allowed: torch.Tensor,
+    config: OmniSparseConfig,
+    num_kv_heads: int,
+    *,
+    is_causal: bool,
+    q_len: int,
+    kv_len: int,
+) -> BlockSelection:
+    """The selection of `select_blocks` (the one selection call): the fused Triton kernel on CUDA."""
+    if ahat.device.type == "cuda" and triton_select.supported(ahat, allowed) is None:
+        return triton_select.select_blocks_triton(
+            ahat, allowed, config, num_kv_heads, is_causal=is_causal, q_len=q_len, kv_len=kv_len
+        )
+    return select_blocks(ahat, allowed, config, num_kv_heads, is_causal=is_causal, q_len=q_len, kv_len=kv_len)
+
+
 def density_fallback_reason(
     selection: BlockSelection, attn_mask: torch.Tensor | None, is_causal: bool, config: OmniSparseConfig
 ) -> str:
@@ -108,7 +127,7 @@ def plan(
         allowed = allowed_blocks(
             attn_mask, is_causal, batch, heads, q_len, kv_len, config.block_size, q.device
         )
-        return select_blocks(ahat, allowed, config, kv_heads, is_causal=is_causal, q_len=q_len, kv_len=kv_len)
+        return select_on_device(ahat, allowed, config, kv_heads, is_causal=is_causal, q_len=q_len, kv_len=kv_len)
 
 
 @dataclass

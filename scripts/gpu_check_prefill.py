@@ -8,7 +8,9 @@ Checks, each against an independent computation on the same inputs:
   additive masks, head dims 64 / 96 / 128, bf16 / fp16; output memory pre-poisoned with NaN;
 - tau = 1 without query selection: the pipeline selects every allowed block and equals dense SDPA;
 - the fused estimator vs the reference estimator (Ahat error, and whether selecting from either gives
-  the same blocks).
+  the same blocks);
+- the fused Triton selection vs ``select_blocks`` on the same estimate (rows with identical blocks;
+  float32 sums may move a need by one block where the mass lands within rounding of tau).
 Prints one line per check and a summary; exits 1 if any check fails. Writes ``gpu_check.json``.
 """
 
@@ -29,6 +31,7 @@ from omnicompile.kernels.masks import allowed_blocks
 from omnicompile.kernels.selection.block_selection import BlockSelection
 from omnicompile.kernels.selection.select import select_blocks
 from omnicompile.kernels.selection.transpose import selection_from_block_mask
+from omnicompile.kernels.selection.triton_select import select_blocks_triton
 from omnicompile.kernels.sparse_attention.reference import sparse_attention_reference
 from omnicompile.kernels.sparse_attention.triton_fwd import sparse_attention_fwd
 from omnicompile.metrics import relative_error
@@ -170,6 +173,31 @@ def estimator_checks(shrink: int) -> list[dict]:
     return results
 
 
+def selection_checks(shrink: int) -> list[dict]:
+    results = []
+    for seq, is_causal, scope in ((32768, True, "heads"), (32768, True, "head"), (12000, False, "kv_group")):
+        config = OmniSparseConfig(budget_scope=scope)
+        seq = seq // shrink
+        q, k, _ = structured_qkv("structured", 1, 32, 8, seq, 128, dtype=torch.bfloat16, device=DEVICE, seed=2)
+        ahat = estimate_blocks(q, k, None, is_causal, None, config)
+        allowed = allowed_blocks(None, is_causal, 1, 32, seq, seq, config.block_size, q.device)
+        ref = select_blocks(ahat, allowed, config, 8, is_causal=is_causal, q_len=seq, kv_len=seq)
+        _poison()
+        fused = select_blocks_triton(ahat, allowed, config, 8, is_causal=is_causal, q_len=seq, kv_len=seq)
+        same_rows = (fused.dense_mask() == ref.dense_mask()).all(-1).float().mean().item()
+        count_diff = (fused.kv_num_blocks - ref.kv_num_blocks).abs().max().item()
+        results.append(
+            {
+                "check": f"fused selection S={seq} causal={is_causal} scope={scope}",
+                "rows_identical": same_rows,
+                "max_count_difference": count_diff,
+                "lazy_equal": bool((fused.lazy == ref.lazy).all()),
+                "ok": same_rows > 0.999 and count_diff <= 1,
+            }
+        )
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("out"))
@@ -178,7 +206,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu (TRITON_INTERPRET=1 dry run)"
     print(f"device: {device} | torch {torch.__version__}", flush=True)
     results = []
-    for group in (forward_checks, dense_equality_checks, estimator_checks):
+    for group in (forward_checks, dense_equality_checks, estimator_checks, selection_checks):
         try:
             rows = group(args.shrink)
         except Exception as err:  # noqa: BLE001 - a crash is a failed check, reported with the rest
