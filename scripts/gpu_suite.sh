@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
-# One device call: the spine model compiled on CUDA in sparse mode (demo), the decode benchmark,
-# and the prefill benchmark, each bounded in time. Logs and tables go to $OUT (default out/).
+# One bounded device call: GPU correctness checks (prefill kernels, fused selection, decode kernel),
+# then the prefill benchmark; add "demo" / "decode" as arguments to also run those.
+# Logs and tables go to $OUT (default out/).
 set -uo pipefail
 OUT="${OUT:-out}"; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation --no-index . || exit 1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/device.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
-timeout 120 omnicompile demo --device cuda --seq-len 8192 --structured-len 32768 2>&1 | tee "$OUT/demo.txt"
-timeout 100 python3 benchmarks/bench_decode.py --seq-lens 8192 32768 --steps 16 --layers 4 --out /tmp/decode 2>&1 | tee "$OUT/decode.txt"
-cp /tmp/decode/*.csv "$OUT/" 2>/dev/null
+timeout 150 python3 scripts/gpu_check_prefill.py --out /tmp/check 2>&1 | tee "$OUT/check.txt"
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_decode_kernel.py tests/test_triton_select.py 2>&1 | tail -5 | tee -a "$OUT/check.txt"
+for extra in "$@"; do
+    case "$extra" in
+        demo) timeout 120 omnicompile demo --device cuda --seq-len 8192 --structured-len 32768 2>&1 | tee "$OUT/demo.txt" ;;
+        decode) timeout 100 python3 benchmarks/bench_decode.py --seq-lens 8192 32768 --steps 16 --layers 4 --out /tmp/decode 2>&1 | tee "$OUT/decode.txt"
+                cp /tmp/decode/*.csv "$OUT/" 2>/dev/null ;;
+    esac
+done
 timeout 150 python3 benchmarks/bench_prefill.py --seq-lens 8192 32768 131072 --presets structured random \
     --flex-seq-lens 32768 --time-budget-s 120 --out /tmp/prefill 2>&1 | tee "$OUT/prefill.txt"
 cp /tmp/prefill/prefill.csv /tmp/prefill/prefill.png "$OUT/" 2>/dev/null
