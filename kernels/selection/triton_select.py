@@ -44,7 +44,7 @@ from .select import _MASS_SLACK, _shared_budget
 
 # Widest row one program holds: 8192 key blocks (512K tokens at b = 64), 16 warps x 16 values per thread.
 MAX_KV_BLOCKS = 8192
-_INT_MIN: tl.constexpr = -(2**31)
+_INT_MIN = tl.constexpr(-(2**31))
 
 
 def supported(ahat: Tensor, allowed: Tensor) -> str | None:
