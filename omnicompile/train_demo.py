@@ -2,8 +2,9 @@
 
 Task: multi-query associative recall over a long context, generated on the fly. A sequence holds
 ``pairs`` (key, value) token pairs scattered among filler tokens in its first three quarters; its
-last quarter asks for every key again, in a random order, each query key followed by its value,
-again among filler. The loss and the accuracy count only the value after each query key: to get it
+last quarter asks for ``queries`` of the keys again (fewer than the pairs, so that picking a stored
+value not yet asked for is no shortcut), each query key followed by its value, again among filler.
+The loss and the accuracy count only the value after each query key: to get it
 the model must attend from the query key to one far token (the value stored after the key's first
 occurrence), a needle in thousands of filler tokens. Attention is genuinely sparse, and the block
 estimate, which averages each query key with the filler around it, can miss the needle.
@@ -43,6 +44,7 @@ class RecallTask:
 
     seq_len: int
     pairs: int
+    queries: int
     keys: int
     values: int
     fillers: int = 64
@@ -54,9 +56,12 @@ class RecallTask:
     def __post_init__(self) -> None:
         if self.pairs > self.keys:
             raise ValueError(f"RecallTask: {self.pairs} pairs need distinct keys, only {self.keys}")
+        if self.queries > self.pairs:
+            raise ValueError(f"RecallTask: {self.queries} queries ask for more than the {self.pairs} pairs")
         query_slots = (self.seq_len - self._context_end) // 2
-        if self.pairs > min(query_slots, (self._context_end - 1) // 2):
-            raise ValueError(f"RecallTask: {self.pairs} pairs do not fit in {self.seq_len} tokens")
+        if self.pairs > (self._context_end - 1) // 2 or self.queries > query_slots:
+            raise ValueError(f"RecallTask: {self.pairs} pairs and {self.queries} queries do not fit in "
+                             f"{self.seq_len} tokens")
 
     @property
     def _context_end(self) -> int:
@@ -76,9 +81,9 @@ class RecallTask:
         keys = first_key + torch.rand(size, self.keys, generator=gen).argsort(-1)[:, :n]
         values = first_value + torch.randint(0, self.values, (size, n), generator=gen)
         # Pair slots: context slot s covers tokens 1 + 2s, 2 + 2s; query slot s covers ctx_end + 2s, +1.
-        ctx_pos = 1 + 2 * self._slots(size, (ctx_end - 1) // 2, gen)
-        query_pos = ctx_end + 2 * self._slots(size, (length - ctx_end) // 2, gen)
-        order = torch.rand(size, n, generator=gen).argsort(-1)
+        ctx_pos = 1 + 2 * self._slots(size, (ctx_end - 1) // 2, n, gen)
+        query_pos = ctx_end + 2 * self._slots(size, (length - ctx_end) // 2, self.queries, gen)
+        order = torch.rand(size, n, generator=gen).argsort(-1)[:, : self.queries]  # the pairs asked for
         ids.scatter_(1, ctx_pos, keys)
         ids.scatter_(1, ctx_pos + 1, values)
         ids.scatter_(1, query_pos, keys.gather(1, order))
@@ -87,9 +92,10 @@ class RecallTask:
         labels.scatter_(1, query_pos + 1, values.gather(1, order))
         return ids.to(device), labels.to(device)
 
-    def _slots(self, size: int, available: int, gen: torch.Generator) -> torch.Tensor:
-        """int64 [size, pairs]: distinct random slot numbers below ``available`` per row."""
-        return torch.rand(size, available, generator=gen).argsort(-1)[:, : self.pairs]
+    @staticmethod
+    def _slots(size: int, available: int, count: int, gen: torch.Generator) -> torch.Tensor:
+        """int64 [size, count]: distinct random slot numbers below ``available`` per row."""
+        return torch.rand(size, available, generator=gen).argsort(-1)[:, :count]
 
 
 @dataclass(frozen=True)
@@ -104,8 +110,10 @@ class DemoSetting:
 
     seq_len: int
     pairs: int
+    queries: int
     short_len: int
     short_pairs: int
+    short_queries: int
     vocab_items: int
     hidden: int
     layers: int
@@ -125,18 +133,21 @@ class DemoSetting:
 
     def tasks(self) -> tuple[RecallTask, RecallTask]:
         """(short-phase task, full-length task), sharing one vocabulary."""
-        return (RecallTask(self.short_len, self.short_pairs, self.vocab_items, self.vocab_items),
-                RecallTask(self.seq_len, self.pairs, self.vocab_items, self.vocab_items))
+        items = (self.vocab_items, self.vocab_items)
+        return (RecallTask(self.short_len, self.short_pairs, self.short_queries, *items),
+                RecallTask(self.seq_len, self.pairs, self.queries, *items))
 
 
 FULL = DemoSetting(
-    seq_len=4096, pairs=32, short_len=512, short_pairs=32, vocab_items=128, hidden=256, layers=2, heads=4,
-    kv_heads=2, batch_size=16, short_batch_size=64, short_steps=4000, dense_steps=600, finetune_steps=300,
+    seq_len=4096, pairs=64, queries=16, short_len=512, short_pairs=32, short_queries=8, vocab_items=128,
+    hidden=256, layers=2, heads=4, kv_heads=2, batch_size=16, short_batch_size=64, short_steps=4000,
+    dense_steps=600, finetune_steps=300,
     eval_batches=8, lr=2e-3, finetune_lr=3e-4, block_size=64, granularity=16, min_seq_len=4096,
 )
 TINY = DemoSetting(
-    seq_len=256, pairs=8, short_len=64, short_pairs=4, vocab_items=32, hidden=64, layers=2, heads=2,
-    kv_heads=1, batch_size=8, short_batch_size=8, short_steps=40, dense_steps=10, finetune_steps=6,
+    seq_len=256, pairs=8, queries=4, short_len=64, short_pairs=4, short_queries=2, vocab_items=32,
+    hidden=64, layers=2, heads=2, kv_heads=1, batch_size=8, short_batch_size=8, short_steps=40,
+    dense_steps=10, finetune_steps=6,
     eval_batches=2, lr=3e-3, finetune_lr=1e-3, block_size=16, granularity=4, min_seq_len=256,
 )
 

@@ -13,7 +13,7 @@ from omnicompile.train_demo import RecallTask
 
 
 def test_recall_answers_are_the_values_stored_after_the_first_occurrence_of_their_key() -> None:
-    task = RecallTask(seq_len=160, pairs=10, keys=12, values=7, fillers=5)
+    task = RecallTask(seq_len=160, pairs=10, queries=6, keys=12, values=7, fillers=5)
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
     ids, labels = task.batch(6, torch.Generator().manual_seed(seed), "cpu")
     assert ids.shape == labels.shape == (6, 160) and (ids[:, 0] == 0).all()
@@ -22,7 +22,7 @@ def test_recall_answers_are_the_values_stored_after_the_first_occurrence_of_thei
     context_end = 3 * 160 // 4
     for row_ids, row_labels in zip(ids.tolist(), labels.tolist()):
         answers = [p for p, label in enumerate(row_labels) if label != -100]
-        assert len(answers) == task.pairs and all(p > context_end for p in answers)
+        assert len(answers) == task.queries and all(p > context_end for p in answers)
         context = row_ids[:context_end]
         context_keys = [t for t in context if first_key <= t < first_key + task.keys]
         assert len(set(context_keys)) == task.pairs == len(context_keys)
@@ -32,11 +32,14 @@ def test_recall_answers_are_the_values_stored_after_the_first_occurrence_of_thei
             assert row_labels[p] == context[context.index(key) + 1] >= first_key + task.keys
 
 
-def test_recall_task_rejects_more_pairs_than_fit() -> None:
+def test_recall_task_rejects_impossible_layouts() -> None:
     with pytest.raises(ValueError, match="distinct keys"):
-        RecallTask(seq_len=4096, pairs=20, keys=10, values=10)
+        RecallTask(seq_len=4096, pairs=20, queries=5, keys=10, values=10)
+    with pytest.raises(ValueError, match="more than"):
+        RecallTask(seq_len=4096, pairs=4, queries=5, keys=10, values=10)
     with pytest.raises(ValueError, match="do not fit"):
-        RecallTask(seq_len=64, pairs=9, keys=16, values=16)
+        RecallTask(seq_len=64, pairs=12, queries=9, keys=16, values=16)
+    RecallTask(seq_len=64, pairs=12, queries=8, keys=16, values=16)  # the largest that fits
 
 
 @pytest.mark.slow
