@@ -2,19 +2,20 @@
 
 Task: multi-query associative recall over a long context, generated on the fly. A sequence holds
 ``pairs`` (key, value) token pairs scattered among filler tokens in its first three quarters; its
-last quarter asks for ``queries`` of the keys again (fewer than the pairs, so that picking a stored
-value not yet asked for is no shortcut), each query key followed by its value, again among filler.
-The loss and the accuracy count only the value after each query key: to get it
-the model must attend from the query key to one far token (the value stored after the key's first
+last quarter asks for ``queries`` of the keys again (fewer than the pairs, so that picking a
+stored value not yet asked for is no shortcut), each query key followed by its value, again among
+filler. The loss and the accuracy count only the value after each query key: to get it the model
+must attend from the query key to one far token (the value stored after the key's first
 occurrence), a needle in thousands of filler tokens. Attention is genuinely sparse, and the block
 estimate, which averages each query key with the filler around it, can miss the needle.
 
 Steps: train a small Llama-architecture model (transformers ``LlamaConfig``) densely (eager SDPA;
-a short-sequence phase first, then the full length); evaluate it dense and, training-free, through
-``torch.compile(model, backend="omnisparse")``; fine-tune briefly through the backend in train
-mode (the sparse backward over exactly the selected blocks); evaluate again. Each evaluation
-reports answer accuracy and, for sparse runs, per-layer density and exact recall (`recording`).
-Weights are saved with ``save_pretrained`` (safetensors) under ``--out``, with ``report.json``.
+a curriculum from short packed sequences to the full length); evaluate it dense and,
+training-free, through ``torch.compile(model, backend="omnisparse")``; fine-tune briefly through
+the backend in train mode (the sparse backward over exactly the selected blocks); evaluate again.
+Each evaluation reports answer accuracy and, for sparse runs, per-layer density and exact recall
+(`recording`). Weights are saved with ``save_pretrained`` (safetensors) under ``--out``, with
+``report.json``.
 
 ``--tiny`` is a CPU smoke setting (about a minute); the default setting targets one H100 (under
 10 minutes in all).
@@ -26,7 +27,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -99,31 +100,37 @@ class RecallTask:
 
 
 @dataclass(frozen=True)
-class DemoSetting:
-    """Sizes and schedule of one run of the demonstration.
-
-    Dense training runs ``short_steps`` at ``short_len`` tokens (batch ``short_batch_size``: the
-    recall mechanism is learnt fast on short sequences), then ``dense_steps`` at ``seq_len``; the
-    sparse fine-tune runs ``finetune_steps`` at ``seq_len``. ``min_seq_len`` <= ``seq_len`` so that
-    the backend runs sparse at ``seq_len``.
-    """
+class Phase:
+    """A training phase: ``steps`` batches of ``batch_size`` sequences of one recall layout."""
 
     seq_len: int
     pairs: int
     queries: int
-    short_len: int
-    short_pairs: int
-    short_queries: int
+    steps: int
+    batch_size: int
+
+    def task(self, vocab_items: int) -> RecallTask:
+        return RecallTask(self.seq_len, self.pairs, self.queries, vocab_items, vocab_items)
+
+
+@dataclass(frozen=True)
+class DemoSetting:
+    """Model, curriculum and sparse settings of one run of the demonstration.
+
+    Dense training runs ``dense_phases`` in order: first short sequences packed with pairs (the
+    recall circuit forms there; among thousands of filler tokens it did not form in CPU trials),
+    then longer ones with filler. ``finetune`` is the sparse fine-tune, and its layout and batch
+    size are also those of every evaluation. ``min_seq_len`` <= its length, so the backend runs
+    sparse there.
+    """
+
+    dense_phases: tuple[Phase, ...]
+    finetune: Phase
     vocab_items: int
     hidden: int
     layers: int
     heads: int
     kv_heads: int
-    batch_size: int
-    short_batch_size: int
-    short_steps: int
-    dense_steps: int
-    finetune_steps: int
     eval_batches: int
     lr: float
     finetune_lr: float
@@ -131,23 +138,15 @@ class DemoSetting:
     granularity: int
     min_seq_len: int
 
-    def tasks(self) -> tuple[RecallTask, RecallTask]:
-        """(short-phase task, full-length task), sharing one vocabulary."""
-        items = (self.vocab_items, self.vocab_items)
-        return (RecallTask(self.short_len, self.short_pairs, self.short_queries, *items),
-                RecallTask(self.seq_len, self.pairs, self.queries, *items))
-
 
 FULL = DemoSetting(
-    seq_len=4096, pairs=64, queries=16, short_len=512, short_pairs=32, short_queries=8, vocab_items=128,
-    hidden=256, layers=2, heads=4, kv_heads=2, batch_size=16, short_batch_size=64, short_steps=4000,
-    dense_steps=600, finetune_steps=300,
-    eval_batches=8, lr=2e-3, finetune_lr=3e-4, block_size=64, granularity=16, min_seq_len=4096,
+    dense_phases=(Phase(32, 8, 4, 4000, 64), Phase(512, 32, 8, 1500, 64), Phase(4096, 64, 16, 500, 16)),
+    finetune=Phase(4096, 64, 16, 300, 16), vocab_items=128, hidden=256, layers=2, heads=4, kv_heads=2,
+    eval_batches=8, lr=1e-3, finetune_lr=3e-4, block_size=64, granularity=16, min_seq_len=4096,
 )
 TINY = DemoSetting(
-    seq_len=256, pairs=8, queries=4, short_len=64, short_pairs=4, short_queries=2, vocab_items=32,
-    hidden=64, layers=2, heads=2, kv_heads=1, batch_size=8, short_batch_size=8, short_steps=40,
-    dense_steps=10, finetune_steps=6,
+    dense_phases=(Phase(32, 8, 4, 30, 8), Phase(256, 8, 4, 10, 8)), finetune=Phase(256, 8, 4, 6, 8),
+    vocab_items=32, hidden=64, layers=2, heads=2, kv_heads=1,
     eval_batches=2, lr=3e-3, finetune_lr=1e-3, block_size=16, granularity=4, min_seq_len=256,
 )
 
@@ -159,7 +158,7 @@ def build_model(setting: DemoSetting, vocab_size: int, seed: int) -> torch.nn.Mo
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=setting.hidden, intermediate_size=2 * setting.hidden,
         num_hidden_layers=setting.layers, num_attention_heads=setting.heads,
-        num_key_value_heads=setting.kv_heads, max_position_embeddings=max(setting.seq_len, 4096),
+        num_key_value_heads=setting.kv_heads, max_position_embeddings=max(setting.finetune.seq_len, 4096),
         bos_token_id=0, eos_token_id=None, pad_token_id=None,
     )
     torch.manual_seed(seed)
@@ -261,22 +260,26 @@ def _print_report(results: dict, log=print) -> None:
 def run_demo(setting: DemoSetting, out: Path, device: torch.device, tau: float, seed: int, log=print) -> dict:
     """Train dense, evaluate dense / training-free sparse, fine-tune sparse, evaluate; save and report."""
     out.mkdir(parents=True, exist_ok=True)
-    short, task = setting.tasks()
+    task = setting.finetune.task(setting.vocab_items)
     model = build_model(setting, task.vocab_size, seed).to(device)
     gen = torch.Generator().manual_seed(seed)
-    timings = {}
+    timings, losses, phase_accuracy = {}, {}, {}
     started = time.perf_counter()
-    log(f"dense training: {setting.short_steps} steps at {setting.short_len} tokens, "
-        f"{setting.dense_steps} at {setting.seq_len}")
-    losses = {"short": train(model, short, setting.short_steps, setting.lr, setting.short_batch_size, gen,
-                             device, log)}
-    losses["dense"] = train(model, task, setting.dense_steps, setting.lr, setting.batch_size, gen, device,
-                            log)
+    for i, phase in enumerate(setting.dense_phases):
+        log(f"dense training: {phase.steps} steps of {phase.batch_size} x {phase.seq_len} tokens, "
+            f"{phase.pairs} pairs, {phase.queries} queries")
+        name = f"dense_{i}_{phase.seq_len}"
+        phase_task = phase.task(setting.vocab_items)
+        losses[name] = train(model, phase_task, phase.steps, setting.lr, phase.batch_size, gen, device, log)
+        phase_accuracy[name] = evaluate(model, phase_task, setting.eval_batches, phase.batch_size, seed + 1,
+                                        device, measure=False)["accuracy"]
+        log(f"  dense accuracy on this layout: {phase_accuracy[name]:.3f}")
     timings["dense_training_s"] = time.perf_counter() - started
     model.save_pretrained(out / "dense")
 
-    evals = {"task": task, "batches": setting.eval_batches, "batch_size": setting.batch_size,
-             "seed": seed + 1, "device": device}
+    batch_size = setting.finetune.batch_size
+    evals = {"task": task, "batches": setting.eval_batches, "batch_size": batch_size, "seed": seed + 1,
+             "device": device}
     results = {"dense": evaluate(model, measure=False, **evals)}
     options = sparse_config(setting, tau).to_dict()
     compiled = torch.compile(model, backend="omnisparse", options=options)
@@ -284,10 +287,10 @@ def run_demo(setting: DemoSetting, out: Path, device: torch.device, tau: float, 
     results["sparse, training-free"] = evaluate(compiled, measure=True, **evals)
     timings["sparse_eval_s"] = time.perf_counter() - started
 
-    log(f"sparse fine-tuning: {setting.finetune_steps} steps at {setting.seq_len} tokens through the backend")
+    log(f"sparse fine-tuning: {setting.finetune.steps} steps at {task.seq_len} tokens through the backend")
     started = time.perf_counter()
     losses["sparse_finetune"] = train(
-        compiled, task, setting.finetune_steps, setting.finetune_lr, setting.batch_size, gen, device, log
+        compiled, task, setting.finetune.steps, setting.finetune_lr, batch_size, gen, device, log
     )
     timings["sparse_finetune_s"] = time.perf_counter() - started
     model.save_pretrained(out / "sparse_finetuned")
@@ -297,6 +300,7 @@ def run_demo(setting: DemoSetting, out: Path, device: torch.device, tau: float, 
     _print_report(results, log)
     report = {"setting": asdict(setting), "task": asdict(task), "tau": tau, "device": str(device),
               "timings_s": timings, "final_loss": {name: _tail_mean(v) for name, v in losses.items()},
+              "phase_accuracy": phase_accuracy,
               "results": results}
     (out / "report.json").write_text(json.dumps(report, indent=1))
     log(f"\nwrote {out / 'report.json'} and weights under {out}")
@@ -310,17 +314,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--tau", type=float, default=OmniSparseConfig.tau, help="recall target")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--short-steps", type=int, default=None, help="short-sequence dense steps")
-    parser.add_argument("--dense-steps", type=int, default=None, help="full-length dense steps")
+    parser.add_argument("--steps-scale", type=float, default=1.0, help="multiplies every dense phase's steps")
     parser.add_argument("--finetune-steps", type=int, default=None, help="sparse fine-tune steps")
+    parser.add_argument("--lr", type=float, default=None, help="dense learning rate")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the demonstration from parsed `add_arguments` options; 0 on completion."""
     setting = TINY if args.tiny else FULL
-    overrides = {name: getattr(args, name) for name in ("short_steps", "dense_steps", "finetune_steps")
-                 if getattr(args, name) is not None}
-    setting = DemoSetting(**{**asdict(setting), **overrides})
+    phases = tuple(replace(p, steps=max(1, round(p.steps * args.steps_scale))) for p in setting.dense_phases)
+    finetune = replace(setting.finetune, steps=args.finetune_steps or setting.finetune.steps)
+    setting = replace(setting, dense_phases=phases, finetune=finetune, lr=args.lr or setting.lr)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
     run_demo(setting, args.out, device, args.tau, args.seed)
     return 0

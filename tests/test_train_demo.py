@@ -65,6 +65,7 @@ def test_tiny_setting_trains_evaluates_and_saves(tmp_path) -> None:
                 assert (
                     0.0 < layer["density"] <= 1.0 and 0.0 < layer["recall_min"] <= layer["recall_mean"] <= 1.0
                 )
+    assert len(report["phase_accuracy"]) == len(train_demo.TINY.dense_phases)
     for folder in ("dense", "sparse_finetuned"):
         assert (tmp_path / folder / "model.safetensors").is_file() and (
             tmp_path / folder / "config.json"
