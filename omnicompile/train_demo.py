@@ -140,7 +140,7 @@ class DemoSetting:
 
 
 FULL = DemoSetting(
-    dense_phases=(Phase(32, 8, 4, 4000, 64), Phase(512, 32, 8, 1500, 64), Phase(4096, 64, 16, 500, 16)),
+    dense_phases=(Phase(32, 8, 4, 16000, 256), Phase(512, 32, 8, 1500, 64), Phase(4096, 64, 16, 500, 16)),
     finetune=Phase(4096, 64, 16, 300, 16), vocab_items=128, hidden=256, layers=2, heads=4, kv_heads=2,
     eval_batches=8, lr=1e-3, finetune_lr=3e-4, block_size=64, granularity=16, min_seq_len=4096,
 )
