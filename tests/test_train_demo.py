@@ -12,24 +12,27 @@ from omnicompile import train_demo
 from omnicompile.train_demo import RecallTask
 
 
-def test_recall_answers_are_the_values_stored_after_the_first_occurrence_of_their_key() -> None:
+def test_recall_answers_are_the_values_bound_to_their_key_by_a_context_pair_token() -> None:
     task = RecallTask(seq_len=160, pairs=10, queries=6, keys=12, values=7, fillers=5)
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
     ids, labels = task.batch(6, torch.Generator().manual_seed(seed), "cpu")
     assert ids.shape == labels.shape == (6, 160) and (ids[:, 0] == 0).all()
-    assert ids.max() < task.vocab_size
+    assert ids.max() < task.vocab_size == 1 + 5 + 12 + 7 + 12 * 7
     first_key = 1 + task.fillers
+    first_value = first_key + task.keys
+    first_pair = first_value + task.values
     context_end = 3 * 160 // 4
     for row_ids, row_labels in zip(ids.tolist(), labels.tolist()):
         answers = [p for p, label in enumerate(row_labels) if label != -100]
         assert len(answers) == task.queries and all(p > context_end for p in answers)
         context = row_ids[:context_end]
-        context_keys = [t for t in context if first_key <= t < first_key + task.keys]
-        assert len(set(context_keys)) == task.pairs == len(context_keys)
+        assert not any(first_key <= t < first_pair for t in context)  # no bare key or value tokens
+        bound = {divmod(t - first_pair, task.values) for t in context if t >= first_pair}
+        assert len(bound) == task.pairs == len({key for key, _ in bound})
         for p in answers:
-            key = row_ids[p - 1]
-            assert key in context_keys and row_ids[p] == row_labels[p]
-            assert row_labels[p] == context[context.index(key) + 1] >= first_key + task.keys
+            key, value = row_ids[p - 1] - first_key, row_labels[p] - first_value
+            assert 0 <= key < task.keys and row_ids[p] == row_labels[p]
+            assert (key, value) in bound
 
 
 def test_recall_task_rejects_impossible_layouts() -> None:
