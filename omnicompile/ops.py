@@ -16,6 +16,8 @@ The op decides at run time, per call, between the sparse method and dense attent
 (`dense_reason`); every dense decision is logged once per site on the ``omnicompile`` logger.
 Autograd is registered: the backward is the opaque op ``omnisparse::attention_backward``, which
 recomputes the (deterministic) selection and differentiates exactly the attention that ran.
+Autocast (CPU and CUDA) follows SDPA's policy: inside an autocast region the floating inputs (q, k,
+v and a float mask) are cast to the autocast dtype, so the op sees what SDPA would have seen.
 """
 
 from __future__ import annotations
@@ -225,3 +227,36 @@ def _backward(ctx, grad_out: Tensor, _grad_lse: Tensor):
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+_LIB = torch.library.Library("omnisparse", "FRAGMENT")
+
+
+def autocast_inputs(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """``tensors`` as SDPA receives them under autocast: floating ones cast to the autocast dtype of
+    their device when autocast is enabled there (SDPA's lower-precision policy), others unchanged."""
+    def cast(t: Tensor | None) -> Tensor | None:
+        if t is None or not t.is_floating_point() or t.device.type not in _AUTOCAST_DEVICES:
+            return t
+        if not torch.is_autocast_enabled(t.device.type):
+            return t
+        return t.to(torch.get_autocast_dtype(t.device.type))
+
+    return tuple(cast(t) for t in tensors)
+
+
+def _register_autocast(device_type: str) -> None:
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+    def kernel(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, config, site):
+        q, k, v, attn_mask = autocast_inputs(q, k, v, attn_mask)
+        with torch._C._ExcludeDispatchKeyGuard(excluded):
+            return attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, config, site)
+
+    _LIB.impl("attention", kernel, key)
+
+
+for _device_type in _AUTOCAST_DEVICES:
+    _register_autocast(_device_type)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from omnicompile.ops import check_inputs
+from omnicompile.ops import autocast_inputs, check_inputs
 
 from .node_patterns import example_value, is_number, is_scalar_value, known_equal
 from .repeat_kv import repeat_kv_source
@@ -76,6 +76,7 @@ def unsupported_reason(call: AttentionCall) -> str | None:
         return "is_causal=True together with an attn_mask (SDPA rejects it)"
     q, k, v = (example_value(n) for n in (call.query, call.key, call.value))
     mask = example_value(call.attn_mask) if call.attn_mask is not None else None
+    q, k, v, mask = autocast_inputs(q, k, v, mask)  # the pass runs under the caller's autocast state
     try:
         check_inputs(q, k, v, mask, call.dropout_p, call.enable_gqa)
     except ValueError as error:

@@ -80,8 +80,10 @@ def check(mode: str, model: torch.nn.Module, work: Path) -> list[str]:
                   dynamic={"input_ids": {1: seq}})
     inputs, outputs = work / f"{mode}.inputs.pt", work / f"{mode}.outputs.pt"
     torch.save([_ids(n) for n in LENGTHS], inputs)
+    # cwd=work: from the repository root, `import omnicompile` would find the source folder, which
+    # lacks the installed package's `omnicompile.passes` / `omnicompile.kernels` mapping.
     child = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _LOADER, str(path), str(inputs),
-                            str(outputs)], timeout=600)
+                            str(outputs)], timeout=600, cwd=work)
     if child.returncode != 0:
         return [f"{mode}: loader exited with {child.returncode}"]
     result = torch.load(outputs)
@@ -104,7 +106,7 @@ def main() -> int:
     DEVICE = args.device
     model = build_model("llama-tiny", dtype=torch.bfloat16, device=DEVICE)
     with tempfile.TemporaryDirectory() as tmp:
-        work = args.out or Path(tmp)
+        work = (args.out or Path(tmp)).resolve()
         work.mkdir(parents=True, exist_ok=True)
         failures = [line for mode in CONFIGS for line in check(mode, model, work)]
     print("FAILED:\n  " + "\n  ".join(failures) if failures else f"export on {DEVICE}: all checks passed")
