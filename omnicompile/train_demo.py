@@ -30,9 +30,9 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -272,11 +272,20 @@ def _print_report(results: dict, log=print) -> None:
         log(f"{name:<31} {result['accuracy']:8.3f}  {layers}")
 
 
-def run_demo(setting: DemoSetting, out: Path, device: torch.device, tau: float, seed: int, log=print) -> dict:
-    """Train dense, evaluate dense / training-free sparse, fine-tune sparse, evaluate; save and report."""
+def run_demo(setting: DemoSetting, out: Path, device: torch.device, tau: float, seed: int, log=print,
+             init: Path | None = None) -> dict:
+    """Train dense, evaluate dense / training-free sparse, fine-tune sparse, evaluate; save and report.
+
+    ``init``: start from these weights (a ``dense/`` folder of an earlier run) instead of random ones.
+    """
     out.mkdir(parents=True, exist_ok=True)
     task = setting.finetune.task(setting.vocab_items)
-    model = build_model(setting, task.vocab_size, seed).to(device)
+    if init is None:
+        model = build_model(setting, task.vocab_size, seed).to(device)
+    else:
+        from transformers import LlamaForCausalLM
+
+        model = LlamaForCausalLM.from_pretrained(init, dtype=torch.float32).to(device)
     gen = torch.Generator().manual_seed(seed)
     timings, losses, phase_accuracy = {}, {}, {}
     started = time.perf_counter()
@@ -339,14 +348,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiplies every dense phase's steps")
     parser.add_argument("--finetune-steps", type=int, default=None, help="sparse fine-tune steps")
     parser.add_argument("--lr", type=float, default=None, help="dense learning rate")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="skip dense training: start from this folder (an earlier run's dense/)")
+    parser.add_argument("--batch-size", type=int, default=None, help="fine-tune and evaluation batch size")
+    parser.add_argument("--eval-batches", type=int, default=None, help="batches per evaluation")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the demonstration from parsed `add_arguments` options; 0 on completion."""
     setting = TINY if args.tiny else FULL
     phases = tuple(replace(p, steps=max(1, round(p.steps * args.steps_scale))) for p in setting.dense_phases)
-    finetune = replace(setting.finetune, steps=args.finetune_steps or setting.finetune.steps)
-    setting = replace(setting, dense_phases=phases, finetune=finetune, lr=args.lr or setting.lr)
+    finetune = replace(setting.finetune, steps=args.finetune_steps or setting.finetune.steps,
+                       batch_size=args.batch_size or setting.finetune.batch_size)
+    setting = replace(setting, dense_phases=() if args.init else phases, finetune=finetune,
+                      lr=args.lr or setting.lr, eval_batches=args.eval_batches or setting.eval_batches)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
-    run_demo(setting, args.out, device, args.tau, args.seed)
+    run_demo(setting, args.out, device, args.tau, args.seed, init=args.init)
     return 0
