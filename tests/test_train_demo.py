@@ -73,3 +73,10 @@ def test_tiny_setting_trains_evaluates_and_saves(tmp_path) -> None:
         assert (tmp_path / folder / "model.safetensors").is_file() and (
             tmp_path / folder / "config.json"
         ).is_file()
+    # --init starts from the saved dense weights and skips dense training: same dense accuracy.
+    again = tmp_path / "again"
+    args = parser.parse_args(["--tiny", "--out", str(again), "--device", "cpu", "--init", str(tmp_path / "dense"),
+                              "--finetune-steps", "1"])
+    assert train_demo.run(args) == 0
+    rerun = json.loads((again / "report.json").read_text())
+    assert rerun["phase_accuracy"] == {} and rerun["results"]["dense"] == results["dense"]
