@@ -216,10 +216,11 @@ def train(model, task: RecallTask, steps: int, lr: float, batch_size: int, gen: 
         losses.append(loss.item())
         if step % max(1, steps // 20) == 0 or step == steps - 1:
             log(f"  step {step:5d}/{steps}  loss {loss.item():.4f}")
-            if solved is not None and step >= warmup and solved():
-                log(f"  solved at step {step}")
-                break
-            model.train()
+            if solved is not None and step >= warmup:
+                if solved():
+                    log(f"  solved at step {step}")
+                    break
+                model.train()  # solved() evaluates in eval mode
     return losses
 
 

@@ -59,27 +59,24 @@ _LOADER = textwrap.dedent(
 )
 
 
-DEVICE = "cuda"
+def _ids(length: int, device: str) -> torch.Tensor:
+    return torch.randint(0, 512, (1, length), generator=torch.Generator().manual_seed(length)).to(device)
 
 
-def _ids(length: int) -> torch.Tensor:
-    return torch.randint(0, 512, (1, length), generator=torch.Generator().manual_seed(length)).to(DEVICE)
-
-
-def _reference(model: torch.nn.Module, mode: str) -> list[torch.Tensor]:
+def _reference(model: torch.nn.Module, mode: str, device: str) -> list[torch.Tensor]:
     if mode == "sparse":
         model = torch.compile(model, backend=omnicompile.backend(CONFIGS[mode]), dynamic=True)
     with torch.no_grad():
-        return [model(input_ids=_ids(n), use_cache=False).logits.float().cpu() for n in LENGTHS]
+        return [model(input_ids=_ids(n, device), use_cache=False).logits.float().cpu() for n in LENGTHS]
 
 
-def check(mode: str, model: torch.nn.Module, work: Path) -> list[str]:
+def check(mode: str, model: torch.nn.Module, work: Path, device: str) -> list[str]:
     """Export, load in a fresh process, compare; returns failure lines (empty = passed)."""
     seq = torch.export.Dim("seq", min=64, max=8192)
-    path = export(model, {"input_ids": _ids(1024), "use_cache": False}, work / f"{mode}.pt2", CONFIGS[mode],
-                  dynamic={"input_ids": {1: seq}})
+    path = export(model, {"input_ids": _ids(1024, device), "use_cache": False}, work / f"{mode}.pt2",
+                  CONFIGS[mode], dynamic={"input_ids": {1: seq}})
     inputs, outputs = work / f"{mode}.inputs.pt", work / f"{mode}.outputs.pt"
-    torch.save([_ids(n) for n in LENGTHS], inputs)
+    torch.save([_ids(n, device) for n in LENGTHS], inputs)
     # cwd=work: from the repository root, `import omnicompile` would find the source folder, which
     # lacks the installed package's `omnicompile.passes` / `omnicompile.kernels` mapping.
     child = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _LOADER, str(path), str(inputs),
@@ -88,7 +85,8 @@ def check(mode: str, model: torch.nn.Module, work: Path) -> list[str]:
         return [f"{mode}: loader exited with {child.returncode}"]
     result = torch.load(outputs)
     failures = []
-    for length, got, want, ran in zip(LENGTHS, result["logits"], _reference(model, mode), result["decisions"]):
+    references = _reference(model, mode, device)
+    for length, got, want, ran in zip(LENGTHS, result["logits"], references, result["decisions"]):
         err = relative_error(got, want)
         print(f"{mode} package S={length}: rel err {err:.2e} vs {'compiled' if mode == 'sparse' else 'eager'}, "
               f"attention ran {ran}", flush=True)
@@ -102,14 +100,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="keep packages here (default: a temp dir)")
     parser.add_argument("--device", default="cuda", help="cpu only to try the script itself (slow)")
     args = parser.parse_args()
-    global DEVICE
-    DEVICE = args.device
-    model = build_model("llama-tiny", dtype=torch.bfloat16, device=DEVICE)
+    model = build_model("llama-tiny", dtype=torch.bfloat16, device=args.device)
     with tempfile.TemporaryDirectory() as tmp:
         work = (args.out or Path(tmp)).resolve()
         work.mkdir(parents=True, exist_ok=True)
-        failures = [line for mode in CONFIGS for line in check(mode, model, work)]
-    print("FAILED:\n  " + "\n  ".join(failures) if failures else f"export on {DEVICE}: all checks passed")
+        failures = [line for mode in CONFIGS for line in check(mode, model, work, args.device)]
+    print("FAILED:\n  " + "\n  ".join(failures) if failures else f"export on {args.device}: all checks passed")
     return 1 if failures else 0
 
 
