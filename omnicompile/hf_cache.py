@@ -166,10 +166,15 @@ class SlimKVLayer(CacheLayerMixin):
             return self.slimming.prompt_len + self.slim.tail_len
         return self.keys.shape[2] if self.is_initialized else 0
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length: int | Tensor) -> tuple[int, int]:
+        if isinstance(query_length, Tensor):  # before transformers 5.3: cache_position, one entry per new token
+            query_length = query_length.shape[0]
         return self.get_seq_length() + query_length, 0
 
     def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # the name of get_max_length before transformers 5.3
         return -1
 
     def kept_lengths(self) -> Tensor:

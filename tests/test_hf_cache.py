@@ -167,3 +167,15 @@ def test_misuse_raises_clear_errors():
         )
     with pytest.raises(TypeError, match="OmniSparseConfig"):
         SlimKVCache(model.config, SLIM.to_dict())
+
+
+def test_older_transformers_layer_api():
+    """transformers < 5.3 passes cache_position to get_mask_sizes and asks get_max_cache_shape."""
+    model = _model("llama")
+    cache = SlimKVCache(model.config, KEEP_ALL)
+    _greedy(model, torch.randint(0, SMALL["vocab_size"], (1, PROMPT)), cache, ATTN_IMPLEMENTATION)
+    layer = cache.layers[0]
+    assert layer.slim is not None
+    assert layer.get_mask_sizes(torch.arange(PROMPT + NEW - 1, PROMPT + NEW + 2)) == layer.get_mask_sizes(3)
+    assert layer.get_mask_sizes(3) == (PROMPT + NEW - 1 + 3, 0)
+    assert layer.get_max_cache_shape() == layer.get_max_length() == -1
