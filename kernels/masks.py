@@ -84,6 +84,32 @@ def validate_mask(
     return kind
 
 
+_CAUSAL_CHECK_ELEMENTS = 1 << 26  # mask entries compared per step of `causal_if_equivalent`
+
+
+def causal_if_equivalent(
+    attn_mask: torch.Tensor | None, is_causal: bool, q_len: int, kv_len: int
+) -> tuple[torch.Tensor | None, bool]:
+    """``(None, True)`` when ``attn_mask`` is a bool mask equal to ``is_causal`` masking at every batch
+    and head, else ``(attn_mask, is_causal)`` unchanged.
+
+    transformers materialises its causal mask (bool [B, 1, S, S]) under torch.compile; as
+    ``is_causal`` the same attention takes the kernels' causal paths instead of reading the mask.
+    Costs one read of the mask (in steps of ``_CAUSAL_CHECK_ELEMENTS`` entries) and one host sync.
+    """
+    if attn_mask is None or is_causal or attn_mask.dtype != torch.bool or q_len != kv_len:
+        return attn_mask, is_causal
+    if attn_mask.dim() < 2 or tuple(attn_mask.shape[-2:]) != (q_len, kv_len):
+        return attn_mask, is_causal
+    cols = torch.arange(kv_len, device=attn_mask.device)
+    rows_per_step = max(1, _CAUSAL_CHECK_ELEMENTS // max(1, kv_len * attn_mask[..., 0, 0].numel()))
+    equal = torch.ones((), dtype=torch.bool, device=attn_mask.device)
+    for start in range(0, q_len, rows_per_step):
+        rows = torch.arange(start, min(q_len, start + rows_per_step), device=attn_mask.device)
+        equal &= (attn_mask[..., start : start + rows.numel(), :] == (cols <= rows[:, None])).all()
+    return (None, True) if bool(equal) else (attn_mask, is_causal)
+
+
 def _as_4d(attn_mask: torch.Tensor) -> torch.Tensor:
     """View of a (validated) mask with singleton dims prepended to 4-D."""
     return attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))

@@ -13,7 +13,9 @@ scores over the attended keys when the sparse path ran; zeros (unused by the bac
 dense attention ran.
 
 The op decides at run time, per call, between the sparse method and dense attention
-(`dense_reason`); every dense decision is logged once per site on the ``omnicompile`` logger.
+(`dense_reason`); every dense decision is logged once per site on the ``omnicompile`` logger. A
+bool mask that is exactly causal (transformers materialises one under torch.compile) runs as
+``is_causal=True`` (`canonical_mask`).
 Autograd is registered: the backward is the opaque op ``omnisparse::attention_backward``, which
 recomputes the (deterministic) selection and differentiates exactly the attention that ran.
 Autocast (CPU and CUDA) follows SDPA's policy: inside an autocast region the floating inputs (q, k,
@@ -30,6 +32,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import OmniSparseConfig
+from .kernels.masks import causal_if_equivalent
 from .recording import SiteRun, active_recorders
 
 logger = logging.getLogger("omnicompile")
@@ -88,6 +91,17 @@ def dense_reason(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, cfg:
     from .method import kernel_unsupported_reason
 
     return kernel_unsupported_reason(q, k, v, attn_mask)
+
+
+def canonical_mask(
+    q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal: bool, cfg: OmniSparseConfig
+) -> tuple[Tensor | None, bool]:
+    """``(attn_mask, is_causal)`` with a bool mask that is exactly causal replaced by ``is_causal``
+    (`causal_if_equivalent`), for calls long enough for the sparse path; others unchanged (the check
+    reads the whole mask)."""
+    if cfg.mode == "dense" or k.shape[2] < cfg.min_seq_len:
+        return attn_mask, is_causal
+    return causal_if_equivalent(attn_mask, is_causal, q.shape[2], k.shape[2])
 
 
 def recompute_grads(fn, primals: tuple[Tensor, ...], grad_out: Tensor) -> tuple[Tensor, ...]:
@@ -153,6 +167,7 @@ def attention(
     """OmniSparse attention with SDPA semantics; see the module docstring."""
     check_inputs(q, k, v, attn_mask, dropout_p, enable_gqa)
     cfg = OmniSparseConfig.from_json(config)
+    attn_mask, is_causal = canonical_mask(q, k, attn_mask, is_causal, cfg)
     reason = dense_reason(q, k, v, attn_mask, cfg)
     if reason:
         _log_dense_once(site, reason)
@@ -195,6 +210,7 @@ def attention_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of `attention` with respect to q, k, v (shaped like them)."""
     cfg = OmniSparseConfig.from_json(config)
+    attn_mask, is_causal = canonical_mask(q, k, attn_mask, is_causal, cfg)
     if dense_reason(q, k, v, attn_mask, cfg):
         grads = recompute_grads(
             lambda q_, k_, v_: dense_attention(q_, k_, v_, attn_mask, is_causal, scale, enable_gqa), (q, k, v), grad_out

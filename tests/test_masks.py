@@ -97,3 +97,29 @@ def test_allowed_blocks_is_tile_any(case: Case):
             assert torch.equal(
                 expanded[:, :, i, j], keep[:, :, i * b : (i + 1) * b, j * b : (j + 1) * b].any(-1).any(-1)
             )
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (2, 1, 64, 64), (1, 3, 64, 64)])
+def test_exactly_causal_bool_mask_becomes_is_causal(shape, monkeypatch):
+    import omnicompile.kernels.masks as masks
+
+    monkeypatch.setattr(masks, "_CAUSAL_CHECK_ELEMENTS", 1000)  # several steps of rows
+    mask = torch.ones(64, 64, dtype=torch.bool).tril().expand(shape).contiguous()
+    assert masks.causal_if_equivalent(mask, False, 64, 64) == (None, True)
+
+
+def test_other_masks_stay_masks():
+    from omnicompile.kernels.masks import causal_if_equivalent
+
+    causal = torch.ones(2, 1, 64, 64, dtype=torch.bool).tril()
+    padded = causal.clone()
+    padded[1, :, :, :3] = False  # a left-padded row of the batch
+    for mask, q_len, kv_len in (
+        (padded, 64, 64),
+        (causal.triu(), 64, 64),
+        (torch.ones(1, 1, 1, 64, dtype=torch.bool), 64, 64),  # broadcast along queries
+        (torch.zeros(64, 64).masked_fill(~causal[0, 0], float("-inf")), 64, 64),  # additive
+        (torch.ones(48, 64, dtype=torch.bool).tril(), 48, 64),  # Sq != Skv
+    ):
+        assert causal_if_equivalent(mask, False, q_len, kv_len) == (mask, False)
+    assert causal_if_equivalent(None, True, 64, 64) == (None, True)

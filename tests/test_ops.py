@@ -124,3 +124,22 @@ def test_sparse_path_records_stats_on_structured_input():
     assert run.stats["density"] < 0.5 and run.stats["recall_mean"] > 0.9
     assert run.stats["rel_error"] < 0.1
     assert torch.isfinite(lse).all()
+
+
+def test_materialised_causal_mask_runs_as_is_causal():
+    """transformers' bool causal mask (as under torch.compile) takes the causal path: same outputs and
+    the same selection as is_causal=True; with min_seq_len above the length the mask is left alone."""
+    from omnicompile.recording import recording
+
+    q, k, v = _qkv(sq=96, skv=96, d=16)
+    mask = torch.ones(1, 1, 96, 96, dtype=torch.bool).tril()
+    cfg = OmniSparseConfig(tau=0.9, block_size=16, granularity=4, min_seq_len=64).to_json()
+    with recording(measure=False, keep_run=0) as masked:
+        out_mask, lse_mask = _op(q, k, v, mask=mask, config=cfg)
+    out_causal, lse_causal = _op(q, k, v, causal=True, config=cfg)
+    assert torch.equal(out_mask, out_causal) and torch.equal(lse_mask, lse_causal)
+    _, _, kept_mask, kept_causal, _ = masked.runs[0].inputs
+    assert kept_mask is None and kept_causal is True
+    grads = torch.autograd.grad(out_mask, (q, k, v), torch.ones_like(out_mask))
+    for g, w in zip(grads, torch.autograd.grad(out_causal, (q, k, v), torch.ones_like(out_causal))):
+        assert torch.equal(g, w)
