@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One bounded device call: GPU correctness checks (prefill kernels, estimator, fused selection),
-# then the prefill benchmark; add "demo" / "decode" / "export" / "trained" as arguments to also run those.
+# then the prefill benchmark; add "demo" / "decode" / "aoti" / "export" / "trained" as arguments to also run those.
 # Logs and tables go to $OUT (default out/).
 set -uo pipefail
 OUT="${OUT:-out}"; mkdir -p "$OUT"
@@ -14,6 +14,7 @@ for extra in "$@"; do
         demo) timeout 120 omnicompile demo --device cuda --seq-len 8192 --structured-len 32768 2>&1 | tee "$OUT/demo.txt" ;;
         decode) timeout 100 python3 benchmarks/bench_decode.py --seq-lens 8192 32768 --steps 16 --layers 4 --out /tmp/decode 2>&1 | tee "$OUT/decode.txt"
                 cp /tmp/decode/*.csv "$OUT/" 2>/dev/null ;;
+        aoti) timeout 400 python3 scripts/gpu_check_aoti_runtime.py 2>&1 | tee "$OUT/aoti_runtime.txt" ;;
         export) timeout 240 python3 scripts/gpu_check_export.py 2>&1 | tee "$OUT/export_check.txt" ;;
         trained) (cd benchmarks && timeout 150 python3 bench_trained_prefill.py --out /tmp/trained) 2>&1 | tee "$OUT/trained_prefill.txt" ;;
     esac
