@@ -331,6 +331,16 @@ def sweep(args, log: Console) -> list[dict]:
     return rows
 
 
+def print_rows(title: str, columns: dict[str, Callable[[dict], str]], rows: list[dict], width: int = 200) -> None:
+    """Print ``rows`` as a rich table: one column per header, its cells from the formatter."""
+    table = Table(title=title)
+    for header in columns:
+        table.add_column(header)
+    for row in rows:
+        table.add_row(*(cell(row) for cell in columns.values()))
+    Console(width=width).print(table)
+
+
 def _write_csv(path: Path, rows: list[dict]) -> None:
     if rows:
         with path.open("w", newline="") as f:

@@ -22,9 +22,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from bench_prefill import _write_csv, time_ms
-from rich.console import Console
-from rich.table import Table
+from bench_prefill import _write_csv, print_rows, time_ms
 from transformers import LlamaForCausalLM
 
 from omnicompile.config import OmniSparseConfig
@@ -104,19 +102,20 @@ def main() -> None:
             print(row, flush=True)
             torch.cuda.empty_cache()
     _write_csv(args.out / "trained_prefill.csv", rows)
-    table = Table(title=f"trained demo model, end-to-end prefill (B = 1, tau {args.tau})")
-    for column in ("S", "way", "prefill ms", "vs sdpa", "accuracy", "layers (decision density / recall)"):
-        table.add_column(column)
-    for row in rows:
-        table.add_row(
-            str(row["seq_len"]),
-            row["way"],
-            f"{row['prefill_ms']:.2f}",
-            f"{row['speedup_vs_sdpa']:.2f}x",
-            f"{row['accuracy']:.3f}",
-            row["layers"] + (f" [{row['dense_reasons']}]" if row["dense_reasons"] else ""),
-        )
-    Console(width=200).print(table)
+    print_rows(
+        f"trained demo model, end-to-end prefill (B = 1, tau {args.tau})",
+        {
+            "S": lambda row: str(row["seq_len"]),
+            "way": lambda row: row["way"],
+            "prefill ms": lambda row: f"{row['prefill_ms']:.2f}",
+            "vs sdpa": lambda row: f"{row['speedup_vs_sdpa']:.2f}x",
+            "accuracy": lambda row: f"{row['accuracy']:.3f}",
+            "layers (decision density / recall)": lambda row: (
+                row["layers"] + (f" [{row['dense_reasons']}]" if row["dense_reasons"] else "")
+            ),
+        },
+        rows,
+    )
 
 
 if __name__ == "__main__":

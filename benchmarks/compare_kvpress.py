@@ -39,9 +39,7 @@ from pathlib import Path
 
 import kvpress
 import torch
-from bench_prefill import _write_csv
-from rich.console import Console
-from rich.table import Table
+from bench_prefill import _write_csv, print_rows
 from transformers import DynamicCache, LlamaForCausalLM
 
 from omnicompile.config import OmniSparseConfig
@@ -163,31 +161,21 @@ def main() -> None:
             rows.append({"tau_decode": tau_decode, **_scores(name, result, dense, batches, prompt_len)})
             print(rows[-1], flush=True)
     _write_csv(args.out / "kvpress.csv", rows)
-    table = Table(
-        title=f"trained demo model, {args.sequences} sequences of {args.seq_len} tokens, prompt {prompt_len}; "
-        "kvpress at the compression of the slim row above it"
+    print_rows(
+        f"trained demo model, {args.sequences} sequences of {args.seq_len} tokens, prompt {prompt_len}; "
+        "kvpress at the compression of the slim row above it",
+        {
+            "slim tau_decode": lambda row: str(row["tau_decode"]),
+            "way": lambda row: row["way"],
+            "answer accuracy": lambda row: f"{row['accuracy']:.3f}",
+            "top-1 agreement": lambda row: f"{row['top1_agreement']:.3f}",
+            "logits rel err": lambda row: f"{row['logits_rel_err']:.3f}",
+            "prompt KV bytes": lambda row: f"{row['prompt_kv_bytes'] / 1e6:.2f} MB",
+            "memory ratio": lambda row: f"{row['memory_ratio']:.2f}x",
+        },
+        rows,
+        width=160,
     )
-    for column in (
-        "slim tau_decode",
-        "way",
-        "answer accuracy",
-        "top-1 agreement",
-        "logits rel err",
-        "prompt KV bytes",
-        "memory ratio",
-    ):
-        table.add_column(column)
-    for row in rows:
-        table.add_row(
-            str(row["tau_decode"]),
-            row["way"],
-            f"{row['accuracy']:.3f}",
-            f"{row['top1_agreement']:.3f}",
-            f"{row['logits_rel_err']:.3f}",
-            f"{row['prompt_kv_bytes'] / 1e6:.2f} MB",
-            f"{row['memory_ratio']:.2f}x",
-        )
-    Console(width=160).print(table)
 
 
 if __name__ == "__main__":
