@@ -90,24 +90,38 @@ _CAUSAL_CHECK_ELEMENTS = 1 << 26  # mask entries compared per step of `causal_if
 def causal_if_equivalent(
     attn_mask: torch.Tensor | None, is_causal: bool, q_len: int, kv_len: int
 ) -> tuple[torch.Tensor | None, bool]:
-    """``(None, True)`` when ``attn_mask`` is a bool mask equal to ``is_causal`` masking at every batch
-    and head, else ``(attn_mask, is_causal)`` unchanged.
+    """``(None, True)`` when ``attn_mask`` equals ``is_causal`` masking at every batch and head, else
+    ``(attn_mask, is_causal)`` unchanged.
 
-    transformers materialises its causal mask (bool [B, 1, S, S]) under torch.compile; as
-    ``is_causal`` the same attention takes the kernels' causal paths instead of reading the mask.
-    Costs one read of the mask (in steps of ``_CAUSAL_CHECK_ELEMENTS`` entries) and one host sync.
+    Equal means: bool, True exactly on the causal entries; or additive float, 0 on the causal
+    entries and at most half the dtype's lowest value elsewhere (``-inf`` or transformers'
+    ``finfo.min``: their softmax weight underflows to exactly 0). transformers materialises such a
+    mask under torch.compile (bool for SDPA, float for eager attention); as ``is_causal`` the same
+    attention takes the kernels' causal paths instead of reading the mask. Costs one read of the
+    mask (in steps of ``_CAUSAL_CHECK_ELEMENTS`` entries) and one host sync.
     """
-    if attn_mask is None or is_causal or attn_mask.dtype != torch.bool or q_len != kv_len:
+    if attn_mask is None or is_causal or q_len != kv_len:
         return attn_mask, is_causal
     if attn_mask.dim() < 2 or tuple(attn_mask.shape[-2:]) != (q_len, kv_len):
+        return attn_mask, is_causal
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
         return attn_mask, is_causal
     cols = torch.arange(kv_len, device=attn_mask.device)
     rows_per_step = max(1, _CAUSAL_CHECK_ELEMENTS // max(1, kv_len * attn_mask[..., 0, 0].numel()))
     equal = torch.ones((), dtype=torch.bool, device=attn_mask.device)
     for start in range(0, q_len, rows_per_step):
         rows = torch.arange(start, min(q_len, start + rows_per_step), device=attn_mask.device)
-        equal &= (attn_mask[..., start : start + rows.numel(), :] == (cols <= rows[:, None])).all()
+        block = attn_mask[..., start : start + rows.numel(), :]
+        equal &= (_kept(block) == (cols <= rows[:, None])).all()
     return (None, True) if bool(equal) else (attn_mask, is_causal)
+
+
+def _kept(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask as is; a float mask as 1 where exactly 0 (kept), 0 where at most half the
+    dtype's lowest value (masked) and 2 elsewhere (neither: never equal to a bool pattern)."""
+    if mask.dtype == torch.bool:
+        return mask
+    return torch.where(mask == 0, 1, torch.where(mask <= torch.finfo(mask.dtype).min / 2, 0, 2))
 
 
 def _as_4d(attn_mask: torch.Tensor) -> torch.Tensor:

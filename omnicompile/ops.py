@@ -14,7 +14,7 @@ dense attention ran.
 
 The op decides at run time, per call, between the sparse method and dense attention
 (`dense_reason`); every dense decision is logged once per site on the ``omnicompile`` logger. A
-bool mask that is exactly causal (transformers materialises one under torch.compile) runs as
+mask that is exactly causal (transformers materialises one under torch.compile) runs as
 ``is_causal=True`` (`canonical_mask`).
 Autograd is registered: the backward is the opaque op ``omnisparse::attention_backward``, which
 recomputes the (deterministic) selection and differentiates exactly the attention that ran.
@@ -96,7 +96,7 @@ def dense_reason(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, cfg:
 def canonical_mask(
     q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal: bool, cfg: OmniSparseConfig
 ) -> tuple[Tensor | None, bool]:
-    """``(attn_mask, is_causal)`` with a bool mask that is exactly causal replaced by ``is_causal``
+    """``(attn_mask, is_causal)`` with a mask that is exactly causal replaced by ``is_causal``
     (`causal_if_equivalent`), for calls long enough for the sparse path; others unchanged (the check
     reads the whole mask)."""
     if cfg.mode == "dense" or k.shape[2] < cfg.min_seq_len:

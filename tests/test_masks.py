@@ -100,11 +100,19 @@ def test_allowed_blocks_is_tile_any(case: Case):
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (2, 1, 64, 64), (1, 3, 64, 64)])
-def test_exactly_causal_bool_mask_becomes_is_causal(shape, monkeypatch):
+@pytest.mark.parametrize("kind", ["bool", "-inf", "finfo.min bf16"])
+def test_exactly_causal_mask_becomes_is_causal(shape, kind, monkeypatch):
     import omnicompile.kernels.masks as masks
 
     monkeypatch.setattr(masks, "_CAUSAL_CHECK_ELEMENTS", 1000)  # several steps of rows
-    mask = torch.ones(64, 64, dtype=torch.bool).tril().expand(shape).contiguous()
+    causal = torch.ones(64, 64, dtype=torch.bool).tril()
+    if kind == "bool":
+        mask = causal
+    elif kind == "-inf":
+        mask = torch.zeros(64, 64).masked_fill(~causal, float("-inf"))
+    else:  # transformers' eager mask
+        mask = torch.zeros(64, 64, dtype=torch.bfloat16).masked_fill(~causal, torch.finfo(torch.bfloat16).min)
+    mask = mask.expand(shape).contiguous()
     assert masks.causal_if_equivalent(mask, False, 64, 64) == (None, True)
 
 
@@ -114,11 +122,17 @@ def test_other_masks_stay_masks():
     causal = torch.ones(2, 1, 64, 64, dtype=torch.bool).tril()
     padded = causal.clone()
     padded[1, :, :, :3] = False  # a left-padded row of the batch
+    additive = torch.zeros(64, 64).masked_fill(~causal[0, 0], float("-inf"))
+    biased = additive.clone()
+    biased[5, 2] = -0.5  # a finite bias (ALiBi-like) on a visible entry
+    softly_masked = additive.masked_fill(~causal[0, 0], -1e4)  # not low enough to underflow exactly
     for mask, q_len, kv_len in (
         (padded, 64, 64),
         (causal.triu(), 64, 64),
         (torch.ones(1, 1, 1, 64, dtype=torch.bool), 64, 64),  # broadcast along queries
-        (torch.zeros(64, 64).masked_fill(~causal[0, 0], float("-inf")), 64, 64),  # additive
+        (biased, 64, 64),
+        (softly_masked, 64, 64),
+        (causal.to(torch.int8), 64, 64),
         (torch.ones(48, 64, dtype=torch.bool).tril(), 48, 64),  # Sq != Skv
     ):
         assert causal_if_equivalent(mask, False, q_len, kv_len) == (mask, False)
