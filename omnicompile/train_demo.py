@@ -17,7 +17,8 @@ a curriculum from short packed sequences to the full length); evaluate it dense 
 training-free, through ``torch.compile(model, backend="omnisparse")``; fine-tune briefly through
 the backend in train mode (the sparse backward over exactly the selected blocks); evaluate again.
 Each evaluation reports answer accuracy and, for sparse runs, per-layer density and exact recall
-(`recording`). Weights are saved with ``save_pretrained`` (safetensors) under ``--out``, with
+(`recording`). The op's CUDA density fallback is off here: every layer runs the sparse method, on
+any device. Weights are saved with ``save_pretrained`` (safetensors) under ``--out``, with
 ``report.json``.
 
 ``--tiny`` is a CPU smoke setting (about a minute); the default setting targets one Hopper GPU
@@ -313,7 +314,9 @@ def run_demo(setting: DemoSetting, out: Path, device: torch.device, tau: float, 
     evals = {"task": task, "batches": setting.eval_batches, "batch_size": batch_size, "seed": seed + 1,
              "device": device}
     results = {"dense": evaluate(model, measure=False, **evals)}
-    options = sparse_config(setting, tau).to_dict()
+    # The CUDA density fallback (a speed heuristic) would run dense layers that the CPU runs sparse:
+    # off, so that every device evaluates and fine-tunes the method itself.
+    options = sparse_config(setting, tau).replace(dense_fallback_density=1.0).to_dict()
     compiled = torch.compile(model, backend="omnisparse", options=options)
     started = time.perf_counter()
     results["sparse, training-free"] = evaluate(compiled, measure=True, **evals)
@@ -330,7 +333,7 @@ def run_demo(setting: DemoSetting, out: Path, device: torch.device, tau: float, 
     results["dense, after sparse fine-tune"] = evaluate(model, measure=False, **evals)
 
     _print_report(results, log)
-    report = {"setting": asdict(setting), "task": asdict(task), "tau": tau, "device": str(device),
+    report = {"setting": asdict(setting), "task": asdict(task), "tau": tau, "config": options, "device": str(device),
               "timings_s": timings, "final_loss": {name: _tail_mean(v) for name, v in losses.items()},
               "phase_accuracy": phase_accuracy,
               "results": results}
