@@ -108,20 +108,17 @@ def causal_if_equivalent(
         return attn_mask, is_causal
     cols = torch.arange(kv_len, device=attn_mask.device)
     rows_per_step = max(1, _CAUSAL_CHECK_ELEMENTS // max(1, kv_len * attn_mask[..., 0, 0].numel()))
+    masked_below = None if attn_mask.dtype == torch.bool else torch.finfo(attn_mask.dtype).min / 2
     equal = torch.ones((), dtype=torch.bool, device=attn_mask.device)
     for start in range(0, q_len, rows_per_step):
         rows = torch.arange(start, min(q_len, start + rows_per_step), device=attn_mask.device)
         block = attn_mask[..., start : start + rows.numel(), :]
-        equal &= (_kept(block) == (cols <= rows[:, None])).all()
+        causal = cols <= rows[:, None]
+        if masked_below is None:
+            equal &= (block == causal).all()
+        else:  # kept entries exactly 0, the others low enough that their softmax weight is exactly 0
+            equal &= torch.where(causal, block == 0, block <= masked_below).all()
     return (None, True) if bool(equal) else (attn_mask, is_causal)
-
-
-def _kept(mask: torch.Tensor) -> torch.Tensor:
-    """A bool mask as is; a float mask as 1 where exactly 0 (kept), 0 where at most half the
-    dtype's lowest value (masked) and 2 elsewhere (neither: never equal to a bool pattern)."""
-    if mask.dtype == torch.bool:
-        return mask
-    return torch.where(mask == 0, 1, torch.where(mask <= torch.finfo(mask.dtype).min / 2, 0, 2))
 
 
 def _as_4d(attn_mask: torch.Tensor) -> torch.Tensor:
