@@ -352,6 +352,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiplies every dense phase's steps")
     parser.add_argument("--finetune-steps", type=int, default=None, help="sparse fine-tune steps")
     parser.add_argument("--lr", type=float, default=None, help="dense learning rate")
+    parser.add_argument("--finetune-lr", type=float, default=None, help="sparse fine-tune learning rate")
     parser.add_argument("--init", type=Path, default=None,
                         help="skip dense training: start from this folder (an earlier run's dense/)")
     parser.add_argument("--batch-size", type=int, default=None, help="fine-tune and evaluation batch size")
@@ -365,7 +366,8 @@ def run(args: argparse.Namespace) -> int:
     finetune = replace(setting.finetune, steps=args.finetune_steps or setting.finetune.steps,
                        batch_size=args.batch_size or setting.finetune.batch_size)
     setting = replace(setting, dense_phases=() if args.init else phases, finetune=finetune,
-                      lr=args.lr or setting.lr, eval_batches=args.eval_batches or setting.eval_batches)
+                      lr=args.lr or setting.lr, finetune_lr=args.finetune_lr or setting.finetune_lr,
+                      eval_batches=args.eval_batches or setting.eval_batches)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
     run_demo(setting, args.out, device, args.tau, args.seed, init=args.init)
     return 0
