@@ -6,7 +6,7 @@ is made once, then timed (median ms, CUDA events):
 - ours: Triton forward, Triton backward (given out and lse), and forward + backward; the backward's
   split by kernel (torch profiler, one call);
 - dense SDPA forward + backward pinned to flash and to cuDNN (``bwd`` = fwd+bwd - fwd);
-- FlexAttention forward + backward with the same block mask (full blocks below the diagonal,
+- FlexAttention forward + backward and forward alone (``bwd`` = the difference) with the same block mask (full blocks below the diagonal,
   causal mask_mod on the diagonal), at ``--flex-seq-lens``: it compiles per shape, with max-autotune
   (minutes), since its default sm90 backward tiles do not divide 64-token blocks.
 Backward TFLOP/s counts 10 * D * b^2 per selected block (FlashAttention's 2.5 x forward).
@@ -115,7 +115,8 @@ def dense_fwd(q, k, v, backend: SDPBackend) -> Callable[[], torch.Tensor]:
     return run
 
 
-def flex_fwd_bwd(q, k, v, grad_out, selection: BlockSelection) -> Callable[[], tuple]:
+def flex_runners(q, k, v, grad_out, selection: BlockSelection) -> tuple[Callable[[], tuple], Callable[[], torch.Tensor]]:
+    """FlexAttention with the selection's block mask: (forward + backward, forward alone)."""
     from torch.nn.attention.flex_attention import flex_attention
 
     block_mask = flex_block_mask(selection)
@@ -125,13 +126,17 @@ def flex_fwd_bwd(q, k, v, grad_out, selection: BlockSelection) -> Callable[[], t
     leaves = _leaves(q, k, v)
     options = {"BLOCK_M": selection.block_size, "BLOCK_N": selection.block_size}
 
-    def run() -> tuple:
-        out = compiled(
-            *leaves, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1], kernel_options=options
-        )
-        return torch.autograd.grad(out, leaves, grad_out)
+    def forward(*inputs: torch.Tensor) -> torch.Tensor:
+        return compiled(*inputs, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1], kernel_options=options)
 
-    return run
+    def fwd_bwd() -> tuple:
+        return torch.autograd.grad(forward(*leaves), leaves, grad_out)
+
+    def fwd() -> torch.Tensor:
+        with torch.no_grad():
+            return forward(q, k, v)
+
+    return fwd_bwd, fwd
 
 
 def ours_bwd_split(grad_out, q, k, v, out, lse, selection: BlockSelection) -> dict[str, float]:
@@ -247,11 +252,13 @@ def run_case(args, seq: int, log: Console) -> tuple[dict, list[dict]]:
         except RuntimeError as err:
             log.print(f"SDPA {name} at S={seq}: {str(err).splitlines()[0][:120]}")
             row[f"{name}_fwd_bwd_ms"] = row[f"{name}_bwd_ms"] = float("nan")
-    row["flex_fwd_bwd_ms"] = row["flex_dq_err"] = row["flex_dk_err"] = row["flex_dv_err"] = float("nan")
+    for key in ("flex_fwd_bwd_ms", "flex_bwd_ms", "flex_dq_err", "flex_dk_err", "flex_dv_err"):
+        row[key] = float("nan")
     if seq in args.flex_seq_lens:
         try:
-            flex = flex_fwd_bwd(q, k, v, grad_out, selection)
+            flex, flex_fwd = flex_runners(q, k, v, grad_out, selection)
             row["flex_fwd_bwd_ms"] = time_ms(flex)
+            row["flex_bwd_ms"] = row["flex_fwd_bwd_ms"] - time_ms(flex_fwd)
             ours = sparse_attention_bwd(grad_out, q, k, v, out, lse, selection, None, True, None)
             for n, g, w in zip("qkv", ours, flex()):
                 row[f"flex_d{n}_err"] = relative_error(g, w)
@@ -259,6 +266,7 @@ def run_case(args, seq: int, log: Console) -> tuple[dict, list[dict]]:
             log.print(f"flex at S={seq}: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
     row["speedup_bwd_vs_flash"] = row["flash_bwd_ms"] / row["ours_bwd_ms"]
     row["speedup_fwd_bwd_vs_flash"] = row["flash_fwd_bwd_ms"] / row["ours_fwd_bwd_ms"]
+    row["speedup_bwd_vs_flex"] = row["flex_bwd_ms"] / row["ours_bwd_ms"]
     checks = run_checks(q, k, v, grad_out, selection, log) if args.check and seq == args.seq_lens[0] else []
     log.print(row)
     return row, checks
@@ -304,9 +312,11 @@ def _table(rows: list[dict]) -> Table:
         ("flash bwd", "flash_bwd_ms", "{:.2f}"),
         ("flash f+b", "flash_fwd_bwd_ms", "{:.2f}"),
         ("cudnn f+b", "cudnn_fwd_bwd_ms", "{:.2f}"),
+        ("flex bwd", "flex_bwd_ms", "{:.2f}"),
         ("flex f+b", "flex_fwd_bwd_ms", "{:.2f}"),
         ("x flash bwd", "speedup_bwd_vs_flash", "{:.2f}"),
         ("x flash f+b", "speedup_fwd_bwd_vs_flash", "{:.2f}"),
+        ("x flex bwd", "speedup_bwd_vs_flex", "{:.2f}"),
         ("bwd TFLOP/s", "ours_bwd_tflops", "{:.0f}"),
         ("dq err vs flex", "flex_dq_err", "{:.1e}"),
     ]

@@ -43,11 +43,12 @@ _LOADER = textwrap.dedent(
     import omnicompile
     from omnicompile.recording import recording
     package, inputs, outputs = sys.argv[1:]
+    inputs = torch.load(inputs)  # on the device: its context exists before the package loads
     print("loading", package, flush=True)
     model = torch._inductor.aoti_load_package(package)
     print("loaded", flush=True)
     logits, decisions = [], []
-    for ids in torch.load(inputs):
+    for ids in inputs:
         with torch.no_grad(), recording(measure=False) as recorder:
             logits.append(model(input_ids=ids, use_cache=False)["logits"].float().cpu())
         if torch.cuda.is_available():
