@@ -10,8 +10,13 @@ without any omnicompile code are compiled here and loaded in fresh interpreters
   dimension, which AOTInductor calls back through its proxy executor, as it does our op.
 If ``plain`` fails too, the crash is the environment's, not the export path's.
 
-Usage: ``python3 scripts/gpu_check_aoti_runtime.py [--device cuda] [--timeout 300]``; prints one
-line per package (exit status, elapsed seconds, the child's output) and exits 1 if any failed.
+Variants of ``plain`` (``--cases``) probe for a way around a loader crash: ``aoti_load_package``
+with ``device_index=0``, a package with ``aot_inductor.embed_kernel_binary``, and the deprecated
+bare ``.so`` path (``torch._inductor.aot_compile`` + ``torch._export.aot_load``).
+
+Usage: ``python3 scripts/gpu_check_aoti_runtime.py [--device cuda] [--timeout 300] [--cases ...]``;
+prints one line per case (ok or FAILED, exit status, elapsed seconds, the child's output) and exits
+1 if any failed.
 """
 
 from __future__ import annotations
@@ -55,8 +60,20 @@ class WithCustomOp(Plain):
         return y.sum(-1) + zeros
 
 
-def load_and_run(path: str, device: str, seq: int) -> None:
-    """Child side: start the device, load the package, run it on [2, seq, 16], print progress (flushed).
+# case -> (model, ways to build and load it); "package" ways go through aoti_compile_and_package with
+# these Inductor configs and aoti_load_package with these keywords, "legacy_so" through the deprecated
+# torch._inductor.aot_compile (a bare .so) and torch._export.aot_load.
+CASES = {
+    "plain": ("plain", "package", {}, {}),
+    "plain_device_index_0": ("plain", "package", {}, {"device_index": 0}),
+    "plain_embed_kernel_binary": ("plain", "package", {"aot_inductor.embed_kernel_binary": True}, {}),
+    "plain_legacy_so": ("plain", "legacy_so", {}, {}),
+    "custom_op": ("custom_op", "package", {}, {}),
+}
+
+
+def load_and_run(path: str, device: str, seq: int, way: str, load_kwargs: dict) -> None:
+    """Child side: start the device, load the artifact, run it on [2, seq, 16], print progress (flushed).
 
     The device starts before loading (a CUDA context exists when the loader runs), timed apart from
     the load.
@@ -65,7 +82,10 @@ def load_and_run(path: str, device: str, seq: int) -> None:
     torch.zeros(1, device=device)
     print(f"{device} ready in {time.perf_counter() - start:.1f} s; loading", flush=True)
     start = time.perf_counter()
-    model = torch._inductor.aoti_load_package(path)
+    if way == "legacy_so":
+        model = torch._export.aot_load(path, device)
+    else:
+        model = torch._inductor.aoti_load_package(path, **load_kwargs)
     print(f"loaded in {time.perf_counter() - start:.1f} s", flush=True)
     out = model(torch.randn(2, seq, 16, device=device))
     if device == "cuda":
@@ -73,33 +93,46 @@ def load_and_run(path: str, device: str, seq: int) -> None:
     print(f"ran, output {tuple(out.shape)}", flush=True)
 
 
+def build(name: str, device: str, work: str) -> tuple[str, int]:
+    """Export and compile case ``name``; returns (artifact path, sequence length to run it at)."""
+    model_name, way, configs, _ = CASES[name]
+    x = torch.randn(2, 8, 16, device=device)
+    if model_name == "plain":  # static: run at the exported shape
+        module, dynamic, seq = Plain(), None, 8
+    else:
+        module, dynamic, seq = WithCustomOp(), ({1: torch.export.Dim("seq", min=2, max=64)},), 12
+    program = torch.export.export(module.to(device), (x,), dynamic_shapes=dynamic)
+    if way == "legacy_so":
+        return torch._inductor.aot_compile(program.module(), (x,)), seq
+    package = f"{work}/{name}.pt2"
+    return torch._inductor.aoti_compile_and_package(program, package_path=package, inductor_configs=configs), seq
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per child")
-    parser.add_argument("--packages", nargs="+", default=["plain", "custom_op"], choices=["plain", "custom_op"])
+    parser.add_argument("--cases", nargs="+", default=["plain", "custom_op"], choices=list(CASES))
     args = parser.parse_args()
     print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, device {args.device}", flush=True)
-    x = torch.randn(2, 8, 16, device=args.device)
-    packages = {
-        "plain": (Plain(), None, 8),  # static: run at the exported shape
-        "custom_op": (WithCustomOp(), ({1: torch.export.Dim("seq", min=2, max=64)},), 12),
-    }
     failed = False
     with tempfile.TemporaryDirectory() as work:
-        for name in args.packages:
-            module, dynamic, seq = packages[name]
+        for name in args.cases:
             start = time.perf_counter()
-            program = torch.export.export(module.to(args.device), (x,), dynamic_shapes=dynamic)
-            path = torch._inductor.aoti_compile_and_package(program, package_path=f"{work}/{name}.pt2")
-            print(f"{name}: packaged in {time.perf_counter() - start:.1f} s", flush=True)
+            path, seq = build(name, args.device, work)
+            print(f"{name}: built in {time.perf_counter() - start:.1f} s", flush=True)
+            _, way, _, load_kwargs = CASES[name]
             child = (
-                f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-                f"import gpu_check_aoti_runtime as check; check.load_and_run({path!r}, {args.device!r}, {seq})"
+                f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import gpu_check_aoti_runtime "
+                f"as check; check.load_and_run({path!r}, {args.device!r}, {seq}, {way!r}, {load_kwargs!r})"
             )
             start = time.perf_counter()
             # Under gdb (when installed) a crash prints the native stack too.
-            gdb = ["gdb", "-q", "-batch", "-iex", "set auto-load off", "-ex", "run", "-ex", "bt 30", "--args"] if shutil.which("gdb") else []
+            gdb = (
+                ["gdb", "-q", "-batch", "-iex", "set auto-load off", "-ex", "run", "-ex", "bt 30", "--args"]
+                if shutil.which("gdb")
+                else []
+            )
             try:
                 result = subprocess.run(
                     [*gdb, sys.executable, "-X", "faulthandler", "-c", child],
@@ -112,12 +145,16 @@ def main() -> int:
             except subprocess.TimeoutExpired as timeout:
                 status, stdout, stderr = "timeout", timeout.stdout or "", timeout.stderr or ""
                 stdout, stderr = (s.decode() if isinstance(s, bytes) else s for s in (stdout, stderr))
-            print(f"{name}: child exit {status} after {time.perf_counter() - start:.1f} s; output:\n"
-                  f"{stdout.strip()[-4000:]}", flush=True)
-            if "ran, output" not in stdout or (status != 0 and not gdb):  # gdb's status is not the child's
+            ok = "ran, output" in stdout and (status == 0 or bool(gdb))  # gdb's status is not the child's
+            print(
+                f"{name}: {'ok' if ok else 'FAILED'}, child exit {status} after {time.perf_counter() - start:.1f} s;"
+                f" output:\n{stdout.strip()[-4000:]}",
+                flush=True,
+            )
+            if not ok:
                 failed = True
-                print(f"{name}: child stderr (end):\n{stderr.strip()[-4000:]}", flush=True)
-    print("FAILED" if failed else "all packages loaded and ran")
+                print(f"{name}: child stderr (end):\n{stderr.strip()[-3000:]}", flush=True)
+    print("FAILED" if failed else "all cases loaded and ran")
     return 1 if failed else 0
 
 
