@@ -76,7 +76,8 @@ def test_tiny_setting_trains_evaluates_and_saves(tmp_path) -> None:
     # --init starts from the saved dense weights and skips dense training: same dense accuracy.
     again = tmp_path / "again"
     args = parser.parse_args(["--tiny", "--out", str(again), "--device", "cpu", "--init", str(tmp_path / "dense"),
-                              "--finetune-steps", "1"])
+                              "--finetune-steps", "1", "--finetune-lr", "0.002"])
     assert train_demo.run(args) == 0
     rerun = json.loads((again / "report.json").read_text())
     assert rerun["phase_accuracy"] == {} and rerun["results"]["dense"] == results["dense"]
+    assert rerun["setting"]["finetune_lr"] == 0.002 and rerun["setting"]["finetune"]["steps"] == 1
