@@ -6,9 +6,10 @@ is made once, then timed (median ms, CUDA events):
 - ours: Triton forward, Triton backward (given out and lse), and forward + backward; the backward's
   split by kernel (torch profiler, one call);
 - dense SDPA forward + backward pinned to flash and to cuDNN (``bwd`` = fwd+bwd - fwd);
-- FlexAttention forward + backward and forward alone (``bwd`` = the difference) with the same block mask (full blocks below the diagonal,
-  causal mask_mod on the diagonal), at ``--flex-seq-lens``: it compiles per shape, with max-autotune
-  (minutes), since its default sm90 backward tiles do not divide 64-token blocks.
+- FlexAttention forward + backward and forward alone (``bwd`` = the difference) with the same
+  block mask (full blocks below the diagonal, causal mask_mod on the diagonal), at
+  ``--flex-seq-lens``: it compiles per shape, with max-autotune (minutes), since its default sm90
+  backward tiles do not divide 64-token blocks.
 Backward TFLOP/s counts 10 * D * b^2 per selected block (FlashAttention's 2.5 x forward).
 
 Checks (``--check``, relative Frobenius errors, printed and in the CSV): ours against the float32

@@ -16,7 +16,6 @@ any fails.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -40,13 +39,13 @@ TOL = 2e-2  # bf16 logits, two implementations of the same computation
 
 _LOADER = textwrap.dedent(
     """
-    import json, sys, torch
+    import sys, torch
     import omnicompile
     from omnicompile.recording import recording
-    package, inputs, outputs, load_kwargs = sys.argv[1:]
+    package, inputs, outputs = sys.argv[1:]
     inputs = torch.load(inputs)  # on the device: its context exists before the package loads
     print("loading", package, flush=True)
-    model = torch._inductor.aoti_load_package(package, **json.loads(load_kwargs))
+    model = torch._inductor.aoti_load_package(package)
     print("loaded", flush=True)
     logits, decisions = [], []
     for ids in inputs:
@@ -72,7 +71,7 @@ def _reference(model: torch.nn.Module, mode: str, device: str) -> list[torch.Ten
         return [model(input_ids=_ids(n, device), use_cache=False).logits.float().cpu() for n in LENGTHS]
 
 
-def check(mode: str, model: torch.nn.Module, work: Path, device: str, load_kwargs: dict) -> list[str]:
+def check(mode: str, model: torch.nn.Module, work: Path, device: str) -> list[str]:
     """Export, load in a fresh process, compare; returns failure lines (empty = passed)."""
     seq = torch.export.Dim("seq", min=64, max=8192)
     path = export(model, {"input_ids": _ids(1024, device), "use_cache": False}, work / f"{mode}.pt2",
@@ -82,7 +81,7 @@ def check(mode: str, model: torch.nn.Module, work: Path, device: str, load_kwarg
     # cwd=work: from the repository root, `import omnicompile` would find the source folder, which
     # lacks the installed package's `omnicompile.passes` / `omnicompile.kernels` mapping.
     child = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _LOADER, str(path), str(inputs),
-                            str(outputs), json.dumps(load_kwargs)], timeout=600, cwd=work, check=False)
+                            str(outputs)], timeout=600, cwd=work, check=False)
     if child.returncode != 0:
         return [f"{mode}: loader exited with {child.returncode}"]
     result = torch.load(outputs)
@@ -101,17 +100,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="keep packages here (default: a temp dir)")
     parser.add_argument("--device", default="cuda", help="cpu only to try the script itself (slow)")
-    parser.add_argument("--device-index", type=int, default=None, help="aoti_load_package's device_index")
-    parser.add_argument("--embed-kernel-binary", action="store_true",
-                        help="set Inductor's aot_inductor.embed_kernel_binary for the packages")
     args = parser.parse_args()
-    torch._inductor.config.aot_inductor.embed_kernel_binary = args.embed_kernel_binary or None
-    load_kwargs = {} if args.device_index is None else {"device_index": args.device_index}
     model = build_model("llama-tiny", dtype=torch.bfloat16, device=args.device)
     with tempfile.TemporaryDirectory() as tmp:
         work = (args.out or Path(tmp)).resolve()
         work.mkdir(parents=True, exist_ok=True)
-        failures = [line for mode in CONFIGS for line in check(mode, model, work, args.device, load_kwargs)]
+        failures = [line for mode in CONFIGS for line in check(mode, model, work, args.device)]
     print("FAILED:\n  " + "\n  ".join(failures) if failures else f"export on {args.device}: all checks passed")
     return 1 if failures else 0
 
