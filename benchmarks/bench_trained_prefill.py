@@ -2,9 +2,11 @@
 
 The model is the 2-layer Llama that ``omnicompile train-demo`` trains on pair-token associative
 recall (weights: ``assets/train_demo_dense`` by default, or a run's ``dense/`` or
-``sparse_finetuned/`` folder). For each prompt length S the recall task is generated at S tokens
-(same vocabulary, pairs and queries as the demo; the model was trained at 4096, so accuracy beyond
-that length also measures length generalisation), and one forward pass over the whole prompt
+``sparse_finetuned/`` folder; ``assets/train_demo_sparse`` is the sparse-fine-tuned one). For each
+prompt length S the recall task is generated at S tokens (same vocabulary, pairs and queries as the
+demo). The model was trained at 4096 tokens: past that, it is loaded with its RoPE scaled linearly
+by S / 4096 (`omnicompile.train_demo.load_model`; ``--no-rope-scaling`` keeps it as trained, which
+measures raw length generalisation). One forward pass over the whole prompt
 (``use_cache=False``, bf16 autocast on CUDA as in the demo, batch 1) is timed three ways:
 - ``sdpa``: the model as loaded (transformers' SDPA attention, eager);
 - ``inductor``: ``torch.compile(model)``, dense;
@@ -23,11 +25,10 @@ from pathlib import Path
 
 import torch
 from bench_prefill import _write_csv, print_rows, time_ms
-from transformers import LlamaForCausalLM
 
 from omnicompile.config import OmniSparseConfig
 from omnicompile.recording import recording
-from omnicompile.train_demo import FULL, RecallTask, evaluate, sparse_config
+from omnicompile.train_demo import FULL, RecallTask, evaluate, load_model, sparse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,22 +60,23 @@ def main() -> None:
     parser.add_argument("--tau", type=float, default=OmniSparseConfig.tau)
     parser.add_argument("--batches", type=int, default=4, help="sequences per accuracy measurement")
     parser.add_argument("--device", default="cuda", help="cpu only to try the script (small --seq-lens)")
+    parser.add_argument("--no-rope-scaling", action="store_true", help="keep the trained RoPE past 4096 tokens")
     parser.add_argument("--out", type=Path, default=Path("out/bench_trained_prefill"))
     args = parser.parse_args()
     device = torch.device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
-    model = LlamaForCausalLM.from_pretrained(args.weights, dtype=torch.float32).to(device).eval()
     config = sparse_config(FULL, args.tau)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {name}; weights: {args.weights}; config: {config.to_json()}")
-    ways = {
-        "sdpa": model,
-        "inductor": torch.compile(model, dynamic=False),
-        "omnisparse": torch.compile(model, backend="omnisparse", options=config.to_dict(), dynamic=False),
-    }
     rows = []
     for seq_len in args.seq_lens:
         torch._dynamo.reset()  # the three ways share the model's code: keep them under the recompile limit
+        model = load_model(args.weights, None if args.no_rope_scaling else seq_len).to(device).eval()
+        ways = {
+            "sdpa": model,
+            "inductor": torch.compile(model, dynamic=False),
+            "omnisparse": torch.compile(model, backend="omnisparse", options=config.to_dict(), dynamic=False),
+        }
         task = RecallTask(
             seq_len, FULL.finetune.pairs, FULL.finetune.queries, FULL.vocab_items, FULL.vocab_items
         )
@@ -91,6 +93,7 @@ def main() -> None:
             result = evaluate(way, task, args.batches, 1, seed=1, device=device, measure=name == "omnisparse")
             row = {
                 "seq_len": seq_len,
+                "rope_factor": model.config.rope_parameters.get("factor", 1.0),
                 "way": name,
                 "prefill_ms": ms,
                 "speedup_vs_sdpa": baseline / ms,
@@ -106,6 +109,7 @@ def main() -> None:
         f"trained demo model, end-to-end prefill (B = 1, tau {args.tau})",
         {
             "S": lambda row: str(row["seq_len"]),
+            "RoPE scale": lambda row: f"{row['rope_factor']:g}",
             "way": lambda row: row["way"],
             "prefill ms": lambda row: f"{row['prefill_ms']:.2f}",
             "vs sdpa": lambda row: f"{row['speedup_vs_sdpa']:.2f}x",

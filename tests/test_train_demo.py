@@ -81,3 +81,10 @@ def test_tiny_setting_trains_evaluates_and_saves(tmp_path) -> None:
     rerun = json.loads((again / "report.json").read_text())
     assert rerun["phase_accuracy"] == {} and rerun["results"]["dense"] == results["dense"]
     assert rerun["setting"]["finetune_lr"] == 0.002 and rerun["setting"]["finetune"]["steps"] == 1
+
+    # Past the trained length the RoPE is interpolated (linear scaling by S / trained length): the
+    # rotary frequencies are divided by that factor; up to the trained length the model is as saved.
+    as_saved, longer = (train_demo.load_model(tmp_path / "dense", n, trained_len=256) for n in (256, 1024))
+    assert as_saved.config.rope_parameters["rope_type"] == "default"
+    assert longer.config.rope_parameters["rope_type"] == "linear" and longer.config.rope_parameters["factor"] == 4
+    torch.testing.assert_close(longer.model.rotary_emb.inv_freq, as_saved.model.rotary_emb.inv_freq / 4)
