@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from omnicompile.kernels.selection.block_selection import BlockSelection
@@ -57,11 +57,23 @@ def _inputs(
 
 
 def _reference_grads(q, k, v, selection, attn_mask, is_causal, scale, grad_out):
-    """(out, lse, dq, dk, dv) of the float32 reference on the (upcast) inputs."""
+    """(out, lse, dq, dk, dv) of the float32 reference on the (upcast) inputs.
+
+    The kernel, like FlashAttention's backward, takes D = rowsum(dO * O) from the output it is handed,
+    stored in q's dtype; where dP - D cancels (few keys per row) that rounding alone moves dq and dk
+    past the dtype tolerances (fp16 3.8e-3, bf16 4.6e-2 on a one-row case). The expected gradients
+    are therefore the exact ones given that stored O: D enters dq and dk only as
+    -(D_i) * d lse_i / d(q, k), so adding (D_i - D'_i) * lse_i to the loss, with D' from the rounded O,
+    turns the reference's gradients into those given O' (dv does not depend on D).
+    """
     q32, k32, v32 = (t.float().requires_grad_() for t in (q, k, v))
     out, lse = sparse_attention_reference(q32, k32, v32, selection, attn_mask, is_causal, scale)
-    dq, dk, dv = torch.autograd.grad(out, (q32, k32, v32), grad_out.float())
-    return out, lse, dq, dk, dv
+    grad_out = grad_out.float()
+    d_shift = (grad_out * (out - out.to(q.dtype).float())).sum(-1).detach()
+    finite_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # rows with no key: lse = -inf
+    loss = (out * grad_out).sum() + (d_shift * finite_lse).sum()
+    dq, dk, dv = torch.autograd.grad(loss, (q32, k32, v32))
+    return out.detach(), lse.detach(), dq, dk, dv
 
 
 def _check_against_reference(
@@ -114,6 +126,11 @@ def _full_selection(batch, heads, q_len, kv_len, block_size) -> BlockSelection:
     dkdv_chunk=st.sampled_from([None, 1, 3]),
     seed=st.integers(0, 2**31 - 1),
 )
+# One row over four keys: dP - D cancels, so the rounding of the stored O dominates (see _reference_grads).
+@example(batch=1, kv_heads=1, group=1, q_len=1, kv_len=36, dim=32, block_size=32, masking="none", density=0.5,
+         dtype=torch.float16, dkdv_chunk=None, seed=1)
+@example(batch=1, kv_heads=1, group=1, q_len=1, kv_len=36, dim=32, block_size=32, masking="none", density=0.5,
+         dtype=torch.bfloat16, dkdv_chunk=None, seed=1)
 def test_gradients_equal_the_reference(
     batch, kv_heads, group, q_len, kv_len, dim, block_size, masking, density, dtype, dkdv_chunk, seed
 ) -> None:
