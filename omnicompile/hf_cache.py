@@ -174,8 +174,7 @@ class SlimKVLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
-    def get_max_cache_shape(self) -> int:  # the name of get_max_length before transformers 5.3
-        return -1
+    get_max_cache_shape = get_max_length  # its name before transformers 5.3
 
     def kept_lengths(self) -> Tensor:
         """int64 [B, Hkv]: tokens stored per KV head (kept prompt tokens plus later tokens)."""
