@@ -121,6 +121,20 @@ def causal_if_equivalent(
     return (None, True) if bool(equal) else (attn_mask, is_causal)
 
 
+def window_mask(q_len: int, kv_len: int, window: int, device: torch.device | str) -> torch.Tensor:
+    """bool [q_len, kv_len]: causal sliding-window attention as a mask (True = keep).
+
+    Query row r sees key c iff ``r - window < c <= r`` (transformers' ``sliding_window``: causal,
+    and ``kv_idx > q_idx - sliding_window``). The materialised form of ``is_causal=True`` with
+    ``window``, for the pure-PyTorch paths; kernels take ``window`` directly.
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    rows = torch.arange(q_len, device=device)[:, None]
+    cols = torch.arange(kv_len, device=device)[None, :]
+    return (cols <= rows) & (cols > rows - window)
+
+
 def _as_4d(attn_mask: torch.Tensor) -> torch.Tensor:
     """View of a (validated) mask with singleton dims prepended to 4-D."""
     return attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
