@@ -1,6 +1,6 @@
 """Prefill benchmark (GPU; not a test): OmniSparse Triton kernels against dense SDPA and FlexAttention.
 
-For each sequence length S, KV-head count and input preset (`omnicompile.structured`: ``structured``,
+For each sequence length S, KV-head count and input preset (`omnicompile.structured`: ``structured``, ``mixed``, ``mixed_flat``,
 ``flat_head``, ``random``), with B = 1, causal, bf16:
 - dense: torch SDPA with the flash, cuDNN and memory-efficient backends (each alone; a backend that
   refuses GQA is retried on repeated K/V and marked so);
@@ -46,7 +46,7 @@ from omnicompile.kernels.selection.block_selection import BlockSelection
 from omnicompile.kernels.sparse_attention.triton_fwd import LaunchConfig, sparse_attention_fwd
 from omnicompile.method import select_on_device
 from omnicompile.metrics import density, exact_recall, relative_error
-from omnicompile.structured import structured_qkv
+from omnicompile.structured import PRESETS, structured_qkv
 
 DENSE_BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -423,7 +423,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 32768, 131072])
     parser.add_argument("--kv-heads", type=int, nargs="+", default=[8])
-    parser.add_argument("--presets", nargs="+", default=["structured", "flat_head", "random"])
+    parser.add_argument("--presets", nargs="+", choices=PRESETS, default=["structured", "mixed", "mixed_flat", "random"])
     parser.add_argument("--estimators", nargs="+", default=["composite"])
     parser.add_argument("--scopes", nargs="+", default=["heads"])
     parser.add_argument("--heads", type=int, default=32)

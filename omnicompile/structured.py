@@ -34,6 +34,12 @@ Presets:
 - ``"flat_head"``: ``"structured"``, except that the last query head of the layer (head H - 1, in the
   last KV group) has a content-noise query only: near-flat attention. The input of the budget-scope
   ablation: under ``budget_scope="heads"`` that one head inflates every head's budget.
+- ``"mixed"``: ``"structured"`` with heads that differ in breadth, as a trained model's do: each query
+  head's logits are scaled by its own sharpness, log-uniform in [0.15, 1.5] (seeded), so some heads
+  are local and sharp and others spread their mass over many blocks. Observed per-head oracle
+  density (95% exact mass, causal, b = 64, S = 8192, 8 heads / 2 KV heads, seed 0): 0.16-0.56, mean
+  0.27 (``"structured"``: 0.13-0.20): a budget shared by all heads costs about twice the per-head one.
+- ``"mixed_flat"``: ``"mixed"`` with every 8th query head (7, 15, ...) near-flat (sharpness 0.02).
 - ``"random"``: q, k, v i.i.d. standard normal: scores ~ N(0, 1), nearly flat attention with no
   structure. The honest worst case for any sparse method: no small set of blocks holds most mass.
 
@@ -48,7 +54,8 @@ from typing import Literal
 
 import torch
 
-Preset = Literal["structured", "flat_head", "random"]
+Preset = Literal["structured", "flat_head", "mixed", "mixed_flat", "random"]
+PRESETS: tuple[str, ...] = ("structured", "flat_head", "mixed", "mixed_flat", "random")
 
 
 def _cos_sin(positions: torch.Tensor, periods: torch.Tensor) -> torch.Tensor:
@@ -64,6 +71,20 @@ def _interpolated_code(u: torch.Tensor, codes: int) -> torch.Tensor:
     cell = cell.long()
     one_hot = torch.nn.functional.one_hot
     return (1 - frac) * one_hot(cell % codes, codes) + frac * one_hot((cell + 1) % codes, codes)
+
+
+_LEAST_SHARP = 0.1  # sharpness range of the mixed presets: [0.1, 1] x _SHARPEST
+_SHARPEST = 1.5
+_FLAT_EVERY = 8  # mixed_flat: every 8th query head is near-flat ...
+_FLAT_SHARPNESS = 0.02  # ... its logits scaled by 0.02
+
+
+def _breadth(preset: str, heads: int, uniform) -> torch.Tensor:
+    """float32 [H]: per-query-head sharpness of the ``mixed`` presets (module docstring)."""
+    sharpness = _SHARPEST * _LEAST_SHARP ** uniform(heads)  # log-uniform in [0.15, 1.5]
+    if preset == "mixed_flat":
+        sharpness[_FLAT_EVERY - 1 :: _FLAT_EVERY] = _FLAT_SHARPNESS
+    return sharpness
 
 
 def structured_qkv(
@@ -95,8 +116,8 @@ def structured_qkv(
     slash_period / window + needles dims, plus >= 4 noise dims), slash_period is not a multiple
     >= 6 of window (the window must not overlap its own slash), or the preset is unknown.
     """
-    if preset not in ("structured", "flat_head", "random"):
-        raise ValueError(f"unknown preset {preset!r}: expected 'structured', 'flat_head' or 'random'")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}: expected one of {PRESETS}")
     if heads % kv_heads:
         raise ValueError(f"heads {heads} are not a multiple of kv_heads {kv_heads}")
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -176,6 +197,8 @@ def structured_qkv(
     query[:, :, code_dims - needles :] *= (peak + 1) * gain[:, 2, None, None]
     if preset == "flat_head":
         query[-1] = 0.0
+    if preset in ("mixed", "mixed_flat"):
+        query *= _breadth(preset, heads, uniform)[:, None, None]
 
     noise_std = math.sqrt(noise) / noise_dims**0.25
     root = head_dim**0.25
