@@ -1,7 +1,7 @@
 """Prefill benchmark (GPU; not a test): OmniSparse Triton kernels against dense SDPA and FlexAttention.
 
-For each sequence length S, KV-head count and input preset (`omnicompile.structured`: ``structured``, ``mixed``, ``mixed_flat``,
-``flat_head``, ``random``), with B = 1, causal, bf16:
+For each sequence length S, KV-head count and input preset (`omnicompile.structured`: ``structured``,
+``mixed``, ``mixed_flat``, ``flat_head``, ``random``), with B = 1, causal, bf16:
 - dense: torch SDPA with the flash, cuDNN and memory-efficient backends (each alone; a backend that
   refuses GQA is retried on repeated K/V and marked so);
 - per estimator and budget scope: our pipeline in parts (Triton estimator, selection in torch ops,
