@@ -19,10 +19,14 @@ tags the returned key tensor with a weak reference to its `SlimKVLayer` (attribu
   attention function runs slim decode attention (the split-K Triton kernel where `supported`, else the
   fp32 reference), reading only the kept KV;
 - a layer that is not slimmed (short prompt, ``mode == "dense"``) stays a dense cache and runs SDPA.
+- a sliding-window layer (``layer_types`` entry ``"sliding_attention"``, Gemma 3's local layers) is
+  transformers' `DynamicSlidingWindowLayer`: it already keeps only the window; it runs SDPA with the
+  sliding mask and is never slimmed.
 The attention mask function of the implementation is transformers' SDPA one. Supported: batch size >= 1
 without padding (a padding mask is an error), greedy or sampled decoding, chunks of several new tokens,
 `crop` of tokens generated after slimming. Not supported (clear errors): beam search and other batch
-reordering, sliding-window layers, a batch size change, a model whose KV shapes differ from the config.
+reordering, layer types other than full and sliding attention, a batch size change, a model whose KV
+shapes differ from the config.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from transformers import AttentionInterface, PreTrainedConfig
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
@@ -243,10 +247,11 @@ class SlimKVCache(Cache):
         if not isinstance(config, OmniSparseConfig):
             raise TypeError(f"SlimKVCache: config must be an OmniSparseConfig, got {type(config).__name__}")
         text_config = model_config.get_text_config(decoder=True)
-        layer_types = getattr(text_config, "layer_types", None) or ["full_attention"]
-        if any(kind != "full_attention" for kind in layer_types):
+        layer_types = getattr(text_config, "layer_types", None) or ["full_attention"] * text_config.num_hidden_layers
+        unsupported = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+        if unsupported:
             raise ValueError(
-                f"SlimKVCache: only full-attention layers are supported, the model has {sorted(set(layer_types))}"
+                f"SlimKVCache: full and sliding-window attention layers are supported, the model has {unsupported}"
             )
         head_dim = (
             getattr(text_config, "head_dim", None)
@@ -255,7 +260,9 @@ class SlimKVCache(Cache):
         kv_heads = text_config.num_key_value_heads or text_config.num_attention_heads
         super().__init__(
             layers=[
-                SlimKVLayer(i, config, kv_heads, head_dim, token_mask)
+                DynamicSlidingWindowLayer(sliding_window=text_config.sliding_window)
+                if layer_types[i] == "sliding_attention"
+                else SlimKVLayer(i, config, kv_heads, head_dim, token_mask)
                 for i in range(text_config.num_hidden_layers)
             ]
         )
@@ -272,15 +279,23 @@ class SlimKVCache(Cache):
 
     def stored_bytes(self) -> int:
         """Bytes of every tensor the cache holds, measured from the tensors (all layers)."""
-        return sum(layer.stored_bytes() for layer in self.layers)
+        return sum(
+            layer.stored_bytes() if isinstance(layer, SlimKVLayer)
+            else storage_bytes(layer.keys, layer.values) if layer.is_initialized else 0
+            for layer in self.layers
+        )
 
     def kept_lengths(self) -> list[Tensor]:
         """Per layer, int64 [B, Hkv]: tokens stored per KV head."""
-        return [layer.kept_lengths() for layer in self.layers]
+        return [
+            layer.kept_lengths() if isinstance(layer, SlimKVLayer)
+            else torch.full(layer.keys.shape[:2], layer.keys.shape[2], dtype=torch.long, device=layer.keys.device)
+            for layer in self.layers
+        ]
 
     def slimming(self) -> list[LayerSlimming | None]:
-        """Per layer, what slimming decided (None where the layer was not slimmed)."""
-        return [layer.slimming for layer in self.layers]
+        """Per layer, what slimming decided (None where the layer was not slimmed, sliding layers too)."""
+        return [getattr(layer, "slimming", None) for layer in self.layers]
 
 
 def slim_decode(q: Tensor, kv: SlimKV, scale: float | None) -> tuple[Tensor, Tensor]:
@@ -323,8 +338,10 @@ def slim_attention_forward(
     Returns:
         attn_output [B, n, H, D] and no attention weights.
     """
-    if sliding_window is not None:
-        raise ValueError(f"{ATTN_IMPLEMENTATION}: sliding-window attention layers are not supported")
+    if sliding_window is not None:  # a DynamicSlidingWindowLayer's window: SDPA with the sliding mask
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )[0], None
     tag = getattr(key, _LAYER_TAG, None)
     layer: SlimKVLayer | None = tag() if tag is not None else None
     if layer is not None and layer.layer_idx != getattr(module, "layer_idx", layer.layer_idx):

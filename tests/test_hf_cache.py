@@ -158,15 +158,38 @@ def test_misuse_raises_clear_errors():
     with pytest.raises(ValueError, match="different model"):
         other.set_attn_implementation(ATTN_IMPLEMENTATION)
         other(ids, past_key_values=SlimKVCache(model.config, SLIM))
-    with pytest.raises(ValueError, match="only full-attention layers"):
-        SlimKVCache(
-            AutoConfig.for_model(
-                "qwen2", use_sliding_window=True, sliding_window=32, max_window_layers=0, **SMALL
-            ),
-            SLIM,
-        )
+    with pytest.raises(ValueError, match="full and sliding-window attention layers are supported"):
+        SlimKVCache(AutoConfig.for_model("llama", layer_types=["chunked_attention"] * 2, **SMALL), SLIM)
     with pytest.raises(TypeError, match="OmniSparseConfig"):
         SlimKVCache(model.config, SLIM.to_dict())
+
+
+def _gemma3(sliding_window: int = 24):
+    """Gemma 3 (text): layer 0 sliding-window, layer 1 global, as the real model interleaves them."""
+    overrides = {**SMALL, "head_dim": 16, "sliding_window": sliding_window}
+    config = AutoConfig.for_model("gemma3_text", layer_types=["sliding_attention", "full_attention"], **overrides)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("config", [KEEP_ALL, ALL_LOCAL], ids=["keep-all", "all-local"])
+def test_sliding_window_layers_keep_their_window(config):
+    """Gemma 3: the sliding layer is transformers' window cache (window - 1 tokens, never slimmed), the
+    global layer is slimmed; keeping everything decodes exactly as the dense cache does."""
+    model = _gemma3()
+    ids = torch.randint(0, SMALL["vocab_size"], (1, PROMPT))
+    ref_tokens, ref_scores = _greedy(model, ids, DynamicCache(config=model.config), "eager")
+    cache = SlimKVCache(model.config, config)
+    tokens, scores = _greedy(model, ids, cache, ATTN_IMPLEMENTATION)
+    sliding, full = cache.kept_lengths()
+    assert sliding.tolist() == [[23] * 2] and cache.slimming()[0] is None and cache.slimming()[1] is not None
+    if config is KEEP_ALL:
+        assert torch.equal(tokens, ref_tokens)
+        assert torch.allclose(scores, ref_scores, atol=1e-4, rtol=1e-4)
+        assert full.tolist() == [[PROMPT + NEW - 1] * 2]
+    else:
+        dense_bytes = 2 * 2 * 2 * (PROMPT + NEW - 1) * 16 * 4  # layers x (K, V) x Hkv x tokens x D x fp32
+        assert (full < PROMPT).all() and cache.stored_bytes() < dense_bytes
 
 
 def test_older_transformers_layer_api():
