@@ -3,7 +3,8 @@
 `run_passes` copies the graph, runs `PASSES` in order on the copy (each a plain function over a
 GraphModule that reports whether it changed it), cleans up after each pass that changed something,
 and returns the rewritten copy with one `SiteRecord` per attention site found. The input graph is
-never modified, so a caller can always fall back to it. `plugin_attention.py` is a Torch-TensorRT-only
+never modified, so a caller can always fall back to it. The last pass, `softmax_last_dim`, is not an
+attention rewrite: it keeps Inductor's fused-attention patterns off softmaxes over other dimensions. `plugin_attention.py` is a Torch-TensorRT-only
 rewrite (the op into plugin-shaped ops), deliberately not in `PASSES`.
 """
 
@@ -21,10 +22,11 @@ from .cleanup import clean_up_graph
 from .replace_eager_attention import replace_eager_attention
 from .replace_sdpa import replace_sdpa
 from .site_record import MaskKind, PassContext, SiteRecord, SiteStatus
+from .softmax_last_dim import softmax_last_dim
 
 Pass = Callable[[GraphModule, PassContext], bool]
 
-PASSES: tuple[Pass, ...] = (replace_sdpa, replace_eager_attention)
+PASSES: tuple[Pass, ...] = (replace_sdpa, replace_eager_attention, softmax_last_dim)
 
 
 @dataclass(frozen=True)
@@ -88,4 +90,5 @@ __all__ = [
     "replace_eager_attention",
     "replace_sdpa",
     "run_passes",
+    "softmax_last_dim",
 ]
