@@ -60,6 +60,13 @@ def compile_graph(
     for site in report.sites:
         if site.status != "replaced":
             logger.info("omnisparse: attention site %s left untouched: %s", site.site, site.reason)
+    untouched = sum(site.status != "replaced" for site in report.sites)
+    if untouched:
+        logger.warning(
+            "omnisparse: %d of %d attention sites rewritten in graph %s; see omnicompile.explain for why "
+            "the others were left untouched", len(report.sites) - untouched, len(report.sites),
+            report.sites[0].site.split(".")[0],
+        )
     return _lower(report.graph_module, example_inputs, cfg, mode)
 
 

@@ -139,3 +139,19 @@ def test_short_sequence_runs_dense_with_reason():
     with torch.no_grad():
         report = omnicompile.explain(model, ids)
     assert all(s.decision == "dense" and "min_seq_len" in s.reason for s in report.sites)
+
+
+def test_untouched_sites_are_summarised_in_one_warning(caplog):
+    """One warning per compiled graph says how many attention sites were rewritten."""
+
+    def fn(q, k, v):
+        kept = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        dropped = F.scaled_dot_product_attention(q, k, v, dropout_p=0.1)  # dropout: left untouched
+        return kept, dropped
+
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    torch._dynamo.reset()
+    with caplog.at_level("WARNING", logger="omnicompile"):
+        torch.compile(fn, backend=omnicompile.backend(DENSE))(q, k, v)
+    summaries = [r.getMessage() for r in caplog.records if "attention sites rewritten" in r.getMessage()]
+    assert len(summaries) == 1 and summaries[0].startswith("omnisparse: 1 of 2 attention sites rewritten")
