@@ -13,8 +13,12 @@ Two workloads, each at several prompt lengths S:
   ``--steps`` greedy decode steps teacher-forced on the dense run's tokens, with DynamicCache + SDPA and
   with SlimKVCache + ``attn_implementation="omnisparse_decode"``. Reported: cache bytes, allocator bytes
   after the prefill, the decode peak, the median step latency, top-1 agreement and logits error.
+- ``pretrained``: the same on real weights (``--pretrained``, `omnicompile.models.load_pretrained`) and
+  real text (`omnicompile.evaluate.document_ids`), plus a passkey grid (``--depths`` needles,
+  `omnicompile.evaluate.passkey_prompt`) decoded from each cache: found (greedy decoding reproduces the
+  key, checked teacher-forced) and the key's log-probability, dense cache vs slim cache.
 
-Writes ``structured.csv`` and ``model.csv`` to ``--out`` and prints a table last. kvpress is not installed
+Writes ``structured.csv``, ``model.csv`` and ``pretrained.csv`` to ``--out`` and prints a table last. kvpress is not installed
 on the GPU image; the script says whether it found it and never fakes a comparison.
 """
 
@@ -179,13 +183,19 @@ def _decode_run(model, ids: torch.Tensor, cache, attn: str, steps: int, forced: 
     }
 
 
-def bench_model(model, seq_len: int, steps: int, config: OmniSparseConfig) -> dict:
-    """A random-weight Llama: DynamicCache + SDPA against SlimKVCache + omnisparse_decode."""
+def _cache_bytes(cache: DynamicCache) -> int:
+    return storage_bytes(*[t for layer in cache.layers for t in (layer.keys, layer.values)])
+
+
+def bench_model(model, seq_len: int, steps: int, config: OmniSparseConfig, ids: torch.Tensor | None = None) -> dict:
+    """DynamicCache + SDPA against SlimKVCache + omnisparse_decode on prompt ``ids`` [1, S] (random
+    tokens when None)."""
     device = next(model.parameters()).device
-    ids = torch.randint(0, model.config.vocab_size, (1, seq_len), device=device)
-    dense_cache = DynamicCache()
+    if ids is None:
+        ids = torch.randint(0, model.config.vocab_size, (1, seq_len), device=device)
+    dense_cache = DynamicCache(config=model.config)
     dense = _decode_run(model, ids, dense_cache, "sdpa", steps, forced=None)
-    dense_bytes = storage_bytes(*[t for layer in dense_cache.layers for t in (layer.keys, layer.values)])
+    dense_bytes = _cache_bytes(dense_cache)
     del dense_cache
     slim_cache = SlimKVCache(model.config, config)
     slimmed = _decode_run(model, ids, slim_cache, ATTN_IMPLEMENTATION, steps, forced=dense["tokens"])
@@ -215,16 +225,61 @@ def bench_model(model, seq_len: int, steps: int, config: OmniSparseConfig) -> di
     }
 
 
+def passkey_decode(model, ids: torch.Tensor, answer: torch.Tensor, cache, attn: str) -> dict:
+    """Prefill ids [1, S] minus the answer's A tokens into ``cache``, then decode the answer teacher-forced:
+    ``found`` (every greedy token is the answer's) and ``logprob`` (of the answer)."""
+    model.set_attn_implementation(attn)
+    logprob, found = 0.0, True
+    with torch.no_grad():
+        logits = model(ids[:, : -answer.shape[0]], past_key_values=cache, logits_to_keep=1).logits[0, -1]
+        for i, token in enumerate(answer.tolist()):
+            log_probs = logits.float().log_softmax(-1)
+            logprob += log_probs[token].item()
+            found &= int(log_probs.argmax()) == token
+            if i + 1 < answer.shape[0]:
+                logits = model(answer[None, i : i + 1], past_key_values=cache, logits_to_keep=1).logits[0, -1]
+    return {"found": found, "logprob": logprob}
+
+
+def bench_pretrained(name: str, seq_len: int, steps: int, depths: int, config: OmniSparseConfig) -> list[dict]:
+    """Slim vs dense cache on pretrained ``name`` at ``seq_len``: one `bench_model` row, one row per passkey."""
+    from bench_models import load_for_length
+
+    from omnicompile.evaluate import document_ids, passkey_depths, passkey_prompt
+
+    model, tokenizer = load_for_length(name, seq_len + steps + 1, device="cuda" if torch.cuda.is_available() else "cpu")
+    device = next(model.parameters()).device
+    row = bench_model(model, seq_len, steps, config, ids=document_ids(tokenizer, seq_len).to(device))
+    rows = [{**row, "workload": "pretrained", "model": name}]
+    keys = torch.randint(10000, 100000, (depths,), generator=torch.Generator().manual_seed(0))
+    for depth, key in zip(passkey_depths(depths), keys.tolist()):
+        ids, answer = (t.to(device) for t in passkey_prompt(tokenizer, seq_len, depth, key))
+        dense_cache, slim_cache = DynamicCache(config=model.config), SlimKVCache(model.config, config)
+        dense = passkey_decode(model, ids, answer, dense_cache, "sdpa")
+        slimmed = passkey_decode(model, ids, answer, slim_cache, ATTN_IMPLEMENTATION)
+        rows.append({
+            "workload": "passkey", "model": name, "seq_len": seq_len, "depth": depth,
+            "dense_found": dense["found"], "slim_found": slimmed["found"],
+            "dense_logprob": dense["logprob"], "slim_logprob": slimmed["logprob"],
+            "memory_ratio": _cache_bytes(dense_cache) / slim_cache.stored_bytes(),
+        })
+    del model
+    return rows
+
+
 def _write_csv(rows: list[dict], path: Path) -> None:
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
         writer.writeheader()
         writer.writerows(rows)
 
 
 def _print_table(rows: list[dict]) -> None:
     columns = ["workload", "seq_len", "memory_ratio", "dense_step_ms", "slim_step_ms", "speedup"]
-    extra = ["dense_graph_ms", "slim_graph_ms", "graph_speedup", "recall_mean", "recall_min", "out_rel_err", "top1_agreement", "logits_rel_err"]
+    extra = [
+        "model", "dense_graph_ms", "slim_graph_ms", "graph_speedup", "recall_mean", "recall_min", "out_rel_err",
+        "top1_agreement", "logits_rel_err", "depth", "dense_found", "slim_found", "dense_logprob", "slim_logprob",
+    ]
     columns += [c for c in extra if any(c in row for row in rows)]
     cells = [
         [f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "-")) for c in columns]
@@ -242,8 +297,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32, help="decode steps (>= 4)")
     parser.add_argument("--layers", type=int, default=8, help="layers of the Llama-3-8B-shaped model")
     parser.add_argument(
-        "--workloads", nargs="+", choices=["structured", "model"], default=["structured", "model"]
+        "--workloads", nargs="+", choices=["structured", "model", "pretrained"], default=["structured", "model"]
     )
+    parser.add_argument("--pretrained", nargs="+", default=["smollm2-135m", "gemma3-270m"])
+    parser.add_argument("--depths", type=int, default=10, help="passkeys per length (pretrained workload)")
     parser.add_argument("--tau-decode", type=float, default=OmniSparseConfig.tau_decode)
     parser.add_argument("--head-mass-eps", type=float, default=OmniSparseConfig.head_mass_eps)
     parser.add_argument("--device", default="cuda")
@@ -288,6 +345,13 @@ def main() -> None:
         models = [bench_model(model, s, args.steps, config) for s in args.seq_lens]
         _write_csv(models, args.out / "model.csv")
         rows += models
+    if "pretrained" in args.workloads:
+        pretrained = [
+            row for name in args.pretrained for s in args.seq_lens
+            for row in bench_pretrained(name, s, args.steps, args.depths, config)
+        ]
+        _write_csv(pretrained, args.out / "pretrained.csv")
+        rows += pretrained
     print(f"CSV written to {args.out}/")
     _print_table(rows)
 

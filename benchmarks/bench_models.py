@@ -1,0 +1,148 @@
+"""End-to-end prefill on pretrained models (GPU; not a test): eager SDPA, plain Inductor, and the
+omnisparse backend in dense and sparse mode, at equal inputs.
+
+For each model (`omnicompile.models.load_pretrained`: ``smollm2-135m``, ``gemma3-270m``) and each
+length S, one prompt of natural-language text (`omnicompile.evaluate.document_ids`), B = 1, bf16,
+``use_cache=False``, the logits of the last ``--quality-tokens`` positions only:
+- time of the whole forward (median, CUDA events) and compile time of each compiled variant;
+- against eager SDPA on the same positions: top-1 agreement and the perplexity ratio;
+- for omnisparse variants, how many attention calls ran sparse vs dense (`omnicompile.recording`).
+
+SmolLM2 holds 8192 positions: past that, RoPE is scaled (``--rope-scaling``, default YaRN x4).
+Run from ``benchmarks/`` (it imports ``bench_prefill``); prints a table last and writes
+``models.json`` / ``models.csv`` to ``--out``. Stops starting new cases after ``--time-budget-s``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from bench_prefill import _write_csv, print_rows, time_ms
+
+from omnicompile.backend import backend
+from omnicompile.config import OmniSparseConfig
+from omnicompile.evaluate import document_ids
+from omnicompile.models import load_pretrained
+from omnicompile.recording import recording
+
+VARIANTS = ("eager", "inductor", "dense", "sparse")
+NATIVE_POSITIONS = {"smollm2-135m": 8192, "gemma3-270m": 32768}
+
+
+def _fmt(key: str, spec: str = ".3g"):
+    return lambda row: format(row[key], spec) if key in row else "-"
+
+
+COLUMNS = {
+    "model": _fmt("model", "s"), "S": _fmt("seq_len", "d"), "variant": _fmt("variant", "s"),
+    "ms": _fmt("ms", ".1f"), "x eager": _fmt("speedup_vs_eager", ".2f"), "top-1": _fmt("top1", ".3f"),
+    "ppl ratio": _fmt("ppl_ratio", ".4f"), "sparse/dense calls": lambda r: f"{r['sparse_calls']}/{r['dense_calls']}",
+    "first call s": _fmt("first_call_s", ".1f"),
+}
+
+
+def load_for_length(name: str, seq_len: int, rope: str = "yarn", device: str = "cuda"):
+    """(model, tokenizer), bf16 on CUDA (fp32 on the CPU), RoPE scaled by a power of two when
+    ``seq_len`` passes the model's native length."""
+    native = NATIVE_POSITIONS[name]
+    kwargs = {}
+    if seq_len > native:
+        factor = float(2 ** math.ceil(math.log2(seq_len / native)))
+        scaling = {"rope_type": rope, "factor": factor}
+        if rope == "yarn":
+            scaling["original_max_position_embeddings"] = native
+        kwargs = dict(max_position_embeddings=int(native * factor), rope_scaling=scaling)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return load_pretrained(name, dtype=dtype, device=device, attn_implementation="sdpa", **kwargs)
+
+
+def _runner(model, variant: str, sparse: OmniSparseConfig):
+    if variant == "eager":
+        return model
+    if variant == "inductor":
+        return torch.compile(model, dynamic=False)
+    config = OmniSparseConfig(mode="dense") if variant == "dense" else sparse
+    return torch.compile(model, backend=backend(config), dynamic=False)
+
+
+def _quality(logits: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Top-1 agreement with ``reference`` and perplexity ratio on ``labels`` (logits [T, V])."""
+    def nll(x: torch.Tensor) -> float:
+        return torch.nn.functional.cross_entropy(x.float(), labels).item()
+
+    return {
+        "top1": (logits.argmax(-1) == reference.argmax(-1)).float().mean().item(),
+        "ppl_ratio": math.exp(nll(logits) - nll(reference)),
+    }
+
+
+def run_model(name: str, args: argparse.Namespace, sparse: OmniSparseConfig, deadline: float) -> list[dict]:
+    rows: list[dict] = []
+    for seq_len in args.seq_lens:
+        if time.monotonic() > deadline:
+            print(f"time budget spent: skipping {name} at {seq_len}")
+            break
+        model, tokenizer = load_for_length(name, seq_len, args.rope_scaling)
+        ids = document_ids(tokenizer, seq_len + 1).to("cuda")
+        inputs, labels = ids[:, :-1], ids[0, -args.quality_tokens:]
+        reference = None
+        for variant in args.variants:
+            torch._dynamo.reset()
+            runner = _runner(model, variant, sparse)
+
+            def forward(runner=runner):
+                with torch.no_grad():
+                    return runner(inputs, use_cache=False, logits_to_keep=args.quality_tokens).logits[0]
+
+            start = time.perf_counter()
+            with recording(measure=False) as recorder:
+                logits = forward()
+            torch.cuda.synchronize()
+            first_s = time.perf_counter() - start
+            reference = logits if variant == "eager" else reference
+            calls = Counter(run.decision for run in recorder.runs)
+            row = {
+                "model": name, "seq_len": seq_len, "variant": variant, "ms": time_ms(forward),
+                "first_call_s": first_s, "sparse_calls": calls["sparse"], "dense_calls": calls["dense"],
+                **(_quality(logits, reference, labels) if reference is not None else {}),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        eager = next((r["ms"] for r in rows if r["seq_len"] == seq_len and r["variant"] == "eager"), None)
+        for row in rows:
+            if eager and row["seq_len"] == seq_len and row["model"] == name:
+                row["speedup_vs_eager"] = eager / row["ms"]
+        del model
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(NATIVE_POSITIONS))
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 16384, 32768])
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--config", default="{}", help="OmniSparseConfig fields of the sparse variant (JSON)")
+    parser.add_argument("--rope-scaling", default="yarn", choices=["yarn", "dynamic", "linear"])
+    parser.add_argument("--quality-tokens", type=int, default=256, help="last positions whose logits are kept")
+    parser.add_argument("--time-budget-s", type=float, default=480.0)
+    parser.add_argument("--out", type=Path, default=Path("out/bench_models"))
+    args = parser.parse_args()
+    sparse = OmniSparseConfig().replace(**json.loads(args.config))
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; sparse config: {sparse.to_json()}")
+    deadline = time.monotonic() + args.time_budget_s
+    rows = [row for name in args.models for row in run_model(name, args, sparse, deadline)]
+    (args.out / "models.json").write_text(json.dumps(rows, indent=1))
+    _write_csv(args.out / "models.csv", rows)
+    print_rows("end-to-end prefill (ms; quality against eager SDPA)", COLUMNS, rows)
+
+
+if __name__ == "__main__":
+    main()
