@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -122,7 +123,9 @@ class OmniSparseConfig:
     def _check_range(self, name: str, value: Any, low: float, high: float, low_open: bool = False) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"OmniSparseConfig.{name}: {value!r} is not a number")
-        if value > high or value < low or (low_open and value == low):
+        if not math.isfinite(value):
+            raise ValueError(f"OmniSparseConfig.{name}: {value!r} is not a finite number")
+        if not low <= value <= high or (low_open and value == low):
             bracket = "(" if low_open else "["
             raise ValueError(f"OmniSparseConfig.{name}: {value!r} is outside {bracket}{low}, {high}]")
 

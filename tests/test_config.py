@@ -1,6 +1,11 @@
 """OmniSparseConfig: defaults of METHOD.md, validation naming the field, serialisation."""
 
+import dataclasses
+import math
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from omnicompile import OmniSparseConfig
 
@@ -52,3 +57,27 @@ def test_round_trip():
     assert OmniSparseConfig.from_json(cfg.to_json()) == cfg
     assert OmniSparseConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.replace(tau=0.8).tau == 0.8 and cfg.replace(tau=0.8).block_size == 32
+
+
+_FLOAT_FIELDS = [f.name for f in dataclasses.fields(OmniSparseConfig) if "float" in str(f.type)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    name=st.sampled_from(_FLOAT_FIELDS),
+    value=st.sampled_from([math.nan, math.inf, -math.inf]) | st.floats(allow_nan=True, allow_infinity=True),
+)
+def test_float_fields_reject_nan_and_inf(name, value):
+    """NaN passes a plain range check (every comparison is False): each float field rejects it and inf."""
+    if math.isfinite(value):
+        try:
+            OmniSparseConfig(**{name: value})
+        except ValueError as error:
+            assert name in str(error)
+        return
+    with pytest.raises(ValueError, match=f"OmniSparseConfig.{name}: .* not a finite number"):
+        OmniSparseConfig(**{name: value})
+
+
+def test_float_fields_are_the_method_thresholds():
+    assert set(_FLOAT_FIELDS) == {"tau", "lazy_threshold", "head_mass_eps", "tau_decode", "dense_fallback_density"}
