@@ -25,7 +25,8 @@ def replace_sdpa(gm: GraphModule, ctx: PassContext) -> bool:
         bound = SDPA.bind(node)
         if bound is None:
             reason = f"arguments do not fit SDPA's signature: {node.args}, {node.kwargs}"
-            ctx.sites.append(SiteRecord(node.name, "sdpa", ((), (), ()), "none", False, "untouched", reason))
+            site = ctx.site_prefix + node.name
+            ctx.sites.append(SiteRecord(site, "sdpa", ((), (), ()), "none", False, "untouched", reason))
             continue
         changed |= rewrite_site(gm, ctx, node, "sdpa", AttentionCall(**bound))
     return changed

@@ -379,3 +379,14 @@ def test_site_names_are_unique_and_stable() -> None:
     assert len(set(names)) == 3 and names == [site.site for site in second.report.sites]
     assert [site.pattern for site in first.report.sites] == ["sdpa", "sdpa", "eager"]
     check_numerics(first.output, two_layers(*args))
+
+
+def test_unbindable_sdpa_site_carries_the_prefix():
+    """An SDPA call whose arguments do not fit the signature is recorded untouched, named like every
+    other site (prefix + node name)."""
+    graph = torch.fx.Graph()
+    q, k, v = (graph.placeholder(name) for name in "qkv")
+    graph.output(graph.call_function(SDPA, (q, k, v), {"not_an_argument": 1}))
+    report = run_passes(GraphModule(torch.nn.Module(), graph), DENSE, site_prefix="g7.")
+    (site,) = report.sites
+    assert site.status == "untouched" and site.site.startswith("g7.") and "do not fit" in site.reason
