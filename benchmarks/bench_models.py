@@ -88,8 +88,8 @@ def run_model(name: str, args: argparse.Namespace, sparse: OmniSparseConfig, dea
         if time.monotonic() > deadline:
             print(f"time budget spent: skipping {name} at {seq_len}")
             break
-        model, tokenizer = load_for_length(name, seq_len, args.rope_scaling)
-        ids = document_ids(tokenizer, seq_len + 1).to("cuda")
+        model, tokenizer = load_for_length(name, seq_len, args.rope_scaling, args.device)
+        ids = document_ids(tokenizer, seq_len + 1).to(args.device)
         inputs, labels = ids[:, :-1], ids[0, -args.quality_tokens:]
         reference = None
         for variant in args.variants:
@@ -103,7 +103,8 @@ def run_model(name: str, args: argparse.Namespace, sparse: OmniSparseConfig, dea
             start = time.perf_counter()
             with recording(measure=False) as recorder:
                 logits = forward()
-            torch.cuda.synchronize()
+            if args.device == "cuda":
+                torch.cuda.synchronize()
             first_s = time.perf_counter() - start
             reference = logits if variant == "eager" else reference
             calls = Counter(run.decision for run in recorder.runs)
@@ -119,7 +120,8 @@ def run_model(name: str, args: argparse.Namespace, sparse: OmniSparseConfig, dea
             if eager and row["seq_len"] == seq_len and row["model"] == name:
                 row["speedup_vs_eager"] = eager / row["ms"]
         del model
-        torch.cuda.empty_cache()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -132,11 +134,13 @@ def main() -> None:
     parser.add_argument("--rope-scaling", default="yarn", choices=["yarn", "dynamic", "linear"])
     parser.add_argument("--quality-tokens", type=int, default=256, help="last positions whose logits are kept")
     parser.add_argument("--time-budget-s", type=float, default=480.0)
+    parser.add_argument("--device", default="cuda", help="cuda (bf16) or cpu (fp32, a smoke test)")
     parser.add_argument("--out", type=Path, default=Path("out/bench_models"))
     args = parser.parse_args()
     sparse = OmniSparseConfig().replace(**json.loads(args.config))
     args.out.mkdir(parents=True, exist_ok=True)
-    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; sparse config: {sparse.to_json()}")
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"device: {device}; torch {torch.__version__}; sparse config: {sparse.to_json()}")
     deadline = time.monotonic() + args.time_budget_s
     rows = [row for name in args.models for row in run_model(name, args, sparse, deadline)]
     (args.out / "models.json").write_text(json.dumps(rows, indent=1))
