@@ -65,6 +65,35 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .evaluate import EvalSettings, evaluate, markdown_table, plot_layers
+    from .models import load_pretrained
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    base = {"min_seq_len": 1024, **(json.loads(args.config) if args.config else {})}
+    settings = EvalSettings(
+        lengths=tuple(args.lengths), scopes=tuple(args.scopes), taus=tuple(args.taus), depths=args.depths,
+        base_config=base, logit_chunk=args.logit_chunk,
+    )
+    settings.configs()  # validate the configs before loading the model
+    model, tokenizer = load_pretrained(
+        args.model, dtype=getattr(torch, args.dtype), device=device,
+        max_position_embeddings=args.max_position_embeddings,
+        rope_scaling=json.loads(args.rope_scaling) if args.rope_scaling else None,
+    )
+    results = evaluate(model, tokenizer, settings)
+    results["model"] = args.model
+    results["command"] = "omnicompile " + " ".join(sys.argv[1:])
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print(markdown_table(results))
+    print(f"wrote {args.out}")
+    if args.plot:
+        print(f"wrote {plot_layers(results, args.plot)}")
+    return 0
+
+
 def _cmd_train_demo(args: argparse.Namespace) -> int:
     from .train_demo import run
 
@@ -105,6 +134,22 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--config", default=None, help="OmniSparseConfig fields as JSON")
     export.add_argument("--device", default=None)
     export.set_defaults(func=_cmd_export)
+
+    ev = sub.add_parser("eval", help="accuracy of a pretrained model, dense vs sparse (perplexity, passkeys, recall)")
+    ev.add_argument("--model", default="smollm2-135m", help="a pretrained name of omnicompile.models")
+    ev.add_argument("--lengths", type=int, nargs="+", default=[4096])
+    ev.add_argument("--scopes", nargs="+", default=["heads"], choices=["heads", "kv_group", "head"])
+    ev.add_argument("--taus", type=float, nargs="+", default=[0.95])
+    ev.add_argument("--depths", type=int, default=10, help="passkey depths per length (0: none)")
+    ev.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ev.add_argument("--rope-scaling", default=None, help='e.g. \'{"rope_type": "yarn", "factor": 4.0}\'')
+    ev.add_argument("--max-position-embeddings", type=int, default=None)
+    ev.add_argument("--config", default=None, help='base OmniSparseConfig fields (JSON; min_seq_len defaults to 1024)')
+    ev.add_argument("--logit-chunk", type=int, default=1024, help="positions whose logits are held at once")
+    ev.add_argument("--out", default="accuracy.json", help="results JSON path")
+    ev.add_argument("--plot", default=None, metavar="FILE.png", help="density and recall per layer")
+    ev.set_defaults(func=_cmd_eval)
 
     from .train_demo import add_arguments
 
