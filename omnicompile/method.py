@@ -10,6 +10,10 @@ pure-PyTorch references, which take every input the op accepts.
 On CUDA a selection denser than ``config.dense_fallback_density`` runs dense attention instead
 (`density_fallback_reason`): at that density the sparse kernel cannot beat a dense one. Deciding
 costs one host synchronisation per call (a scalar read of the selection's size).
+
+``window`` (TEAM.md "Sliding windows": only with ``is_causal=True`` and no mask) goes to every
+estimator, mask, reference and kernel call as ``window=``; it is passed only when set
+(`_window_kwargs`), so kernels that predate the window parameter still take windowless calls.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from .kernels.sparse_attention import triton_bwd, triton_fwd
 from .kernels.sparse_attention.reference import sparse_attention_reference
 from .metrics import relative_error
 from .metrics import selection_stats as measure_selection
-from .ops import dense_attention
+from .ops import dense_attention, with_window
 
 
 def kernel_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> str:
@@ -40,6 +44,11 @@ def kernel_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return f"Triton prefill kernel: {reason}" if reason else ""
 
 
+def _window_kwargs(window: int | None) -> dict[str, int]:
+    """``{"window": window}`` for a window call, ``{}`` otherwise."""
+    return {} if window is None else {"window": window}
+
+
 def _estimate(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -47,11 +56,12 @@ def _estimate(
     is_causal: bool,
     scale: float,
     config: OmniSparseConfig,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Ahat float32 [B, H, nq, nk] (the one estimator call)."""
     if q.device.type == "cuda" and triton_composite.supported(q, k, attn_mask, config) is None:
-        return triton_composite.estimate_blocks(q, k, attn_mask, is_causal, scale, config)
-    return estimate_blocks(q, k, attn_mask, is_causal, scale, config)
+        return triton_composite.estimate_blocks(q, k, attn_mask, is_causal, scale, config, **_window_kwargs(window))
+    return estimate_blocks(q, k, attn_mask, is_causal, scale, config, **_window_kwargs(window))
 
 
 def _attend(
@@ -63,11 +73,14 @@ def _attend(
     is_causal: bool,
     scale: float,
     config: OmniSparseConfig,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, H, Sq, Dv] in q.dtype, lse float32 [B, H, Sq]) over the selection (the one attention call)."""
     if q.device.type == "cuda":
-        return triton_fwd.sparse_attention_fwd(q, k, v, selection, attn_mask, is_causal, scale)
-    return sparse_attention_reference(q, k, v, selection, attn_mask, is_causal, scale, config.query_chunk)
+        return triton_fwd.sparse_attention_fwd(q, k, v, selection, attn_mask, is_causal, scale, **_window_kwargs(window))
+    return sparse_attention_reference(
+        q, k, v, selection, attn_mask, is_causal, scale, config.query_chunk, **_window_kwargs(window)
+    )
 
 
 def select_on_device(
@@ -89,7 +102,11 @@ def select_on_device(
 
 
 def density_fallback_reason(
-    selection: BlockSelection, attn_mask: torch.Tensor | None, is_causal: bool, config: OmniSparseConfig
+    selection: BlockSelection,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    config: OmniSparseConfig,
+    window: int | None = None,
 ) -> str:
     """On CUDA, why this selection runs dense attention ("" = sparse): denser than the config allows."""
     if selection.kv_indices.device.type != "cuda" or config.dense_fallback_density >= 1.0:
@@ -97,7 +114,7 @@ def density_fallback_reason(
     batch, heads = selection.kv_num_blocks.shape[:2]
     allowed = allowed_blocks(
         attn_mask, is_causal, batch, heads, selection.q_len, selection.kv_len, selection.block_size,
-        selection.kv_indices.device,
+        selection.kv_indices.device, **_window_kwargs(window),
     )
     allowed_count = allowed.expand(batch, heads, -1, -1).sum()
     density = (selection.kv_num_blocks.sum() / allowed_count).item()
@@ -113,19 +130,21 @@ def plan(
     is_causal: bool,
     scale: float | None,
     config: OmniSparseConfig,
+    window: int | None = None,
 ) -> BlockSelection:
     """The block selection of METHOD.md sections 1-3 (no gradient flows through it).
 
     q: [B, H, Sq, D]; k: [B, Hkv, Skv, D]; attn_mask: None, bool or additive, broadcastable to
-    [B, H, Sq, Skv]; scale ``None`` = 1 / sqrt(D). Deterministic: recomputing it gives the same selection.
+    [B, H, Sq, Skv]; scale ``None`` = 1 / sqrt(D); window: see the module docstring.
+    Deterministic: recomputing it gives the same selection.
     """
     batch, heads, kv_heads, q_len, kv_len = check_qkv(q, k)
     validate_mask(attn_mask, is_causal, batch, heads, q_len, kv_len)
     scale = resolve_scale(scale, q.shape[-1])
     with torch.no_grad():
-        ahat = _estimate(q, k, attn_mask, is_causal, scale, config)
+        ahat = _estimate(q, k, attn_mask, is_causal, scale, config, window)
         allowed = allowed_blocks(
-            attn_mask, is_causal, batch, heads, q_len, kv_len, config.block_size, q.device
+            attn_mask, is_causal, batch, heads, q_len, kv_len, config.block_size, q.device, **_window_kwargs(window)
         )
         return select_on_device(ahat, allowed, config, kv_heads, is_causal=is_causal, q_len=q_len, kv_len=kv_len)
 
@@ -147,8 +166,8 @@ class SparseResult:
     dense_reason: str
 
 
-def _dense(q, k, v, attn_mask, is_causal, scale) -> torch.Tensor:
-    return dense_attention(q, k, v, attn_mask, is_causal, scale, q.shape[1] != k.shape[1])
+def _dense(q, k, v, attn_mask, is_causal, scale, window: int | None = None) -> torch.Tensor:
+    return dense_attention(q, k, v, attn_mask, is_causal, scale, q.shape[1] != k.shape[1], window)
 
 
 def omnisparse_attention(
@@ -159,6 +178,7 @@ def omnisparse_attention(
     is_causal: bool,
     scale: float | None,
     config: OmniSparseConfig,
+    window: int | None = None,
 ) -> SparseResult:
     """OmniSparse attention with SDPA semantics (shapes as `plan`; v: [B, Hkv, Skv, Dv]).
 
@@ -166,12 +186,12 @@ def omnisparse_attention(
     (METHOD.md section 5); the op's registered backward is `omnisparse_attention_backward`.
     """
     check_qkv(q, k, v)
-    selection = plan(q, k, attn_mask, is_causal, scale, config)
-    reason = density_fallback_reason(selection, attn_mask, is_causal, config)
+    selection = plan(q, k, attn_mask, is_causal, scale, config, window)
+    reason = density_fallback_reason(selection, attn_mask, is_causal, config, window)
     if reason:
-        out = _dense(q, k, v, attn_mask, is_causal, scale)
+        out = _dense(q, k, v, attn_mask, is_causal, scale, window)
         return SparseResult(out, q.new_zeros(q.shape[:3], dtype=torch.float32), selection, reason)
-    out, lse = _attend(q, k, v, selection, attn_mask, is_causal, resolve_scale(scale, q.shape[-1]), config)
+    out, lse = _attend(q, k, v, selection, attn_mask, is_causal, resolve_scale(scale, q.shape[-1]), config, window)
     return SparseResult(out, lse, selection, "")
 
 
@@ -186,6 +206,7 @@ def omnisparse_attention_backward(
     is_causal: bool,
     scale: float | None,
     config: OmniSparseConfig,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of `omnisparse_attention` for the cotangent grad_out [B, H, Sq, Dv].
 
@@ -193,16 +214,20 @@ def omnisparse_attention_backward(
     the attention that ran: the Triton backward on CUDA (it reuses ``out`` and ``lse``), else the
     reference through ``torch.func.vjp`` (usable inside a custom op, below the autograd keys).
     """
-    selection = plan(q, k, attn_mask, is_causal, scale, config)
-    if density_fallback_reason(selection, attn_mask, is_causal, config):
-        _, vjp_fn = torch.func.vjp(lambda q_, k_, v_: _dense(q_, k_, v_, attn_mask, is_causal, scale), q, k, v)
+    selection = plan(q, k, attn_mask, is_causal, scale, config, window)
+    if density_fallback_reason(selection, attn_mask, is_causal, config, window):
+        _, vjp_fn = torch.func.vjp(lambda q_, k_, v_: _dense(q_, k_, v_, attn_mask, is_causal, scale, window), q, k, v)
         return vjp_fn(grad_out)
     scale = resolve_scale(scale, q.shape[-1])
     if q.device.type == "cuda" and triton_bwd.supported(q, k, v, attn_mask) is None:
-        return triton_bwd.sparse_attention_bwd(grad_out, q, k, v, out, lse, selection, attn_mask, is_causal, scale)
+        return triton_bwd.sparse_attention_bwd(
+            grad_out, q, k, v, out, lse, selection, attn_mask, is_causal, scale, **_window_kwargs(window)
+        )
 
     def attention_out(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor) -> torch.Tensor:
-        return sparse_attention_reference(q_, k_, v_, selection, attn_mask, is_causal, scale, config.query_chunk)[0]
+        return sparse_attention_reference(
+            q_, k_, v_, selection, attn_mask, is_causal, scale, config.query_chunk, **_window_kwargs(window)
+        )[0]
 
     _, vjp_fn = torch.func.vjp(attention_out, q, k, v)
     return vjp_fn(grad_out)
@@ -218,10 +243,13 @@ def selection_stats(
     config: OmniSparseConfig,
     selection: BlockSelection,
     out: torch.Tensor,
+    window: int | None = None,
 ) -> dict[str, float]:
     """`metrics.SelectionStats` of the selection plus ``rel_error`` of ``out`` against dense SDPA.
 
     Costs an exact pass (chunked by ``config.query_chunk``) and a dense attention: for explain/benchmarks.
+    A window is measured as its materialised mask.
     """
-    stats = measure_selection(q, k, attn_mask, is_causal, scale, selection, config.query_chunk).as_dict()
-    return {**stats, "rel_error": relative_error(out, _dense(q, k, v, attn_mask, is_causal, scale))}
+    mask, causal = with_window(q, k, attn_mask, is_causal, window)
+    stats = measure_selection(q, k, mask, causal, scale, selection, config.query_chunk).as_dict()
+    return {**stats, "rel_error": relative_error(out, _dense(q, k, v, attn_mask, is_causal, scale, window))}

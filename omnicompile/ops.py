@@ -1,21 +1,25 @@
 """The custom op ``torch.ops.omnisparse.attention`` that the passes put in place of attention.
 
-Schema (SDPA's arguments, plus the config and the site name)::
+Schema (SDPA's arguments, plus the config, the site name, a sliding window and a mask check)::
 
     omnisparse::attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float dropout_p,
-                          bool is_causal, float? scale, bool enable_gqa, str config, str site)
-        -> (Tensor out, Tensor lse)
+                          bool is_causal, float? scale, bool enable_gqa, str config, str site,
+                          int? window=None, Tensor? mask_check=None) -> (Tensor out, Tensor lse)
 
 q: [B, H, Sq, D]; k: [B, Hkv, Skv, D]; v: [B, Hkv, Skv, Dv]; attn_mask: None, bool (True = keep) or
 additive float, broadcastable to [B, H, Sq, Skv]. ``out`` [B, H, Sq, Dv] (q.dtype, contiguous) equals
 SDPA semantics when nothing is skipped; ``lse`` float32 [B, H, Sq] is the log-sum-exp of the scaled
 scores over the attended keys when the sparse path ran; zeros (unused by the backward) when
-dense attention ran.
+dense attention ran. ``window`` (only with ``is_causal=True`` and no mask): query row r sees keys
+``r - window < c <= r``. ``mask_check``: the 0-d bool that ``omnisparse::causal_mask_check``
+computed for ``attn_mask`` (the passes insert one per distinct mask per graph, where the mask is
+not known at compile time); when True the call runs as ``is_causal=True`` without the mask. The op
+never reads a mask to find out whether it is causal.
 
 The op decides at run time, per call, between the sparse method and dense attention
-(`dense_reason`); every dense decision is logged once per site on the ``omnicompile`` logger. A
-mask that is exactly causal (transformers materialises one under torch.compile) runs as
-``is_causal=True`` (`canonical_mask`).
+(`dense_reason`); every dense decision is logged once per site on the ``omnicompile`` logger. Dense
+attention is SDPA: ``is_causal=True`` without a mask where causal (flash or cuDNN causal kernels);
+a window runs as SDPA with the materialised `window_mask`, on the CPU and on CUDA.
 Autograd is registered: the backward is the opaque op ``omnisparse::attention_backward``, which
 recomputes the (deterministic) selection and differentiates exactly the attention that ran.
 Autocast (CPU and CUDA) follows SDPA's policy: inside an autocast region the floating inputs (q, k,
@@ -32,7 +36,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import OmniSparseConfig
-from .kernels.masks import causal_if_equivalent
+from .kernels.masks import causal_if_equivalent, window_mask
 from .recording import SiteRun, active_recorders
 
 logger = logging.getLogger("omnicompile")
@@ -76,12 +80,42 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, drop
             ) from None
 
 
-def dense_reason(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, cfg: OmniSparseConfig) -> str:
-    """Why this call runs dense attention ("" when the sparse method runs)."""
+def check_window(window: int | None, is_causal: bool, attn_mask: Tensor | None) -> None:
+    """Raise ``ValueError`` for a window the op cannot take (TEAM.md "Sliding windows")."""
+    if window is None:
+        return
+    if window < 1:
+        raise ValueError(f"omnisparse.attention: window must be >= 1, got {window}")
+    if not is_causal or attn_mask is not None:
+        raise ValueError("omnisparse.attention: a window needs is_causal=True and no attn_mask")
+
+
+def resolve_mask(attn_mask: Tensor | None, is_causal: bool, mask_check: Tensor | None) -> tuple[Tensor | None, bool]:
+    """``(None, True)`` when ``mask_check`` (0-d bool, on the CPU: reading it costs no sync) says the
+    mask is exactly causal; else ``(attn_mask, is_causal)``."""
+    if mask_check is not None and attn_mask is not None and bool(mask_check):
+        return None, True
+    return attn_mask, is_causal
+
+
+def effective_window(window: int | None, q_len: int) -> int | None:
+    """``window``, or None when it cuts nothing (``window >= q_len``: row r's keys c <= r all lie within it)."""
+    return None if window is None or window >= q_len else window
+
+
+def dense_reason(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, cfg: OmniSparseConfig, window: int | None = None
+) -> str:
+    """Why this call runs dense attention ("" when the sparse method runs).
+
+    A window site runs dense when its span ``min(window, Skv)`` is below ``min_seq_len``.
+    """
     if cfg.mode == "dense":
         return "mode='dense'"
     if k.shape[2] < cfg.min_seq_len:
         return f"kv length {k.shape[2]} < min_seq_len {cfg.min_seq_len}"
+    if window is not None and window < cfg.min_seq_len:
+        return f"window {window} < min_seq_len {cfg.min_seq_len}"
     if q.shape[2] < cfg.block_size:
         return f"query length {q.shape[2]} < block_size {cfg.block_size} (decode step)"
     if q.dtype not in _SUPPORTED_DTYPES:
@@ -93,15 +127,22 @@ def dense_reason(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, cfg:
     return kernel_unsupported_reason(q, k, v, attn_mask)
 
 
-def canonical_mask(
-    q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal: bool, cfg: OmniSparseConfig
-) -> tuple[Tensor | None, bool]:
-    """``(attn_mask, is_causal)`` with a mask that is exactly causal replaced by ``is_causal``
-    (`causal_if_equivalent`), for calls long enough for the sparse path; others unchanged (the check
-    reads the whole mask)."""
-    if cfg.mode == "dense" or k.shape[2] < cfg.min_seq_len:
-        return attn_mask, is_causal
-    return causal_if_equivalent(attn_mask, is_causal, q.shape[2], k.shape[2])
+@torch.library.custom_op("omnisparse::causal_mask_check", mutates_args=())
+def causal_mask_check(mask: Tensor) -> Tensor:
+    """0-d bool on the CPU: whether ``mask`` ([..., S, S], bool or additive) is exactly causal at every
+    batch and head (`causal_if_equivalent`: ``finfo.min`` and ``-inf`` count as masked).
+
+    Reads the mask once and synchronises once; the passes insert one per distinct mask per graph,
+    and the op calls sharing that mask read the result on the host without a sync.
+    """
+    square = mask.dim() >= 2 and mask.shape[-1] == mask.shape[-2]
+    causal = square and causal_if_equivalent(mask, False, mask.shape[-2], mask.shape[-1])[1]
+    return torch.tensor(causal)
+
+
+@causal_mask_check.register_fake
+def _causal_mask_check_fake(mask):
+    return mask.new_empty((), dtype=torch.bool, device="cpu")
 
 
 def recompute_grads(fn, primals: tuple[Tensor, ...], grad_out: Tensor) -> tuple[Tensor, ...]:
@@ -126,8 +167,17 @@ _DENSE_BACKENDS = [
 ]
 
 
-def dense_attention(q, k, v, attn_mask, is_causal, scale, enable_gqa) -> Tensor:
-    """SDPA (contiguous output); on CUDA with cuDNN attention first in priority."""
+def with_window(q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal: bool, window: int | None) -> tuple[Tensor | None, bool]:
+    """``(attn_mask, is_causal)`` with a window materialised as its bool `window_mask` [Sq, Skv]."""
+    if window is None:
+        return attn_mask, is_causal
+    return window_mask(q.shape[2], k.shape[2], window, q.device), False
+
+
+def dense_attention(q, k, v, attn_mask, is_causal, scale, enable_gqa, window: int | None = None) -> Tensor:
+    """SDPA (contiguous output); on CUDA with cuDNN attention first in priority. A window runs as
+    SDPA with its materialised mask (`with_window`)."""
+    attn_mask, is_causal = with_window(q, k, attn_mask, is_causal, window)
     if q.device.type != "cuda":
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
@@ -163,32 +213,37 @@ def attention(
     enable_gqa: bool,
     config: str,
     site: str,
+    window: int | None = None,
+    mask_check: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """OmniSparse attention with SDPA semantics; see the module docstring."""
     check_inputs(q, k, v, attn_mask, dropout_p, enable_gqa)
+    check_window(window, is_causal, attn_mask)
     cfg = OmniSparseConfig.from_json(config)
-    attn_mask, is_causal = canonical_mask(q, k, attn_mask, is_causal, cfg)
-    reason = dense_reason(q, k, v, attn_mask, cfg)
+    attn_mask, is_causal = resolve_mask(attn_mask, is_causal, mask_check)
+    window = effective_window(window, q.shape[2])
+    recorded = (q, k, v, *with_window(q, k, attn_mask, is_causal, window), scale)
+    reason = dense_reason(q, k, v, attn_mask, cfg, window)
     if reason:
         _log_dense_once(site, reason)
-        out = dense_attention(q, k, v, attn_mask, is_causal, scale, enable_gqa)
-        _record(site, "dense", reason, (q, k, v, attn_mask, is_causal, scale), dict)
+        out = dense_attention(q, k, v, attn_mask, is_causal, scale, enable_gqa, window)
+        _record(site, "dense", reason, recorded, dict)
         return out, q.new_zeros((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32)
     from .method import omnisparse_attention, selection_stats
 
-    result = omnisparse_attention(q, k, v, attn_mask, is_causal, scale, cfg)
+    result = omnisparse_attention(q, k, v, attn_mask, is_causal, scale, cfg, window)
     decision = "dense" if result.dense_reason else "sparse"
     if result.dense_reason:
         _log_dense_once(site, result.dense_reason)
     _record(
-        site, decision, result.dense_reason, (q, k, v, attn_mask, is_causal, scale),
-        lambda: selection_stats(q, k, v, attn_mask, is_causal, scale, cfg, result.selection, result.out),
+        site, decision, result.dense_reason, recorded,
+        lambda: selection_stats(q, k, v, attn_mask, is_causal, scale, cfg, result.selection, result.out, window),
     )
     return result.out.contiguous(), result.lse.contiguous()
 
 
 @attention.register_fake
-def _attention_fake(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, config, site):
+def _attention_fake(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, config, site, window=None, mask_check=None):
     batch, heads, q_len, _ = q.shape
     out = q.new_empty((batch, heads, q_len, v.shape[-1]))
     return out, q.new_empty((batch, heads, q_len), dtype=torch.float32)
@@ -207,39 +262,46 @@ def attention_backward(
     scale: float | None,
     enable_gqa: bool,
     config: str,
+    window: int | None = None,
+    mask_check: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of `attention` with respect to q, k, v (shaped like them)."""
     cfg = OmniSparseConfig.from_json(config)
-    attn_mask, is_causal = canonical_mask(q, k, attn_mask, is_causal, cfg)
-    if dense_reason(q, k, v, attn_mask, cfg):
+    attn_mask, is_causal = resolve_mask(attn_mask, is_causal, mask_check)
+    window = effective_window(window, q.shape[2])
+    if dense_reason(q, k, v, attn_mask, cfg, window):
         grads = recompute_grads(
-            lambda q_, k_, v_: dense_attention(q_, k_, v_, attn_mask, is_causal, scale, enable_gqa), (q, k, v), grad_out
+            lambda q_, k_, v_: dense_attention(q_, k_, v_, attn_mask, is_causal, scale, enable_gqa, window),
+            (q, k, v), grad_out,
         )
         return tuple(g.contiguous() for g in grads)
     from .method import omnisparse_attention_backward
 
-    grads = omnisparse_attention_backward(grad_out, q, k, v, attn_mask, out, lse, is_causal, scale, cfg)
+    grads = omnisparse_attention_backward(grad_out, q, k, v, attn_mask, out, lse, is_causal, scale, cfg, window)
     return tuple(g.contiguous() for g in grads)
 
 
 @attention_backward.register_fake
-def _attention_backward_fake(grad_out, q, k, v, attn_mask, out, lse, is_causal, scale, enable_gqa, config):
+def _attention_backward_fake(grad_out, q, k, v, attn_mask, out, lse, is_causal, scale, enable_gqa, config,
+                             window=None, mask_check=None):
     # Contiguous, as the real implementation returns them (whatever the strides of q, k, v).
     return tuple(t.new_empty(t.shape) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, attn_mask, _dropout_p, is_causal, scale, enable_gqa, config, _site = inputs
+    q, k, v, attn_mask, _dropout_p, is_causal, scale, enable_gqa, config, _site, window, mask_check = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, attn_mask, out, lse)
-    ctx.args = (is_causal, scale, enable_gqa, config)
+    ctx.save_for_backward(q, k, v, attn_mask, out, lse, mask_check)
+    ctx.args = (is_causal, scale, enable_gqa, config, window)
 
 
 def _backward(ctx, grad_out: Tensor, _grad_lse: Tensor):
-    q, k, v, attn_mask, out, lse = ctx.saved_tensors
-    is_causal, scale, enable_gqa, config = ctx.args
-    dq, dk, dv = attention_backward(grad_out.contiguous(), q, k, v, attn_mask, out, lse, is_causal, scale, enable_gqa, config)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    q, k, v, attn_mask, out, lse, mask_check = ctx.saved_tensors
+    is_causal, scale, enable_gqa, config, window = ctx.args
+    dq, dk, dv = attention_backward(
+        grad_out.contiguous(), q, k, v, attn_mask, out, lse, is_causal, scale, enable_gqa, config, window, mask_check
+    )
+    return dq, dk, dv, *(None,) * 9
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
@@ -266,10 +328,10 @@ def _register_autocast(device_type: str) -> None:
     key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
     excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
 
-    def kernel(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, config, site):
+    def kernel(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, config, site, window=None, mask_check=None):
         q, k, v, attn_mask = autocast_inputs(q, k, v, attn_mask)
         with torch._C._ExcludeDispatchKeyGuard(excluded):
-            return attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, config, site)
+            return attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, config, site, window, mask_check)
 
     _LIB.impl("attention", kernel, key)
 

@@ -6,11 +6,12 @@ call (constant flags, example values present, the op's own `check_inputs` on the
 appends a `SiteRecord` and, when supported, inserts::
 
     attention = torch.ops.omnisparse.attention.default(q, k, v, attn_mask, dropout_p, is_causal,
-                                                       scale, enable_gqa, config_json, site)
+                                                       scale, enable_gqa, config_json, site, None, None)
     out = operator.getitem(attention, 0)
 
-before the site's node and moves every use of that node to ``out``. The node itself and the
-pattern feeding it become dead; the cleanup removes them.
+before the site's node and moves every use of that node to ``out`` (the op's arguments always all
+positional: `attention_args` and `set_attention_args` read and change them by name). The node
+itself and the pattern feeding it become dead; the cleanup removes them.
 """
 
 from __future__ import annotations
@@ -30,6 +31,22 @@ from .repeat_kv import repeat_kv_source
 from .site_record import MaskKind, PassContext, Pattern, Shape, SiteRecord
 
 _PROVENANCE_META = ("stack_trace", "nn_module_stack")
+ATTENTION = torch.ops.omnisparse.attention.default
+_ATTENTION_PARAMS = tuple(argument.name for argument in ATTENTION._schema.arguments)
+_ATTENTION_DEFAULTS = {
+    argument.name: argument.default_value for argument in ATTENTION._schema.arguments if argument.has_default_value()
+}
+
+
+def attention_args(node: Node) -> dict[str, Any]:
+    """The arguments of an ``omnisparse.attention`` node by schema name, defaults filled in."""
+    return {**_ATTENTION_DEFAULTS, **dict(zip(_ATTENTION_PARAMS, node.args)), **node.kwargs}
+
+
+def set_attention_args(node: Node, **changes: Any) -> None:
+    """Replace some arguments of an ``omnisparse.attention`` node (all then positional)."""
+    args = {**attention_args(node), **changes}
+    node.args, node.kwargs = tuple(args[name] for name in _ATTENTION_PARAMS), {}
 
 
 @dataclass(frozen=True)
@@ -130,14 +147,16 @@ def _insert_op(gm: GraphModule, site: Node, call: AttentionCall, config_json: st
         call.enable_gqa,
         config_json,
         name,
+        None,
+        None,
     )
     with gm.graph.inserting_before(site):
-        attention = gm.graph.call_function(torch.ops.omnisparse.attention.default, args)
+        attention = gm.graph.call_function(ATTENTION, args)
         out = gm.graph.call_function(operator.getitem, (attention, 0))
     fake_args = [a.meta["example_value"] if isinstance(a, Node) else a for a in args]
     # The example values' own mode: Dynamo hands the backend a different one in its tracing context.
     with example_value(call.query).fake_mode:
-        fake_outputs = torch.ops.omnisparse.attention.default(*fake_args)
+        fake_outputs = ATTENTION(*fake_args)
     for node, value in ((attention, fake_outputs), (out, fake_outputs[0])):
         node.meta.update({key: site.meta[key] for key in _PROVENANCE_META if key in site.meta})
         node.meta["example_value"] = value

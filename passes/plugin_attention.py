@@ -12,8 +12,10 @@ and ``float? scale`` have no plugin form, and the plugin's outputs all take the 
 
 each calling ``torch.ops.omnisparse.attention``. `use_plugin_attention` rewrites
 ``getitem(attention(...), 0)`` into them, with ``scale=None`` resolved to ``1/sqrt(head_dim)``; a site
-whose ``lse`` is used, or whose scale is symbolic, stays as it is. It works on Dynamo graphs
-(``meta["example_value"]``) and on ``torch.export`` graphs (``meta["val"]``).
+whose ``lse`` is used, whose scale is symbolic, or that has a sliding ``window`` (no plugin attribute
+holds an optional int) stays as it is; a ``mask_check`` is dropped (the masked plugin computes the
+same attention from the mask). It works on Dynamo graphs (``meta["example_value"]``) and on
+``torch.export`` graphs (``meta["val"]``).
 """
 
 from __future__ import annotations
@@ -25,9 +27,7 @@ import torch
 from torch import Tensor
 from torch.fx import GraphModule, Node
 
-from omnicompile import ops  # noqa: F401  (registers torch.ops.omnisparse.attention)
-
-ATTENTION = torch.ops.omnisparse.attention.default
+from .attention_site import ATTENTION, attention_args
 
 
 @torch.library.custom_op("omnisparse::attention_plugin", mutates_args=())
@@ -71,25 +71,31 @@ def use_plugin_attention(gm: GraphModule) -> bool:
 
 
 def _rewrite(gm: GraphModule, node: Node) -> bool:
-    q, k, v, attn_mask, _dropout_p, is_causal, scale, enable_gqa, config, site = node.args
+    args = attention_args(node)
+    q, k, v, attn_mask, is_causal, scale = (args[n] for n in ("q", "k", "v", "attn_mask", "is_causal", "scale"))
     outputs = [user for user in node.users if user.users]  # export graphs keep an unused getitem(., 1)
     if not outputs or not all(user.target is operator.getitem and user.args[1] == 0 for user in outputs):
+        return False
+    if args["window"] is not None:
         return False
     if scale is None:
         scale = 1.0 / math.sqrt(_value(q).shape[-1])
     if not isinstance(scale, float):
         return False
     if attn_mask is None:
-        target, args = torch.ops.omnisparse.attention_plugin.default, (q, k, v, is_causal)
+        target, operands = torch.ops.omnisparse.attention_plugin.default, (q, k, v, is_causal)
     else:
-        target, args = torch.ops.omnisparse.attention_plugin_masked.default, (q, k, v, attn_mask)
+        target, operands = torch.ops.omnisparse.attention_plugin_masked.default, (q, k, v, attn_mask)
     with gm.graph.inserting_before(node):
-        plugin = gm.graph.call_function(target, (*args, scale, enable_gqa, config, site))
+        plugin = gm.graph.call_function(target, (*operands, scale, args["enable_gqa"], args["config"], args["site"]))
     plugin.meta.update(outputs[0].meta)
     for user in list(node.users):
         user.replace_all_uses_with(plugin)
         gm.graph.erase_node(user)
     gm.graph.erase_node(node)
+    check = args["mask_check"]
+    if isinstance(check, Node) and not check.users:
+        gm.graph.erase_node(check)
     return True
 
 
