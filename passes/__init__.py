@@ -3,8 +3,10 @@
 `run_passes` copies the graph, runs `PASSES` in order on the copy (each a plain function over a
 GraphModule that reports whether it changed it), cleans up after each pass that changed something,
 and returns the rewritten copy with one `SiteRecord` per attention site found. The input graph is
-never modified, so a caller can always fall back to it. The last pass, `softmax_last_dim`, is not an
-attention rewrite: it keeps Inductor's fused-attention patterns off softmaxes over other dimensions. `plugin_attention.py` is a Torch-TensorRT-only
+never modified, so a caller can always fall back to it. The rewrite passes put the op in place of
+attention; `mask_from_positions` then decides each op's mask from the graph that builds it. The last
+pass, `softmax_last_dim`, is not an attention rewrite: it keeps Inductor's fused-attention patterns
+off softmaxes over other dimensions. `plugin_attention.py` is a Torch-TensorRT-only
 rewrite (the op into plugin-shaped ops), deliberately not in `PASSES`.
 """
 
@@ -19,6 +21,7 @@ from torch.fx import GraphModule
 from omnicompile.config import OmniSparseConfig
 
 from .cleanup import clean_up_graph
+from .mask_from_positions import mask_from_positions
 from .replace_eager_attention import replace_eager_attention
 from .replace_sdpa import replace_sdpa
 from .site_record import MaskKind, PassContext, SiteRecord, SiteStatus
@@ -26,7 +29,7 @@ from .softmax_last_dim import softmax_last_dim
 
 Pass = Callable[[GraphModule, PassContext], bool]
 
-PASSES: tuple[Pass, ...] = (replace_sdpa, replace_eager_attention, softmax_last_dim)
+PASSES: tuple[Pass, ...] = (replace_sdpa, replace_eager_attention, mask_from_positions, softmax_last_dim)
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ __all__ = [
     "SiteRecord",
     "SiteStatus",
     "copy_graph_module",
+    "mask_from_positions",
     "replace_eager_attention",
     "replace_sdpa",
     "run_passes",

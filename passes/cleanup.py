@@ -3,13 +3,15 @@
 Dead-code elimination cannot use FX's default purity on a torch-level graph: ``Node.is_impure``
 deems every ``call_method`` pure, so an in-place ``cache.index_copy_(...)`` whose result is unused
 would be deleted. Only unused nodes of the operations the rewrites consume (views, matmuls,
-scalings, softmax, float casts, identity dropouts, SDPA without dropout) are removed.
+scalings, softmax, float casts, identity dropouts, SDPA without dropout, and the mask
+construction that `mask_from_positions` proved: `mask_interpreter.MASK_CALLS`) are removed.
 """
 
 from __future__ import annotations
 
 from torch.fx import GraphModule, Node
 
+from .mask_interpreter import MASK_CALLS
 from .node_patterns import (
     ADD,
     DIV,
@@ -27,7 +29,7 @@ from .node_patterns import (
     float_cast_source,
 )
 
-_PURE_CALLS = (ADD, DIV, EXPAND, INDEX, MATMUL, MUL, RESHAPE, SOFTMAX, TRANSPOSE, UNSQUEEZE)
+_PURE_CALLS = (ADD, DIV, EXPAND, INDEX, MATMUL, MUL, RESHAPE, SOFTMAX, TRANSPOSE, UNSQUEEZE, *MASK_CALLS)
 
 
 def is_removable(node: Node) -> bool:

@@ -23,10 +23,15 @@ class SiteRecord:
         shapes: (q, k, v) shapes from the graph's example values, k and v as the op gets them
             (before ``repeat_kv`` when it was folded into ``enable_gqa``); a symbolic size is its
             symbol's name; ``()`` where no example value was recorded.
-        mask: ``"none"``, ``"causal"`` (``is_causal=True``), ``"bool"`` or ``"additive"``.
+        mask: ``"none"``, ``"causal"`` (``is_causal=True``), ``"bool"`` or ``"additive"``: what the op
+            gets, after `mask_from_positions` (a mask proven causal is ``"causal"``, one proven to keep
+            everything ``"none"``).
         gqa: whether the site has fewer KV heads than query heads (as the op gets them).
         status: ``"replaced"`` (the op now computes it) or ``"untouched"``.
         reason: why the site was left untouched; ``""`` when replaced.
+        window: the sliding window proven for a causal site (query row r sees keys r - window < c <= r).
+        mask_checked: whether the op gets a ``causal_mask_check`` of its mask (the mask is unknown at
+            compile time; checked once per forward).
     """
 
     site: str
@@ -36,6 +41,8 @@ class SiteRecord:
     gqa: bool
     status: SiteStatus
     reason: str = ""
+    window: int | None = None
+    mask_checked: bool = False
 
 
 @dataclass
