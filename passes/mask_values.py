@@ -12,7 +12,8 @@ A tensor of n dims is described over its coordinates x = (x_0, ..., x_{n-1}):
   underflows to exactly 0.
 
 A coefficient on a dim of size 1 is always 0 (that coordinate is 0), so broadcasting needs no
-care: shapes are aligned from the right and missing dims get coefficient 0. Every operation is
+care: shapes are aligned from the right and missing dims get coefficient 0. (A symbolic size is
+never 1: Dynamo specialises sizes 0 and 1.) Every operation is
 exact; what cannot be expressed is ``None`` (unknown) in the interpreter.
 """
 

@@ -13,8 +13,8 @@ from tests.helpers import GRAD_REL_TOL, REL_TOL, rel_error
 DENSE = OmniSparseConfig(mode="dense").to_json()
 
 
-def _op(q, k, v, mask=None, causal=False, scale=None, gqa=True, config=DENSE, site="site0"):
-    return torch.ops.omnisparse.attention(q, k, v, mask, 0.0, causal, scale, gqa, config, site)
+def _op(q, k, v, mask=None, causal=False, scale=None, gqa=True, config=DENSE, site="site0", mask_check=None):
+    return torch.ops.omnisparse.attention(q, k, v, mask, 0.0, causal, scale, gqa, config, site, None, mask_check)
 
 
 def _qkv(b=1, h=4, hkv=2, sq=32, skv=32, d=16, dtype=torch.float32):
@@ -126,16 +126,18 @@ def test_sparse_path_records_stats_on_structured_input():
     assert torch.isfinite(lse).all()
 
 
-def test_materialised_causal_mask_runs_as_is_causal():
-    """transformers' bool causal mask (as under torch.compile) takes the causal path: same outputs and
-    the same selection as is_causal=True; with min_seq_len above the length the mask is left alone."""
+def test_checked_causal_mask_runs_as_is_causal():
+    """transformers' bool causal mask (as under torch.compile) with its ``causal_mask_check`` takes the
+    causal path: same outputs, selection and gradients as is_causal=True. Unchecked, the op applies
+    the mask as given (it never scans a mask itself)."""
     from omnicompile.recording import recording
 
     q, k, v = _qkv(sq=96, skv=96, d=16)
     mask = torch.ones(1, 1, 96, 96, dtype=torch.bool).tril()
     cfg = OmniSparseConfig(tau=0.9, block_size=16, granularity=4, min_seq_len=64).to_json()
+    check = torch.ops.omnisparse.causal_mask_check(mask)
     with recording(measure=False, keep_run=0) as masked:
-        out_mask, lse_mask = _op(q, k, v, mask=mask, config=cfg)
+        out_mask, lse_mask = _op(q, k, v, mask=mask, config=cfg, mask_check=check)
     out_causal, lse_causal = _op(q, k, v, causal=True, config=cfg)
     assert torch.equal(out_mask, out_causal) and torch.equal(lse_mask, lse_causal)
     _, _, kept_mask, kept_causal, _ = masked.runs[0].inputs
@@ -143,3 +145,6 @@ def test_materialised_causal_mask_runs_as_is_causal():
     grads = torch.autograd.grad(out_mask, (q, k, v), torch.ones_like(out_mask))
     for g, w in zip(grads, torch.autograd.grad(out_causal, (q, k, v), torch.ones_like(out_causal))):
         assert torch.equal(g, w)
+    with recording(measure=False, keep_run=0) as unchecked:
+        _op(q, k, v, mask=mask, config=cfg)
+    assert unchecked.runs[0].inputs[2] is mask
