@@ -10,7 +10,7 @@ import torch
 
 from .backend import backend
 from .config import OmniSparseConfig
-from .passes import PassReport
+from .passes import PassReport, SiteRecord
 from .recording import recording
 
 
@@ -21,7 +21,8 @@ class ExplainSite:
     Attributes:
         node: graph node name (the site name).
         shapes: q, k, v shapes seen by the pass.
-        mask: ``"none"``, ``"causal"``, ``"bool"`` or ``"additive"``.
+        mask: ``"none"``, ``"causal"``, ``"bool"`` or ``"additive"`` as the op gets it, with the proven
+            sliding window (``"causal, window 512"``) or ``" (checked)"`` for a mask checked at run time.
         gqa: whether the site has fewer KV heads than query heads.
         decision: ``"sparse"`` or ``"dense"`` (what the op ran; the last call when it ran several
             times), ``"untouched"`` for a site the pass left alone, ``"not run"`` for a replaced site
@@ -95,6 +96,12 @@ def explain(
             else:
                 decision, reason, stats = "not run", "", {}
             sites.append(
-                ExplainSite(site.site, site.shapes, site.mask, site.gqa, decision, reason, stats, len(site_runs))
+                ExplainSite(site.site, site.shapes, _mask_text(site), site.gqa, decision, reason, stats, len(site_runs))
             )
     return ExplainReport(sites, output)
+
+
+def _mask_text(site: SiteRecord) -> str:
+    if site.window is not None:
+        return f"{site.mask}, window {site.window}"
+    return f"{site.mask} (checked)" if site.mask_checked else site.mask

@@ -357,3 +357,14 @@ def test_classify_agrees_with_the_materialised_mask(a, op, q_len, kv_len):
         assert bool(mask.all())
     elif q_len == kv_len:
         assert not torch.equal(mask, cols <= rows), "a causal mask must be recognised"
+
+
+def test_explain_shows_the_proven_window_and_the_check():
+    def attention(q, k, v, mask):
+        r, c = _positions()
+        local = F.scaled_dot_product_attention(q, k, v, attn_mask=(c <= r) & (c > r - 4))
+        return local + F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    torch._dynamo.reset()
+    report = omnicompile.explain(attention, *_qkv(), torch.ones(S, S, dtype=torch.bool).tril(), config=DENSE)
+    assert [site.mask for site in report.sites] == ["causal, window 4", "bool (checked)"]
