@@ -71,7 +71,7 @@ def model_inputs(seq_len: int, padding: int | None, use_cache: bool, batch: int 
     return kwargs
 
 
-def compile_and_run(fn: Callable[..., Any], config: OmniSparseConfig, *args: Any, **kwargs: Any):
+def compile_and_run(fn: Callable[..., Any], config: OmniSparseConfig, *args: Any, dynamic: bool = False, **kwargs: Any):
     """``fn(*args, **kwargs)`` through Dynamo and `run_passes` (the rewritten graph run as is), the reports."""
     reports: list[PassReport] = []
 
@@ -81,7 +81,7 @@ def compile_and_run(fn: Callable[..., Any], config: OmniSparseConfig, *args: Any
 
     torch._dynamo.reset()
     with torch.no_grad():
-        out = torch.compile(fn, backend=backend, dynamic=False)(*args, **kwargs)
+        out = torch.compile(fn, backend=backend, dynamic=dynamic)(*args, **kwargs)
     return out, reports
 
 
@@ -138,6 +138,16 @@ def test_gemma3_sliding_and_full_layers_are_proven(attn_implementation):
     out, reports = compile_and_run(model, DENSE, **kwargs)
     assert [(s.mask, s.window, s.mask_checked) for s in sites(reports)] == [("causal", WINDOW, False), ("causal", None, False)]
     assert not nodes(reports, CHECK)
+    with torch.no_grad():
+        assert rel_error(logits(out), model(**kwargs).logits) < TOL
+
+
+def test_gemma3_with_dynamic_shapes_is_proven():
+    model = tiny_model("gemma", "sdpa")
+    kwargs = model_inputs(40, None, use_cache=False)
+    out, reports = compile_and_run(model, DENSE, dynamic=True, **kwargs)
+    assert isinstance(sites(reports)[0].shapes[0][2], str), "the sequence length must be symbolic"
+    assert [(s.mask, s.window) for s in sites(reports)] == [("causal", WINDOW), ("causal", None)]
     with torch.no_grad():
         assert rel_error(logits(out), model(**kwargs).logits) < TOL
 
