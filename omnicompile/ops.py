@@ -29,6 +29,8 @@ v and a float mask) are cast to the autocast dtype, so the op sees what SDPA wou
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -156,8 +158,11 @@ def recompute_grads(fn, primals: tuple[Tensor, ...], grad_out: Tensor) -> tuple[
 
 
 def _log_dense_once(site: str, reason: str) -> None:
-    if (site, reason) not in _LOGGED:
-        _LOGGED.add((site, reason))
+    """Log a dense decision once per site and kind of reason (the reason without its numbers, so that
+    a density or length that changes from call to call neither repeats the log nor grows `_LOGGED`)."""
+    kind = (site, re.sub(r"\d+(\.\d+)?", "#", reason))
+    if kind not in _LOGGED:
+        _LOGGED.add(kind)
         logger.info("omnisparse site %s runs dense attention: %s", site, reason)
 
 
@@ -188,8 +193,14 @@ def dense_attention(q, k, v, attn_mask, is_causal, scale, enable_gqa, window: in
         ).contiguous()
 
 
-def _record(site: str, decision: str, reason: str, inputs: tuple, stats_fn) -> None:
-    """Append a `SiteRun` to the active recorders (none in normal runs: nothing is measured)."""
+def _record(
+    site: str, decision: str, reason: str, inputs: tuple, window: int | None, stats_fn: Callable[[], dict]
+) -> None:
+    """Append a `SiteRun` to the active recorders (none in normal runs: nothing is measured or copied).
+
+    ``inputs`` = (q, k, v, attn_mask, is_causal, scale). A kept run holds copies of q, k and the mask
+    (a window materialised as its mask): a compiled graph reuses the op's input buffers.
+    """
     recorders = active_recorders()
     if not recorders:
         return
@@ -197,8 +208,11 @@ def _record(site: str, decision: str, reason: str, inputs: tuple, stats_fn) -> N
     q, k, v, attn_mask, is_causal, scale = inputs
     shapes = (tuple(q.shape), tuple(k.shape), tuple(v.shape))
     for recorder in recorders:
-        keep = recorder.keep_run == len(recorder.runs)
-        recorder.runs.append(SiteRun(site, decision, reason, shapes, stats, (q, k, attn_mask, is_causal, scale) if keep else None))
+        kept = None
+        if recorder.keep_run == len(recorder.runs):
+            mask, causal = with_window(q, k, attn_mask, is_causal, window)
+            kept = (q.clone(), k.clone(), None if mask is None else mask.clone(), causal, scale)
+        recorder.runs.append(SiteRun(site, decision, reason, shapes, stats, kept))
 
 
 @torch.library.custom_op("omnisparse::attention", mutates_args=())
@@ -222,12 +236,12 @@ def attention(
     cfg = OmniSparseConfig.from_json(config)
     attn_mask, is_causal = resolve_mask(attn_mask, is_causal, mask_check)
     window = effective_window(window, q.shape[2])
-    recorded = (q, k, v, *with_window(q, k, attn_mask, is_causal, window), scale)
+    recorded = (q, k, v, attn_mask, is_causal, scale)
     reason = dense_reason(q, k, v, attn_mask, cfg, window)
     if reason:
         _log_dense_once(site, reason)
         out = dense_attention(q, k, v, attn_mask, is_causal, scale, enable_gqa, window)
-        _record(site, "dense", reason, recorded, dict)
+        _record(site, "dense", reason, recorded, window, dict)
         return out, q.new_zeros((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32)
     from .method import omnisparse_attention, selection_stats
 
@@ -236,7 +250,7 @@ def attention(
     if result.dense_reason:
         _log_dense_once(site, result.dense_reason)
     _record(
-        site, decision, result.dense_reason, recorded,
+        site, decision, result.dense_reason, recorded, window,
         lambda: selection_stats(q, k, v, attn_mask, is_causal, scale, cfg, result.selection, result.out, window),
     )
     return result.out.contiguous(), result.lse.contiguous()
