@@ -61,6 +61,16 @@ class BackwardTiles:
     num_stages: int = 2
 
 
+def default_tiles(head_dim: int) -> BackwardTiles:
+    """The tiles for a head dim, spill-free on sm_90 above 128 (triton.compile for sm_90, cuobjdump
+    -res-usage): at 256, dq 32 x 32 (182 registers; 64 x 32 spills 176 B) and dk/dv 32 keys x 16
+    queries (240; 64 keys spill >= 864 B at 4 or 8 warps). Up to 128 the defaults of
+    `BackwardTiles` (there dk/dv spills 64 B at D = 128, as before windows were added)."""
+    if head_dim_pad(head_dim) > 128:
+        return BackwardTiles(dq_block_m=32, dq_block_n=32, dkdv_block_m=16, dkdv_block_n=32)
+    return BackwardTiles()
+
+
 def supported(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None
 ) -> str | None:
@@ -371,7 +381,7 @@ def sparse_attention_bwd(
         attn_mask: None, bool (True = keep) or additive float, broadcastable to [B, H, Sq, Skv].
         is_causal: top-left aligned causal mask (query row r sees key c <= r).
         scale: score scale (None = 1 / sqrt(D)).
-        tiles: tile shapes and chunking (benchmarks); None = `BackwardTiles()`.
+        tiles: tile shapes and chunking (benchmarks); None = `default_tiles(D)`.
         window: the forward's causal sliding window (``masks``): row r sees keys (r - window, r].
 
     Returns:
@@ -391,7 +401,7 @@ def sparse_attention_bwd(
             f"sparse_attention_bwd: selection for Sq={selection.q_len}, Skv={selection.kv_len}, indices "
             f"{tuple(selection.kv_indices.shape)} does not fit q {tuple(q.shape)}, k {tuple(k.shape)}"
         )
-    tiles = tiles or BackwardTiles()
+    tiles = tiles or default_tiles(head_dim)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     group = heads // kv_heads
     mask, mask_strides, mask_kind = _mask_operand(attn_mask, (batch, heads, q_len, kv_len), q)

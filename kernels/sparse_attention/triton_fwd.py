@@ -68,19 +68,24 @@ def supported(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> str 
     return None
 
 
-def default_launch_config(block_size: int, dtype: torch.dtype, has_mask: bool, head_dim: int = 128) -> LaunchConfig:
+def default_launch_config(
+    block_size: int, dtype: torch.dtype, has_mask: bool, head_dim: int = 128
+) -> LaunchConfig:
     """The launch config for a selection block size, dtype, mask presence and head dim.
 
     Chosen from sm_90 resource reports (no register spills; K/V pipelined num_stages deep) and an
-    H100 sweep (notes/prefill_kernel.md: 64/64/4 warps/3 stages fastest; 8 warps 2x slower; 4
-    stages leave one program per SM). An attn_mask tile costs registers: narrower key steps.
+    H100 sweep (notes/prefill_kernel.md: 64/64/4 warps/3 stages fastest at D = 128; 8 warps 2x
+    slower; 4 stages leave one program per SM). An attn_mask tile costs registers: narrower key
+    steps. Head dims above 128 (256: 64 x 256 fp32 accumulators) need 8 warps and 2 stages to stay
+    spill-free (4 warps spill 120-256 B; 3 stages of 64-key tiles need 224 KB of shared memory).
     """
     block_m = min(block_size, 64)
     if dtype == torch.float32:  # interpreter only (see `supported`)
         return LaunchConfig(block_m, min(block_size, 32), num_warps=4, num_stages=2)
-    if has_mask:
-        return LaunchConfig(block_m, min(block_size, 32), num_warps=4, num_stages=3)
-    return LaunchConfig(block_m, min(block_size, 64), num_warps=4, num_stages=3)
+    block_n = min(block_size, 32 if has_mask else 64)
+    if head_dim_pad(head_dim) > 128:
+        return LaunchConfig(block_m, block_n, num_warps=8, num_stages=2)
+    return LaunchConfig(block_m, block_n, num_warps=4, num_stages=3)
 
 
 def _mask_free_run(
@@ -206,7 +211,7 @@ def sparse_attention_fwd(
         nq,
         selection.num_kv_blocks,
         scale * LOG2E,
-        q_len + kv_len if window is None else window,
+        0 if window is None else window,
         mask_floor,
         GROUP=heads // kv_heads,
         HEAD_DIM=head_dim,
@@ -215,6 +220,7 @@ def sparse_attention_fwd(
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         IS_CAUSAL=is_causal,
+        WINDOWED=window is not None,
         MASK_KIND=mask_kind,
         FP32_DOT=needs_fp32_dot(q.dtype),
         num_warps=cfg.num_warps,
@@ -273,6 +279,7 @@ def _attend_block(
     SPARSE_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
+    WINDOWED: tl.constexpr,
     MASK_KIND: tl.constexpr,
     FP32_DOT: tl.constexpr,
     MASKED: tl.constexpr,
@@ -291,7 +298,9 @@ def _attend_block(
         s = s * qk_scale
         keep = offs_n[None, :] < kv_len
         if IS_CAUSAL:
-            keep = keep & (offs_m[:, None] >= offs_n[None, :]) & (offs_n[None, :] > offs_m[:, None] - window)
+            keep = keep & (offs_m[:, None] >= offs_n[None, :])
+        if WINDOWED:
+            keep = keep & (offs_n[None, :] > offs_m[:, None] - window)
         if MASK_KIND == 1:
             keep = keep & (tl.load(mask_base + offs_n[None, :] * stride_mn, mask=keep, other=0) != 0)
         if MASK_KIND == 2:
@@ -320,7 +329,8 @@ def _attend_run(
     acc, l_i, m_i, q, k_base, v_base, mask_base, idx_ptr, start, stop, gap_at, gap, offs_m, offs_d,
     stride_kn, stride_vn, stride_mn, kv_len, nk, qk_scale, window, mask_floor,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPARSE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr, MASKED: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
     """`_attend_block` over list positions [start, stop) of ``idx_ptr``, in SPARSE_BLOCK / BLOCK_N
     parts each; a position p >= gap_at reads entry p + gap (the run skipped by the other call).
@@ -337,7 +347,7 @@ def _attend_run(
         acc, l_i, m_i = _attend_block(
             acc, l_i, m_i, q, k_base, v_base, mask_base, block, it % n_split, offs_m, offs_d,
             stride_kn, stride_vn, stride_mn, kv_len, qk_scale, window, mask_floor,
-            HEAD_DIM, HEAD_DIM_PAD, SPARSE_BLOCK, BLOCK_N, IS_CAUSAL, MASK_KIND, FP32_DOT, MASKED,
+            HEAD_DIM, HEAD_DIM_PAD, SPARSE_BLOCK, BLOCK_N, IS_CAUSAL, WINDOWED, MASK_KIND, FP32_DOT, MASKED,
         )
         block = nxt
     return acc, l_i, m_i
@@ -390,6 +400,7 @@ def _sparse_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
+    WINDOWED: tl.constexpr,
     MASK_KIND: tl.constexpr,
     FP32_DOT: tl.constexpr,
 ):
@@ -431,12 +442,12 @@ def _sparse_fwd_kernel(
     acc, l_i, m_i = _attend_run(
         acc, l_i, m_i, q, k_base, v_base, mask_base, idx_ptr, lo, hi, 0, 0, offs_m, offs_d,
         stride_kn, stride_vn, stride_mn, kv_len, nk, qk_scale, window, mask_floor,
-        HEAD_DIM, HEAD_DIM_PAD, SPARSE_BLOCK, BLOCK_N, IS_CAUSAL, MASK_KIND, FP32_DOT, False,
+        HEAD_DIM, HEAD_DIM_PAD, SPARSE_BLOCK, BLOCK_N, IS_CAUSAL, WINDOWED, MASK_KIND, FP32_DOT, False,
     )
     acc, l_i, m_i = _attend_run(
         acc, l_i, m_i, q, k_base, v_base, mask_base, idx_ptr, 0, n_blocks - (hi - lo), lo, hi - lo,
         offs_m, offs_d, stride_kn, stride_vn, stride_mn, kv_len, nk, qk_scale, window, mask_floor,
-        HEAD_DIM, HEAD_DIM_PAD, SPARSE_BLOCK, BLOCK_N, IS_CAUSAL, MASK_KIND, FP32_DOT, True,
+        HEAD_DIM, HEAD_DIM_PAD, SPARSE_BLOCK, BLOCK_N, IS_CAUSAL, WINDOWED, MASK_KIND, FP32_DOT, True,
     )
 
     attended = l_i > 0.0
