@@ -232,6 +232,13 @@ def _split_len(kv: SlimKV, programs_per_split: int, device: torch.device) -> int
     return _BLOCK_N * math.ceil(longest / (splits * _BLOCK_N))
 
 
+def row_tile(rows: int, head_dim: int) -> int:
+    """Query rows per program for ``rows`` = G * n rows of a KV head: a power of two in [16, 64], at
+    most 32 above D = 128 (sm_90: 64 rows x 256 spill and fill the shared memory at 3 stages; 32
+    rows take 188 registers, 148 KB)."""
+    return max(16, min(64 if head_dim_pad(head_dim) <= 128 else 32, triton.next_power_of_2(rows)))
+
+
 def slim_decode_triton(q: Tensor, kv: SlimKV, scale: float | None = None) -> tuple[Tensor, Tensor]:
     """Decode attention of a few queries against a slim cache (see `slim_decode_reference`).
 
@@ -252,9 +259,7 @@ def slim_decode_triton(q: Tensor, kv: SlimKV, scale: float | None = None) -> tup
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
     rows = group * n
     block_d = head_dim_pad(dim)
-    # Query rows per program: up to 64, 32 above D = 128 (sm_90: 64 rows x 256 spill and fill the
-    # shared memory at 3 stages; 32 rows take 188 registers, 148 KB).
-    block_m = max(16, min(64 if block_d <= 128 else 32, triton.next_power_of_2(rows)))
+    block_m = row_tile(rows, dim)
     row_tiles = math.ceil(rows / block_m)
     rows_padded = row_tiles * block_m
     programs_per_split = batch * kv.num_kv_heads * row_tiles
