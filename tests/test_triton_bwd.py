@@ -67,7 +67,9 @@ def _reference_grads(q, k, v, selection, attn_mask, is_causal, scale, grad_out, 
     turns the reference's gradients into those given O' (dv does not depend on D).
     """
     q32, k32, v32 = (t.float().requires_grad_() for t in (q, k, v))
-    out, lse = sparse_attention_reference(q32, k32, v32, selection, attn_mask, is_causal, scale, window=window)
+    out, lse = sparse_attention_reference(
+        q32, k32, v32, selection, attn_mask, is_causal, scale, window=window
+    )
     grad_out = grad_out.float()
     d_shift = (grad_out * (out - out.to(q.dtype).float())).sum(-1).detach()
     finite_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # rows with no key: lse = -inf
@@ -231,7 +233,9 @@ def test_supported_names_what_it_cannot_run() -> None:
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dkdv_chunk", [None, 1])
-@pytest.mark.parametrize("q_len, kv_len, window", [(64, 64, 16), (70, 70, 10), (80, 58, 26), (48, 80, 40), (50, 50, 64)])
+@pytest.mark.parametrize(
+    "q_len, kv_len, window", [(64, 64, 16), (70, 70, 10), (80, 58, 26), (48, 80, 40), (50, 50, 64)]
+)
 def test_window_gradients_equal_the_reference(dtype, dkdv_chunk, q_len, kv_len, window) -> None:
     """Sliding windows that are and are not multiples of the block (16), window >= S (causal);
     random selections, so blocks outside the band and on its edge are both exercised."""

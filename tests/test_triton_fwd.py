@@ -47,7 +47,9 @@ def _check(q, k, v, selection, attn_mask, is_causal, scale=None, launch=None, wi
     out, lse = sparse_attention_fwd(
         q, k, v, selection, attn_mask, is_causal, scale, window=window, launch=launch
     )
-    ref_out, ref_lse = sparse_attention_reference(q, k, v, selection, attn_mask, is_causal, scale, window=window)
+    ref_out, ref_lse = sparse_attention_reference(
+        q, k, v, selection, attn_mask, is_causal, scale, window=window
+    )
     assert out.dtype == q.dtype and out.shape == q.shape and lse.dtype == torch.float32
     assert rel_error(out, ref_out) < REL_TOL[q.dtype]
     empty = torch.isneginf(ref_lse)
@@ -200,7 +202,8 @@ def test_window_band_equals_sdpa():
     q, k, v = _inputs(1, 2, 1, 160, 160, 16, torch.float32, gen)
     allowed = allowed_blocks(None, True, 1, 2, 160, 160, 32, q.device, window=70)
     band = selection_from_block_mask(allowed.expand(1, 2, -1, -1), 32, 160, 160)
-    out, _ = sparse_attention_fwd(q, k, v, band, None, True, None, window=70, launch=LaunchConfig(32, 16, 4, 1))
+    launch = LaunchConfig(32, 16, 4, 1)
+    out, _ = sparse_attention_fwd(q, k, v, band, None, True, None, window=70, launch=launch)
     mask = window_mask(160, 160, 70, q.device)
     assert rel_error(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)) < 1e-5
 
@@ -227,7 +230,8 @@ def test_finfo_min_mask_equals_bool(dtype):
     assert empty[:, :, 5].all()
     out, lse = sparse_attention_fwd(q, k, v, selection, additive, False, None)
     ref_out, ref_lse = sparse_attention_fwd(q, k, v, selection, keep, False, None)
-    assert rel_error(out, ref_out) < REL_TOL[dtype] and torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    assert rel_error(out, ref_out) < REL_TOL[dtype]
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
 
 
 @pytest.mark.parametrize("head_dim", [80, 256])

@@ -134,7 +134,8 @@ def _grouped_block_mass(
         q_sum = q_sum.view(batch, kv_heads, heads // kv_heads, q_sum.shape[2], q_sum.shape[3])
         scores = torch.matmul(q_sum, k_sum).view(batch, heads, -1, nk * per_block) * score_scale
         scores = scores + _log_counts(
-            attn_mask, is_causal, q_len, kv_len, group, i0 * block_size, rows, nk * block_size, q.device, window
+            attn_mask, is_causal, q_len, kv_len, group, i0 * block_size, rows, nk * block_size, q.device,
+            window,
         )
         row_max = scores.amax(dim=-1, keepdim=True)
         seen = torch.isfinite(row_max)
@@ -241,7 +242,9 @@ def estimate_blocks(
     b, chunk = config.block_size, config.query_chunk
     scale = resolve_scale(scale, q.shape[-1])
     if config.estimator == "composite":
-        return composite_estimate(q, k, attn_mask, is_causal, scale, b, config.granularity, chunk, window=window)
+        return composite_estimate(
+            q, k, attn_mask, is_causal, scale, b, config.granularity, chunk, window=window
+        )
     if config.estimator == "pooled":
         return pooled_estimate(q, k, attn_mask, is_causal, scale, b, chunk, window=window)
     return antidiagonal_estimate(

@@ -215,7 +215,8 @@ def _dq_kernel(
             if needs_mask:
                 keep = offs_n[None, :] < kv_len
                 if IS_CAUSAL:
-                    keep = keep & (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] > offs_m[:, None] - window)
+                    rows = offs_m[:, None]
+                    keep = keep & (offs_n[None, :] <= rows) & (offs_n[None, :] > rows - window)
                 s = tl.where(keep, s, float("-inf"))
             p = tl.math.exp2(s - lse2[:, None])
             dp = tile_dot(do, tl.trans(v), None, FP32_DOT)
@@ -304,7 +305,8 @@ def _dkdv_kernel(
                     if IS_CAUSAL:  # noqa: SIM102 (a compile-time test around a run-time one)
                         # Keys past the end need no mask: their rows of dk, dv are never stored.
                         if (n0 + BLOCK_N - 1 > m0) | (n0 <= m0 + BLOCK_M - 1 - window):
-                            band = (offs_n[:, None] <= offs_m[None, :]) & (offs_n[:, None] > offs_m[None, :] - window)
+                            rows = offs_m[None, :]
+                            band = (offs_n[:, None] <= rows) & (offs_n[:, None] > rows - window)
                             s_t = tl.where(band, s_t, float("-inf"))
                     p_t = tl.math.exp2(s_t - lse2[None, :])
                     dv = tile_dot(p_t.to(do.dtype), do, dv, FP32_DOT)
@@ -405,7 +407,11 @@ def sparse_attention_bwd(
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     group = heads // kv_heads
     mask, mask_strides, mask_kind = _mask_operand(attn_mask, (batch, heads, q_len, kv_len), q)
-    band = (q_len + kv_len if window is None else window, 0.0 if mask_kind != _ADDITIVE_MASK else masked_floor(mask.dtype))
+    # (window, additive floor) scalars of both kernels; no window = one wider than any distance.
+    band = (
+        q_len + kv_len if window is None else window,
+        masked_floor(mask.dtype) if mask_kind == _ADDITIVE_MASK else 0.0,
+    )
     shared = {
         "GROUP": group, "BLOCK": block,
         "HEAD_DIM": head_dim, "HEAD_DIM_PAD": head_dim_pad(head_dim),
