@@ -3,7 +3,10 @@
 Semantics follow ``torch.nn.functional.scaled_dot_product_attention``:
 - ``is_causal``: query row r sees key c iff c <= r (top-left aligned, also when Sq != Skv);
 - a bool mask keeps the entries where it is True;
-- a float mask is added to the scaled scores; its ``-inf`` entries count as masked.
+- a float mask is added to the scaled scores; entries <= ``finfo(dtype).min / 2`` (``-inf``, or the
+  ``finfo.min`` that transformers' sliding-window and padding masks use) count as masked, like -inf;
+- ``window`` (keyword, with ``is_causal=True`` and no mask only): query row r sees key c iff
+  ``r - window < c <= r`` (transformers' sliding window; window >= Skv is plain causal).
 A mask must broadcast to [B, H, Sq, Skv]; ``is_causal`` together with a mask is an error (as SDPA).
 """
 
@@ -47,6 +50,22 @@ def check_qkv(
     if min(batch, q_len, kv_len, dim) == 0:
         raise ValueError(f"empty attention input: q {tuple(q.shape)}, k {tuple(k.shape)}")
     return batch, heads, kv_heads, q_len, kv_len
+
+
+def check_window(window: int | None, is_causal: bool, attn_mask: torch.Tensor | None) -> None:
+    """Raise ``ValueError`` unless ``window`` is None or an int >= 1 with ``is_causal`` and no mask."""
+    if window is None:
+        return
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an int >= 1 or None, got {window!r}")
+    if not is_causal or attn_mask is not None:
+        raise ValueError("window needs is_causal=True and attn_mask=None (a causal sliding window)")
+
+
+def masked_floor(dtype: torch.dtype) -> float:
+    """Additive-mask values at or below this (``finfo(dtype).min / 2``) count as masked, like -inf:
+    their softmax weight underflows to exactly 0."""
+    return torch.finfo(dtype).min / 2
 
 
 def resolve_scale(scale: float | None, head_dim: int) -> float:
@@ -108,7 +127,7 @@ def causal_if_equivalent(
         return attn_mask, is_causal
     cols = torch.arange(kv_len, device=attn_mask.device)
     rows_per_step = max(1, _CAUSAL_CHECK_ELEMENTS // max(1, kv_len * attn_mask[..., 0, 0].numel()))
-    masked_below = None if attn_mask.dtype == torch.bool else torch.finfo(attn_mask.dtype).min / 2
+    masked_below = None if attn_mask.dtype == torch.bool else masked_floor(attn_mask.dtype)
     equal = torch.ones((), dtype=torch.bool, device=attn_mask.device)
     for start in range(0, q_len, rows_per_step):
         rows = torch.arange(start, min(q_len, start + rows_per_step), device=attn_mask.device)
@@ -147,18 +166,24 @@ def mask_bias(
     kv_len: int,
     q_pos: torch.Tensor,
     k_pos: torch.Tensor,
+    *,
+    window: int | None = None,
 ) -> torch.Tensor:
     """fp32 additive bias of the (query, key) position pairs ``q_pos`` x ``k_pos``.
 
     q_pos, k_pos: int64 tensors of equal rank n >= 2 broadcastable to each other; their first two
     dims index batch and head (size 1 or the mask's size there). Entries are 0 (keep), the additive
-    mask value, or -inf (masked by the mask or causality, or a position outside [0, q_len) x
-    [0, kv_len): padding of partial blocks). Shape: the broadcast of q_pos, k_pos and the mask's
-    batch/head dims (a mask of size B or H there widens dims 0 and 1).
+    mask value, or -inf (masked by the mask (values <= `masked_floor` included), causality or the
+    window, or a position outside [0, q_len) x [0, kv_len): padding of partial blocks). Shape: the
+    broadcast of q_pos, k_pos and the mask's batch/head dims (a mask of size B or H there widens
+    dims 0 and 1).
     """
+    check_window(window, is_causal, attn_mask)
     keep = (q_pos < q_len) & (k_pos < kv_len) & (q_pos >= 0) & (k_pos >= 0)
     if is_causal:
         keep = keep & (k_pos <= q_pos)
+    if window is not None:
+        keep = keep & (k_pos > q_pos - window)
     if attn_mask is None:
         return torch.zeros(keep.shape, dtype=torch.float32, device=keep.device).masked_fill_(
             ~keep, float("-inf")
@@ -175,6 +200,8 @@ def mask_bias(
     if values.dtype == torch.bool:
         keep = keep & values
         values = torch.zeros((), dtype=torch.float32, device=values.device)
+    else:
+        keep = keep & (values > masked_floor(values.dtype))
     return torch.where(keep, values.float(), float("-inf"))
 
 
@@ -187,23 +214,33 @@ def allowed_blocks(
     kv_len: int,
     block_size: int,
     device: torch.device | str,
+    *,
+    window: int | None = None,
 ) -> torch.Tensor:
     """bool [B or 1, H or 1, nq, nk]: True where the (query block, key block) tile has an unmasked entry.
 
     nq = ceil(q_len / block_size), nk = ceil(kv_len / block_size). Dims 0 and 1 are 1 unless the mask
     varies over batch or heads there. Causal: key block j is allowed for query block i iff its first
-    key j*b is <= the last query row of block i.
+    key j*b is <= the last query row of block i; with ``window`` also its last key must be
+    > i*b - window (some row of block i sees it), so blocks wholly below the band are not allowed.
+    An additive tile whose entries are all <= `masked_floor` (-inf or finfo.min) is not allowed.
     """
     kind = validate_mask(attn_mask, is_causal, batch, heads, q_len, kv_len)
+    check_window(window, is_causal, attn_mask)
     nq, nk = -(-q_len // block_size), -(-kv_len // block_size)
     if kind == "none":
         return torch.ones(1, 1, nq, nk, dtype=torch.bool, device=device)
     if kind == "causal":
-        last_row = (torch.arange(1, nq + 1, device=device) * block_size).clamp(max=q_len) - 1
+        first_row = torch.arange(nq, device=device) * block_size
+        last_row = (first_row + block_size).clamp(max=q_len) - 1
         first_key = torch.arange(nk, device=device) * block_size
-        return (first_key[None, :] <= last_row[:, None]).view(1, 1, nq, nk)
+        allowed = first_key[None, :] <= last_row[:, None]
+        if window is not None:
+            last_key = (first_key + block_size).clamp(max=kv_len) - 1
+            allowed = allowed & (last_key[None, :] > first_row[:, None] - window)
+        return allowed.view(1, 1, nq, nk)
     mask = _as_4d(attn_mask).to(device)
-    keep = mask if kind == "bool" else ~torch.isneginf(mask)
+    keep = mask if kind == "bool" else mask > masked_floor(mask.dtype)
     rows = nq if keep.shape[2] > 1 else 1
     cols = nk if keep.shape[3] > 1 else 1
     pad_q = rows * block_size - keep.shape[2] if rows > 1 else 0

@@ -34,7 +34,11 @@ BF16 = pytest.param(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, BF16])
-@pytest.mark.parametrize(("batch", "kv_heads", "group", "n", "dim"), [(1, 2, 3, 1, 32), (2, 1, 2, 3, 24)])
+@pytest.mark.parametrize(
+    ("batch", "kv_heads", "group", "n", "dim"),
+    # D = 80 padded to 128; D = 256 (Gemma 3) with 4 x 9 = 36 rows: two 32-row tiles.
+    [(1, 2, 3, 1, 32), (2, 1, 2, 3, 24), (1, 1, 2, 1, 80), (1, 1, 4, 9, 256)],
+)
 def test_kernel_matches_reference(dtype, batch, kv_heads, group, n, dim):
     kv = _random_slim_kv(batch, kv_heads, prompt=150, tail=n + 2, dim=dim, dtype=dtype)
     q = torch.randn(batch, kv_heads * group, n, dim, dtype=dtype, device=DEVICE)

@@ -56,7 +56,7 @@ def _inputs(
     return rand(heads, q_len), rand(kv_heads, kv_len), rand(kv_heads, kv_len)
 
 
-def _reference_grads(q, k, v, selection, attn_mask, is_causal, scale, grad_out):
+def _reference_grads(q, k, v, selection, attn_mask, is_causal, scale, grad_out, window=None):
     """(out, lse, dq, dk, dv) of the float32 reference on the (upcast) inputs.
 
     The kernel, like FlashAttention's backward, takes D = rowsum(dO * O) from the output it is handed,
@@ -67,7 +67,9 @@ def _reference_grads(q, k, v, selection, attn_mask, is_causal, scale, grad_out):
     turns the reference's gradients into those given O' (dv does not depend on D).
     """
     q32, k32, v32 = (t.float().requires_grad_() for t in (q, k, v))
-    out, lse = sparse_attention_reference(q32, k32, v32, selection, attn_mask, is_causal, scale)
+    out, lse = sparse_attention_reference(
+        q32, k32, v32, selection, attn_mask, is_causal, scale, window=window
+    )
     grad_out = grad_out.float()
     d_shift = (grad_out * (out - out.to(q.dtype).float())).sum(-1).detach()
     finite_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # rows with no key: lse = -inf
@@ -86,12 +88,13 @@ def _check_against_reference(
     scale,
     gen,
     tiles: BackwardTiles | None = None,
+    window: int | None = None,
 ):
     """Assert the kernel's gradients match the reference's; return (lse, (dq, dk, dv)) of the kernel run."""
     grad_out = torch.randn(q.shape, generator=gen).to(DEVICE, q.dtype)
-    out, lse, *expected = _reference_grads(q, k, v, selection, attn_mask, is_causal, scale, grad_out)
+    out, lse, *expected = _reference_grads(q, k, v, selection, attn_mask, is_causal, scale, grad_out, window)
     grads = sparse_attention_bwd(
-        grad_out, q, k, v, out.to(q.dtype), lse, selection, attn_mask, is_causal, scale, tiles
+        grad_out, q, k, v, out.to(q.dtype), lse, selection, attn_mask, is_causal, scale, tiles, window=window
     )
     for name, got, want, like in zip("qkv", grads, expected, (q, k, v)):
         assert got.shape == like.shape and got.dtype == like.dtype
@@ -217,11 +220,50 @@ def test_reference_with_full_selection_has_dense_sdpa_gradients(masking: str, dt
 
 def test_supported_names_what_it_cannot_run() -> None:
     q = torch.randn(1, 2, 8, 40, device=DEVICE)
-    assert "head dims" in supported(q, q, q, None)
-    q = torch.randn(1, 2, 8, 256, device=DEVICE)
-    assert "head dims" in supported(q, q, q, None)
+    assert "head dim" in supported(q, q, q, None)
+    q = torch.randn(1, 2, 8, 272, device=DEVICE)
+    assert "head dim" in supported(q, q, q, None)
     q = torch.randn(1, 3, 8, 16, device=DEVICE)
     k = torch.randn(1, 2, 8, 16, device=DEVICE)
     assert "multiple" in supported(q, k, k, None)
     assert "attn_mask dtype" in supported(q, q, q, torch.ones(8, 8, dtype=torch.int64, device=DEVICE))
     assert supported(q, q, q, torch.ones(8, 8, dtype=torch.bool, device=DEVICE)) is None
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dkdv_chunk", [None, 1])
+@pytest.mark.parametrize(
+    "q_len, kv_len, window", [(64, 64, 16), (70, 70, 10), (80, 58, 26), (48, 80, 40), (50, 50, 64)]
+)
+def test_window_gradients_equal_the_reference(dtype, dkdv_chunk, q_len, kv_len, window) -> None:
+    """Sliding windows that are and are not multiples of the block (16), window >= S (causal);
+    random selections, so blocks outside the band and on its edge are both exercised."""
+    gen = torch.Generator().manual_seed(q_len + window)
+    q, k, v = _inputs(1, 4, 2, q_len, kv_len, 16, dtype, gen)
+    selection = _random_selection(1, 4, q_len, kv_len, 16, 0.8, gen)
+    tiles = BackwardTiles(dq_block_n=16, dkdv_block_m=16, dkdv_chunk=dkdv_chunk)
+    _check_against_reference(q, k, v, selection, None, True, None, gen, tiles, window=window)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dim, window", [(80, None), (256, None), (256, 20)])
+def test_gradients_at_head_dims_80_and_256(dim: int, window: int | None) -> None:
+    gen = torch.Generator().manual_seed(dim)
+    q, k, v = _inputs(1, 2, 1, 40, 40, dim, torch.bfloat16, gen)
+    selection = _random_selection(1, 2, 40, 40, 16, 0.7, gen)
+    _check_against_reference(q, k, v, selection, None, True, None, gen, window=window)
+
+
+@pytest.mark.interpreter
+def test_finfo_min_mask_gradients_equal_the_reference() -> None:
+    """transformers' additive masks: 0 / finfo.min, with fully masked rows (gradients 0, as -inf)."""
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = _inputs(1, 2, 2, 40, 40, 16, torch.float16, gen)
+    keep = torch.rand(40, 40, generator=gen) < 0.4
+    keep[3] = False
+    mask = torch.zeros(40, 40, dtype=torch.float16).masked_fill(~keep, torch.finfo(torch.float16).min)
+    lse, grads = _check_against_reference(
+        q, k, v, _full_selection(1, 2, 40, 40, 16), mask.to(DEVICE), False, None, gen
+    )
+    assert torch.isneginf(lse[:, :, 3]).all() and (grads[0][:, :, 3] == 0).all()

@@ -38,14 +38,16 @@ def _qk(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, gen, std=2.0):
     return q, k
 
 
-def _check(q, k, is_causal, config, launch=None):
+def _check(q, k, is_causal, config, launch=None, window=None):
     scale = q.shape[-1] ** -0.5
-    ahat = estimate_blocks(q, k, None, is_causal, scale, config, launch=launch)
-    ref = reference_estimate(q, k, None, is_causal, scale, config)
+    ahat = estimate_blocks(q, k, None, is_causal, scale, config, window=window, launch=launch)
+    ref = reference_estimate(q, k, None, is_causal, scale, config, window=window)
     assert ahat.shape == ref.shape and ahat.dtype == torch.float32
     assert rel_error(ahat, ref) < AHAT_REL_TOL[q.dtype]
     batch, heads, q_len, _ = q.shape
-    allowed = allowed_blocks(None, is_causal, batch, heads, q_len, k.shape[2], config.block_size, q.device)
+    allowed = allowed_blocks(
+        None, is_causal, batch, heads, q_len, k.shape[2], config.block_size, q.device, window=window
+    )
     assert torch.all(ahat.masked_fill(allowed, 0.0) == 0)  # exactly zero on disallowed blocks
     assert torch.allclose(ahat.sum(-1), torch.ones(()), atol=1e-5)
 
@@ -129,9 +131,34 @@ def test_supported_reasons(monkeypatch):
     assert supported(q, k, None, config) is None
     assert "antidiagonal" in supported(q, k, None, config.replace(estimator="antidiagonal"))
     assert "attn_mask" in supported(q, k, torch.ones(8, 8, dtype=torch.bool), config)
-    assert "head dims" in supported(q[..., :40], k[..., :40], None, config)
+    assert "head dim" in supported(q[..., :40], k[..., :40], None, config)
+    assert supported(torch.zeros(1, 4, 8, 256), torch.zeros(1, 2, 8, 256), None, config) is None
+    assert "head dim" in supported(torch.zeros(1, 4, 8, 272), torch.zeros(1, 2, 8, 272), None, config)
     assert "dtypes" in supported(q, k.half(), None, config)
     with pytest.raises(ValueError, match="antidiagonal"):
         estimate_blocks(q, k, None, True, 0.125, config.replace(estimator="antidiagonal"))
     monkeypatch.delenv("TRITON_INTERPRET")
     assert "CUDA" in supported(q, k, None, config)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("estimator", ["composite", "pooled"])
+@pytest.mark.parametrize(
+    "q_len, kv_len, window",
+    # windows that are and are not multiples of the block (16) and of the group (4), Sq != Skv,
+    # window >= S (plain causal)
+    [(256, 256, 32), (250, 250, 37), (200, 150, 70), (120, 250, 64), (100, 100, 128)],
+)
+def test_window_matches_reference(dtype, estimator, q_len, kv_len, window):
+    """Small tiles (16 composites), so tiles below the band, on its edge, interior and diagonal occur."""
+    gen = torch.Generator().manual_seed(q_len + window)
+    q, k = _qk(1, 2, 1, q_len, kv_len, 16, dtype, gen)
+    config = OmniSparseConfig(block_size=16, granularity=4, estimator=estimator)
+    _check(q, k, True, config, launch=SMALL_TILES, window=window)
+
+
+@pytest.mark.parametrize("head_dim, window", [(80, None), (256, None), (256, 40)])
+def test_head_dims_80_and_256(head_dim, window):
+    gen = torch.Generator().manual_seed(head_dim)
+    q, k = _qk(1, 2, 1, 96, 96, head_dim, torch.bfloat16, gen, std=1.0)
+    _check(q, k, True, OmniSparseConfig(block_size=16, granularity=4), window=window)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from omnicompile.config import OmniSparseConfig
 from omnicompile.kernels.estimation.reference import estimate_blocks
-from omnicompile.kernels.masks import allowed_blocks
+from omnicompile.kernels.masks import allowed_blocks, window_mask
 from omnicompile.kernels.selection.select import select_blocks
 from omnicompile.kernels.selection.transpose import selection_from_block_mask
 from omnicompile.kernels.sparse_attention.reference import sparse_attention_reference
@@ -43,9 +43,13 @@ def _random_selection(batch, heads, q_len, kv_len, block, density, gen):
     return selection_from_block_mask(mask, block, q_len, kv_len)
 
 
-def _check(q, k, v, selection, attn_mask, is_causal, scale=None, launch=None):
-    out, lse = sparse_attention_fwd(q, k, v, selection, attn_mask, is_causal, scale, launch=launch)
-    ref_out, ref_lse = sparse_attention_reference(q, k, v, selection, attn_mask, is_causal, scale)
+def _check(q, k, v, selection, attn_mask, is_causal, scale=None, launch=None, window=None):
+    out, lse = sparse_attention_fwd(
+        q, k, v, selection, attn_mask, is_causal, scale, window=window, launch=launch
+    )
+    ref_out, ref_lse = sparse_attention_reference(
+        q, k, v, selection, attn_mask, is_causal, scale, window=window
+    )
     assert out.dtype == q.dtype and out.shape == q.shape and lse.dtype == torch.float32
     assert rel_error(out, ref_out) < REL_TOL[q.dtype]
     empty = torch.isneginf(ref_lse)
@@ -167,9 +171,72 @@ def test_supported_reasons(monkeypatch):
     assert supported(q, kv, kv, None) is None
     assert "head dim" in supported(q[..., :40], kv[..., :40], kv[..., :40], None)
     assert "head dim" in supported(
-        torch.zeros(1, 4, 8, 256), torch.zeros(1, 2, 8, 256), torch.zeros(1, 2, 8, 256), None
+        torch.zeros(1, 4, 8, 272), torch.zeros(1, 2, 8, 272), torch.zeros(1, 2, 8, 272), None
     )
     assert "dtypes" in supported(q.double(), kv.double(), kv.double(), None)
     assert "multiple" in supported(q[:, :3], kv, kv, None)
     monkeypatch.delenv("TRITON_INTERPRET")
     assert "CUDA" in supported(q, kv, kv, None)
+
+
+# (Sq, Skv, window) at b = 16: windows that are and are not multiples of the block, partial last
+# blocks, Sq != Skv, window >= S (plain causal).
+WINDOWS = [(64, 64, 16), (70, 70, 10), (80, 58, 26), (48, 80, 32), (50, 50, 64)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("q_len, kv_len, window", WINDOWS)
+def test_window_matches_reference(dtype, q_len, kv_len, window):
+    """Random selections (blocks outside the band too: masked per element) and the band's own."""
+    gen = torch.Generator().manual_seed(q_len * 1000 + window)
+    q, k, v = _inputs(1, 4, 2, q_len, kv_len, 32, dtype, gen)
+    _check(q, k, v, _random_selection(1, 4, q_len, kv_len, 16, 0.7, gen), None, True, window=window)
+    allowed = allowed_blocks(None, True, 1, 4, q_len, kv_len, 16, q.device, window=window)
+    band = selection_from_block_mask(allowed.expand(1, 4, -1, -1), 16, q_len, kv_len)
+    _check(q, k, v, band, None, True, window=window, launch=LaunchConfig(16, 16, 4, 1))
+
+
+def test_window_band_equals_sdpa():
+    """b = 32 with BLOCK_N 16: the mask-free run sits between the band's edge and the diagonal."""
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = _inputs(1, 2, 1, 160, 160, 16, torch.float32, gen)
+    allowed = allowed_blocks(None, True, 1, 2, 160, 160, 32, q.device, window=70)
+    band = selection_from_block_mask(allowed.expand(1, 2, -1, -1), 32, 160, 160)
+    launch = LaunchConfig(32, 16, 4, 1)
+    out, _ = sparse_attention_fwd(q, k, v, band, None, True, None, window=70, launch=launch)
+    mask = window_mask(160, 160, 70, q.device)
+    assert rel_error(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)) < 1e-5
+
+
+def test_window_rejects_non_causal():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = _inputs(1, 2, 2, 32, 32, 16, torch.float32, gen)
+    selection = _random_selection(1, 2, 32, 32, 16, 1.0, gen)
+    with pytest.raises(ValueError, match="is_causal=True"):
+        sparse_attention_fwd(q, k, v, selection, None, False, None, window=8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_finfo_min_mask_equals_bool(dtype):
+    """An additive mask of 0 / finfo.min (transformers) attends exactly like its bool form: fully
+    masked rows give out 0 and lse -inf, not a uniform average."""
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = _inputs(1, 2, 2, 40, 40, 16, dtype, gen)
+    keep = torch.rand(1, 2, 40, 40, generator=gen) < 0.3
+    keep[:, :, 5] = False
+    additive = torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)
+    selection = _random_selection(1, 2, 40, 40, 16, 1.0, gen)
+    empty = _check(q, k, v, selection, additive, False)
+    assert empty[:, :, 5].all()
+    out, lse = sparse_attention_fwd(q, k, v, selection, additive, False, None)
+    ref_out, ref_lse = sparse_attention_fwd(q, k, v, selection, keep, False, None)
+    assert rel_error(out, ref_out) < REL_TOL[dtype]
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+
+
+@pytest.mark.parametrize("head_dim", [80, 256])
+@pytest.mark.parametrize("window", [None, 24])
+def test_large_and_padded_head_dims(head_dim, window):
+    gen = torch.Generator().manual_seed(head_dim)
+    q, k, v = _inputs(1, 2, 1, 40, 40, head_dim, torch.bfloat16, gen)
+    _check(q, k, v, _random_selection(1, 2, 40, 40, 16, 0.7, gen), None, True, window=window)

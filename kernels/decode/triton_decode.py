@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 from torch import Tensor
@@ -22,11 +21,12 @@ from .slim_kv import SlimKV, check_decode_inputs
 try:
     import triton
     import triton.language as tl
+
+    from ..triton_utils import MAX_HEAD_DIM, head_dim_pad, interpreting
 except ImportError:  # pragma: no cover - triton is absent on some CPU hosts
     triton = None
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_HEAD_DIM = 256
 _BLOCK_N = 64
 
 
@@ -37,8 +37,7 @@ def supported(q: Tensor, kv: SlimKV, scale: float | None = None) -> str | None:
     tensors = (q, kv.k_packed, kv.v_packed, kv.offsets, kv.lengths, kv.k_tail, kv.v_tail)
     if len({t.device for t in tensors}) != 1:
         return "tensors are on different devices"
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    if not (q.is_cuda or (interpreted and q.device.type == "cpu")):
+    if not (q.is_cuda or (interpreting() and q.device.type == "cpu")):
         return f"device {q.device} (CUDA, or CPU with TRITON_INTERPRET=1)"
     if q.dtype not in _DTYPES or any(t.dtype != q.dtype for t in tensors[1:3] + tensors[5:]):
         return (
@@ -46,8 +45,8 @@ def supported(q: Tensor, kv: SlimKV, scale: float | None = None) -> str | None:
         )
     if any(t.dtype != torch.int32 or not t.is_contiguous() for t in (kv.offsets, kv.lengths)):
         return "offsets/lengths must be contiguous int32"
-    if q.shape[-1] > _MAX_HEAD_DIM:
-        return f"head_dim {q.shape[-1]} > {_MAX_HEAD_DIM}"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM}"
     return None
 
 
@@ -233,6 +232,13 @@ def _split_len(kv: SlimKV, programs_per_split: int, device: torch.device) -> int
     return _BLOCK_N * math.ceil(longest / (splits * _BLOCK_N))
 
 
+def row_tile(rows: int, head_dim: int) -> int:
+    """Query rows per program for ``rows`` = G * n rows of a KV head: a power of two in [16, 64], at
+    most 32 above D = 128 (sm_90: 64 rows x 256 spill and fill the shared memory at 3 stages; 32
+    rows take 188 registers, 148 KB)."""
+    return max(16, min(64 if head_dim_pad(head_dim) <= 128 else 32, triton.next_power_of_2(rows)))
+
+
 def slim_decode_triton(q: Tensor, kv: SlimKV, scale: float | None = None) -> tuple[Tensor, Tensor]:
     """Decode attention of a few queries against a slim cache (see `slim_decode_reference`).
 
@@ -252,10 +258,10 @@ def slim_decode_triton(q: Tensor, kv: SlimKV, scale: float | None = None) -> tup
     group = heads // kv.num_kv_heads
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
     rows = group * n
-    block_m = max(16, min(64, triton.next_power_of_2(rows)))
+    block_d = head_dim_pad(dim)
+    block_m = row_tile(rows, dim)
     row_tiles = math.ceil(rows / block_m)
     rows_padded = row_tiles * block_m
-    block_d = max(16, triton.next_power_of_2(dim))
     programs_per_split = batch * kv.num_kv_heads * row_tiles
     split_len = _split_len(kv, programs_per_split, q.device)
     num_splits = math.ceil((kv.max_length + kv.tail_len) / split_len)

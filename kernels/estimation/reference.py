@@ -37,7 +37,7 @@ from collections.abc import Callable
 import torch
 
 from ...config import OmniSparseConfig
-from ..masks import check_qkv, mask_bias, resolve_scale, validate_mask
+from ..masks import check_qkv, check_window, mask_bias, resolve_scale, validate_mask
 
 # (padded fp32 chunk [B, H, P, D], position of its first row) -> group summaries [B, H, P / group, D'].
 Summary = Callable[[torch.Tensor, int], torch.Tensor]
@@ -78,9 +78,11 @@ def _log_counts(
     num_rows: int,
     num_keys: int,
     device: torch.device,
+    window: int | None = None,
 ) -> torch.Tensor:
     """c(u, w) of the module docstring for rows [row_start, row_start + num_rows) and keys [0, num_keys).
 
+    ``window`` (causal, no mask): row r counts only keys in (r - window, r].
     Returns float32 [Bm, Hm, num_rows / group, num_keys / group] (Bm, Hm: the mask's batch/head sizes or 1).
     """
     if attn_mask is None:
@@ -88,7 +90,8 @@ def _log_counts(
         first_key = torch.arange(0, num_keys, group, device=device)
         end_key = (first_key + group).clamp(max=kv_len)
         stop = torch.minimum(rows + 1, end_key) if is_causal else end_key
-        visible = (stop - first_key).clamp(min=0) * (rows < q_len)
+        start = first_key if window is None else torch.maximum(first_key, rows - window + 1)
+        visible = (stop - start).clamp(min=0) * (rows < q_len)
         return visible.sum(1).float().log()[None, None]
     q_pos = (row_start + torch.arange(num_rows, device=device)).view(1, 1, -1, 1)
     k_pos = torch.arange(num_keys, device=device).view(1, 1, 1, -1)
@@ -109,10 +112,13 @@ def _grouped_block_mass(
     query_chunk: int,
     summarise_q: Summary,
     summarise_k: Summary,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """The common scheme of the module docstring: float32 [B, H, nq, nk]."""
+    """The common scheme of the module docstring: float32 [B, H, nq, nk]; ``window``: causal
+    sliding window (``masks``), applied through the counts c(u, w)."""
     batch, heads, kv_heads, q_len, kv_len = check_qkv(q, k)
     validate_mask(attn_mask, is_causal, batch, heads, q_len, kv_len)
+    check_window(window, is_causal, attn_mask)
     if block_size % group:
         raise ValueError(f"group size {group} does not divide block_size {block_size}")
     if query_chunk < 1:
@@ -128,7 +134,8 @@ def _grouped_block_mass(
         q_sum = q_sum.view(batch, kv_heads, heads // kv_heads, q_sum.shape[2], q_sum.shape[3])
         scores = torch.matmul(q_sum, k_sum).view(batch, heads, -1, nk * per_block) * score_scale
         scores = scores + _log_counts(
-            attn_mask, is_causal, q_len, kv_len, group, i0 * block_size, rows, nk * block_size, q.device
+            attn_mask, is_causal, q_len, kv_len, group, i0 * block_size, rows, nk * block_size, q.device,
+            window,
         )
         row_max = scores.amax(dim=-1, keepdim=True)
         seen = torch.isfinite(row_max)
@@ -150,11 +157,14 @@ def composite_estimate(
     block_size: int,
     granularity: int,
     query_chunk: int,
+    *,
+    window: int | None = None,
 ) -> torch.Tensor:
     """UniSparse composite-token estimate, float32 [B, H, nq, nk] (module docstring).
 
     q: [B, H, Sq, D], k: [B, Hkv, Skv, D] (GQA by h // (H // Hkv)); any float dtype; attn_mask bool
-    or additive, broadcastable to [B, H, Sq, Skv]; granularity g divides block_size.
+    or additive, broadcastable to [B, H, Sq, Skv]; granularity g divides block_size; ``window``: causal
+    sliding window (``masks`` module docstring).
     """
     return _grouped_block_mass(
         q,
@@ -167,6 +177,7 @@ def composite_estimate(
         query_chunk,
         functools.partial(_group_mean, seq_len=q.shape[2], group=granularity),
         functools.partial(_group_mean, seq_len=k.shape[2], group=granularity),
+        window,
     )
 
 
@@ -178,9 +189,13 @@ def pooled_estimate(
     scale: float,
     block_size: int,
     query_chunk: int,
+    *,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Block-mean estimate: ``composite_estimate`` at granularity = block_size."""
-    return composite_estimate(q, k, attn_mask, is_causal, scale, block_size, block_size, query_chunk)
+    return composite_estimate(
+        q, k, attn_mask, is_causal, scale, block_size, block_size, query_chunk, window=window
+    )
 
 
 def antidiagonal_estimate(
@@ -192,6 +207,8 @@ def antidiagonal_estimate(
     block_size: int,
     stride: int,
     query_chunk: int,
+    *,
+    window: int | None = None,
 ) -> torch.Tensor:
     """XAttention-style strided anti-diagonal estimate, float32 [B, H, nq, nk] (module docstring)."""
     return _grouped_block_mass(
@@ -205,6 +222,7 @@ def antidiagonal_estimate(
         query_chunk,
         functools.partial(_stride_rows, stride=stride, reverse=True),
         functools.partial(_stride_rows, stride=stride, reverse=False),
+        window,
     )
 
 
@@ -215,13 +233,20 @@ def estimate_blocks(
     is_causal: bool,
     scale: float | None,
     config: OmniSparseConfig,
+    *,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Ahat float32 [B, H, nq, nk] by ``config.estimator`` at ``config.block_size``, chunked by
-    ``config.query_chunk``; scale ``None`` = 1 / sqrt(D) (as SDPA)."""
+    ``config.query_chunk``; scale ``None`` = 1 / sqrt(D) (as SDPA); ``window``: causal sliding
+    window (``masks`` module docstring), zero mass on blocks wholly outside the band."""
     b, chunk = config.block_size, config.query_chunk
     scale = resolve_scale(scale, q.shape[-1])
     if config.estimator == "composite":
-        return composite_estimate(q, k, attn_mask, is_causal, scale, b, config.granularity, chunk)
+        return composite_estimate(
+            q, k, attn_mask, is_causal, scale, b, config.granularity, chunk, window=window
+        )
     if config.estimator == "pooled":
-        return pooled_estimate(q, k, attn_mask, is_causal, scale, b, chunk)
-    return antidiagonal_estimate(q, k, attn_mask, is_causal, scale, b, config.antidiagonal_stride, chunk)
+        return pooled_estimate(q, k, attn_mask, is_causal, scale, b, chunk, window=window)
+    return antidiagonal_estimate(
+        q, k, attn_mask, is_causal, scale, b, config.antidiagonal_stride, chunk, window=window
+    )

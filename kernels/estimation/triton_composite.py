@@ -11,10 +11,12 @@ the key composites its rows may see (causal: up to the tile's last row):
    query block's R rows, divided by the number of rows that see a key, stored straight into Ahat.
 
 count(u, w) is the number of unmasked (row, key) pairs of the g x g tile (reference docstring):
-rows(u) * keys(w) below the diagonal, the triangle count on it, 0 above it or past the keys. Tiles
-strictly below the diagonal with full key groups ("interior") skip that arithmetic. Key blocks a
-tile never visits (above the diagonal) are written as zeros, so Ahat needs no memset. Only the
-[B, H, nq, nk] output is written; no score matrix is materialised.
+rows(u) * keys(w) below the diagonal, the triangle count on it, 0 above it or past the keys; with a
+causal sliding ``window`` (row r sees keys (r - window, r]) the pairs inside the band, in closed
+form (`_band_count`). Key tiles strictly below the diagonal, wholly inside the band and with full
+key groups ("interior") skip that arithmetic. Key blocks a tile never visits (above the diagonal,
+below the band) are written as zeros, so Ahat needs no memset. Only the [B, H, nq, nk] output is
+written; no score matrix is materialised. Head dims up to 256 (non-powers of two padded).
 
 Operands are the inputs' dtype (bf16/fp16 tensor cores, fp32 accumulation); fp32 inputs use
 exact fp32 dots (interpreter). With a bf16 input the composite means are rounded to bf16 before
@@ -39,12 +41,10 @@ import triton.language as tl
 from torch import Tensor
 
 from ...config import OmniSparseConfig
-from ..masks import resolve_scale
-from ..sparse_attention.triton_fwd import interpreting, needs_fp32_dot, tile_dot
+from ..masks import check_window, resolve_scale
+from ..triton_utils import LOG2E, head_dim_pad, head_dim_reason, interpreting, needs_fp32_dot, tile_dot
 
-_LOG2E = 1.4426950408889634
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_MAX_HEAD_DIM = 128
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,16 @@ class EstimateLaunch:
     block_w: int = 64
     num_warps: int = 4
     num_stages: int = 2
+
+
+def default_launch(head_dim: int, windowed: bool) -> EstimateLaunch:
+    """The launch config for a head dim and window presence, spill-free on sm_90 (triton.compile for
+    sm_90, cuobjdump -res-usage; notes/prefill_kernel.md): 64 x 64 tiles take 135-176 registers at
+    D <= 128 without a window, but 254-255 at D = 256 or with the window's band counts; 64 x 32
+    tiles take 127-168 there."""
+    if windowed or head_dim_pad(head_dim) > 128:
+        return EstimateLaunch(block_w=32)
+    return EstimateLaunch()
 
 
 def supported(q: Tensor, k: Tensor, attn_mask: Tensor | None, config: OmniSparseConfig) -> str | None:
@@ -70,9 +80,9 @@ def supported(q: Tensor, k: Tensor, attn_mask: Tensor | None, config: OmniSparse
         return f"dtypes q {q.dtype}, k {k.dtype}: need one of bf16, fp16, fp32"
     if q.dtype == torch.float32 and not interpreting():
         return "fp32 on CUDA: the kernel's exact-fp32 path serves the interpreter"
-    head_dim = q.shape[-1]
-    if k.shape[-1] != head_dim or head_dim % 16 or not 16 <= head_dim <= _MAX_HEAD_DIM:
-        return f"head dims q {head_dim}, k {k.shape[-1]}: need equal multiples of 16 in [16, {_MAX_HEAD_DIM}]"
+    reason = head_dim_reason(q.shape[-1], k.shape[-1])
+    if reason is not None:
+        return reason
     if q.shape[1] % k.shape[1]:
         return f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} KV heads"
     return None
@@ -97,21 +107,24 @@ def estimate_blocks(
     scale: float | None,
     config: OmniSparseConfig,
     *,
+    window: int | None = None,
     launch: EstimateLaunch | None = None,
 ) -> Tensor:
     """Ahat float32 [B, H, nq, nk] of ``config.estimator`` (composite or pooled), as the reference.
 
     q: [B, H, Sq, D], k: [B, Hkv, Skv, D] (GQA: head h reads h // (H // Hkv)), one of bf16 / fp16 /
     fp32 (fp32 under the interpreter only); attn_mask must be None (see `supported`); scale None =
-    1 / sqrt(D). ``launch`` overrides the tiles (benchmarks).
+    1 / sqrt(D); ``window``: causal sliding window (``masks``). ``launch`` overrides the tiles
+    (benchmarks); None = `default_launch`.
     """
     reason = supported(q, k, attn_mask, config)
     if reason is not None:
         raise ValueError(f"triton estimate_blocks: {reason}")
+    check_window(window, is_causal, attn_mask)
     b = config.block_size
     group = config.granularity if config.estimator == "composite" else b
     per_block = b // group
-    cfg = launch or EstimateLaunch()
+    cfg = launch or default_launch(q.shape[-1], window is not None)
     block_u, block_w = max(cfg.block_u, per_block), max(cfg.block_w, per_block)
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
@@ -136,15 +149,17 @@ def estimate_blocks(
         nq,
         nk,
         u_tiles,
-        scale * _LOG2E,
+        scale * LOG2E,
+        q_len + kv_len if window is None else window,
         GQA=heads // kv_heads,
         GROUP=group,
         PER_BLOCK=per_block,
         BLOCK_U=block_u,
         BLOCK_W=block_w,
         HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+        HEAD_DIM_PAD=head_dim_pad(head_dim),
         IS_CAUSAL=is_causal,
+        WINDOWED=window is not None,
         FP32_DOT=needs_fp32_dot(q.dtype),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
@@ -165,11 +180,13 @@ def _scores(
     n_w,
     kv_len,
     qk_scale,
+    window,
     GROUP: tl.constexpr,
     BLOCK_W: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
+    WINDOWED: tl.constexpr,
     FP32_DOT: tl.constexpr,
     BOUNDARY: tl.constexpr,
 ):
@@ -187,18 +204,35 @@ def _scores(
     if BOUNDARY:
         keys = tl.minimum(tl.maximum(kv_len - offs_w * GROUP, 0), GROUP)[None, :]
         rows = rows_u[:, None]
-        count = rows * keys
         if IS_CAUSAL:
-            # On the diagonal, row t of the group sees min(t + 1, keys) keys.
-            lo = tl.minimum(rows, keys)
-            diag = lo * (lo + 1) // 2 + (rows - lo) * keys
-            below = offs_w[None, :] < offs_u[:, None]
-            count = tl.where(below, count, tl.where(offs_w[None, :] == offs_u[:, None], diag, 0))
+            # Row t of group u sees the keys c of group w with c <= u*g + t, less (window) those
+            # with c <= u*g + t - window.
+            shift = (offs_u[:, None] - offs_w[None, :]) * GROUP + 1
+            count = _band_count(shift, rows, keys)
+            if WINDOWED:
+                count -= _band_count(shift - window, rows, keys)
+        else:
+            count = rows * keys
         s = tl.where(count > 0, s + tl.math.log2(tl.maximum(count, 1).to(tl.float32)), float("-inf"))
     else:
         # Interior: every key group is full and strictly below the diagonal.
         s = s + row_log2_count[:, None]
     return s
+
+
+@triton.jit
+def _clamp_sum(n, keys):
+    """sum over y in [0, n) of clamp(y, 0, keys), elementwise (0 for n <= 0)."""
+    n = tl.maximum(n, 0)
+    a = tl.minimum(n, keys + 1)
+    return a * (a - 1) // 2 + tl.maximum(n - keys - 1, 0) * keys
+
+
+@triton.jit
+def _band_count(shift, rows, keys):
+    """sum over t in [0, rows) of clamp(shift + t, 0, keys): the (row, key) pairs of a composite tile
+    with key offset <= row offset + shift - 1."""
+    return _clamp_sum(shift + rows, keys) - _clamp_sum(shift, keys)
 
 
 @triton.jit
@@ -236,40 +270,50 @@ def _store_mass(
 
 
 @triton.jit
+def _run(
+    m_i, l_i, m_shift, inv_l, inv_rows, qc, kc_base, a_base, row_ok, offs_u, offs_d, row_log2_count,
+    rows_u, start, stop, gap_at, gap, stride_kw, stride_aj, n_w, nk, kv_len, qk_scale, window,
+    GROUP: tl.constexpr, PER_BLOCK: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_W: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, IS_CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+    FP32_DOT: tl.constexpr, BOUNDARY: tl.constexpr, STORE: tl.constexpr,
+):
+    """One pass over key tiles [start, stop), a tile t >= gap_at read as t + gap: the online
+    statistics (m_i, l_i), or with STORE the block masses into Ahat. Returns (m_i, l_i)."""
+    for it in tl.range(start, stop):
+        t = it + gap * (it >= gap_at)
+        s = _scores(
+            qc, kc_base, t * BLOCK_W, offs_u, offs_d, row_log2_count, rows_u, stride_kw, n_w, kv_len,
+            qk_scale, window, GROUP, BLOCK_W, HEAD_DIM, HEAD_DIM_PAD, IS_CAUSAL, WINDOWED, FP32_DOT, BOUNDARY,
+        )
+        if STORE:
+            _store_mass(
+                s, m_shift, inv_l, inv_rows, a_base, row_ok, t, stride_aj, nk,
+                BLOCK_U, PER_BLOCK, BLOCK_U // PER_BLOCK, BLOCK_W // PER_BLOCK,
+            )
+        else:
+            m_i, l_i = _online_stats(m_i, l_i, s)
+    return m_i, l_i
+
+
+@triton.jit
+def _zero_blocks(a_base, row_ok, j_start, j_stop, BLOCKS_I: tl.constexpr, BLOCKS_J: tl.constexpr, stride_aj):
+    """Ahat = 0 on key blocks [j_start, j_stop) of this tile's query blocks."""
+    for j0 in tl.range(j_start, j_stop, BLOCKS_J):
+        offs_j = j0 + tl.arange(0, BLOCKS_J)
+        zeros = tl.zeros([BLOCKS_I, BLOCKS_J], dtype=tl.float32)
+        tl.store(a_base + offs_j[None, :] * stride_aj, zeros, mask=row_ok & (offs_j[None, :] < j_stop))
+
+
+@triton.jit
 def _composite_kernel(
-    QC,
-    KC,
-    AHAT,
-    stride_qb,
-    stride_qh,
-    stride_qu,
-    stride_qd,
-    stride_kb,
-    stride_kh,
-    stride_kw,
-    stride_kd,
-    stride_ab,
-    stride_ah,
-    stride_ai,
-    stride_aj,
-    heads,
-    q_len,
-    kv_len,
-    n_u,
-    n_w,
-    nq,
-    nk,
-    u_tiles,
-    qk_scale,
-    GQA: tl.constexpr,
-    GROUP: tl.constexpr,
-    PER_BLOCK: tl.constexpr,
-    BLOCK_U: tl.constexpr,
-    BLOCK_W: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
-    FP32_DOT: tl.constexpr,
+    QC, KC, AHAT,
+    stride_qb, stride_qh, stride_qu, stride_qd,
+    stride_kb, stride_kh, stride_kw, stride_kd,
+    stride_ab, stride_ah, stride_ai, stride_aj,
+    heads, q_len, kv_len, n_u, n_w, nq, nk, u_tiles, qk_scale, window,
+    GQA: tl.constexpr, GROUP: tl.constexpr, PER_BLOCK: tl.constexpr, BLOCK_U: tl.constexpr,
+    BLOCK_W: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    WINDOWED: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
     # Program order, fastest first: head (heads of a KV group share key tiles in L2), query tile
     # (last first: causal tiles near the end are the longest), batch.
@@ -295,145 +339,53 @@ def _composite_kernel(
         rows_u > 0, tl.math.log2(tl.maximum(rows_u * GROUP, 1).to(tl.float32)), float("-inf")
     )
 
-    # Key tiles [0, interior) need no count arithmetic; [interior, visited) do.
+    # Key tiles visited: [first, visited) (causal: up to the diagonal; window: from the tile of the
+    # first key the tile's first row sees). Interior (no count arithmetic): [free0, free1), every
+    # key group full, below the diagonal and inside the band for every row; the rest is boundary.
+    # Numerators are kept >= 0 so integer division agrees between the interpreter and the GPU.
     w_stop = n_w
     w_full = kv_len // GROUP
+    first = 0
+    free0 = 0
     if IS_CAUSAL:
         w_stop = tl.minimum(w_stop, u0 + BLOCK_U)
         w_full = tl.minimum(w_full, u0)
-    interior = w_full // BLOCK_W
+        # Without a window the wrapper passes window = Sq + Skv: first = 0, free0 = 0 (computed at
+        # run time all the same: constant bounds here cost ~70 registers on sm_90).
+        first = tl.maximum(u0 * GROUP - window + 1, 0) // (BLOCK_W * GROUP)
+        last_row = (u0 + BLOCK_U) * GROUP - 1
+        free0 = tl.where(last_row >= window, (last_row - window) // (BLOCK_W * GROUP) + 1, 0)
     visited = tl.cdiv(w_stop, BLOCK_W)
+    free0 = tl.minimum(tl.maximum(free0, first), visited)
+    free1 = tl.minimum(tl.maximum(w_full // BLOCK_W, free0), visited)
+    n_boundary = (free0 - first) + (visited - free1)
 
     m_i = tl.full([BLOCK_U], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_U], dtype=tl.float32)
-    for t in tl.range(0, interior):
-        s = _scores(
-            qc,
-            kc_base,
-            t * BLOCK_W,
-            offs_u,
-            offs_d,
-            row_log2_count,
-            rows_u,
-            stride_kw,
-            n_w,
-            kv_len,
-            qk_scale,
-            GROUP,
-            BLOCK_W,
-            HEAD_DIM,
-            HEAD_DIM_PAD,
-            IS_CAUSAL,
-            FP32_DOT,
-            False,
-        )
-        m_i, l_i = _online_stats(m_i, l_i, s)
-    for t in tl.range(interior, visited):
-        s = _scores(
-            qc,
-            kc_base,
-            t * BLOCK_W,
-            offs_u,
-            offs_d,
-            row_log2_count,
-            rows_u,
-            stride_kw,
-            n_w,
-            kv_len,
-            qk_scale,
-            GROUP,
-            BLOCK_W,
-            HEAD_DIM,
-            HEAD_DIM_PAD,
-            IS_CAUSAL,
-            FP32_DOT,
-            True,
-        )
-        m_i, l_i = _online_stats(m_i, l_i, s)
-
-    # Rows that see no key (padding) get weight 0: shift by +inf, scale by 0.
-    seen = l_i > 0.0
-    m_shift = tl.where(seen, m_i, float("inf"))
-    inv_l = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)
-    rows_seen = tl.sum(tl.reshape(seen.to(tl.float32), [BLOCKS_I, PER_BLOCK]), 1)
-    inv_rows = 1.0 / tl.maximum(rows_seen, 1.0)
-
     offs_i = tile * BLOCKS_I + tl.arange(0, BLOCKS_I)
     a_base = AHAT + batch * stride_ab + head * stride_ah + offs_i[:, None] * stride_ai
     row_ok = offs_i[:, None] < nq
-    for t in tl.range(0, interior):
-        s = _scores(
-            qc,
-            kc_base,
-            t * BLOCK_W,
-            offs_u,
-            offs_d,
-            row_log2_count,
-            rows_u,
-            stride_kw,
-            n_w,
-            kv_len,
-            qk_scale,
-            GROUP,
-            BLOCK_W,
-            HEAD_DIM,
-            HEAD_DIM_PAD,
-            IS_CAUSAL,
-            FP32_DOT,
-            False,
+    for STORE in tl.static_range(2):
+        if STORE == 1:
+            # Rows that see no key (padding) get weight 0: shift by +inf, scale by 0.
+            seen = l_i > 0.0
+            m_shift = tl.where(seen, m_i, float("inf"))
+            inv_l = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)
+            rows_seen = tl.sum(tl.reshape(seen.to(tl.float32), [BLOCKS_I, PER_BLOCK]), 1)
+            inv_rows = 1.0 / tl.maximum(rows_seen, 1.0)
+        else:
+            m_shift, inv_l, inv_rows = m_i, l_i, tl.zeros([BLOCKS_I], dtype=tl.float32)
+        m_i, l_i = _run(
+            m_i, l_i, m_shift, inv_l, inv_rows, qc, kc_base, a_base, row_ok, offs_u, offs_d,
+            row_log2_count, rows_u, free0, free1, 0, 0, stride_kw, stride_aj, n_w, nk, kv_len,
+            qk_scale, window, GROUP, PER_BLOCK, BLOCK_U, BLOCK_W, HEAD_DIM, HEAD_DIM_PAD, IS_CAUSAL,
+            WINDOWED, FP32_DOT, False, STORE == 1,
         )
-        _store_mass(
-            s,
-            m_shift,
-            inv_l,
-            inv_rows,
-            a_base,
-            row_ok,
-            t,
-            stride_aj,
-            nk,
-            BLOCK_U,
-            PER_BLOCK,
-            BLOCKS_I,
-            BLOCKS_J,
+        m_i, l_i = _run(
+            m_i, l_i, m_shift, inv_l, inv_rows, qc, kc_base, a_base, row_ok, offs_u, offs_d,
+            row_log2_count, rows_u, first, first + n_boundary, free0, free1 - free0, stride_kw,
+            stride_aj, n_w, nk, kv_len, qk_scale, window, GROUP, PER_BLOCK, BLOCK_U, BLOCK_W, HEAD_DIM,
+            HEAD_DIM_PAD, IS_CAUSAL, WINDOWED, FP32_DOT, True, STORE == 1,
         )
-    for t in tl.range(interior, visited):
-        s = _scores(
-            qc,
-            kc_base,
-            t * BLOCK_W,
-            offs_u,
-            offs_d,
-            row_log2_count,
-            rows_u,
-            stride_kw,
-            n_w,
-            kv_len,
-            qk_scale,
-            GROUP,
-            BLOCK_W,
-            HEAD_DIM,
-            HEAD_DIM_PAD,
-            IS_CAUSAL,
-            FP32_DOT,
-            True,
-        )
-        _store_mass(
-            s,
-            m_shift,
-            inv_l,
-            inv_rows,
-            a_base,
-            row_ok,
-            t,
-            stride_aj,
-            nk,
-            BLOCK_U,
-            PER_BLOCK,
-            BLOCKS_I,
-            BLOCKS_J,
-        )
-    for j0 in tl.range(visited * BLOCKS_J, nk, BLOCKS_J):
-        offs_j = j0 + tl.arange(0, BLOCKS_J)
-        zeros = tl.zeros([BLOCKS_I, BLOCKS_J], dtype=tl.float32)
-        tl.store(a_base + offs_j[None, :] * stride_aj, zeros, mask=row_ok & (offs_j[None, :] < nk))
+    _zero_blocks(a_base, row_ok, 0, tl.minimum(first * BLOCKS_J, nk), BLOCKS_I, BLOCKS_J, stride_aj)
+    _zero_blocks(a_base, row_ok, visited * BLOCKS_J, nk, BLOCKS_I, BLOCKS_J, stride_aj)

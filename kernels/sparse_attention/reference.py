@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..masks import check_qkv, mask_bias, resolve_scale, validate_mask
+from ..masks import check_qkv, check_window, mask_bias, resolve_scale, validate_mask
 from ..selection.block_selection import BlockSelection
 
 
@@ -24,6 +24,8 @@ def sparse_attention_reference(
     is_causal: bool,
     scale: float | None,
     query_chunk: int = 16,
+    *,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of each query block restricted to its selected key blocks.
 
@@ -35,6 +37,7 @@ def sparse_attention_reference(
         is_causal: top-left causal (as SDPA); exclusive with attn_mask.
         scale: score scale, ``None`` = 1 / sqrt(D).
         query_chunk: query blocks processed at once.
+        window: causal sliding window (`masks` module docstring): row r sees keys (r - window, r].
 
     Returns:
         out: [B, H, Sq, Dv] in q.dtype; softmax over the selected keys (inside the mask, causal and
@@ -43,6 +46,7 @@ def sparse_attention_reference(
     """
     batch, heads, kv_heads, q_len, kv_len = check_qkv(q, k, v)
     validate_mask(attn_mask, is_causal, batch, heads, q_len, kv_len)
+    check_window(window, is_causal, attn_mask)
     b = selection.block_size
     nq, nk = -(-q_len // b), -(-kv_len // b)
     if (selection.q_len, selection.kv_len) != (q_len, kv_len) or selection.kv_indices.shape != (
@@ -77,7 +81,7 @@ def sparse_attention_reference(
         q_pos = (i0 * b + torch.arange((i1 - i0) * b, device=q.device)).view(1, 1, i1 - i0, b, 1)
         k_pos = (index.unsqueeze(-1) * b + torch.arange(b, device=q.device)).flatten(3, 4).unsqueeze(3)
         scores = torch.matmul(q_blocks[:, :, i0:i1], keys.transpose(-1, -2)) * scale
-        scores = scores + mask_bias(attn_mask, is_causal, q_len, kv_len, q_pos, k_pos)
+        scores = scores + mask_bias(attn_mask, is_causal, q_len, kv_len, q_pos, k_pos, window=window)
         row_max = scores.detach().amax(dim=-1, keepdim=True)
         row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
         weights = torch.exp(scores - row_max)

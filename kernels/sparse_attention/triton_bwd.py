@@ -17,27 +17,27 @@ FlashAttention-2 style launches, reusing the forward's log-sum-exp:
    stored directly by its one program: no atomics, no scratch traffic.
 
 With P = exp(scale * Q K^T + bias - lse), dP = dO V^T, dS = P * (dP - delta). Causal masking
-(top-left aligned) is applied only on tiles that cross the diagonal, the key bound only on tiles
-past the last key. All accumulation is float32.
+(top-left aligned) is applied only on tiles that cross the diagonal or, with a sliding ``window``,
+the band's lower edge; the key bound only on tiles past the last key. Additive masks: values
+<= finfo.min / 2 count as -inf (`masks.masked_floor`). Head dims: multiples of 16 up to 256,
+non-powers of two on a padded, masked head-dim range. All accumulation is float32.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from ..masks import check_window, masked_floor
 from ..selection.block_selection import BlockSelection
 from ..selection.transpose import transpose_selection
-from .triton_fwd import needs_fp32_dot, tile_dot
+from ..triton_utils import LOG2E, head_dim_pad, head_dim_reason, interpreting, needs_fp32_dot, tile_dot
 
-_LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_HEAD_DIM = 128
 # attn_mask kinds, a constexpr of the kernels.
 _NO_MASK, _BOOL_MASK, _ADDITIVE_MASK = 0, 1, 2
 
@@ -61,12 +61,21 @@ class BackwardTiles:
     num_stages: int = 2
 
 
+def default_tiles(head_dim: int) -> BackwardTiles:
+    """The tiles for a head dim, spill-free on sm_90 above 128 (triton.compile for sm_90, cuobjdump
+    -res-usage): at 256, dq 32 x 32 (182 registers; 64 x 32 spills 176 B) and dk/dv 32 keys x 16
+    queries (240; 64 keys spill >= 864 B at 4 or 8 warps). Up to 128 the defaults of
+    `BackwardTiles` (there dk/dv spills 64 B at D = 128, as before windows were added)."""
+    if head_dim_pad(head_dim) > 128:
+        return BackwardTiles(dq_block_m=32, dq_block_n=32, dkdv_block_m=16, dkdv_block_n=32)
+    return BackwardTiles()
+
+
 def supported(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None
 ) -> str | None:
     """None when the Triton backward can run these inputs, else the reason it cannot."""
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    if q.device.type != "cuda" and not interpreted:
+    if q.device.type != "cuda" and not interpreting():
         return f"tensors on {q.device.type} (CUDA needed, or TRITON_INTERPRET=1)"
     if not (q.device == k.device == v.device):
         return "q, k, v on different devices"
@@ -76,9 +85,9 @@ def supported(
         return f"dtypes {q.dtype}, {k.dtype}, {v.dtype} (one of {_DTYPES} needed)"
     if q.shape[0] != k.shape[0] or q.shape[1] % k.shape[1]:
         return f"q {tuple(q.shape)} and k {tuple(k.shape)}: batch differs or heads not a multiple of KV heads"
-    dim = q.shape[3]
-    if k.shape[3] != dim or dim % 16 or not 16 <= dim <= _MAX_HEAD_DIM:
-        return f"head dims {dim}, {k.shape[3]} (equal, a multiple of 16 in [16, {_MAX_HEAD_DIM}] needed)"
+    reason = head_dim_reason(q.shape[3], k.shape[3])
+    if reason is not None:
+        return reason
     if attn_mask is not None:
         if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
             return f"attn_mask dtype {attn_mask.dtype} (bool or floating needed)"
@@ -129,10 +138,11 @@ def _load_tile(base, offs_s, s_s, offs_d, s_d, seq_len, HEAD_DIM: tl.constexpr):
 
 @triton.jit
 def _scores(
-    a, b_t, qk_scale, mask_base, s_mq, s_mk, q_offs, k_offs, q_len, kv_len,
+    a, b_t, qk_scale, mask_base, s_mq, s_mk, q_offs, k_offs, q_len, kv_len, mask_floor,
     MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
-    """Base-2 scores (a @ b_t) * scale * log2(e) plus the tile's attn_mask.
+    """Base-2 scores (a @ b_t) * scale * log2(e) plus the tile's attn_mask (additive values
+    <= ``mask_floor`` give -inf).
 
     ``q_offs`` / ``k_offs`` are the query / key positions broadcast to the tile's shape (either may
     run along the rows); ``mask_base`` points at this (batch, head)'s attn_mask.
@@ -144,7 +154,8 @@ def _scores(
         if MASK_KIND == 1:
             s = tl.where(m != 0, s, float("-inf"))
         else:
-            s += m.to(tl.float32) * 1.4426950408889634
+            m = m.to(tl.float32)
+            s = tl.where(m > mask_floor, s + m * 1.4426950408889634, float("-inf"))
     return s
 
 
@@ -159,7 +170,7 @@ def _dq_kernel(
     s_mb, s_mh, s_mq, s_mk,
     s_nb, s_nh, s_ni,
     s_ib, s_ih, s_ii, s_it,
-    KV_HEADS, q_len, kv_len, n_tiles, scale, qk_scale,
+    KV_HEADS, q_len, kv_len, n_tiles, scale, qk_scale, window, mask_floor,
     GROUP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr,
@@ -197,14 +208,15 @@ def _dq_kernel(
             k = _load_tile(k_base, offs_n, s_ks, offs_d, s_kd, kv_len, HEAD_DIM)
             v = _load_tile(v_base, offs_n, s_vs, offs_d, s_vd, kv_len, HEAD_DIM)
             s = _scores(q, tl.trans(k), qk_scale, mask_base, s_mq, s_mk, offs_m[:, None], offs_n[None, :],
-                        q_len, kv_len, MASK_KIND, FP32_DOT)
+                        q_len, kv_len, mask_floor, MASK_KIND, FP32_DOT)
             needs_mask = n0 + BLOCK_N > kv_len
-            if IS_CAUSAL:
-                needs_mask = needs_mask | (n0 + BLOCK_N - 1 > m0)
+            if IS_CAUSAL:  # the diagonal, and the window's lower edge
+                needs_mask = needs_mask | (n0 + BLOCK_N - 1 > m0) | (n0 <= m0 + BLOCK_M - 1 - window)
             if needs_mask:
                 keep = offs_n[None, :] < kv_len
                 if IS_CAUSAL:
-                    keep = keep & (offs_n[None, :] <= offs_m[:, None])
+                    rows = offs_m[:, None]
+                    keep = keep & (offs_n[None, :] <= rows) & (offs_n[None, :] > rows - window)
                 s = tl.where(keep, s, float("-inf"))
             p = tl.math.exp2(s - lse2[:, None])
             dp = tile_dot(do, tl.trans(v), None, FP32_DOT)
@@ -234,7 +246,7 @@ def _dkdv_kernel(
     s_mb, s_mh, s_mq, s_mk,
     s_nb, s_nh, s_nj,
     s_ib, s_ih, s_ij, s_it,
-    KV_HEADS, BATCH_KV_HEADS, q_len, kv_len, n_tiles, chunk, scale, qk_scale,
+    KV_HEADS, BATCH_KV_HEADS, q_len, kv_len, n_tiles, chunk, scale, qk_scale, window, mask_floor,
     GROUP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr,
@@ -289,11 +301,13 @@ def _dkdv_kernel(
                     delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < q_len, other=0.0)
                     # Transposed tile: rows are this program's keys, columns the block's queries.
                     s_t = _scores(k, tl.trans(q), qk_scale, mask_base, s_mq, s_mk, offs_m[None, :],
-                                  offs_n[:, None], q_len, kv_len, MASK_KIND, FP32_DOT)
+                                  offs_n[:, None], q_len, kv_len, mask_floor, MASK_KIND, FP32_DOT)
                     if IS_CAUSAL:  # noqa: SIM102 (a compile-time test around a run-time one)
                         # Keys past the end need no mask: their rows of dk, dv are never stored.
-                        if n0 + BLOCK_N - 1 > m0:
-                            s_t = tl.where(offs_n[:, None] <= offs_m[None, :], s_t, float("-inf"))
+                        if (n0 + BLOCK_N - 1 > m0) | (n0 <= m0 + BLOCK_M - 1 - window):
+                            rows = offs_m[None, :]
+                            band = (offs_n[:, None] <= rows) & (offs_n[:, None] > rows - window)
+                            s_t = tl.where(band, s_t, float("-inf"))
                     p_t = tl.math.exp2(s_t - lse2[None, :])
                     dv = tile_dot(p_t.to(do.dtype), do, dv, FP32_DOT)
                     dp_t = tile_dot(v, tl.trans(do), None, FP32_DOT)
@@ -354,6 +368,8 @@ def sparse_attention_bwd(
     is_causal: bool,
     scale: float | None,
     tiles: BackwardTiles | None = None,
+    *,
+    window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of sparse attention over exactly ``selection``'s blocks.
 
@@ -367,7 +383,8 @@ def sparse_attention_bwd(
         attn_mask: None, bool (True = keep) or additive float, broadcastable to [B, H, Sq, Skv].
         is_causal: top-left aligned causal mask (query row r sees key c <= r).
         scale: score scale (None = 1 / sqrt(D)).
-        tiles: tile shapes and chunking (benchmarks); None = `BackwardTiles()`.
+        tiles: tile shapes and chunking (benchmarks); None = `default_tiles(D)`.
+        window: the forward's causal sliding window (``masks``): row r sees keys (r - window, r].
 
     Returns:
         dq [B, H, Sq, D] like q; dk, dv [B, Hkv, Skv, D] like k, v (GQA heads summed).
@@ -375,6 +392,7 @@ def sparse_attention_bwd(
     reason = supported(q, k, v, attn_mask)
     if reason is not None:
         raise ValueError(f"sparse_attention_bwd: {reason}")
+    check_window(window, is_causal, attn_mask)
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     block = selection.block_size
@@ -385,13 +403,18 @@ def sparse_attention_bwd(
             f"sparse_attention_bwd: selection for Sq={selection.q_len}, Skv={selection.kv_len}, indices "
             f"{tuple(selection.kv_indices.shape)} does not fit q {tuple(q.shape)}, k {tuple(k.shape)}"
         )
-    tiles = tiles or BackwardTiles()
+    tiles = tiles or default_tiles(head_dim)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     group = heads // kv_heads
     mask, mask_strides, mask_kind = _mask_operand(attn_mask, (batch, heads, q_len, kv_len), q)
+    # (window, additive floor) scalars of both kernels; no window = one wider than any distance.
+    band = (
+        q_len + kv_len if window is None else window,
+        masked_floor(mask.dtype) if mask_kind == _ADDITIVE_MASK else 0.0,
+    )
     shared = {
         "GROUP": group, "BLOCK": block,
-        "HEAD_DIM": head_dim, "HEAD_DIM_PAD": triton.next_power_of_2(head_dim),
+        "HEAD_DIM": head_dim, "HEAD_DIM_PAD": head_dim_pad(head_dim),
         "IS_CAUSAL": is_causal, "MASK_KIND": mask_kind, "FP32_DOT": needs_fp32_dot(q.dtype),
         "num_warps": tiles.num_warps, "num_stages": tiles.num_stages,
     }
@@ -411,7 +434,7 @@ def sparse_attention_bwd(
         q, k, v, grad_out, dq, mask, lse2, delta, selection.kv_num_blocks, selection.kv_indices,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *mask_strides,
         *selection.kv_num_blocks.stride(), *selection.kv_indices.stride(),
-        kv_heads, q_len, kv_len, dq_tiles, scale, scale * _LOG2E,
+        kv_heads, q_len, kv_len, dq_tiles, scale, scale * LOG2E, *band,
         BLOCK_M=dq_m, BLOCK_N=min(tiles.dq_block_n, block), **shared,
     )
 
@@ -431,7 +454,7 @@ def sparse_attention_bwd(
         q, k, v, grad_out, dk, dv, dk32, dv32, mask, lse2, delta, q_num_blocks, q_indices,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *mask_strides,
         *q_num_blocks.stride(), *q_indices.stride(),
-        kv_heads, batch * kv_heads, q_len, kv_len, kv_tiles, chunk, scale, scale * _LOG2E,
+        kv_heads, batch * kv_heads, q_len, kv_len, kv_tiles, chunk, scale, scale * LOG2E, *band,
         BLOCK_M=min(tiles.dkdv_block_m, block), BLOCK_N=dkdv_n, **shared,
     )
     if chunks > 1:

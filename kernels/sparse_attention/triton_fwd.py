@@ -2,10 +2,15 @@
 
 One program computes one query tile (``BLOCK_M`` rows of one query block) of one query head. It
 walks the head's selected key blocks (``kv_indices``, ascending) in two loops: first the blocks that
-need no mask at all (strictly below the diagonal, in range, no ``attn_mask``), then the tail that
-does (the diagonal block, a partial last block, every block when an ``attn_mask`` is given). The
-split point comes from one ``searchsorted`` per call on the sorted indices, so arbitrary selections
-stay correct. Online softmax in base 2, fp32 accumulation.
+need no mask at all (strictly below the diagonal, wholly inside a sliding window, in range, no
+``attn_mask``: a contiguous run of the sorted list), then the rest, masked per element (the
+window's lower-edge blocks before that run; the diagonal block, a partial last block after it;
+every block when an ``attn_mask`` is given). The run's bounds come from two ``searchsorted`` per
+call on the sorted indices, so arbitrary selections stay correct. Online softmax in base 2, fp32
+accumulation. Additive masks: values <= finfo.min / 2 count as -inf (`masks.masked_floor`).
+
+Head dims: multiples of 16 up to 256 (`triton_utils.MAX_HEAD_DIM`); non-powers of two (80, 96) run
+on a padded ``tl.arange`` with masked loads and stores on the head dim.
 
 GQA is per query head, not per KV group: the selection differs per query head, so a group-wide
 program would iterate the union of its heads' lists and waste ``union - own`` blocks of work per
@@ -17,7 +22,6 @@ programs, so the K/V blocks they share are read from L2 rather than HBM.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -25,11 +29,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from omnicompile.kernels.selection.block_selection import BlockSelection
+from ..masks import check_window, masked_floor
+from ..selection.block_selection import BlockSelection
+from ..triton_utils import LOG2E, head_dim_pad, head_dim_reason, interpreting, needs_fp32_dot, tile_dot
 
-_LOG2E = 1.4426950408889634
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_MAX_HEAD_DIM = 128
 
 
 @dataclass(frozen=True)
@@ -46,18 +50,6 @@ class LaunchConfig:
     num_stages: int
 
 
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def needs_fp32_dot(dtype: torch.dtype) -> bool:
-    """Whether `tile_dot` must take the exact fp32 path for inputs of ``dtype``: fp32 inputs, and
-    bf16 under the interpreter, whose bf16 ``tl.dot`` is wrong (Triton 3.9). bf16 products are
-    exact in fp32, so that path computes what the tensor cores do."""
-    return dtype == torch.float32 or (interpreting() and dtype == torch.bfloat16)
-
-
 def supported(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> str | None:
     """None when `sparse_attention_fwd` can run these inputs, else the reason it cannot."""
     if q.device.type != "cuda" and not interpreting():
@@ -66,11 +58,9 @@ def supported(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> str 
         return f"dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}: need one of bf16, fp16, fp32"
     if q.dtype == torch.float32 and not interpreting():
         return "fp32 on CUDA: the kernel's exact-fp32 path spills registers (it serves the interpreter)"
-    head_dim = q.shape[-1]
-    if not (k.shape[-1] == v.shape[-1] == head_dim):
-        return f"head dims q {head_dim}, k {k.shape[-1]}, v {v.shape[-1]} differ"
-    if head_dim % 16 or not 16 <= head_dim <= _MAX_HEAD_DIM:
-        return f"head dim {head_dim}: needs a multiple of 16 in [16, {_MAX_HEAD_DIM}]"
+    reason = head_dim_reason(q.shape[-1], k.shape[-1], v.shape[-1])
+    if reason is not None:
+        return reason
     if q.shape[1] % k.shape[1]:
         return f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} KV heads"
     if attn_mask is not None and attn_mask.dim() > 4:
@@ -78,38 +68,52 @@ def supported(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> str 
     return None
 
 
-def default_launch_config(block_size: int, dtype: torch.dtype, has_mask: bool) -> LaunchConfig:
-    """The launch config for a selection block size, dtype and mask presence.
+def default_launch_config(
+    block_size: int, dtype: torch.dtype, has_mask: bool, head_dim: int = 128
+) -> LaunchConfig:
+    """The launch config for a selection block size, dtype, mask presence and head dim.
 
     Chosen from sm_90 resource reports (no register spills; K/V pipelined num_stages deep) and an
-    H100 sweep (notes/prefill_kernel.md: 64/64/4 warps/3 stages fastest; 8 warps 2x slower; 4
-    stages leave one program per SM). An attn_mask tile costs registers: narrower key steps.
+    H100 sweep (notes/prefill_kernel.md: 64/64/4 warps/3 stages fastest at D = 128; 8 warps 2x
+    slower; 4 stages leave one program per SM). An attn_mask tile costs registers: narrower key
+    steps. Head dims above 128 (256: 64 x 256 fp32 accumulators) need 8 warps and 2 stages to stay
+    spill-free (4 warps spill 120-256 B; 3 stages of 64-key tiles need 224 KB of shared memory).
     """
     block_m = min(block_size, 64)
     if dtype == torch.float32:  # interpreter only (see `supported`)
         return LaunchConfig(block_m, min(block_size, 32), num_warps=4, num_stages=2)
-    if has_mask:
-        return LaunchConfig(block_m, min(block_size, 32), num_warps=4, num_stages=3)
-    return LaunchConfig(block_m, min(block_size, 64), num_warps=4, num_stages=3)
+    block_n = min(block_size, 32 if has_mask else 64)
+    if head_dim_pad(head_dim) > 128:
+        return LaunchConfig(block_m, block_n, num_warps=8, num_stages=2)
+    return LaunchConfig(block_m, block_n, num_warps=4, num_stages=3)
 
 
-def _mask_free_counts(selection: BlockSelection, is_causal: bool, has_mask: bool) -> Tensor:
-    """int32 [B, H, nq]: how many leading selected blocks of each query block need no mask.
+def _mask_free_run(
+    selection: BlockSelection, is_causal: bool, has_mask: bool, window: int | None
+) -> tuple[Tensor, Tensor]:
+    """int32 [B, H, nq] each: positions [lo, hi) of each query block's selected list that need no mask.
 
-    Such a block j lies strictly below the diagonal (j < i, causal), is full (its last key is in
-    range) and no attn_mask is given. The indices are ascending, so these blocks form a prefix.
+    Such a block j lies strictly below the diagonal (j < i, causal), wholly inside the window for
+    every row of block i (j * b > (i + 1) * b - 1 - window), is full (its last key is in range) and
+    no attn_mask is given. The indices are ascending, so these blocks form one contiguous run.
     """
+    counts = selection.kv_num_blocks.to(torch.int32)
     if has_mask:
-        return torch.zeros_like(selection.kv_num_blocks)
+        zeros = torch.zeros_like(counts)
+        return zeros, zeros
     idx = selection.kv_indices
-    b, nk = selection.block_size, selection.num_kv_blocks
+    b, nq, nk = selection.block_size, selection.num_q_blocks, selection.num_kv_blocks
+    rows = torch.arange(nq, dtype=idx.dtype, device=idx.device)
     full_blocks = nk if selection.kv_len % b == 0 else nk - 1
-    limit = torch.full((selection.num_q_blocks,), full_blocks, dtype=idx.dtype, device=idx.device)
+    stop = torch.full((nq,), full_blocks, dtype=idx.dtype, device=idx.device)
+    start = torch.zeros_like(stop)
     if is_causal:
-        limit = limit.clamp_max(torch.arange(selection.num_q_blocks, dtype=idx.dtype, device=idx.device))
-    limit = limit.view(1, 1, -1, 1).expand(*idx.shape[:3], 1).contiguous()
-    counts = torch.searchsorted(idx, limit).squeeze(-1)
-    return torch.minimum(counts, selection.kv_num_blocks).to(torch.int32)
+        stop = stop.clamp_max(rows)
+    if window is not None:
+        start = torch.div((rows + 1) * b - 1 - window, b, rounding_mode="floor").add(1).clamp_min(0)
+    bounds = torch.stack([start, stop], -1).view(1, 1, nq, 2).expand(*idx.shape[:3], 2).contiguous()
+    lo, hi = torch.searchsorted(idx, bounds).to(torch.int32).minimum(counts[..., None]).unbind(-1)
+    return lo.contiguous(), torch.maximum(lo, hi)
 
 
 def _check_selection(q: Tensor, k: Tensor, selection: BlockSelection) -> None:
@@ -135,6 +139,7 @@ def sparse_attention_fwd(
     is_causal: bool,
     scale: float | None,
     *,
+    window: int | None = None,
     launch: LaunchConfig | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Attention of each query block over its selected key blocks only.
@@ -145,6 +150,8 @@ def sparse_attention_fwd(
         attn_mask: None, bool (True = keep) or additive float, broadcastable to [B, H, Sq, Skv].
         is_causal: top-left causal mask (query row r sees key c <= r), as SDPA.
         scale: score scale; None = 1/sqrt(D).
+        window: causal sliding window (``masks``): row r sees keys (r - window, r]; needs
+            is_causal=True and no attn_mask.
         launch: tile/schedule override (benchmarks); None = `default_launch_config`.
 
     Returns:
@@ -154,11 +161,12 @@ def sparse_attention_fwd(
     reason = supported(q, k, v, attn_mask)
     if reason is not None:
         raise ValueError(f"sparse_attention_fwd: {reason}")
+    check_window(window, is_causal, attn_mask)
     _check_selection(q, k, selection)
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     b = selection.block_size
-    cfg = launch or default_launch_config(b, q.dtype, attn_mask is not None)
+    cfg = launch or default_launch_config(b, q.dtype, attn_mask is not None, head_dim)
     if b % cfg.block_m or b % cfg.block_n:
         raise ValueError(f"sparse_attention_fwd: {cfg} does not tile the block size {b}")
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
@@ -169,12 +177,15 @@ def sparse_attention_fwd(
     lse = torch.empty((batch, heads, q_len), dtype=torch.float32, device=q.device)
     kv_indices = selection.kv_indices.contiguous()
     kv_num_blocks = selection.kv_num_blocks.contiguous()
-    mask_free = _mask_free_counts(selection, is_causal, attn_mask is not None)
+    free_lo, free_hi = _mask_free_run(selection, is_causal, attn_mask is not None, window)
+    mask_floor = 0.0
     if attn_mask is None:
         mask, mask_kind, mask_strides = q, 0, (0, 0, 0, 0)
     else:
         mask = attn_mask.expand(batch, heads, q_len, kv_len)
         mask_kind, mask_strides = (1 if mask.dtype == torch.bool else 2), mask.stride()
+        if mask_kind == 2:
+            mask_floor = masked_floor(mask.dtype)
 
     nq = selection.num_q_blocks
     grid = (batch * heads * nq * (b // cfg.block_m),)
@@ -186,7 +197,8 @@ def sparse_attention_fwd(
         lse,
         kv_num_blocks,
         kv_indices,
-        mask_free,
+        free_lo,
+        free_hi,
         mask,
         *q.stride(),
         *k.stride(),
@@ -198,30 +210,23 @@ def sparse_attention_fwd(
         kv_len,
         nq,
         selection.num_kv_blocks,
-        scale * _LOG2E,
+        scale * LOG2E,
+        0 if window is None else window,
+        mask_floor,
         GROUP=heads // kv_heads,
         HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+        HEAD_DIM_PAD=head_dim_pad(head_dim),
         SPARSE_BLOCK=b,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         IS_CAUSAL=is_causal,
+        WINDOWED=window is not None,
         MASK_KIND=mask_kind,
         FP32_DOT=needs_fp32_dot(q.dtype),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     return out, lse
-
-
-@triton.jit
-def tile_dot(a, b, acc, FP32_DOT: tl.constexpr):
-    """``a @ b (+ acc)`` with fp32 accumulation; FP32_DOT (`needs_fp32_dot`): in exact fp32."""
-    if FP32_DOT:
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        out = tl.dot(a, b, acc)
-    return out
 
 
 @triton.jit
@@ -267,11 +272,14 @@ def _attend_block(
     stride_mn,
     kv_len,
     qk_scale,
+    window,
+    mask_floor,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     SPARSE_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
+    WINDOWED: tl.constexpr,
     MASK_KIND: tl.constexpr,
     FP32_DOT: tl.constexpr,
     MASKED: tl.constexpr,
@@ -279,6 +287,8 @@ def _attend_block(
     """One online-softmax step over keys [part * BLOCK_N, (part + 1) * BLOCK_N) of key block ``block``.
 
     ``k_base``/``v_base`` already hold the head's base plus the [1, HEAD_DIM_PAD] column offsets.
+    MASKED: per-element masks (key range, causal with its ``window``, attn_mask with additive values
+    <= ``mask_floor`` as -inf).
     """
     offs_n = block * SPARSE_BLOCK + part * BLOCK_N + tl.arange(0, BLOCK_N)
     k = _load_rows(k_base, offs_n, stride_kn, offs_d, kv_len, HEAD_DIM, HEAD_DIM_PAD, MASKED)
@@ -289,11 +299,14 @@ def _attend_block(
         keep = offs_n[None, :] < kv_len
         if IS_CAUSAL:
             keep = keep & (offs_m[:, None] >= offs_n[None, :])
+        if WINDOWED:
+            keep = keep & (offs_n[None, :] > offs_m[:, None] - window)
         if MASK_KIND == 1:
             keep = keep & (tl.load(mask_base + offs_n[None, :] * stride_mn, mask=keep, other=0) != 0)
         if MASK_KIND == 2:
-            bias = tl.load(mask_base + offs_n[None, :] * stride_mn, mask=keep, other=0.0)
-            s = s + bias.to(tl.float32) * 1.4426950408889634
+            bias = tl.load(mask_base + offs_n[None, :] * stride_mn, mask=keep, other=0.0).to(tl.float32)
+            keep = keep & (bias > mask_floor)
+            s = s + tl.where(keep, bias, 0.0) * 1.4426950408889634
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing attended so far keeps m = -inf; shift by 0 instead (no NaN).
@@ -312,6 +325,35 @@ def _attend_block(
 
 
 @triton.jit
+def _attend_run(
+    acc, l_i, m_i, q, k_base, v_base, mask_base, idx_ptr, start, stop, gap_at, gap, offs_m, offs_d,
+    stride_kn, stride_vn, stride_mn, kv_len, nk, qk_scale, window, mask_floor,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPARSE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """`_attend_block` over list positions [start, stop) of ``idx_ptr``, in SPARSE_BLOCK / BLOCK_N
+    parts each; a position p >= gap_at reads entry p + gap (the run skipped by the other call).
+
+    The next step's block index is loaded one step ahead (loop-carried), so the software pipeliner
+    can issue K/V loads num_stages - 1 steps early (an index loaded in the same step would cost a
+    stage).
+    """
+    n_split: tl.constexpr = SPARSE_BLOCK // BLOCK_N
+    block = tl.load(idx_ptr + tl.minimum(start + gap * (start >= gap_at), nk - 1))
+    for it in tl.range(start * n_split, stop * n_split):
+        pos = (it + 1) // n_split
+        nxt = tl.load(idx_ptr + tl.minimum(pos + gap * (pos >= gap_at), nk - 1))
+        acc, l_i, m_i = _attend_block(
+            acc, l_i, m_i, q, k_base, v_base, mask_base, block, it % n_split, offs_m, offs_d,
+            stride_kn, stride_vn, stride_mn, kv_len, qk_scale, window, mask_floor,
+            HEAD_DIM, HEAD_DIM_PAD, SPARSE_BLOCK, BLOCK_N, IS_CAUSAL, WINDOWED, MASK_KIND, FP32_DOT, MASKED,
+        )
+        block = nxt
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _sparse_fwd_kernel(
     Q,
     K,
@@ -320,7 +362,8 @@ def _sparse_fwd_kernel(
     LSE,
     KV_NUM,
     KV_IDX,
-    MASK_FREE,
+    FREE_LO,
+    FREE_HI,
     MASK,
     stride_qb,
     stride_qh,
@@ -348,6 +391,8 @@ def _sparse_fwd_kernel(
     nq,
     nk,
     qk_scale,
+    window,
+    mask_floor,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
@@ -355,13 +400,13 @@ def _sparse_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
+    WINDOWED: tl.constexpr,
     MASK_KIND: tl.constexpr,
     FP32_DOT: tl.constexpr,
 ):
     # Program order, fastest first: head within its KV group, query tile, query block (last
     # first: causal rows near the end are the longest), KV head, batch.
     m_split: tl.constexpr = SPARSE_BLOCK // BLOCK_M
-    n_split: tl.constexpr = SPARSE_BLOCK // BLOCK_N
     pid = tl.program_id(0)
     g = pid % GROUP
     rest = pid // GROUP
@@ -386,74 +431,24 @@ def _sparse_fwd_kernel(
     mask_base = MASK + batch * stride_mb + head * stride_mh + offs_m.to(tl.int64)[:, None] * stride_mm
     sel = (batch * (kv_heads * GROUP) + head) * nq + qblock
     n_blocks = tl.load(KV_NUM + sel)
-    n_free = tl.load(MASK_FREE + sel)
     idx_ptr = KV_IDX + sel * nk
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    # The next step's block index is loaded one step ahead (loop-carried), so the software
-    # pipeliner can issue K/V loads num_stages - 1 steps early (an index loaded in the same step
-    # would cost a stage).
-    block = tl.load(idx_ptr)
-    for it in tl.range(0, n_free * n_split):
-        nxt = tl.load(idx_ptr + tl.minimum((it + 1) // n_split, nk - 1))
-        acc, l_i, m_i = _attend_block(
-            acc,
-            l_i,
-            m_i,
-            q,
-            k_base,
-            v_base,
-            mask_base,
-            block,
-            it % n_split,
-            offs_m,
-            offs_d,
-            stride_kn,
-            stride_vn,
-            stride_mn,
-            kv_len,
-            qk_scale,
-            HEAD_DIM,
-            HEAD_DIM_PAD,
-            SPARSE_BLOCK,
-            BLOCK_N,
-            IS_CAUSAL,
-            MASK_KIND,
-            FP32_DOT,
-            False,
-        )
-        block = nxt
-    for it in tl.range(n_free * n_split, n_blocks * n_split):
-        nxt = tl.load(idx_ptr + tl.minimum((it + 1) // n_split, nk - 1))
-        acc, l_i, m_i = _attend_block(
-            acc,
-            l_i,
-            m_i,
-            q,
-            k_base,
-            v_base,
-            mask_base,
-            block,
-            it % n_split,
-            offs_m,
-            offs_d,
-            stride_kn,
-            stride_vn,
-            stride_mn,
-            kv_len,
-            qk_scale,
-            HEAD_DIM,
-            HEAD_DIM_PAD,
-            SPARSE_BLOCK,
-            BLOCK_N,
-            IS_CAUSAL,
-            MASK_KIND,
-            FP32_DOT,
-            True,
-        )
-        block = nxt
+    # Mask-free run [lo, hi) first, then the rest of the list, [0, lo) and [hi, n_blocks).
+    lo = tl.load(FREE_LO + sel)
+    hi = tl.load(FREE_HI + sel)
+    acc, l_i, m_i = _attend_run(
+        acc, l_i, m_i, q, k_base, v_base, mask_base, idx_ptr, lo, hi, 0, 0, offs_m, offs_d,
+        stride_kn, stride_vn, stride_mn, kv_len, nk, qk_scale, window, mask_floor,
+        HEAD_DIM, HEAD_DIM_PAD, SPARSE_BLOCK, BLOCK_N, IS_CAUSAL, WINDOWED, MASK_KIND, FP32_DOT, False,
+    )
+    acc, l_i, m_i = _attend_run(
+        acc, l_i, m_i, q, k_base, v_base, mask_base, idx_ptr, 0, n_blocks - (hi - lo), lo, hi - lo,
+        offs_m, offs_d, stride_kn, stride_vn, stride_mn, kv_len, nk, qk_scale, window, mask_floor,
+        HEAD_DIM, HEAD_DIM_PAD, SPARSE_BLOCK, BLOCK_N, IS_CAUSAL, WINDOWED, MASK_KIND, FP32_DOT, True,
+    )
 
     attended = l_i > 0.0
     out = acc / tl.where(attended, l_i, 1.0)[:, None]

@@ -1,0 +1,54 @@
+"""Pieces shared by the Triton kernels: interpreter detection, the fp32-dot rule, the tile dot, the
+base-2 constant and the head-dim support check."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+# Head dims the prefill kernels (forward, backward, fused estimator) and decode run: multiples of 16
+# up to 256, i.e. 64, 80, 96, 128, 256 of the common models. Non-powers of two are padded to the
+# next power of two (`head_dim_pad`) with masked loads and stores on the head dim.
+MAX_HEAD_DIM = 256
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def needs_fp32_dot(dtype: torch.dtype) -> bool:
+    """Whether `tile_dot` must take the exact fp32 path for inputs of ``dtype``: fp32 inputs, and
+    bf16 under the interpreter, whose bf16 ``tl.dot`` is wrong (Triton 3.9). bf16 products are
+    exact in fp32, so that path computes what the tensor cores do."""
+    return dtype == torch.float32 or (interpreting() and dtype == torch.bfloat16)
+
+
+def head_dim_reason(*dims: int) -> str | None:
+    """None when the head dims ``dims`` (of q, k, v, ...) are equal multiples of 16 in [16,
+    ``MAX_HEAD_DIM``], else the reason they are not."""
+    dim = dims[0]
+    if any(d != dim for d in dims):
+        return f"head dims {', '.join(map(str, dims))} differ"
+    if dim % 16 or not 16 <= dim <= MAX_HEAD_DIM:
+        return f"head dim {dim}: needs a multiple of 16 in [16, {MAX_HEAD_DIM}]"
+    return None
+
+
+def head_dim_pad(head_dim: int) -> int:
+    """The power-of-two width of a kernel's head-dim ``tl.arange`` (>= 16)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+@triton.jit
+def tile_dot(a, b, acc, FP32_DOT: tl.constexpr):
+    """``a @ b (+ acc)`` with fp32 accumulation; FP32_DOT (`needs_fp32_dot`): in exact fp32."""
+    if FP32_DOT:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc)
+    return out

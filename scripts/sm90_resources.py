@@ -1,0 +1,130 @@
+"""Registers, spills and shared memory of the Triton kernels' default configs on sm_90, without a GPU.
+
+    python scripts/sm90_resources.py
+
+Compiles each kernel with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (bf16, causal, the
+runtime's specialisations: unit head-dim strides, 16-byte-divisible pointers and strides) at the
+launch config the wrappers pick for head dims 64, 80, 96, 128, 256 (with and without a window), and
+reads REG / STACK (spill) from ``cuobjdump -res-usage`` of the cubin (both ship in the triton wheel).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from omnicompile.kernels.decode import triton_decode  # noqa: E402
+from omnicompile.kernels.estimation import triton_composite  # noqa: E402
+from omnicompile.kernels.sparse_attention import triton_bwd, triton_fwd  # noqa: E402
+from omnicompile.kernels.triton_utils import head_dim_pad  # noqa: E402
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+FP32_SCALARS = {"qk_scale", "scale", "mask_floor"}
+FP32_POINTERS = {"LSE", "LSE2", "DELTA", "DK32", "DV32", "AHAT", "MID_O", "MID_LSE"}
+INT_POINTERS = {"KV_NUM", "KV_IDX", "FREE_LO", "FREE_HI", "Q_NUM", "Q_IDX", "OFFSETS", "LENGTHS"}
+INT_SCALARS = {"KV_HEADS", "BATCH_KV_HEADS"}
+
+
+def resources(fn, constexprs: dict, num_warps: int, num_stages: int) -> str:
+    """'REG r, spill s B, smem m KB' of ``fn`` compiled for sm_90."""
+    signature, attrs = {}, {}
+    for index, name in enumerate(fn.arg_names):
+        is_stride = name.startswith("s") and "_" in name and name != "split_len"
+        if name in constexprs or (is_stride and (name.endswith("d") or name == "stride_aj")):  # unit strides
+            constexprs.setdefault(name, 1)
+            signature[name] = "constexpr"
+            continue
+        if name.isupper() and name not in INT_SCALARS:
+            kind = "fp32" if name in FP32_POINTERS else "i32" if name in INT_POINTERS else "bf16"
+            signature[name] = "*" + kind
+        else:
+            signature[name] = "fp32" if name in FP32_SCALARS else "i32"
+        if signature[name].startswith("*") or is_stride:
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, signature, constexprs, attrs)
+    compiled = triton.compile(
+        src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages}
+    )
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([CUOBJDUMP, "-res-usage", cubin.name], capture_output=True, text=True).stdout
+    match = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    return f"REG {match[1]}, spill {match[2]} B, smem {compiled.metadata.shared // 1024} KB"
+
+
+def main() -> None:
+    for dim in (64, 80, 96, 128, 256):
+        pad = head_dim_pad(dim)
+        for windowed in (False, True):
+            cfg = triton_fwd.default_launch_config(64, torch.bfloat16, False, dim)
+            const = dict(
+                GROUP=3,
+                HEAD_DIM=dim,
+                HEAD_DIM_PAD=pad,
+                SPARSE_BLOCK=64,
+                BLOCK_M=cfg.block_m,
+                BLOCK_N=cfg.block_n,
+                IS_CAUSAL=True,
+                WINDOWED=windowed,
+                MASK_KIND=0,
+                FP32_DOT=False,
+            )
+            print(
+                f"D {dim} fwd window={windowed} {cfg}:",
+                resources(triton_fwd._sparse_fwd_kernel, const, cfg.num_warps, cfg.num_stages),
+            )
+            est = triton_composite.default_launch(dim, windowed)
+            const = dict(
+                GQA=3,
+                GROUP=16,
+                PER_BLOCK=4,
+                BLOCK_U=est.block_u,
+                BLOCK_W=est.block_w,
+                HEAD_DIM=dim,
+                HEAD_DIM_PAD=pad,
+                IS_CAUSAL=True,
+                WINDOWED=windowed,
+                FP32_DOT=False,
+            )
+            print(
+                f"D {dim} estimator window={windowed} {est}:",
+                resources(triton_composite._composite_kernel, const, est.num_warps, est.num_stages),
+            )
+        tiles = triton_bwd.default_tiles(dim)
+        for fn, block_m, block_n in (
+            (triton_bwd._dq_kernel, tiles.dq_block_m, tiles.dq_block_n),
+            (triton_bwd._dkdv_kernel, tiles.dkdv_block_m, tiles.dkdv_block_n),
+        ):
+            const = dict(
+                GROUP=3,
+                BLOCK=64,
+                BLOCK_M=block_m,
+                BLOCK_N=block_n,
+                HEAD_DIM=dim,
+                HEAD_DIM_PAD=pad,
+                IS_CAUSAL=True,
+                MASK_KIND=0,
+                FP32_DOT=False,
+            )
+            print(
+                f"D {dim} {fn.__name__} {block_m}x{block_n}:",
+                resources(fn, const, tiles.num_warps, tiles.num_stages),
+            )
+        block_m = triton_decode.row_tile(64, dim)
+        const = dict(HEAD_DIM=dim, BLOCK_D=pad, BLOCK_M=block_m, BLOCK_N=64, PRECISION=None)
+        print(f"D {dim} decode {block_m} rows:", resources(triton_decode._split_kernel, const, 4, 3))
+
+
+if __name__ == "__main__":
+    main()
