@@ -12,8 +12,7 @@ On CUDA a selection denser than ``config.dense_fallback_density`` runs dense att
 costs one host synchronisation per call (a scalar read of the selection's size).
 
 ``window`` (TEAM.md "Sliding windows": only with ``is_causal=True`` and no mask) goes to every
-estimator, mask, reference and kernel call as ``window=``; it is passed only when set
-(`_window_kwargs`), so kernels that predate the window parameter still take windowless calls.
+estimator, mask, reference and kernel call as ``window=``.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ from .config import OmniSparseConfig
 from .kernels.estimation import estimate_blocks, triton_composite
 from .kernels.masks import allowed_blocks, check_qkv, resolve_scale, validate_mask
 from .kernels.selection import BlockSelection, select_blocks, triton_select
+from .kernels.selection.transpose import selection_from_block_mask
 from .kernels.sparse_attention import triton_bwd, triton_fwd
 from .kernels.sparse_attention.reference import sparse_attention_reference
 from .metrics import relative_error
@@ -44,11 +44,6 @@ def kernel_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return f"Triton prefill kernel: {reason}" if reason else ""
 
 
-def _window_kwargs(window: int | None) -> dict[str, int]:
-    """``{"window": window}`` for a window call, ``{}`` otherwise."""
-    return {} if window is None else {"window": window}
-
-
 def _estimate(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -60,8 +55,8 @@ def _estimate(
 ) -> torch.Tensor:
     """Ahat float32 [B, H, nq, nk] (the one estimator call)."""
     if q.device.type == "cuda" and triton_composite.supported(q, k, attn_mask, config) is None:
-        return triton_composite.estimate_blocks(q, k, attn_mask, is_causal, scale, config, **_window_kwargs(window))
-    return estimate_blocks(q, k, attn_mask, is_causal, scale, config, **_window_kwargs(window))
+        return triton_composite.estimate_blocks(q, k, attn_mask, is_causal, scale, config, window=window)
+    return estimate_blocks(q, k, attn_mask, is_causal, scale, config, window=window)
 
 
 def _attend(
@@ -77,10 +72,26 @@ def _attend(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, H, Sq, Dv] in q.dtype, lse float32 [B, H, Sq]) over the selection (the one attention call)."""
     if q.device.type == "cuda":
-        return triton_fwd.sparse_attention_fwd(q, k, v, selection, attn_mask, is_causal, scale, **_window_kwargs(window))
+        return triton_fwd.sparse_attention_fwd(q, k, v, selection, attn_mask, is_causal, scale, window=window)
     return sparse_attention_reference(
-        q, k, v, selection, attn_mask, is_causal, scale, config.query_chunk, **_window_kwargs(window)
+        q, k, v, selection, attn_mask, is_causal, scale, config.query_chunk, window=window
     )
+
+
+def window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, window: int, block_size: int
+) -> torch.Tensor | None:
+    """Exact causal sliding-window attention [B, H, Sq, Dv] (q.dtype): the Triton kernel over every block
+    the band touches, O(Sq * window) work where SDPA with the materialised mask does O(Sq * Skv) and
+    allocates the [Sq, Skv] mask. None where the kernel cannot take the inputs (`triton_fwd.supported`)."""
+    if triton_fwd.supported(q, k, v, None) is not None:
+        return None
+    batch, heads, q_len, _ = q.shape
+    kv_len = k.shape[2]
+    band = allowed_blocks(None, True, batch, heads, q_len, kv_len, block_size, q.device, window=window)
+    selection = selection_from_block_mask(band.expand(batch, heads, -1, -1), block_size, q_len, kv_len)
+    scale = resolve_scale(scale, q.shape[-1])
+    return triton_fwd.sparse_attention_fwd(q, k, v, selection, None, True, scale, window=window)[0]
 
 
 def select_on_device(
@@ -114,7 +125,7 @@ def density_fallback_reason(
     batch, heads = selection.kv_num_blocks.shape[:2]
     allowed = allowed_blocks(
         attn_mask, is_causal, batch, heads, selection.q_len, selection.kv_len, selection.block_size,
-        selection.kv_indices.device, **_window_kwargs(window),
+        selection.kv_indices.device, window=window,
     )
     allowed_count = allowed.expand(batch, heads, -1, -1).sum()
     density = (selection.kv_num_blocks.sum() / allowed_count).item()
@@ -144,7 +155,7 @@ def plan(
     with torch.no_grad():
         ahat = _estimate(q, k, attn_mask, is_causal, scale, config, window)
         allowed = allowed_blocks(
-            attn_mask, is_causal, batch, heads, q_len, kv_len, config.block_size, q.device, **_window_kwargs(window)
+            attn_mask, is_causal, batch, heads, q_len, kv_len, config.block_size, q.device, window=window
         )
         return select_on_device(ahat, allowed, config, kv_heads, is_causal=is_causal, q_len=q_len, kv_len=kv_len)
 
@@ -221,12 +232,12 @@ def omnisparse_attention_backward(
     scale = resolve_scale(scale, q.shape[-1])
     if q.device.type == "cuda" and triton_bwd.supported(q, k, v, attn_mask) is None:
         return triton_bwd.sparse_attention_bwd(
-            grad_out, q, k, v, out, lse, selection, attn_mask, is_causal, scale, **_window_kwargs(window)
+            grad_out, q, k, v, out, lse, selection, attn_mask, is_causal, scale, window=window
         )
 
     def attention_out(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor) -> torch.Tensor:
         return sparse_attention_reference(
-            q_, k_, v_, selection, attn_mask, is_causal, scale, config.query_chunk, **_window_kwargs(window)
+            q_, k_, v_, selection, attn_mask, is_causal, scale, config.query_chunk, window=window
         )[0]
 
     _, vjp_fn = torch.func.vjp(attention_out, q, k, v)

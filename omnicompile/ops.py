@@ -19,7 +19,8 @@ never reads a mask to find out whether it is causal.
 The op decides at run time, per call, between the sparse method and dense attention
 (`dense_reason`); every dense decision is logged once per site on the ``omnicompile`` logger. Dense
 attention is SDPA: ``is_causal=True`` without a mask where causal (flash or cuDNN causal kernels);
-a window runs as SDPA with the materialised `window_mask`, on the CPU and on CUDA.
+a window runs exactly over the blocks its band touches with the Triton kernel on CUDA
+(`method.window_attention`), elsewhere as SDPA with the materialised `window_mask`.
 Autograd is registered: the backward is the opaque op ``omnisparse::attention_backward``, which
 recomputes the (deterministic) selection and differentiates exactly the attention that ran.
 Autocast (CPU and CUDA) follows SDPA's policy: inside an autocast region the floating inputs (q, k,
@@ -38,7 +39,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import OmniSparseConfig
-from .kernels.masks import causal_if_equivalent, window_mask
+from .kernels.masks import causal_if_equivalent, check_window, window_mask
 from .recording import SiteRun, active_recorders
 
 logger = logging.getLogger("omnicompile")
@@ -80,16 +81,6 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, drop
                 f"omnisparse.attention: attn_mask {tuple(attn_mask.shape)} does not broadcast to "
                 f"[B, H, Sq, Skv] = {(q.shape[0], heads, q.shape[2], k.shape[2])}"
             ) from None
-
-
-def check_window(window: int | None, is_causal: bool, attn_mask: Tensor | None) -> None:
-    """Raise ``ValueError`` for a window the op cannot take (TEAM.md "Sliding windows")."""
-    if window is None:
-        return
-    if window < 1:
-        raise ValueError(f"omnisparse.attention: window must be >= 1, got {window}")
-    if not is_causal or attn_mask is not None:
-        raise ValueError("omnisparse.attention: a window needs is_causal=True and no attn_mask")
 
 
 def resolve_mask(attn_mask: Tensor | None, is_causal: bool, mask_check: Tensor | None) -> tuple[Tensor | None, bool]:
@@ -240,7 +231,13 @@ def attention(
     reason = dense_reason(q, k, v, attn_mask, cfg, window)
     if reason:
         _log_dense_once(site, reason)
-        out = dense_attention(q, k, v, attn_mask, is_causal, scale, enable_gqa, window)
+        out = None
+        if window is not None and q.device.type == "cuda":  # exact attention over the band: Triton
+            from .method import window_attention
+
+            out = window_attention(q, k, v, scale, window, cfg.block_size)
+        if out is None:
+            out = dense_attention(q, k, v, attn_mask, is_causal, scale, enable_gqa, window)
         _record(site, "dense", reason, recorded, window, dict)
         return out, q.new_zeros((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32)
     from .method import omnisparse_attention, selection_stats
