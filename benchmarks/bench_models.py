@@ -8,7 +8,8 @@ length S, one prompt of natural-language text (`omnicompile.evaluate.document_id
 - against eager SDPA on the same positions: top-1 agreement and the perplexity ratio;
 - for omnisparse variants, how many attention calls ran sparse vs dense (`omnicompile.recording`).
 
-SmolLM2 holds 8192 positions: past that, RoPE is scaled (``--rope-scaling``, default YaRN x4).
+SmolLM2 holds 8192 positions: past that, RoPE is scaled (``--rope-scaling``, default YaRN), by the
+power of two that reaches the longest length, for every length (one model per run).
 Run from ``benchmarks/`` (it imports ``bench_prefill``); prints a table last and writes
 ``models.json`` / ``models.csv`` to ``--out``. Stops starting new cases after ``--time-budget-s``.
 """
@@ -62,13 +63,13 @@ def load_for_length(name: str, seq_len: int, rope: str = "yarn", device: str = "
     return load_pretrained(name, dtype=dtype, device=device, attn_implementation="sdpa", **kwargs)
 
 
-def _runner(model, variant: str, sparse: OmniSparseConfig):
+def _runner(model, variant: str, sparse: OmniSparseConfig, dynamic: bool):
     if variant == "eager":
         return model
     if variant == "inductor":
-        return torch.compile(model, dynamic=False)
+        return torch.compile(model, dynamic=dynamic)
     config = OmniSparseConfig(mode="dense") if variant == "dense" else sparse
-    return torch.compile(model, backend=backend(config), dynamic=False)
+    return torch.compile(model, backend=backend(config), dynamic=dynamic)
 
 
 def _quality(logits: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -83,20 +84,22 @@ def _quality(logits: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor
 
 
 def run_model(name: str, args: argparse.Namespace, sparse: OmniSparseConfig, deadline: float) -> list[dict]:
+    """Every (variant, length) of one model: loaded once for the longest length (one RoPE for all),
+    each compiled variant compiled once (``--dynamic``: one graph for every length)."""
+    model, tokenizer = load_for_length(name, max(args.seq_lens), args.rope_scaling, args.device)
+    ids = {n: document_ids(tokenizer, n + 1).to(args.device) for n in args.seq_lens}
+    references: dict[int, torch.Tensor] = {}
     rows: list[dict] = []
-    for seq_len in args.seq_lens:
-        if time.monotonic() > deadline:
-            print(f"time budget spent: skipping {name} at {seq_len}")
-            break
-        model, tokenizer = load_for_length(name, seq_len, args.rope_scaling, args.device)
-        ids = document_ids(tokenizer, seq_len + 1).to(args.device)
-        inputs, labels = ids[:, :-1], ids[0, -args.quality_tokens:]
-        reference = None
-        for variant in args.variants:
-            torch._dynamo.reset()
-            runner = _runner(model, variant, sparse)
+    for variant in args.variants:
+        torch._dynamo.reset()
+        runner = _runner(model, variant, sparse, args.dynamic)
+        for seq_len in args.seq_lens:
+            if time.monotonic() > deadline:
+                print(f"time budget spent: skipping {name} {variant} at {seq_len}")
+                continue
+            inputs, labels = ids[seq_len][:, :-1], ids[seq_len][0, -args.quality_tokens :]
 
-            def forward(runner=runner):
+            def forward(runner=runner, inputs=inputs):
                 with torch.no_grad():
                     return runner(inputs, use_cache=False, logits_to_keep=args.quality_tokens).logits[0]
 
@@ -106,22 +109,24 @@ def run_model(name: str, args: argparse.Namespace, sparse: OmniSparseConfig, dea
             if args.device == "cuda":
                 torch.cuda.synchronize()
             first_s = time.perf_counter() - start
-            reference = logits if variant == "eager" else reference
+            if variant == "eager":
+                references[seq_len] = logits
             calls = Counter(run.decision for run in recorder.runs)
             row = {
                 "model": name, "seq_len": seq_len, "variant": variant, "ms": time_ms(forward),
                 "first_call_s": first_s, "sparse_calls": calls["sparse"], "dense_calls": calls["dense"],
-                **(_quality(logits, reference, labels) if reference is not None else {}),
             }
+            if seq_len in references:
+                row.update(_quality(logits, references[seq_len], labels))
             rows.append(row)
             print(json.dumps(row), flush=True)
-        eager = next((r["ms"] for r in rows if r["seq_len"] == seq_len and r["variant"] == "eager"), None)
-        for row in rows:
-            if eager and row["seq_len"] == seq_len and row["model"] == name:
-                row["speedup_vs_eager"] = eager / row["ms"]
-        del model
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
+    for row in rows:
+        eager = next((r["ms"] for r in rows if r["seq_len"] == row["seq_len"] and r["variant"] == "eager"), None)
+        if eager:
+            row["speedup_vs_eager"] = eager / row["ms"]
+    del model
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -135,6 +140,10 @@ def main() -> None:
     parser.add_argument("--quality-tokens", type=int, default=256, help="last positions whose logits are kept")
     parser.add_argument("--time-budget-s", type=float, default=480.0)
     parser.add_argument("--device", default="cuda", help="cuda (bf16) or cpu (fp32, a smoke test)")
+    parser.add_argument(
+        "--dynamic", action=argparse.BooleanOptionalAction, default=True,
+        help="compile one graph with a symbolic sequence length (--no-dynamic: one per length)",
+    )
     parser.add_argument("--out", type=Path, default=Path("out/bench_models"))
     args = parser.parse_args()
     sparse = OmniSparseConfig().replace(**json.loads(args.config))
