@@ -44,6 +44,8 @@ class OmniSparseConfig:
         lazy_threshold: local mass at which a query block is lazy (``None`` = ``tau``).
         min_blocks, max_blocks: clamp of the shared budget K (``None`` = no upper clamp).
         budget_scope: who shares K: ``"heads"``, ``"kv_group"`` or ``"head"``.
+        dense_last_blocks: the last query blocks that attend to every allowed key block (the rows
+            that produce the next token; a single row's needle is lost in a block average).
         obs_window, recent_window: decode slimming observation queries and recent tokens.
         head_mass_eps, tau_decode: local-head threshold and retrieval-head recall of decode slimming.
         visual_spans: optional ``((start, end), ...)`` token spans (end exclusive) that form the
@@ -70,6 +72,7 @@ class OmniSparseConfig:
     min_blocks: int = 0
     max_blocks: int | None = None
     budget_scope: BudgetScope = "heads"
+    dense_last_blocks: int = 1
     obs_window: int = 64
     recent_window: int = 256
     head_mass_eps: float = 0.05
@@ -92,7 +95,7 @@ class OmniSparseConfig:
             self._check_range("lazy_threshold", self.lazy_threshold, 0.0, 1.0, low_open=True)
         for name in ("block_size", "granularity", "antidiagonal_stride", "query_chunk", "obs_window"):
             self._check_int(name, minimum=1)
-        for name in ("min_seq_len", "n_sink", "n_local", "min_blocks", "recent_window"):
+        for name in ("min_seq_len", "n_sink", "n_local", "min_blocks", "recent_window", "dense_last_blocks"):
             self._check_int(name, minimum=0)
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ValueError(f"OmniSparseConfig.block_size: {self.block_size} is not a power of two >= 16")
