@@ -39,6 +39,9 @@ class OmniSparseConfig:
         estimator: block estimator, ``"composite"``, ``"pooled"`` or ``"antidiagonal"``.
         granularity: tokens per composite token g (divides ``block_size``).
         antidiagonal_stride: stride s of the antidiagonal estimator (divides ``block_size``).
+        row_probe: mix into the estimate the exact block distribution of each query block's last row
+            (``kernels/estimation/probe.py``: composite tokens overrate the local blocks of heads whose
+            scores spread widely inside a tile, which made the lazy rule fire wrongly).
         n_sink, n_local: forced sink blocks and local-window blocks.
         query_selection: lazy/active classification of query blocks on or off.
         lazy_threshold: local mass at which a query block is lazy (``None`` = ``tau``).
@@ -65,6 +68,7 @@ class OmniSparseConfig:
     estimator: Estimator = "composite"
     granularity: int = 16
     antidiagonal_stride: int = 8
+    row_probe: bool = True
     n_sink: int = 1
     n_local: int = 2
     query_selection: bool = True
@@ -119,8 +123,9 @@ class OmniSparseConfig:
                     f"OmniSparseConfig.visual_spans: {self.visual_spans!r} must be (start, end) pairs, 0 <= start < end"
                 )
             object.__setattr__(self, "visual_spans", spans)
-        if not isinstance(self.query_selection, bool):
-            raise ValueError(f"OmniSparseConfig.query_selection: {self.query_selection!r} is not a bool")
+        for name in ("query_selection", "row_probe"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"OmniSparseConfig.{name}: {getattr(self, name)!r} is not a bool")
 
     def _check_range(self, name: str, value: Any, low: float, high: float, low_open: bool = False) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):

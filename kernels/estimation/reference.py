@@ -38,6 +38,7 @@ import torch
 
 from ...config import OmniSparseConfig
 from ..masks import check_qkv, mask_bias, resolve_scale, validate_mask
+from .probe import with_row_probe
 
 # (padded fp32 chunk [B, H, P, D], position of its first row) -> group summaries [B, H, P / group, D'].
 Summary = Callable[[torch.Tensor, int], torch.Tensor]
@@ -217,11 +218,14 @@ def estimate_blocks(
     config: OmniSparseConfig,
 ) -> torch.Tensor:
     """Ahat float32 [B, H, nq, nk] by ``config.estimator`` at ``config.block_size``, chunked by
-    ``config.query_chunk``; scale ``None`` = 1 / sqrt(D) (as SDPA)."""
+    ``config.query_chunk``, mixed with the exact row probe when ``config.row_probe`` (`probe`);
+    scale ``None`` = 1 / sqrt(D) (as SDPA)."""
     b, chunk = config.block_size, config.query_chunk
     scale = resolve_scale(scale, q.shape[-1])
     if config.estimator == "composite":
-        return composite_estimate(q, k, attn_mask, is_causal, scale, b, config.granularity, chunk)
-    if config.estimator == "pooled":
-        return pooled_estimate(q, k, attn_mask, is_causal, scale, b, chunk)
-    return antidiagonal_estimate(q, k, attn_mask, is_causal, scale, b, config.antidiagonal_stride, chunk)
+        ahat = composite_estimate(q, k, attn_mask, is_causal, scale, b, config.granularity, chunk)
+    elif config.estimator == "pooled":
+        ahat = pooled_estimate(q, k, attn_mask, is_causal, scale, b, chunk)
+    else:
+        ahat = antidiagonal_estimate(q, k, attn_mask, is_causal, scale, b, config.antidiagonal_stride, chunk)
+    return with_row_probe(ahat, q, k, attn_mask, is_causal, scale, b, chunk) if config.row_probe else ahat

@@ -41,6 +41,7 @@ from torch import Tensor
 from ...config import OmniSparseConfig
 from ..masks import resolve_scale
 from ..sparse_attention.triton_fwd import interpreting, needs_fp32_dot, tile_dot
+from .probe import with_row_probe
 
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -149,6 +150,8 @@ def estimate_blocks(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
+    if config.row_probe:
+        return with_row_probe(ahat, q, k, attn_mask, is_causal, scale, b, config.query_chunk)
     return ahat
 
 
