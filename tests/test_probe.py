@@ -37,7 +37,7 @@ def test_probe_is_the_exact_last_row_mass(kind):
         mask = causal.clone()
         mask[:, 60:] = False  # padding keys
         attn_mask, is_causal = mask, False
-    got = probe_block_mass(q, k, attn_mask, is_causal, 0.3, BLOCK, query_chunk=2)
+    got = probe_block_mass(q, k, attn_mask, is_causal, 0.3, BLOCK, chunk_elements=2 * 4 * 2 * 80)
     rows = torch.tensor([15, 31, 47, 63, 74])
     probs = _dense_rows(q, k, mask, 0.3, rows)
     expected = torch.nn.functional.pad(probs, (0, 80 - kv_len)).view(2, 4, 5, 5, BLOCK).sum(-1)
@@ -49,11 +49,11 @@ def test_mixed_estimate_is_a_distribution_over_allowed_blocks():
     q, k = torch.randn(1, 2, 96, 8, generator=gen), torch.randn(1, 2, 96, 8, generator=gen)
     mask = window_mask(96, 96, 40, "cpu")
     ahat = composite_estimate(q, k, mask, False, 0.35, BLOCK, 4, 2)
-    mixed = with_row_probe(ahat, q, k, mask, False, 0.35, BLOCK, 2)
+    mixed = with_row_probe(ahat, q, k, mask, False, 0.35, BLOCK)
     allowed = allowed_blocks(mask, False, 1, 2, 96, 96, BLOCK, "cpu").expand_as(mixed)
     assert (mixed >= 0).all() and (mixed[~allowed] == 0).all()
     torch.testing.assert_close(mixed.sum(-1), torch.ones(1, 2, 6), rtol=0, atol=1e-5)
-    probe = probe_block_mass(q, k, mask, False, 0.35, BLOCK, 2)
+    probe = probe_block_mass(q, k, mask, False, 0.35, BLOCK, chunk_elements=1)
     torch.testing.assert_close(mixed, (ahat + probe) / 2)
     cfg = OmniSparseConfig(block_size=BLOCK, granularity=4, query_chunk=2)
     torch.testing.assert_close(estimate_blocks(q, k, mask, False, 0.35, cfg), mixed)

@@ -27,13 +27,14 @@ def probe_block_mass(
     is_causal: bool,
     scale: float,
     block_size: int,
-    query_chunk: int,
+    chunk_elements: int = 1 << 26,
 ) -> torch.Tensor:
     """float32 [B, H, nq, nk]: exact attention mass on each key block of query block i's last real row.
 
     q: [B, H, Sq, D]; k: [B, Hkv, Skv, D] (GQA by h // (H // Hkv)); attn_mask None, bool or additive,
     broadcastable to [B, H, Sq, Skv] (checked by the caller). A row that sees no key gets zeros.
-    Memory per chunk: B * H * query_chunk * Skv floats.
+    Rows are scored in chunks of at most ``chunk_elements`` scores (B * H * rows * Skv; 256 MiB fp32
+    by default: three chunks at 32K tokens and 9 heads), so the probe costs a few launches.
     """
     batch, heads, q_len, dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
@@ -42,6 +43,7 @@ def probe_block_mass(
     keys = k.float().transpose(-1, -2).unsqueeze(2)  # [B, Hkv, 1, D, Skv]
     k_pos = torch.arange(nk * block_size, device=q.device).view(1, 1, 1, -1)
     out = torch.empty(batch, heads, nq, nk, dtype=torch.float32, device=q.device)
+    query_chunk = max(1, chunk_elements // (batch * heads * nk * block_size))
     for i0 in range(0, nq, query_chunk):
         chunk_rows = rows[i0 : i0 + query_chunk]
         q_rows = q[:, :, chunk_rows].float().view(batch, kv_heads, heads // kv_heads, -1, dim)
@@ -64,10 +66,9 @@ def with_row_probe(
     is_causal: bool,
     scale: float,
     block_size: int,
-    query_chunk: int,
 ) -> torch.Tensor:
     """(ahat + probe) / 2 where the probe row sees a key, else ahat: float32 [B, H, nq, nk], a
     distribution over the allowed blocks wherever ahat is one (the probe row's keys are allowed)."""
-    probe = probe_block_mass(q, k, attn_mask, is_causal, scale, block_size, query_chunk)
+    probe = probe_block_mass(q, k, attn_mask, is_causal, scale, block_size)
     seen = probe.sum(-1, keepdim=True) > 0
     return torch.where(seen, (ahat + probe) * 0.5, ahat)

@@ -228,4 +228,4 @@ def estimate_blocks(
         ahat = pooled_estimate(q, k, attn_mask, is_causal, scale, b, chunk)
     else:
         ahat = antidiagonal_estimate(q, k, attn_mask, is_causal, scale, b, config.antidiagonal_stride, chunk)
-    return with_row_probe(ahat, q, k, attn_mask, is_causal, scale, b, chunk) if config.row_probe else ahat
+    return with_row_probe(ahat, q, k, attn_mask, is_causal, scale, b) if config.row_probe else ahat

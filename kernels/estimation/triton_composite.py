@@ -151,7 +151,7 @@ def estimate_blocks(
         num_stages=cfg.num_stages,
     )
     if config.row_probe:
-        return with_row_probe(ahat, q, k, attn_mask, is_causal, scale, b, config.query_chunk)
+        return with_row_probe(ahat, q, k, attn_mask, is_causal, scale, b)
     return ahat
 
 
