@@ -40,11 +40,16 @@ class OmniSparseConfig:
         estimator: block estimator, ``"composite"``, ``"pooled"`` or ``"antidiagonal"``.
         granularity: tokens per composite token g (divides ``block_size``).
         antidiagonal_stride: stride s of the antidiagonal estimator (divides ``block_size``).
+        row_probe: mix into the estimate the exact block distribution of each query block's last row
+            (``kernels/estimation/probe.py``: composite tokens overrate the local blocks of heads whose
+            scores spread widely inside a tile, which made the lazy rule fire wrongly).
         n_sink, n_local: forced sink blocks and local-window blocks.
         query_selection: lazy/active classification of query blocks on or off.
         lazy_threshold: local mass at which a query block is lazy (``None`` = ``tau``).
         min_blocks, max_blocks: clamp of the shared budget K (``None`` = no upper clamp).
         budget_scope: who shares K: ``"heads"``, ``"kv_group"`` or ``"head"``.
+        dense_last_blocks: the last query blocks that attend to every allowed key block (the rows
+            that produce the next token; a single row's needle is lost in a block average).
         obs_window, recent_window: decode slimming observation queries and recent tokens.
         head_mass_eps, tau_decode: local-head threshold and retrieval-head recall of decode slimming.
         visual_spans: optional ``((start, end), ...)`` token spans (end exclusive) that form the
@@ -64,6 +69,7 @@ class OmniSparseConfig:
     estimator: Estimator = "composite"
     granularity: int = 16
     antidiagonal_stride: int = 8
+    row_probe: bool = True
     n_sink: int = 1
     n_local: int = 2
     query_selection: bool = True
@@ -71,6 +77,7 @@ class OmniSparseConfig:
     min_blocks: int = 0
     max_blocks: int | None = None
     budget_scope: BudgetScope = "heads"
+    dense_last_blocks: int = 1
     obs_window: int = 64
     recent_window: int = 256
     head_mass_eps: float = 0.05
@@ -93,7 +100,7 @@ class OmniSparseConfig:
             self._check_range("lazy_threshold", self.lazy_threshold, 0.0, 1.0, low_open=True)
         for name in ("block_size", "granularity", "antidiagonal_stride", "query_chunk", "obs_window"):
             self._check_int(name, minimum=1)
-        for name in ("min_seq_len", "n_sink", "n_local", "min_blocks", "recent_window"):
+        for name in ("min_seq_len", "n_sink", "n_local", "min_blocks", "recent_window", "dense_last_blocks"):
             self._check_int(name, minimum=0)
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ValueError(f"OmniSparseConfig.block_size: {self.block_size} is not a power of two >= 16")
@@ -117,8 +124,9 @@ class OmniSparseConfig:
                     f"OmniSparseConfig.visual_spans: {self.visual_spans!r} must be (start, end) pairs, 0 <= start < end"
                 )
             object.__setattr__(self, "visual_spans", spans)
-        if not isinstance(self.query_selection, bool):
-            raise ValueError(f"OmniSparseConfig.query_selection: {self.query_selection!r} is not a bool")
+        for name in ("query_selection", "row_probe"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"OmniSparseConfig.{name}: {getattr(self, name)!r} is not a bool")
 
     def _check_range(self, name: str, value: Any, low: float, high: float, low_open: bool = False) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):

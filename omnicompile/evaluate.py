@@ -129,15 +129,24 @@ def _eval_attention(
     config_json: str,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention function that runs the backend's op: q [B, H, S, D] -> out [B, S, H, D]."""
+    """transformers attention function that runs the backend's op: q [B, H, S, D] -> out [B, S, H, D].
+
+    A sliding-window layer's prefill (``sliding_window`` set, as Gemma 3 passes it) runs as the op's
+    ``window`` with no mask: the evaluation's inputs are single unpadded sequences, so its mask is
+    exactly the causal window."""
     if kwargs.get("softcap") is not None:
         raise ValueError("omnicompile eval: attention logit softcapping is not supported by the op")
+    window = kwargs.get("sliding_window")
+    if window is not None and query.shape[2] == key.shape[2] > 1:
+        attention_mask = None
+    else:
+        window = None
     if attention_mask is not None:
         attention_mask = attention_mask[:, :, :, : key.shape[2]]
     is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
     out, _ = torch.ops.omnisparse.attention(
         query, key, value, attention_mask, 0.0, is_causal, scaling, key.shape[1] != query.shape[1],
-        config_json, f"layer{getattr(module, 'layer_idx', '?')}",
+        config_json, f"layer{getattr(module, 'layer_idx', '?')}", window,
     )
     return out.transpose(1, 2).contiguous(), None
 
@@ -158,9 +167,13 @@ def sparse_attention(model: torch.nn.Module, config: OmniSparseConfig) -> Iterat
         model.set_attn_implementation(previous)
 
 
-def _log_probs(model: torch.nn.Module, ids: torch.Tensor, chunk: int) -> Iterator[torch.Tensor]:
-    """Next-token log-probabilities, float32 [n, vocab] chunks over the positions of ids [1, S]."""
-    hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state[0]
+def _hidden(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The final hidden states [S, hidden] of ids [1, S] (the logits are formed in chunks from them)."""
+    return model.model(input_ids=ids, use_cache=False).last_hidden_state[0]
+
+
+def _log_probs(model: torch.nn.Module, hidden: torch.Tensor, chunk: int) -> Iterator[torch.Tensor]:
+    """Next-token log-probabilities, float32 [n, vocab] chunks over the positions of hidden [S, hidden]."""
     cap = getattr(model.config, "final_logit_softcapping", None)
     for start in range(0, hidden.shape[0], chunk):
         logits = model.lm_head(hidden[start : start + chunk]).float()
@@ -172,7 +185,7 @@ def _log_probs(model: torch.nn.Module, ids: torch.Tensor, chunk: int) -> Iterato
 def _targets_log_probs(model: torch.nn.Module, ids: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-prob of each next token float32 [S-1], argmax int64 [S-1]) for ids [1, S]."""
     lp, top = [], []
-    for start, chunk_lp in zip(range(0, ids.shape[1], chunk), _log_probs(model, ids, chunk)):
+    for start, chunk_lp in zip(range(0, ids.shape[1], chunk), _log_probs(model, _hidden(model, ids), chunk)):
         targets = ids[0, start + 1 : start + 1 + chunk_lp.shape[0]]
         chunk_lp = chunk_lp[: targets.shape[0]]
         lp.append(chunk_lp.gather(-1, targets[:, None])[:, 0])
@@ -186,15 +199,17 @@ def compare_logits(
     """Dense vs sparse on ids [1, S]: (metrics, per-layer records of the sparse run).
 
     Metrics: ``ppl_dense``, ``ppl_sparse``, ``ppl_ratio``, ``top1`` (argmax agreement), ``kl``
-    (mean over positions of KL(dense || sparse), nats).
+    (mean over positions of KL(dense || sparse), nats). Holds two [S, hidden] states and two
+    [chunk, vocab] log-prob chunks at a time.
     """
     nll = {"dense": 0.0, "sparse": 0.0}
     agree, kl, count = 0, 0.0, ids.shape[1] - 1
-    dense_chunks = _log_probs(model, ids, chunk)
+    dense_hidden = _hidden(model, ids)
     with sparse_attention(model, config), recording(measure=True) as recorder:
-        sparse_chunks = list(_log_probs(model, ids, chunk))
-    for start, (d, s) in enumerate(zip(dense_chunks, sparse_chunks)):
-        first = start * chunk
+        sparse_hidden = _hidden(model, ids)
+    chunks = zip(_log_probs(model, dense_hidden, chunk), _log_probs(model, sparse_hidden, chunk))
+    for index, (d, s) in enumerate(chunks):
+        first = index * chunk
         targets = ids[0, first + 1 : first + 1 + d.shape[0]]
         d, s = d[: targets.shape[0]], s[: targets.shape[0]]
         nll["dense"] -= d.gather(-1, targets[:, None]).sum().item()

@@ -28,6 +28,7 @@ configs = st.builds(
     min_blocks=st.integers(0, 2),
     max_blocks=st.sampled_from([None, 3, 8]),
     budget_scope=st.sampled_from(["heads", "kv_group", "head"]),
+    dense_last_blocks=st.just(0),  # the paper's rule; the final blocks in full: test_final_blocks_in_full
 )
 
 
@@ -119,7 +120,8 @@ def test_per_head_budget_is_minimal(case: Case, tau: float):
     """Under budget_scope="head" (no clamp) k_h is the smallest count: dropping the smallest taken
     non-forced block falls below tau."""
     cfg = OmniSparseConfig(
-        tau=tau, block_size=BLOCK, granularity=4, budget_scope="head", query_selection=False
+        tau=tau, block_size=BLOCK, granularity=4, budget_scope="head", query_selection=False,
+        dense_last_blocks=0,
     )
     ahat, _allowed, forced, selection = _select(case, cfg, structured=False)
     dense = selection.dense_mask()
@@ -218,3 +220,23 @@ def test_select_blocks_rejects_bad_inputs(heads, kv_heads, q_len, message):
             q_len=q_len,
             kv_len=96,
         )
+
+
+@pytest.mark.parametrize("scope", ["heads", "kv_group", "head"])
+@pytest.mark.parametrize("n", [1, 2])
+def test_final_blocks_in_full(scope: str, n: int):
+    """The last n query blocks select every allowed block and are active; the others are unchanged."""
+    q, k, _ = structured_qkv("structured", 1, 4, 2, 256, 32, seed=3, window=16, slash_period=96, slashes=1,
+                             stripes=2, stripe_width=8, needles=2, needle_len=16)
+    base = OmniSparseConfig(block_size=BLOCK, granularity=4, tau=0.8, lazy_threshold=0.5, budget_scope=scope,
+                            dense_last_blocks=0)
+    ahat = estimate_blocks(q, k, None, True, q.shape[-1] ** -0.5, base)
+    allowed = allowed_blocks(None, True, 1, 4, 256, 256, BLOCK, "cpu")
+    args = dict(is_causal=True, q_len=256, kv_len=256)
+    off = select_blocks(ahat, allowed, base, 2, **args)
+    on = select_blocks(ahat, allowed, base.replace(dense_last_blocks=n), 2, **args)
+    assert off.lazy.any() and not torch.equal(off.dense_mask()[:, :, -n:], allowed.expand_as(ahat)[:, :, -n:])
+    assert torch.equal(on.dense_mask()[:, :, -n:], allowed.expand_as(ahat)[:, :, -n:])
+    assert not on.lazy[:, :, -n:].any()
+    assert torch.equal(on.dense_mask()[:, :, :-n], off.dense_mask()[:, :, :-n])
+    assert torch.equal(on.lazy[:, :, :-n], off.lazy[:, :, :-n]) and torch.equal(on.budget[:, :, :-n], off.budget[:, :, :-n])

@@ -71,6 +71,7 @@ configs = st.builds(
     min_blocks=st.integers(0, 2),
     max_blocks=st.sampled_from([None, 2, 3]),
     budget_scope=st.sampled_from(["heads", "kv_group", "head"]),
+    dense_last_blocks=st.integers(0, 2),
 )
 
 
@@ -150,7 +151,7 @@ def test_ties_follow_the_stable_order(scope, tau):
 def test_all_zero_rows_take_lowest_indices():
     """All-equal (zero) estimates: need = every available block, the clamp keeps the lowest indices."""
     allowed = torch.ones(1, 1, 3, 6, dtype=torch.bool)
-    config = OmniSparseConfig(block_size=BLOCK, n_sink=1, n_local=1, max_blocks=2)
+    config = OmniSparseConfig(block_size=BLOCK, n_sink=1, n_local=1, max_blocks=2, dense_last_blocks=0)
     got = _assert_same(torch.zeros(1, 2, 3, 6), allowed, config, 1, True, 48, 96)
     # Row i forces {0, i} and takes the two lowest of the other blocks.
     expected = [[0, 1, 2, 6, 6, 6], [0, 1, 2, 3, 6, 6], [0, 1, 2, 3, 6, 6]]
@@ -180,3 +181,15 @@ def test_supported_reasons(monkeypatch):
         select_blocks_triton(ahat, allowed, config, 1, is_causal=True, q_len=48, kv_len=65)
     monkeypatch.delenv("TRITON_INTERPRET")
     assert "CUDA" in supported(ahat, allowed)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_final_blocks_in_full_match_reference(n):
+    """Interpreter vs reference with the last n query blocks in full (lazy and budget included)."""
+    gen = torch.Generator().manual_seed(11)
+    allowed = _allowed("causal", "", 1, 4, 100, 100, gen)
+    config = OmniSparseConfig(block_size=BLOCK, tau=0.8, lazy_threshold=0.5, dense_last_blocks=n)
+    ahat = _softmax_estimate(allowed, 1, 4, config, True, 3.0, gen)
+    got = _assert_same(ahat, allowed, config, 2, True, 100, 100)
+    assert torch.equal(got.dense_mask()[:, :, -n:], allowed.expand_as(ahat)[:, :, -n:])
+    assert not got.lazy[:, :, -n:].any()

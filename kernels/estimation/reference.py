@@ -38,6 +38,7 @@ import torch
 
 from ...config import OmniSparseConfig
 from ..masks import check_qkv, check_window, mask_bias, resolve_scale, validate_mask
+from .probe import with_row_probe
 
 # (padded fp32 chunk [B, H, P, D], position of its first row) -> group summaries [B, H, P / group, D'].
 Summary = Callable[[torch.Tensor, int], torch.Tensor]
@@ -237,16 +238,19 @@ def estimate_blocks(
     window: int | None = None,
 ) -> torch.Tensor:
     """Ahat float32 [B, H, nq, nk] by ``config.estimator`` at ``config.block_size``, chunked by
-    ``config.query_chunk``; scale ``None`` = 1 / sqrt(D) (as SDPA); ``window``: causal sliding
-    window (``masks`` module docstring), zero mass on blocks wholly outside the band."""
+    ``config.query_chunk``, mixed with the exact row probe when ``config.row_probe`` (`probe`);
+    scale ``None`` = 1 / sqrt(D) (as SDPA); ``window``: causal sliding window (``masks`` module
+    docstring), zero mass on blocks wholly outside the band."""
     b, chunk = config.block_size, config.query_chunk
     scale = resolve_scale(scale, q.shape[-1])
     if config.estimator == "composite":
-        return composite_estimate(
-            q, k, attn_mask, is_causal, scale, b, config.granularity, chunk, window=window
+        ahat = composite_estimate(q, k, attn_mask, is_causal, scale, b, config.granularity, chunk, window=window)
+    elif config.estimator == "pooled":
+        ahat = pooled_estimate(q, k, attn_mask, is_causal, scale, b, chunk, window=window)
+    else:
+        ahat = antidiagonal_estimate(
+            q, k, attn_mask, is_causal, scale, b, config.antidiagonal_stride, chunk, window=window
         )
-    if config.estimator == "pooled":
-        return pooled_estimate(q, k, attn_mask, is_causal, scale, b, chunk, window=window)
-    return antidiagonal_estimate(
-        q, k, attn_mask, is_causal, scale, b, config.antidiagonal_stride, chunk, window=window
-    )
+    if not config.row_probe:
+        return ahat
+    return with_row_probe(ahat, q, k, attn_mask, is_causal, scale, b, window=window)

@@ -43,6 +43,7 @@ from torch import Tensor
 from ...config import OmniSparseConfig
 from ..masks import check_window, resolve_scale
 from ..triton_utils import LOG2E, head_dim_pad, head_dim_reason, interpreting, needs_fp32_dot, tile_dot
+from .probe import with_row_probe
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -164,6 +165,8 @@ def estimate_blocks(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
+    if config.row_probe:
+        return with_row_probe(ahat, q, k, attn_mask, is_causal, scale, b, window=window)
     return ahat
 
 

@@ -49,6 +49,19 @@ def _shared_budget(need: torch.Tensor, scope: str, num_kv_heads: int) -> torch.T
     return grouped.amax(dim=2, keepdim=True).expand_as(grouped).reshape(batch, heads, nq)
 
 
+def full_final_blocks(
+    lazy: torch.Tensor, take: torch.Tensor, num_available: torch.Tensor, dense_last_blocks: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lazy, take) [B, H, nq] with the last ``dense_last_blocks`` query blocks active and taking
+    every available block (so they attend to every allowed block, exact attention).
+
+    The final rows of a prompt produce the next token; one of them can need a key block (a passkey's
+    needle) that the block-averaged estimate ranks low. Cost: dense_last_blocks / nq of the rows.
+    """
+    final = torch.arange(lazy.shape[-1], device=lazy.device) >= lazy.shape[-1] - dense_last_blocks
+    return lazy & ~final, torch.where(final, num_available, take)
+
+
 def select_blocks(
     ahat: torch.Tensor,
     allowed: torch.Tensor,
@@ -65,7 +78,7 @@ def select_blocks(
         ahat: float32 [B, H, nq, nk], the block estimate (a distribution over allowed blocks).
         allowed: bool, broadcastable to [B, H, nq, nk] (``masks.allowed_blocks``).
         config: tau, n_sink, n_local, query_selection, effective_lazy_threshold, min_blocks, max_blocks,
-            budget_scope and block_size are read.
+            budget_scope, dense_last_blocks and block_size are read.
         num_kv_heads: Hkv; ``"kv_group"`` shares the budget among the H // Hkv heads of a KV head.
         is_causal: picks the local window (ending at i, or centred on i; ``forced_pattern``).
         q_len, kv_len: Sq and Skv, recorded in the selection.
@@ -75,7 +88,8 @@ def select_blocks(
     number of available (allowed, non-forced) blocks, in descending Ahat order (ties: lower index
     first), whose mass with F(i) reaches tau (all available blocks if it never does; all of them by
     definition when tau >= 1). K = the max of k_h over the heads sharing the budget, clamped to
-    [min_blocks, max_blocks]; each active head takes F(i) plus its top min(K, available) blocks.
+    [min_blocks, max_blocks]; each active head takes F(i) plus its top min(K, available) blocks. The
+    last ``dense_last_blocks`` query blocks take every allowed block (`full_final_blocks`).
     ``budget`` records that count (equal across the heads sharing K unless a per-head mask leaves a
     head fewer available blocks). Masses are summed in float32 with a slack of `_MASS_SLACK`.
     """
@@ -110,6 +124,7 @@ def select_blocks(
         config.min_blocks, config.max_blocks
     )
     take = torch.where(lazy, 0, torch.minimum(budget, num_available))
+    lazy, take = full_final_blocks(lazy, take, num_available, config.dense_last_blocks)
     # The first `take` entries of each ranked row are available blocks (take <= num_available and
     # unavailable blocks rank last), so scattering "rank < take" back through `order` marks them.
     taken_ranks = torch.arange(nk, device=ahat.device) < take.unsqueeze(-1)

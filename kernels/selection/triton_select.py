@@ -5,7 +5,8 @@ One program per (b, h, i) row of Ahat holds the row (nk padded to a power of two
 1. `_need_kernel` loads the row and the allowed row (at its broadcast strides), forms F(i) from the
    block indices (`forced_pattern`'s formula), the local mass, lazy, the available count and the
    need k_h; it writes need, lazy and the count ([B, H, nq] each).
-2. torch ops on those [B, H, nq] tensors: `_shared_budget` (select.py), the clamp, take.
+2. torch ops on those [B, H, nq] tensors: `_shared_budget` (select.py), the clamp, take, the
+   final query blocks in full (`full_final_blocks`, select.py).
 3. `_select_kernel` reloads the row, finds the take-th largest available value, takes the ties at
    it by lower index first (the stable sort's order), and writes ``kv_indices`` (each selected block
    scattered to its cumulative-count slot, then the padding) and ``kv_num_blocks``.
@@ -40,7 +41,7 @@ from torch import Tensor
 from ...config import OmniSparseConfig
 from ..sparse_attention.triton_fwd import interpreting
 from .block_selection import BlockSelection
-from .select import _MASS_SLACK, _shared_budget
+from .select import _MASS_SLACK, _shared_budget, full_final_blocks
 
 # Widest row one program holds: 8192 key blocks (512K tokens at b = 64), 16 warps x 16 values per thread.
 MAX_KV_BLOCKS = 8192
@@ -127,6 +128,7 @@ def select_blocks_triton(
         config.min_blocks, config.max_blocks
     )
     take = torch.where(lazy, 0, torch.minimum(budget, num_available)).to(torch.int32)
+    lazy, take = full_final_blocks(lazy, take, num_available, config.dense_last_blocks)
 
     kv_indices = torch.empty(batch, heads, nq, nk, dtype=torch.int32, device=ahat.device)
     kv_num_blocks = torch.empty_like(need)
