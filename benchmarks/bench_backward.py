@@ -116,7 +116,9 @@ def dense_fwd(q, k, v, backend: SDPBackend) -> Callable[[], torch.Tensor]:
     return run
 
 
-def flex_runners(q, k, v, grad_out, selection: BlockSelection) -> tuple[Callable[[], tuple], Callable[[], torch.Tensor]]:
+def flex_runners(
+    q, k, v, grad_out, selection: BlockSelection
+) -> tuple[Callable[[], tuple], Callable[[], torch.Tensor]]:
     """FlexAttention with the selection's block mask: (forward + backward, forward alone)."""
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -128,7 +130,9 @@ def flex_runners(q, k, v, grad_out, selection: BlockSelection) -> tuple[Callable
     options = {"BLOCK_M": selection.block_size, "BLOCK_N": selection.block_size}
 
     def forward(*inputs: torch.Tensor) -> torch.Tensor:
-        return compiled(*inputs, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1], kernel_options=options)
+        return compiled(
+            *inputs, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1], kernel_options=options
+        )
 
     def fwd_bwd() -> tuple:
         return torch.autograd.grad(forward(*leaves), leaves, grad_out)

@@ -187,7 +187,9 @@ def _cache_bytes(cache: DynamicCache) -> int:
     return storage_bytes(*[t for layer in cache.layers for t in (layer.keys, layer.values)])
 
 
-def bench_model(model, seq_len: int, steps: int, config: OmniSparseConfig, ids: torch.Tensor | None = None) -> dict:
+def bench_model(
+    model, seq_len: int, steps: int, config: OmniSparseConfig, ids: torch.Tensor | None = None
+) -> dict:
     """DynamicCache + SDPA against SlimKVCache + omnisparse_decode on prompt ``ids`` [1, S] (random
     tokens when None)."""
     device = next(model.parameters()).device
@@ -241,13 +243,17 @@ def passkey_decode(model, ids: torch.Tensor, answer: torch.Tensor, cache, attn: 
     return {"found": found, "logprob": logprob}
 
 
-def bench_pretrained(name: str, seq_len: int, steps: int, depths: int, config: OmniSparseConfig) -> list[dict]:
+def bench_pretrained(
+    name: str, seq_len: int, steps: int, depths: int, config: OmniSparseConfig
+) -> list[dict]:
     """Slim vs dense cache on pretrained ``name`` at ``seq_len``: one `bench_model` row, one row per passkey."""
     from bench_models import load_for_length
 
     from omnicompile.evaluate import document_ids, passkey_depths, passkey_prompt
 
-    model, tokenizer = load_for_length(name, seq_len + steps + 1, device="cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_for_length(
+        name, seq_len + steps + 1, device="cuda" if torch.cuda.is_available() else "cpu"
+    )
     device = next(model.parameters()).device
     row = bench_model(model, seq_len, steps, config, ids=document_ids(tokenizer, seq_len).to(device))
     rows = [{**row, "workload": "pretrained", "model": name}]
@@ -257,12 +263,19 @@ def bench_pretrained(name: str, seq_len: int, steps: int, depths: int, config: O
         dense_cache, slim_cache = DynamicCache(config=model.config), SlimKVCache(model.config, config)
         dense = passkey_decode(model, ids, answer, dense_cache, "sdpa")
         slimmed = passkey_decode(model, ids, answer, slim_cache, ATTN_IMPLEMENTATION)
-        rows.append({
-            "workload": "passkey", "model": name, "seq_len": seq_len, "depth": depth,
-            "dense_found": dense["found"], "slim_found": slimmed["found"],
-            "dense_logprob": dense["logprob"], "slim_logprob": slimmed["logprob"],
-            "memory_ratio": _cache_bytes(dense_cache) / slim_cache.stored_bytes(),
-        })
+        rows.append(
+            {
+                "workload": "passkey",
+                "model": name,
+                "seq_len": seq_len,
+                "depth": depth,
+                "dense_found": dense["found"],
+                "slim_found": slimmed["found"],
+                "dense_logprob": dense["logprob"],
+                "slim_logprob": slimmed["logprob"],
+                "memory_ratio": _cache_bytes(dense_cache) / slim_cache.stored_bytes(),
+            }
+        )
     del model
     return rows
 
@@ -277,8 +290,20 @@ def _write_csv(rows: list[dict], path: Path) -> None:
 def _print_table(rows: list[dict]) -> None:
     columns = ["workload", "seq_len", "memory_ratio", "dense_step_ms", "slim_step_ms", "speedup"]
     extra = [
-        "model", "dense_graph_ms", "slim_graph_ms", "graph_speedup", "recall_mean", "recall_min", "out_rel_err",
-        "top1_agreement", "logits_rel_err", "depth", "dense_found", "slim_found", "dense_logprob", "slim_logprob",
+        "model",
+        "dense_graph_ms",
+        "slim_graph_ms",
+        "graph_speedup",
+        "recall_mean",
+        "recall_min",
+        "out_rel_err",
+        "top1_agreement",
+        "logits_rel_err",
+        "depth",
+        "dense_found",
+        "slim_found",
+        "dense_logprob",
+        "slim_logprob",
     ]
     columns += [c for c in extra if any(c in row for row in rows)]
     cells = [
@@ -297,7 +322,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32, help="decode steps (>= 4)")
     parser.add_argument("--layers", type=int, default=8, help="layers of the Llama-3-8B-shaped model")
     parser.add_argument(
-        "--workloads", nargs="+", choices=["structured", "model", "pretrained"], default=["structured", "model"]
+        "--workloads",
+        nargs="+",
+        choices=["structured", "model", "pretrained"],
+        default=["structured", "model"],
     )
     parser.add_argument("--pretrained", nargs="+", default=["smollm2-135m", "gemma3-270m"])
     parser.add_argument("--depths", type=int, default=10, help="passkeys per length (pretrained workload)")
@@ -347,7 +375,9 @@ def main() -> None:
         rows += models
     if "pretrained" in args.workloads:
         pretrained = [
-            row for name in args.pretrained for s in args.seq_lens
+            row
+            for name in args.pretrained
+            for s in args.seq_lens
             for row in bench_pretrained(name, s, args.steps, args.depths, config)
         ]
         _write_csv(pretrained, args.out / "pretrained.csv")

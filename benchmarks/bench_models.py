@@ -41,9 +41,14 @@ def _fmt(key: str, spec: str = ".3g"):
 
 
 COLUMNS = {
-    "model": _fmt("model", "s"), "S": _fmt("seq_len", "d"), "variant": _fmt("variant", "s"),
-    "ms": _fmt("ms", ".1f"), "x eager": _fmt("speedup_vs_eager", ".2f"), "top-1": _fmt("top1", ".3f"),
-    "ppl ratio": _fmt("ppl_ratio", ".4f"), "sparse/dense calls": lambda r: f"{r['sparse_calls']}/{r['dense_calls']}",
+    "model": _fmt("model", "s"),
+    "S": _fmt("seq_len", "d"),
+    "variant": _fmt("variant", "s"),
+    "ms": _fmt("ms", ".1f"),
+    "x eager": _fmt("speedup_vs_eager", ".2f"),
+    "top-1": _fmt("top1", ".3f"),
+    "ppl ratio": _fmt("ppl_ratio", ".4f"),
+    "sparse/dense calls": lambda r: f"{r['sparse_calls']}/{r['dense_calls']}",
     "first call s": _fmt("first_call_s", ".1f"),
 }
 
@@ -74,6 +79,7 @@ def _runner(model, variant: str, sparse: OmniSparseConfig, dynamic: bool):
 
 def _quality(logits: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Top-1 agreement with ``reference`` and perplexity ratio on ``labels`` (logits [T, V])."""
+
     def nll(x: torch.Tensor) -> float:
         return torch.nn.functional.cross_entropy(x.float(), labels).item()
 
@@ -113,15 +119,22 @@ def run_model(name: str, args: argparse.Namespace, sparse: OmniSparseConfig, dea
                 references[seq_len] = logits
             calls = Counter(run.decision for run in recorder.runs)
             row = {
-                "model": name, "seq_len": seq_len, "variant": variant, "ms": time_ms(forward),
-                "first_call_s": first_s, "sparse_calls": calls["sparse"], "dense_calls": calls["dense"],
+                "model": name,
+                "seq_len": seq_len,
+                "variant": variant,
+                "ms": time_ms(forward),
+                "first_call_s": first_s,
+                "sparse_calls": calls["sparse"],
+                "dense_calls": calls["dense"],
             }
             if seq_len in references:
                 row.update(_quality(logits, references[seq_len], labels))
             rows.append(row)
             print(json.dumps(row), flush=True)
     for row in rows:
-        eager = next((r["ms"] for r in rows if r["seq_len"] == row["seq_len"] and r["variant"] == "eager"), None)
+        eager = next(
+            (r["ms"] for r in rows if r["seq_len"] == row["seq_len"] and r["variant"] == "eager"), None
+        )
         if eager:
             row["speedup_vs_eager"] = eager / row["ms"]
     del model
@@ -137,11 +150,15 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--config", default="{}", help="OmniSparseConfig fields of the sparse variant (JSON)")
     parser.add_argument("--rope-scaling", default="yarn", choices=["yarn", "dynamic", "linear"])
-    parser.add_argument("--quality-tokens", type=int, default=256, help="last positions whose logits are kept")
+    parser.add_argument(
+        "--quality-tokens", type=int, default=256, help="last positions whose logits are kept"
+    )
     parser.add_argument("--time-budget-s", type=float, default=480.0)
     parser.add_argument("--device", default="cuda", help="cuda (bf16) or cpu (fp32, a smoke test)")
     parser.add_argument(
-        "--dynamic", action=argparse.BooleanOptionalAction, default=True,
+        "--dynamic",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="compile one graph with a symbolic sequence length (--no-dynamic: one per length)",
     )
     parser.add_argument("--out", type=Path, default=Path("out/bench_models"))

@@ -331,7 +331,9 @@ def sweep(args, log: Console) -> list[dict]:
     return rows
 
 
-def print_rows(title: str, columns: dict[str, Callable[[dict], str]], rows: list[dict], width: int = 200) -> None:
+def print_rows(
+    title: str, columns: dict[str, Callable[[dict], str]], rows: list[dict], width: int = 200
+) -> None:
     """Print ``rows`` as a rich table: one column per header, its cells from the formatter."""
     table = Table(title=title)
     for header in columns:
@@ -423,7 +425,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 32768, 131072])
     parser.add_argument("--kv-heads", type=int, nargs="+", default=[8])
-    parser.add_argument("--presets", nargs="+", choices=PRESETS, default=["structured", "mixed", "mixed_flat", "random"])
+    parser.add_argument(
+        "--presets", nargs="+", choices=PRESETS, default=["structured", "mixed", "mixed_flat", "random"]
+    )
     parser.add_argument("--estimators", nargs="+", default=["composite"])
     parser.add_argument("--scopes", nargs="+", default=["heads"])
     parser.add_argument("--heads", type=int, default=32)

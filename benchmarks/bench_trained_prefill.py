@@ -60,7 +60,9 @@ def main() -> None:
     parser.add_argument("--tau", type=float, default=OmniSparseConfig.tau)
     parser.add_argument("--batches", type=int, default=4, help="sequences per accuracy measurement")
     parser.add_argument("--device", default="cuda", help="cpu only to try the script (small --seq-lens)")
-    parser.add_argument("--no-rope-scaling", action="store_true", help="keep the trained RoPE past 4096 tokens")
+    parser.add_argument(
+        "--no-rope-scaling", action="store_true", help="keep the trained RoPE past 4096 tokens"
+    )
     parser.add_argument("--out", type=Path, default=Path("out/bench_trained_prefill"))
     args = parser.parse_args()
     device = torch.device(args.device)

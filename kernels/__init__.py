@@ -18,7 +18,8 @@ if __name__ == "kernels":
     )
     if _spec is None:
         raise ModuleNotFoundError(
-            "No module named 'kernels' (this repository's kernels/ folder is omnicompile.kernels)", name="kernels"
+            "No module named 'kernels' (this repository's kernels/ folder is omnicompile.kernels)",
+            name="kernels",
         )
     _module = importlib.util.module_from_spec(_spec)
     sys.modules["kernels"] = _module  # the import system returns what sys.modules holds after this file runs

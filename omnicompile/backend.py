@@ -31,7 +31,9 @@ CompiledFn = Callable[..., Any]
 _GRAPH_IDS = itertools.count()
 
 
-def _lower(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg: OmniSparseConfig, mode: str | None) -> CompiledFn:
+def _lower(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg: OmniSparseConfig, mode: str | None
+) -> CompiledFn:
     if cfg.lowering == "tensorrt":
         from .tensorrt import compile_tensorrt
 
@@ -64,7 +66,9 @@ def compile_graph(
     if untouched:
         logger.warning(
             "omnisparse: %d of %d attention sites rewritten in graph %s; see omnicompile.explain for why "
-            "the others were left untouched", len(report.sites) - untouched, len(report.sites),
+            "the others were left untouched",
+            len(report.sites) - untouched,
+            len(report.sites),
             report.sites[0].site.split(".")[0],
         )
     return _lower(report.graph_module, example_inputs, cfg, mode)

@@ -22,7 +22,9 @@ def _config_from_args(args: argparse.Namespace) -> OmniSparseConfig:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoSettings, run_demo
 
-    settings = DemoSettings(model=args.model, seq_len=args.seq_len, structured_len=args.structured_len, tau=args.tau)
+    settings = DemoSettings(
+        model=args.model, seq_len=args.seq_len, structured_len=args.structured_len, tau=args.tau
+    )
     if args.device:
         settings.device = args.device
     run_demo(settings)
@@ -60,7 +62,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     ids = torch.randint(0, model.config.vocab_size, (1, args.seq_len), device=device)
     dynamic = None if args.static else {"input_ids": {1: "seq"}}
     with torch.no_grad():
-        path = export(model, {"input_ids": ids, "use_cache": False}, args.out, _config_from_args(args), dynamic, args.target)
+        path = export(
+            model,
+            {"input_ids": ids, "use_cache": False},
+            args.out,
+            _config_from_args(args),
+            dynamic,
+            args.target,
+        )
     print(f"wrote {path}")
     return 0
 
@@ -74,12 +83,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     base = {"min_seq_len": 1024, **(json.loads(args.config) if args.config else {})}
     settings = EvalSettings(
-        lengths=tuple(args.lengths), scopes=tuple(args.scopes), taus=tuple(args.taus), depths=args.depths,
-        base_config=base, logit_chunk=args.logit_chunk,
+        lengths=tuple(args.lengths),
+        scopes=tuple(args.scopes),
+        taus=tuple(args.taus),
+        depths=args.depths,
+        base_config=base,
+        logit_chunk=args.logit_chunk,
     )
     settings.configs()  # validate the configs before loading the model
     model, tokenizer = load_pretrained(
-        args.model, dtype=getattr(torch, args.dtype), device=device,
+        args.model,
+        dtype=getattr(torch, args.dtype),
+        device=device,
         max_position_embeddings=args.max_position_embeddings,
         rope_scaling=json.loads(args.rope_scaling) if args.rope_scaling else None,
     )
@@ -118,9 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("model", help="a built-in config name or a local checkpoint folder")
     inspect.add_argument("--seq-len", type=int, default=2048)
     inspect.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"])
-    inspect.add_argument("--config", default=None, help='OmniSparseConfig fields as JSON, e.g. \'{"min_seq_len": 1024}\'')
+    inspect.add_argument(
+        "--config", default=None, help="OmniSparseConfig fields as JSON, e.g. '{\"min_seq_len\": 1024}'"
+    )
     inspect.add_argument("--device", default=None)
-    inspect.add_argument("--plot", default=None, metavar="FILE.png", help="draw the selected blocks of one layer")
+    inspect.add_argument(
+        "--plot", default=None, metavar="FILE.png", help="draw the selected blocks of one layer"
+    )
     inspect.add_argument("--layer", type=int, default=0)
     inspect.add_argument("--heads", type=int, nargs="+", default=[0, 1])
     inspect.set_defaults(func=_cmd_inspect)
@@ -135,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--device", default=None)
     export.set_defaults(func=_cmd_export)
 
-    ev = sub.add_parser("eval", help="accuracy of a pretrained model, dense vs sparse (perplexity, passkeys, recall)")
+    ev = sub.add_parser(
+        "eval", help="accuracy of a pretrained model, dense vs sparse (perplexity, passkeys, recall)"
+    )
     ev.add_argument("--model", default="smollm2-135m", help="a pretrained name of omnicompile.models")
     ev.add_argument("--lengths", type=int, nargs="+", default=[4096])
     ev.add_argument("--scopes", nargs="+", default=["heads"], choices=["heads", "kv_group", "head"])
@@ -145,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ev.add_argument("--rope-scaling", default=None, help='e.g. \'{"rope_type": "yarn", "factor": 4.0}\'')
     ev.add_argument("--max-position-embeddings", type=int, default=None)
-    ev.add_argument("--config", default=None, help='base OmniSparseConfig fields (JSON; min_seq_len defaults to 1024)')
+    ev.add_argument(
+        "--config", default=None, help="base OmniSparseConfig fields (JSON; min_seq_len defaults to 1024)"
+    )
     ev.add_argument("--logit-chunk", type=int, default=1024, help="positions whose logits are held at once")
     ev.add_argument("--out", default="accuracy.json", help="results JSON path")
     ev.add_argument("--plot", default=None, metavar="FILE.png", help="density and recall per layer")
@@ -162,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``omnicompile`` script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s"
+    )
     return args.func(args)
 
 

@@ -46,14 +46,19 @@ def run_model_part(settings: DemoSettings, print_fn=print) -> dict[str, float]:
         errors = {}
         for mode in ("dense", "sparse"):
             cfg = OmniSparseConfig(
-                mode=mode, tau=settings.tau, block_size=settings.block_size, min_seq_len=min(1024, settings.seq_len)
+                mode=mode,
+                tau=settings.tau,
+                block_size=settings.block_size,
+                min_seq_len=min(1024, settings.seq_len),
             )
             torch._dynamo.reset()
             start = time.perf_counter()
             report = explain(model, ids, config=cfg)
             elapsed = time.perf_counter() - start
             errors[mode] = _max_error(report.output.logits, eager)
-            print_fn(f"\n== {settings.model}, {settings.seq_len} tokens, mode={mode} (compile + run {elapsed:.1f} s)")
+            print_fn(
+                f"\n== {settings.model}, {settings.seq_len} tokens, mode={mode} (compile + run {elapsed:.1f} s)"
+            )
             print_fn(str(report))
             print_fn(f"max |logits - eager| = {errors[mode]:.3e}")
     return errors
@@ -72,7 +77,9 @@ def run_structured_part(settings: DemoSettings, print_fn=print) -> dict[str, flo
     with recording(measure=True) as recorder:
         torch.ops.omnisparse.attention(q, k, v, None, 0.0, True, None, True, cfg.to_json(), "structured")
     stats = recorder.runs[-1].stats
-    print_fn(f"\n== structured attention input, {settings.structured_len} tokens, 4 heads, causal, tau={settings.tau}")
+    print_fn(
+        f"\n== structured attention input, {settings.structured_len} tokens, 4 heads, causal, tau={settings.tau}"
+    )
     print_fn("   " + ", ".join(f"{key} {value:.3f}" for key, value in stats.items()))
     return stats
 

@@ -145,8 +145,17 @@ def _eval_attention(
         attention_mask = attention_mask[:, :, :, : key.shape[2]]
     is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
     out, _ = torch.ops.omnisparse.attention(
-        query, key, value, attention_mask, 0.0, is_causal, scaling, key.shape[1] != query.shape[1],
-        config_json, f"layer{getattr(module, 'layer_idx', '?')}", window,
+        query,
+        key,
+        value,
+        attention_mask,
+        0.0,
+        is_causal,
+        scaling,
+        key.shape[1] != query.shape[1],
+        config_json,
+        f"layer{getattr(module, 'layer_idx', '?')}",
+        window,
     )
     return out.transpose(1, 2).contiguous(), None
 
@@ -182,7 +191,9 @@ def _log_probs(model: torch.nn.Module, hidden: torch.Tensor, chunk: int) -> Iter
         yield torch.log_softmax(logits, dim=-1)
 
 
-def _targets_log_probs(model: torch.nn.Module, ids: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _targets_log_probs(
+    model: torch.nn.Module, ids: torch.Tensor, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-prob of each next token float32 [S-1], argmax int64 [S-1]) for ids [1, S]."""
     lp, top = [], []
     for start, chunk_lp in zip(range(0, ids.shape[1], chunk), _log_probs(model, _hidden(model, ids), chunk)):
@@ -218,12 +229,19 @@ def compare_logits(
         kl += (d.exp() * (d - s)).sum().item()
     ppl_dense, ppl_sparse = math.exp(nll["dense"] / count), math.exp(nll["sparse"] / count)
     metrics = {
-        "ppl_dense": ppl_dense, "ppl_sparse": ppl_sparse, "ppl_ratio": ppl_sparse / ppl_dense,
-        "top1": agree / count, "kl": kl / count,
+        "ppl_dense": ppl_dense,
+        "ppl_sparse": ppl_sparse,
+        "ppl_ratio": ppl_sparse / ppl_dense,
+        "top1": agree / count,
+        "kl": kl / count,
     }
     layers = [
-        {"site": run.site, "decision": run.decision, "reason": run.reason,
-         **{key: run.stats[key] for key in LAYER_STATS if key in run.stats}}
+        {
+            "site": run.site,
+            "decision": run.decision,
+            "reason": run.reason,
+            **{key: run.stats[key] for key in LAYER_STATS if key in run.stats},
+        }
         for run in recorder.runs
     ]
     return metrics, layers
@@ -250,7 +268,9 @@ def _progress(total: int, enabled: bool):
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, tokenizer: Any, settings: EvalSettings, progress: bool = True) -> dict[str, Any]:
+def evaluate(
+    model: torch.nn.Module, tokenizer: Any, settings: EvalSettings, progress: bool = True
+) -> dict[str, Any]:
     """Run every measurement of ``settings`` on ``model`` (a transformers causal LM); JSON-ready dict.
 
     ``runs``: one entry per length with ``passkeys_dense`` and ``configs`` (per sparse config: its
@@ -259,8 +279,12 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, settings: EvalSettings, pro
     device = next(model.parameters()).device
     configs = settings.configs()
     depths = passkey_depths(settings.depths)
-    keys = torch.randint(10000, 100000, (len(settings.lengths), len(depths)),
-                         generator=torch.Generator().manual_seed(settings.seed))
+    keys = torch.randint(
+        10000,
+        100000,
+        (len(settings.lengths), len(depths)),
+        generator=torch.Generator().manual_seed(settings.seed),
+    )
     runs = []
     with _progress(len(settings.lengths) * (len(configs) * (1 + len(depths)) + len(depths)), progress) as bar:
         for li, length in enumerate(settings.lengths):
@@ -278,16 +302,35 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, settings: EvalSettings, pro
                 sparse_keys = []
                 with sparse_attention(model, config):
                     for depth, (ids, answer) in zip(depths, prompts):
-                        sparse_keys.append({"depth": depth, **passkey(model, ids, answer, settings.logit_chunk)})
+                        sparse_keys.append(
+                            {"depth": depth, **passkey(model, ids, answer, settings.logit_chunk)}
+                        )
                         bar.update()
                 means = {f"{key}_layers": _mean(layers, key) for key in LAYER_STATS}
-                entries.append({"budget_scope": config.budget_scope, "tau": config.tau, "config": config.to_dict(),
-                                **metrics, **means, "layers": layers, "passkeys": sparse_keys})
+                entries.append(
+                    {
+                        "budget_scope": config.budget_scope,
+                        "tau": config.tau,
+                        "config": config.to_dict(),
+                        **metrics,
+                        **means,
+                        "layers": layers,
+                        "passkeys": sparse_keys,
+                    }
+                )
             runs.append({"length": length, "passkeys_dense": dense_keys, "configs": entries})
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": _device_name(device), "dtype": str(next(model.parameters()).dtype),
-            "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": _tf_version()},
-            "settings": asdict(settings), "runs": runs}
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": _device_name(device),
+        "dtype": str(next(model.parameters()).dtype),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": _tf_version(),
+        },
+        "settings": asdict(settings),
+        "runs": runs,
+    }
 
 
 def _mean(layers: Sequence[dict[str, Any]], key: str) -> float | None:
@@ -310,20 +353,32 @@ def _tf_version() -> str:
 
 def markdown_table(results: dict[str, Any]) -> str:
     """A markdown table of ``evaluate``'s results: one row per (length, scope, tau)."""
-    header = ("| length | scope | tau | ppl dense | ppl ratio | top-1 | KL | density | recall mean | recall min "
-              "| passkeys dense / sparse | lost |")
+    header = (
+        "| length | scope | tau | ppl dense | ppl ratio | top-1 | KL | density | recall mean | recall min "
+        "| passkeys dense / sparse | lost |"
+    )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for run in results["runs"]:
         dense_found = [p["found"] for p in run["passkeys_dense"]]
         for entry in run["configs"]:
             sparse_found = [p["found"] for p in entry["passkeys"]]
             lost = sum(d and not s for d, s in zip(dense_found, sparse_found))
-            recall_min = min((layer["recall_min"] for layer in entry["layers"] if "recall_min" in layer), default=None)
+            recall_min = min(
+                (layer["recall_min"] for layer in entry["layers"] if "recall_min" in layer), default=None
+            )
             cells = [
-                str(run["length"]), entry["budget_scope"], f"{entry['tau']:g}", f"{entry['ppl_dense']:.3f}",
-                f"x{entry['ppl_ratio']:.4f}", f"{entry['top1']:.3f}", f"{entry['kl']:.4f}",
-                _fmt(entry["density_layers"]), _fmt(entry["recall_mean_layers"]), _fmt(recall_min),
-                f"{sum(dense_found)}/{len(dense_found)} / {sum(sparse_found)}/{len(sparse_found)}", str(lost),
+                str(run["length"]),
+                entry["budget_scope"],
+                f"{entry['tau']:g}",
+                f"{entry['ppl_dense']:.3f}",
+                f"x{entry['ppl_ratio']:.4f}",
+                f"{entry['top1']:.3f}",
+                f"{entry['kl']:.4f}",
+                _fmt(entry["density_layers"]),
+                _fmt(entry["recall_mean_layers"]),
+                _fmt(recall_min),
+                f"{sum(dense_found)}/{len(dense_found)} / {sum(sparse_found)}/{len(sparse_found)}",
+                str(lost),
             ]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -96,7 +96,16 @@ def explain(
             else:
                 decision, reason, stats = "not run", "", {}
             sites.append(
-                ExplainSite(site.site, site.shapes, _mask_text(site), site.gqa, decision, reason, stats, len(site_runs))
+                ExplainSite(
+                    site.site,
+                    site.shapes,
+                    _mask_text(site),
+                    site.gqa,
+                    decision,
+                    reason,
+                    stats,
+                    len(site_runs),
+                )
             )
     return ExplainReport(sites, output)
 

@@ -171,7 +171,9 @@ class SlimKVLayer(CacheLayerMixin):
         return self.keys.shape[2] if self.is_initialized else 0
 
     def get_mask_sizes(self, query_length: int | Tensor) -> tuple[int, int]:
-        if isinstance(query_length, Tensor):  # before transformers 5.3: cache_position, one entry per new token
+        if isinstance(
+            query_length, Tensor
+        ):  # before transformers 5.3: cache_position, one entry per new token
             query_length = query_length.shape[0]
         return self.get_seq_length() + query_length, 0
 
@@ -247,7 +249,9 @@ class SlimKVCache(Cache):
         if not isinstance(config, OmniSparseConfig):
             raise TypeError(f"SlimKVCache: config must be an OmniSparseConfig, got {type(config).__name__}")
         text_config = model_config.get_text_config(decoder=True)
-        layer_types = getattr(text_config, "layer_types", None) or ["full_attention"] * text_config.num_hidden_layers
+        layer_types = (
+            getattr(text_config, "layer_types", None) or ["full_attention"] * text_config.num_hidden_layers
+        )
         unsupported = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
         if unsupported:
             raise ValueError(
@@ -280,16 +284,22 @@ class SlimKVCache(Cache):
     def stored_bytes(self) -> int:
         """Bytes of every tensor the cache holds, measured from the tensors (all layers)."""
         return sum(
-            layer.stored_bytes() if isinstance(layer, SlimKVLayer)
-            else storage_bytes(layer.keys, layer.values) if layer.is_initialized else 0
+            layer.stored_bytes()
+            if isinstance(layer, SlimKVLayer)
+            else storage_bytes(layer.keys, layer.values)
+            if layer.is_initialized
+            else 0
             for layer in self.layers
         )
 
     def kept_lengths(self) -> list[Tensor]:
         """Per layer, int64 [B, Hkv]: tokens stored per KV head."""
         return [
-            layer.kept_lengths() if isinstance(layer, SlimKVLayer)
-            else torch.full(layer.keys.shape[:2], layer.keys.shape[2], dtype=torch.long, device=layer.keys.device)
+            layer.kept_lengths()
+            if isinstance(layer, SlimKVLayer)
+            else torch.full(
+                layer.keys.shape[:2], layer.keys.shape[2], dtype=torch.long, device=layer.keys.device
+            )
             for layer in self.layers
         ]
 

@@ -33,7 +33,9 @@ from .metrics import selection_stats as measure_selection
 from .ops import dense_attention, with_window
 
 
-def kernel_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> str:
+def kernel_unsupported_reason(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None
+) -> str:
     """Why `_attend` cannot take these inputs ("" = it can): CUDA inputs the Triton kernel rejects.
 
     The pure-PyTorch reference (CPU) takes every input the op accepts.
@@ -124,8 +126,15 @@ def density_fallback_reason(
         return ""
     batch, heads = selection.kv_num_blocks.shape[:2]
     allowed = allowed_blocks(
-        attn_mask, is_causal, batch, heads, selection.q_len, selection.kv_len, selection.block_size,
-        selection.kv_indices.device, window=window,
+        attn_mask,
+        is_causal,
+        batch,
+        heads,
+        selection.q_len,
+        selection.kv_len,
+        selection.block_size,
+        selection.kv_indices.device,
+        window=window,
     )
     allowed_count = allowed.expand(batch, heads, -1, -1).sum()
     density = (selection.kv_num_blocks.sum() / allowed_count).item()
@@ -157,7 +166,9 @@ def plan(
         allowed = allowed_blocks(
             attn_mask, is_causal, batch, heads, q_len, kv_len, config.block_size, q.device, window=window
         )
-        return select_on_device(ahat, allowed, config, kv_heads, is_causal=is_causal, q_len=q_len, kv_len=kv_len)
+        return select_on_device(
+            ahat, allowed, config, kv_heads, is_causal=is_causal, q_len=q_len, kv_len=kv_len
+        )
 
 
 @dataclass
@@ -202,7 +213,9 @@ def omnisparse_attention(
     if reason:
         out = _dense(q, k, v, attn_mask, is_causal, scale, window)
         return SparseResult(out, q.new_zeros(q.shape[:3], dtype=torch.float32), selection, reason)
-    out, lse = _attend(q, k, v, selection, attn_mask, is_causal, resolve_scale(scale, q.shape[-1]), config, window)
+    out, lse = _attend(
+        q, k, v, selection, attn_mask, is_causal, resolve_scale(scale, q.shape[-1]), config, window
+    )
     return SparseResult(out, lse, selection, "")
 
 
@@ -227,7 +240,9 @@ def omnisparse_attention_backward(
     """
     selection = plan(q, k, attn_mask, is_causal, scale, config, window)
     if density_fallback_reason(selection, attn_mask, is_causal, config, window):
-        _, vjp_fn = torch.func.vjp(lambda q_, k_, v_: _dense(q_, k_, v_, attn_mask, is_causal, scale, window), q, k, v)
+        _, vjp_fn = torch.func.vjp(
+            lambda q_, k_, v_: _dense(q_, k_, v_, attn_mask, is_causal, scale, window), q, k, v
+        )
         return vjp_fn(grad_out)
     scale = resolve_scale(scale, q.shape[-1])
     if q.device.type == "cuda" and triton_bwd.supported(q, k, v, attn_mask) is None:

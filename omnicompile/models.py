@@ -28,16 +28,34 @@ import torch
 
 BUILTIN_CONFIGS: dict[str, dict] = {
     "llama-tiny": dict(
-        model_type="llama", vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16384,
+        model_type="llama",
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=16384,
     ),
     "llama-small": dict(
-        model_type="llama", vocab_size=2048, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=131072,
+        model_type="llama",
+        vocab_size=2048,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=131072,
     ),
     "qwen2-tiny": dict(
-        model_type="qwen2", vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16384,
+        model_type="qwen2",
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=16384,
     ),
 }
 
@@ -138,7 +156,9 @@ def _distribution_file(distribution: str, model: str) -> Path:
         raise ImportError(f"{model} needs the PyPI package {distribution!r}: {_INSTALL}") from None
     found = [f for f in files if ".gguf" in f.name]
     if len(found) != 1:
-        raise ImportError(f"{distribution} lists {len(found)} GGUF files (expected one); reinstall it: {_INSTALL}")
+        raise ImportError(
+            f"{distribution} lists {len(found)} GGUF files (expected one); reinstall it: {_INSTALL}"
+        )
     return Path(found[0].locate())
 
 

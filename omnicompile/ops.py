@@ -48,11 +48,15 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LOGGED: set[tuple[str, str]] = set()
 
 
-def check_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float, enable_gqa: bool) -> None:
+def check_inputs(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float, enable_gqa: bool
+) -> None:
     """Raise ``ValueError`` for inputs that no attention (dense or sparse) can take."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
-            raise ValueError(f"omnisparse.attention: {name} must be 4-D [B, heads, seq, head_dim], got {tuple(t.shape)}")
+            raise ValueError(
+                f"omnisparse.attention: {name} must be 4-D [B, heads, seq, head_dim], got {tuple(t.shape)}"
+            )
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"omnisparse.attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
     if q.shape[-1] != k.shape[-1]:
@@ -68,7 +72,9 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, drop
             "and a whole number of query heads per KV head"
         )
     if dropout_p != 0.0:
-        raise ValueError("omnisparse.attention: dropout_p must be 0 (the passes leave attention with dropout untouched)")
+        raise ValueError(
+            "omnisparse.attention: dropout_p must be 0 (the passes leave attention with dropout untouched)"
+        )
     if attn_mask is not None:
         if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
             raise ValueError(f"omnisparse.attention: attn_mask must be bool or float, got {attn_mask.dtype}")
@@ -83,7 +89,9 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, drop
             ) from None
 
 
-def resolve_mask(attn_mask: Tensor | None, is_causal: bool, mask_check: Tensor | None) -> tuple[Tensor | None, bool]:
+def resolve_mask(
+    attn_mask: Tensor | None, is_causal: bool, mask_check: Tensor | None
+) -> tuple[Tensor | None, bool]:
     """``(None, True)`` when ``mask_check`` (0-d bool, on the CPU: reading it costs no sync) says the
     mask is exactly causal; else ``(attn_mask, is_causal)``."""
     if mask_check is not None and attn_mask is not None and bool(mask_check):
@@ -97,7 +105,12 @@ def effective_window(window: int | None, q_len: int) -> int | None:
 
 
 def dense_reason(
-    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, cfg: OmniSparseConfig, window: int | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None,
+    cfg: OmniSparseConfig,
+    window: int | None = None,
 ) -> str:
     """Why this call runs dense attention ("" when the sparse method runs).
 
@@ -159,11 +172,16 @@ def _log_dense_once(site: str, reason: str) -> None:
 
 # Dense attention prefers cuDNN on CUDA (the fastest dense kernel on Hopper), then SDPA's usual order.
 _DENSE_BACKENDS = [
-    SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH,
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
 ]
 
 
-def with_window(q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal: bool, window: int | None) -> tuple[Tensor | None, bool]:
+def with_window(
+    q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal: bool, window: int | None
+) -> tuple[Tensor | None, bool]:
     """``(attn_mask, is_causal)`` with a window materialised as its bool `window_mask` [Sq, Skv]."""
     if window is None:
         return attn_mask, is_causal
@@ -247,14 +265,22 @@ def attention(
     if result.dense_reason:
         _log_dense_once(site, result.dense_reason)
     _record(
-        site, decision, result.dense_reason, recorded, window,
-        lambda: selection_stats(q, k, v, attn_mask, is_causal, scale, cfg, result.selection, result.out, window),
+        site,
+        decision,
+        result.dense_reason,
+        recorded,
+        window,
+        lambda: selection_stats(
+            q, k, v, attn_mask, is_causal, scale, cfg, result.selection, result.out, window
+        ),
     )
     return result.out.contiguous(), result.lse.contiguous()
 
 
 @attention.register_fake
-def _attention_fake(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, config, site, window=None, mask_check=None):
+def _attention_fake(
+    q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, config, site, window=None, mask_check=None
+):
     batch, heads, q_len, _ = q.shape
     out = q.new_empty((batch, heads, q_len, v.shape[-1]))
     return out, q.new_empty((batch, heads, q_len), dtype=torch.float32)
@@ -283,18 +309,22 @@ def attention_backward(
     if dense_reason(q, k, v, attn_mask, cfg, window):
         grads = recompute_grads(
             lambda q_, k_, v_: dense_attention(q_, k_, v_, attn_mask, is_causal, scale, enable_gqa, window),
-            (q, k, v), grad_out,
+            (q, k, v),
+            grad_out,
         )
         return tuple(g.contiguous() for g in grads)
     from .method import omnisparse_attention_backward
 
-    grads = omnisparse_attention_backward(grad_out, q, k, v, attn_mask, out, lse, is_causal, scale, cfg, window)
+    grads = omnisparse_attention_backward(
+        grad_out, q, k, v, attn_mask, out, lse, is_causal, scale, cfg, window
+    )
     return tuple(g.contiguous() for g in grads)
 
 
 @attention_backward.register_fake
-def _attention_backward_fake(grad_out, q, k, v, attn_mask, out, lse, is_causal, scale, enable_gqa, config,
-                             window=None, mask_check=None):
+def _attention_backward_fake(
+    grad_out, q, k, v, attn_mask, out, lse, is_causal, scale, enable_gqa, config, window=None, mask_check=None
+):
     # Contiguous, as the real implementation returns them (whatever the strides of q, k, v).
     return tuple(t.new_empty(t.shape) for t in (q, k, v))
 
@@ -310,7 +340,19 @@ def _backward(ctx, grad_out: Tensor, _grad_lse: Tensor):
     q, k, v, attn_mask, out, lse, mask_check = ctx.saved_tensors
     is_causal, scale, enable_gqa, config, window = ctx.args
     dq, dk, dv = attention_backward(
-        grad_out.contiguous(), q, k, v, attn_mask, out, lse, is_causal, scale, enable_gqa, config, window, mask_check
+        grad_out.contiguous(),
+        q,
+        k,
+        v,
+        attn_mask,
+        out,
+        lse,
+        is_causal,
+        scale,
+        enable_gqa,
+        config,
+        window,
+        mask_check,
     )
     return dq, dk, dv, *(None,) * 9
 
@@ -325,6 +367,7 @@ _LIB = torch.library.Library("omnisparse", "FRAGMENT")
 def autocast_inputs(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     """``tensors`` as SDPA receives them under autocast: floating ones cast to the autocast dtype of
     their device when autocast is enabled there (SDPA's lower-precision policy), others unchanged."""
+
     def cast(t: Tensor | None) -> Tensor | None:
         if t is None or not t.is_floating_point() or t.device.type not in _AUTOCAST_DEVICES:
             return t
@@ -339,10 +382,25 @@ def _register_autocast(device_type: str) -> None:
     key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
     excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
 
-    def kernel(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, config, site, window=None, mask_check=None):
+    def kernel(
+        q,
+        k,
+        v,
+        attn_mask,
+        dropout_p,
+        is_causal,
+        scale,
+        enable_gqa,
+        config,
+        site,
+        window=None,
+        mask_check=None,
+    ):
         q, k, v, attn_mask = autocast_inputs(q, k, v, attn_mask)
         with torch._C._ExcludeDispatchKeyGuard(excluded):
-            return attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, config, site, window, mask_check)
+            return attention(
+                q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, config, site, window, mask_check
+            )
 
     _LIB.impl("attention", kernel, key)
 

@@ -11,7 +11,9 @@ import contextvars
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-_ACTIVE: contextvars.ContextVar[tuple[Recorder, ...]] = contextvars.ContextVar("omnicompile_recorders", default=())
+_ACTIVE: contextvars.ContextVar[tuple[Recorder, ...]] = contextvars.ContextVar(
+    "omnicompile_recorders", default=()
+)
 
 
 @dataclass

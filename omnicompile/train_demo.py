@@ -66,8 +66,10 @@ class RecallTask:
         if self.queries > self.pairs:
             raise ValueError(f"RecallTask: {self.queries} queries ask for more than the {self.pairs} pairs")
         if self.pairs > self._context_end - 1 or self.queries > (self.seq_len - self._context_end) // 2:
-            raise ValueError(f"RecallTask: {self.pairs} pairs and {self.queries} queries do not fit in "
-                             f"{self.seq_len} tokens")
+            raise ValueError(
+                f"RecallTask: {self.pairs} pairs and {self.queries} queries do not fit in "
+                f"{self.seq_len} tokens"
+            )
 
     @property
     def _context_end(self) -> int:
@@ -151,13 +153,33 @@ class DemoSetting:
 
 FULL = DemoSetting(
     dense_phases=(Phase(32, 8, 4, 3000, 256), Phase(512, 16, 8, 1000, 64), Phase(4096, 32, 16, 600, 16)),
-    finetune=Phase(4096, 32, 16, 300, 16), vocab_items=32, hidden=256, layers=2, heads=4, kv_heads=2,
-    eval_batches=8, lr=1e-3, finetune_lr=3e-4, block_size=64, granularity=16, min_seq_len=4096,
+    finetune=Phase(4096, 32, 16, 300, 16),
+    vocab_items=32,
+    hidden=256,
+    layers=2,
+    heads=4,
+    kv_heads=2,
+    eval_batches=8,
+    lr=1e-3,
+    finetune_lr=3e-4,
+    block_size=64,
+    granularity=16,
+    min_seq_len=4096,
 )
 TINY = DemoSetting(
-    dense_phases=(Phase(32, 8, 4, 30, 8), Phase(256, 8, 4, 10, 8)), finetune=Phase(256, 8, 4, 6, 8),
-    vocab_items=32, hidden=64, layers=2, heads=2, kv_heads=1,
-    eval_batches=2, lr=3e-3, finetune_lr=1e-3, block_size=16, granularity=4, min_seq_len=256,
+    dense_phases=(Phase(32, 8, 4, 30, 8), Phase(256, 8, 4, 10, 8)),
+    finetune=Phase(256, 8, 4, 6, 8),
+    vocab_items=32,
+    hidden=64,
+    layers=2,
+    heads=2,
+    kv_heads=1,
+    eval_batches=2,
+    lr=3e-3,
+    finetune_lr=1e-3,
+    block_size=16,
+    granularity=4,
+    min_seq_len=256,
 )
 
 
@@ -166,16 +188,24 @@ def build_model(setting: DemoSetting, vocab_size: int, seed: int) -> torch.nn.Mo
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=setting.hidden, intermediate_size=2 * setting.hidden,
-        num_hidden_layers=setting.layers, num_attention_heads=setting.heads,
-        num_key_value_heads=setting.kv_heads, max_position_embeddings=max(setting.finetune.seq_len, 4096),
-        bos_token_id=0, eos_token_id=None, pad_token_id=None,
+        vocab_size=vocab_size,
+        hidden_size=setting.hidden,
+        intermediate_size=2 * setting.hidden,
+        num_hidden_layers=setting.layers,
+        num_attention_heads=setting.heads,
+        num_key_value_heads=setting.kv_heads,
+        max_position_embeddings=max(setting.finetune.seq_len, 4096),
+        bos_token_id=0,
+        eos_token_id=None,
+        pad_token_id=None,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).to(dtype=torch.float32)
 
 
-def load_model(path: Path | str, seq_len: int | None = None, trained_len: int = FULL.finetune.seq_len) -> torch.nn.Module:
+def load_model(
+    path: Path | str, seq_len: int | None = None, trained_len: int = FULL.finetune.seq_len
+) -> torch.nn.Module:
     """The demo's LlamaForCausalLM from ``path`` (float32, CPU), ready for prompts of ``seq_len`` tokens.
 
     The model is trained at ``trained_len`` tokens and does not generalise past that with its RoPE as
@@ -187,14 +217,20 @@ def load_model(path: Path | str, seq_len: int | None = None, trained_len: int = 
 
     config = AutoConfig.from_pretrained(path)
     if seq_len is not None and seq_len > trained_len:
-        config.rope_parameters = {**config.rope_parameters, "rope_type": "linear", "factor": seq_len / trained_len}
+        config.rope_parameters = {
+            **config.rope_parameters,
+            "rope_type": "linear",
+            "factor": seq_len / trained_len,
+        }
     return LlamaForCausalLM.from_pretrained(path, config=config, dtype=torch.float32)
 
 
 def sparse_config(setting: DemoSetting, tau: float) -> OmniSparseConfig:
     """The backend's config for this setting (default method fields, setting's block sizes)."""
     return OmniSparseConfig(
-        tau=tau, block_size=setting.block_size, granularity=setting.granularity,
+        tau=tau,
+        block_size=setting.block_size,
+        granularity=setting.granularity,
         min_seq_len=setting.min_seq_len,
     )
 
@@ -205,8 +241,17 @@ def _autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
-def train(model, task: RecallTask, steps: int, lr: float, batch_size: int, gen: torch.Generator,
-          device: torch.device, log=print, solved: Callable[[], bool] | None = None) -> list[float]:
+def train(
+    model,
+    task: RecallTask,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    gen: torch.Generator,
+    device: torch.device,
+    log=print,
+    solved: Callable[[], bool] | None = None,
+) -> list[float]:
     """AdamW with linear warm-up and cosine decay on fresh batches of ``task``; returns the losses.
 
     ``model`` may be the module or its ``torch.compile`` wrapper (parameters are shared). With
@@ -242,8 +287,9 @@ def train(model, task: RecallTask, steps: int, lr: float, batch_size: int, gen: 
 
 
 @torch.no_grad()
-def evaluate(model, task: RecallTask, batches: int, batch_size: int, seed: int, device: torch.device,
-             measure: bool) -> dict:
+def evaluate(
+    model, task: RecallTask, batches: int, batch_size: int, seed: int, device: torch.device, measure: bool
+) -> dict:
     """Answer accuracy on fixed eval batches (seeded); with ``measure``, per-layer sparse statistics.
 
     Returns {"accuracy", "layers": [{"site", "decision", "density", "recall_mean", "recall_min"}]}:
@@ -275,7 +321,7 @@ def evaluate(model, task: RecallTask, batches: int, batch_size: int, seed: int, 
 
 def _tail_mean(values: list[float]) -> float:
     """Mean of the last tenth (at least one) of ``values``; NaN when there are none."""
-    tail = values[-max(1, len(values) // 10):]
+    tail = values[-max(1, len(values) // 10) :]
     return sum(tail) / len(tail) if tail else float("nan")
 
 
@@ -284,14 +330,22 @@ def _print_report(results: dict, log=print) -> None:
     for name, result in results.items():
         layers = "  ".join(
             f"L{i}: {layer['density']:.3f} / {layer['recall_mean']:.3f}, {layer['recall_min']:.3f}"
-            if layer["decision"] == "sparse" else f"L{i}: dense"
+            if layer["decision"] == "sparse"
+            else f"L{i}: dense"
             for i, layer in enumerate(result["layers"])
         )
         log(f"{name:<31} {result['accuracy']:8.3f}  {layers}")
 
 
-def run_demo(setting: DemoSetting, out: Path, device: torch.device, tau: float, seed: int, log=print,
-             init: Path | None = None) -> dict:
+def run_demo(
+    setting: DemoSetting,
+    out: Path,
+    device: torch.device,
+    tau: float,
+    seed: int,
+    log=print,
+    init: Path | None = None,
+) -> dict:
     """Train dense, evaluate dense / training-free sparse, fine-tune sparse, evaluate; save and report.
 
     ``init``: start from these weights (a ``dense/`` folder of an earlier run) instead of random ones.
@@ -306,8 +360,10 @@ def run_demo(setting: DemoSetting, out: Path, device: torch.device, tau: float, 
     timings, losses, phase_accuracy = {}, {}, {}
     started = time.perf_counter()
     for i, phase in enumerate(setting.dense_phases):
-        log(f"dense training: {phase.steps} steps of {phase.batch_size} x {phase.seq_len} tokens, "
-            f"{phase.pairs} pairs, {phase.queries} queries")
+        log(
+            f"dense training: {phase.steps} steps of {phase.batch_size} x {phase.seq_len} tokens, "
+            f"{phase.pairs} pairs, {phase.queries} queries"
+        )
         name = f"dense_{i}_{phase.seq_len}"
         phase_task = phase.task(setting.vocab_items)
 
@@ -316,17 +372,32 @@ def run_demo(setting: DemoSetting, out: Path, device: torch.device, tau: float, 
             return accuracy >= SOLVED_ACCURACY
 
         last = i == len(setting.dense_phases) - 1
-        losses[name] = train(model, phase_task, phase.steps, setting.lr, phase.batch_size, gen, device, log,
-                             None if last else solved)
-        phase_accuracy[name] = evaluate(model, phase_task, setting.eval_batches, phase.batch_size, seed + 1,
-                                        device, measure=False)["accuracy"]
+        losses[name] = train(
+            model,
+            phase_task,
+            phase.steps,
+            setting.lr,
+            phase.batch_size,
+            gen,
+            device,
+            log,
+            None if last else solved,
+        )
+        phase_accuracy[name] = evaluate(
+            model, phase_task, setting.eval_batches, phase.batch_size, seed + 1, device, measure=False
+        )["accuracy"]
         log(f"  dense accuracy on this layout: {phase_accuracy[name]:.3f}")
     timings["dense_training_s"] = time.perf_counter() - started
     model.save_pretrained(out / "dense")
 
     batch_size = setting.finetune.batch_size
-    evals = {"task": task, "batches": setting.eval_batches, "batch_size": batch_size, "seed": seed + 1,
-             "device": device}
+    evals = {
+        "task": task,
+        "batches": setting.eval_batches,
+        "batch_size": batch_size,
+        "seed": seed + 1,
+        "device": device,
+    }
     results = {"dense": evaluate(model, measure=False, **evals)}
     # The CUDA density fallback (a speed heuristic) would run dense layers that the CPU runs sparse:
     # off, so that every device evaluates and fine-tunes the method itself.
@@ -347,10 +418,17 @@ def run_demo(setting: DemoSetting, out: Path, device: torch.device, tau: float, 
     results["dense, after sparse fine-tune"] = evaluate(model, measure=False, **evals)
 
     _print_report(results, log)
-    report = {"setting": asdict(setting), "task": asdict(task), "tau": tau, "config": options, "device": str(device),
-              "timings_s": timings, "final_loss": {name: _tail_mean(v) for name, v in losses.items()},
-              "phase_accuracy": phase_accuracy,
-              "results": results}
+    report = {
+        "setting": asdict(setting),
+        "task": asdict(task),
+        "tau": tau,
+        "config": options,
+        "device": str(device),
+        "timings_s": timings,
+        "final_loss": {name: _tail_mean(v) for name, v in losses.items()},
+        "phase_accuracy": phase_accuracy,
+        "results": results,
+    }
     (out / "report.json").write_text(json.dumps(report, indent=1))
     log(f"\nwrote {out / 'report.json'} and weights under {out}")
     return report
@@ -367,8 +445,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finetune-steps", type=int, default=None, help="sparse fine-tune steps")
     parser.add_argument("--lr", type=float, default=None, help="dense learning rate")
     parser.add_argument("--finetune-lr", type=float, default=None, help="sparse fine-tune learning rate")
-    parser.add_argument("--init", type=Path, default=None,
-                        help="skip dense training: start from this folder (an earlier run's dense/)")
+    parser.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="skip dense training: start from this folder (an earlier run's dense/)",
+    )
     parser.add_argument("--batch-size", type=int, default=None, help="fine-tune and evaluation batch size")
     parser.add_argument("--eval-batches", type=int, default=None, help="batches per evaluation")
 
@@ -377,11 +459,19 @@ def run(args: argparse.Namespace) -> int:
     """Run the demonstration from parsed `add_arguments` options; 0 on completion."""
     setting = TINY if args.tiny else FULL
     phases = tuple(replace(p, steps=max(1, round(p.steps * args.steps_scale))) for p in setting.dense_phases)
-    finetune = replace(setting.finetune, steps=args.finetune_steps or setting.finetune.steps,
-                       batch_size=args.batch_size or setting.finetune.batch_size)
-    setting = replace(setting, dense_phases=() if args.init else phases, finetune=finetune,
-                      lr=args.lr or setting.lr, finetune_lr=args.finetune_lr or setting.finetune_lr,
-                      eval_batches=args.eval_batches or setting.eval_batches)
+    finetune = replace(
+        setting.finetune,
+        steps=args.finetune_steps or setting.finetune.steps,
+        batch_size=args.batch_size or setting.finetune.batch_size,
+    )
+    setting = replace(
+        setting,
+        dense_phases=() if args.init else phases,
+        finetune=finetune,
+        lr=args.lr or setting.lr,
+        finetune_lr=args.finetune_lr or setting.finetune_lr,
+        eval_batches=args.eval_batches or setting.eval_batches,
+    )
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
     run_demo(setting, args.out, device, args.tau, args.seed, init=args.init)
     return 0

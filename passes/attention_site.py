@@ -34,7 +34,9 @@ _PROVENANCE_META = ("stack_trace", "nn_module_stack")
 ATTENTION = torch.ops.omnisparse.attention.default
 _ATTENTION_PARAMS = tuple(argument.name for argument in ATTENTION._schema.arguments)
 _ATTENTION_DEFAULTS = {
-    argument.name: argument.default_value for argument in ATTENTION._schema.arguments if argument.has_default_value()
+    argument.name: argument.default_value
+    for argument in ATTENTION._schema.arguments
+    if argument.has_default_value()
 }
 
 

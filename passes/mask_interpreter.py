@@ -44,10 +44,16 @@ COMPARISONS: dict[Comparison, Call] = {
     name: _call({getattr(torch, name), getattr(operator, name)}, {name}, ("input", "other"))
     for name in ("le", "lt", "ge", "gt", "eq", "ne")
 }
-AND = _call({operator.and_, torch.logical_and, torch.bitwise_and}, {"logical_and", "bitwise_and"}, ("input", "other"))
-OR = _call({operator.or_, torch.logical_or, torch.bitwise_or}, {"logical_or", "bitwise_or"}, ("input", "other"))
+AND = _call(
+    {operator.and_, torch.logical_and, torch.bitwise_and}, {"logical_and", "bitwise_and"}, ("input", "other")
+)
+OR = _call(
+    {operator.or_, torch.logical_or, torch.bitwise_or}, {"logical_or", "bitwise_or"}, ("input", "other")
+)
 NOT = _call({operator.invert, torch.logical_not, torch.bitwise_not}, {"logical_not", "bitwise_not"})
-CAST = _call(set(), {"to", "type", "bool", "long", "int", "float", "half", "bfloat16", "double", "contiguous", "clone"})
+CAST = _call(
+    set(), {"to", "type", "bool", "long", "int", "float", "half", "bfloat16", "double", "contiguous", "clone"}
+)
 # Constants; variadic sizes, so only `matches` is used and the fill value is found by `_fill_value`.
 CONSTANT = _call(
     {torch.ones, torch.zeros, torch.full, torch.ones_like, torch.zeros_like, torch.full_like, torch.tensor},
@@ -55,7 +61,9 @@ CONSTANT = _call(
 )
 WHERE = _call({torch.where}, set(), ("condition", "input", "other"))
 MASKED_FILL = _call({torch.masked_fill}, {"masked_fill"}, ("input", "mask", "value"))
-DIFF = _call({torch.diff}, {"diff"}, ("input", "n", "dim", "prepend", "append"), n=1, dim=-1, prepend=None, append=None)
+DIFF = _call(
+    {torch.diff}, {"diff"}, ("input", "n", "dim", "prepend", "append"), n=1, dim=-1, prepend=None, append=None
+)
 CUMSUM = _call({torch.cumsum}, {"cumsum"}, ("input", "dim", "dtype"), dtype=None)
 
 Handler = Callable[["MaskInterpreter", Node, torch.Tensor], "Value | None"]
@@ -69,8 +77,9 @@ def _rounded(value: float, dtype: torch.dtype) -> float:
     return torch.tensor(value, dtype=torch.float64).to(dtype).item()
 
 
-def _relinear(value: Value, transform: Callable[[tuple[int, ...]], tuple[tuple[int, ...], int] | None],
-              shape: tuple) -> Value | None:
+def _relinear(
+    value: Value, transform: Callable[[tuple[int, ...]], tuple[tuple[int, ...], int] | None], shape: tuple
+) -> Value | None:
     """``value`` under a change of coordinates x = offset-map(x'): ``transform`` turns the coefficients
     into the new ones and the constant they add (None: not expressible)."""
     if isinstance(value, FloatConst):
@@ -210,7 +219,9 @@ def _expand(interp: MaskInterpreter, node: Node, out: torch.Tensor) -> Value | N
     value = interp.value(node.args[0]) if node.args else None
     if value is None:
         return None
-    return _relinear(value, lambda c: (aligned(c, out.dim()), 0) if len(c) <= out.dim() else None, tuple(out.shape))
+    return _relinear(
+        value, lambda c: (aligned(c, out.dim()), 0) if len(c) <= out.dim() else None, tuple(out.shape)
+    )
 
 
 def _getitem(interp: MaskInterpreter, node: Node, out: torch.Tensor) -> Value | None:
@@ -281,8 +292,9 @@ def _in_range(index: Affine, shape: Sequence[Any], size: Any) -> bool:
     return statically_known_true(lo >= 0) and statically_known_true(hi < size)
 
 
-def _advanced_index(interp: MaskInterpreter, value: Value, source: torch.Tensor, index: tuple[Node, ...],
-                    out: torch.Tensor) -> Value | None:
+def _advanced_index(
+    interp: MaskInterpreter, value: Value, source: torch.Tensor, index: tuple[Node, ...], out: torch.Tensor
+) -> Value | None:
     """``source[i_0, ..., i_{n-1}]`` with every dim indexed by an affine tensor (result: their broadcast)."""
     indices = [interp.value(i) for i in index]
     if len(index) != source.dim() or not all(
@@ -400,8 +412,11 @@ def _diff(interp: MaskInterpreter, node: Node, out: torch.Tensor) -> Value | Non
     coefs = aligned(value.coefs, source.dim())
     if bound["prepend"] is not None:
         prepend = interp.value(bound["prepend"])
-        expected = Affine((*coefs[:dim], 0, *coefs[dim + 1:]), value.const - coefs[dim])
-        if not isinstance(prepend, Affine) or Affine(aligned(prepend.coefs, source.dim()), prepend.const) != expected:
+        expected = Affine((*coefs[:dim], 0, *coefs[dim + 1 :]), value.const - coefs[dim])
+        if (
+            not isinstance(prepend, Affine)
+            or Affine(aligned(prepend.coefs, source.dim()), prepend.const) != expected
+        ):
             return None
     return Affine((0,) * out.dim(), coefs[dim])
 

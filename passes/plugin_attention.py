@@ -72,7 +72,9 @@ def use_plugin_attention(gm: GraphModule) -> bool:
 
 def _rewrite(gm: GraphModule, node: Node) -> bool:
     args = attention_args(node)
-    q, k, v, attn_mask, is_causal, scale = (args[n] for n in ("q", "k", "v", "attn_mask", "is_causal", "scale"))
+    q, k, v, attn_mask, is_causal, scale = (
+        args[n] for n in ("q", "k", "v", "attn_mask", "is_causal", "scale")
+    )
     outputs = [user for user in node.users if user.users]  # export graphs keep an unused getitem(., 1)
     if not outputs or not all(user.target is operator.getitem and user.args[1] == 0 for user in outputs):
         return False
@@ -87,7 +89,9 @@ def _rewrite(gm: GraphModule, node: Node) -> bool:
     else:
         target, operands = torch.ops.omnisparse.attention_plugin_masked.default, (q, k, v, attn_mask)
     with gm.graph.inserting_before(node):
-        plugin = gm.graph.call_function(target, (*operands, scale, args["enable_gqa"], args["config"], args["site"]))
+        plugin = gm.graph.call_function(
+            target, (*operands, scale, args["enable_gqa"], args["config"], args["site"])
+        )
     plugin.meta.update(outputs[0].meta)
     for user in list(node.users):
         user.replace_all_uses_with(plugin)

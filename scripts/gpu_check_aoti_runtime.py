@@ -105,7 +105,9 @@ def build(name: str, device: str, work: str) -> tuple[str, int]:
     if way == "legacy_so":
         return torch._inductor.aot_compile(program.module(), (x,)), seq
     package = f"{work}/{name}.pt2"
-    return torch._inductor.aoti_compile_and_package(program, package_path=package, inductor_configs=configs), seq
+    return torch._inductor.aoti_compile_and_package(
+        program, package_path=package, inductor_configs=configs
+    ), seq
 
 
 def main() -> int:

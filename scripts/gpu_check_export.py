@@ -74,14 +74,23 @@ def _reference(model: torch.nn.Module, mode: str, device: str) -> list[torch.Ten
 def check(mode: str, model: torch.nn.Module, work: Path, device: str) -> list[str]:
     """Export, load in a fresh process, compare; returns failure lines (empty = passed)."""
     seq = torch.export.Dim("seq", min=64, max=8192)
-    path = export(model, {"input_ids": _ids(1024, device), "use_cache": False}, work / f"{mode}.pt2",
-                  CONFIGS[mode], dynamic={"input_ids": {1: seq}})
+    path = export(
+        model,
+        {"input_ids": _ids(1024, device), "use_cache": False},
+        work / f"{mode}.pt2",
+        CONFIGS[mode],
+        dynamic={"input_ids": {1: seq}},
+    )
     inputs, outputs = work / f"{mode}.inputs.pt", work / f"{mode}.outputs.pt"
     torch.save([_ids(n, device) for n in LENGTHS], inputs)
     # cwd=work: from the repository root, `import omnicompile` would find the source folder, which
     # lacks the installed package's `omnicompile.passes` / `omnicompile.kernels` mapping.
-    child = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _LOADER, str(path), str(inputs),
-                            str(outputs)], timeout=600, cwd=work, check=False)
+    child = subprocess.run(
+        [sys.executable, "-X", "faulthandler", "-c", _LOADER, str(path), str(inputs), str(outputs)],
+        timeout=600,
+        cwd=work,
+        check=False,
+    )
     if child.returncode != 0:
         return [f"{mode}: loader exited with {child.returncode}"]
     result = torch.load(outputs)
@@ -89,8 +98,11 @@ def check(mode: str, model: torch.nn.Module, work: Path, device: str) -> list[st
     references = _reference(model, mode, device)
     for length, got, want, ran in zip(LENGTHS, result["logits"], references, result["decisions"]):
         err = relative_error(got, want)
-        print(f"{mode} package S={length}: rel err {err:.2e} vs {'compiled' if mode == 'sparse' else 'eager'}, "
-              f"attention ran {ran}", flush=True)
+        print(
+            f"{mode} package S={length}: rel err {err:.2e} vs {'compiled' if mode == 'sparse' else 'eager'}, "
+            f"attention ran {ran}",
+            flush=True,
+        )
         if err > TOL or ran != [mode]:
             failures.append(f"{mode} S={length}: rel err {err:.2e}, ran {ran}")
     return failures
@@ -106,7 +118,9 @@ def main() -> int:
         work = (args.out or Path(tmp)).resolve()
         work.mkdir(parents=True, exist_ok=True)
         failures = [line for mode in CONFIGS for line in check(mode, model, work, args.device)]
-    print("FAILED:\n  " + "\n  ".join(failures) if failures else f"export on {args.device}: all checks passed")
+    print(
+        "FAILED:\n  " + "\n  ".join(failures) if failures else f"export on {args.device}: all checks passed"
+    )
     return 1 if failures else 0
 
 

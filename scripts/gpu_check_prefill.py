@@ -178,7 +178,9 @@ def selection_checks(shrink: int) -> list[dict]:
     for seq, is_causal, scope in ((32768, True, "heads"), (32768, True, "head"), (12000, False, "kv_group")):
         config = OmniSparseConfig(budget_scope=scope)
         seq = seq // shrink
-        q, k, _ = structured_qkv("structured", 1, 32, 8, seq, 128, dtype=torch.bfloat16, device=DEVICE, seed=2)
+        q, k, _ = structured_qkv(
+            "structured", 1, 32, 8, seq, 128, dtype=torch.bfloat16, device=DEVICE, seed=2
+        )
         ahat = estimate_blocks(q, k, None, is_causal, None, config)
         allowed = allowed_blocks(None, is_causal, 1, 32, seq, seq, config.block_size, q.device)
         ref = select_blocks(ahat, allowed, config, 8, is_causal=is_causal, q_len=seq, kv_len=seq)

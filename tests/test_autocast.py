@@ -29,7 +29,9 @@ def test_op_casts_mixed_inputs_like_sdpa_and_differentiates_back_to_fp32() -> No
     k = torch.randn(1, 2, 96, 32, requires_grad=True)
     v = torch.randn(1, 2, 96, 32).to(BF16).requires_grad_()
     with _autocast():
-        out, _ = torch.ops.omnisparse.attention(q, k, v, None, 0.0, True, None, True, FULL_SELECTION.to_json(), "t")
+        out, _ = torch.ops.omnisparse.attention(
+            q, k, v, None, 0.0, True, None, True, FULL_SELECTION.to_json(), "t"
+        )
         want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     assert out.dtype == want.dtype == BF16
     assert rel_error(out, want) < REL_TOL[BF16]

@@ -90,7 +90,9 @@ def test_entry_point_works_without_import():
         "assert 'omnicompile' in sys.modules\n"
         "print('ok')\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("ok")
 
@@ -127,7 +129,10 @@ def test_llama_sparse_mode_reports_density_and_recall_per_layer():
     for report in (full, sparse):
         assert len(report.sites) == 2 and all(s.decision == "sparse" for s in report.sites)
         for site in report.sites:
-            assert 0 < site.stats["density"] <= 1 and 0 < site.stats["recall_min"] <= site.stats["recall_mean"] <= 1
+            assert (
+                0 < site.stats["density"] <= 1
+                and 0 < site.stats["recall_min"] <= site.stats["recall_mean"] <= 1
+            )
     assert all(s.stats["density"] == 1.0 and s.stats["recall_min"] > 0.999 for s in full.sites)
     assert all(s.stats["recall_mean"] >= 0.95 for s in sparse.sites)
 

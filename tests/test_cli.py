@@ -16,7 +16,24 @@ def test_inspect_plots_a_layer(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     png = tmp_path / "sel.png"
     config = '{"min_seq_len": 128, "block_size": 16, "granularity": 4}'
-    assert main(["inspect", "llama-tiny", "--seq-len", "256", "--config", config, "--plot", str(png), "--heads", "0", "3"]) == 0
+    assert (
+        main(
+            [
+                "inspect",
+                "llama-tiny",
+                "--seq-len",
+                "256",
+                "--config",
+                config,
+                "--plot",
+                str(png),
+                "--heads",
+                "0",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert png.stat().st_size > 10_000
     assert "sparse" in capsys.readouterr().out
 

@@ -10,9 +10,23 @@ from hypothesis import strategies as st
 from omnicompile import OmniSparseConfig
 
 METHOD_DEFAULTS = dict(
-    mode="sparse", tau=0.95, block_size=64, min_seq_len=4096, estimator="composite", granularity=16,
-    n_sink=1, n_local=2, query_selection=True, lazy_threshold=None, min_blocks=0, max_blocks=None,
-    budget_scope="heads", obs_window=64, recent_window=256, head_mass_eps=0.05, tau_decode=0.95,
+    mode="sparse",
+    tau=0.95,
+    block_size=64,
+    min_seq_len=4096,
+    estimator="composite",
+    granularity=16,
+    n_sink=1,
+    n_local=2,
+    query_selection=True,
+    lazy_threshold=None,
+    min_blocks=0,
+    max_blocks=None,
+    budget_scope="heads",
+    obs_window=64,
+    recent_window=256,
+    head_mass_eps=0.05,
+    tau_decode=0.95,
 )
 
 
@@ -27,12 +41,29 @@ def test_defaults_follow_method():
 @pytest.mark.parametrize(
     "field, value",
     [
-        ("tau", 0.0), ("tau", 1.5), ("tau", "high"), ("block_size", 48), ("block_size", 8),
-        ("granularity", 24), ("granularity", 0), ("estimator", "mean"), ("mode", "fast"),
-        ("budget_scope", "layer"), ("n_local", 0), ("n_sink", -1), ("min_blocks", -1),
-        ("max_blocks", -1), ("lazy_threshold", 2.0), ("head_mass_eps", -0.1), ("tau_decode", 0.0),
-        ("min_seq_len", 1.5), ("query_selection", 1), ("visual_spans", ((5, 2),)), ("lowering", "xla"),
-        ("dense_fallback_density", 0.0), ("antidiagonal_stride", 5),
+        ("tau", 0.0),
+        ("tau", 1.5),
+        ("tau", "high"),
+        ("block_size", 48),
+        ("block_size", 8),
+        ("granularity", 24),
+        ("granularity", 0),
+        ("estimator", "mean"),
+        ("mode", "fast"),
+        ("budget_scope", "layer"),
+        ("n_local", 0),
+        ("n_sink", -1),
+        ("min_blocks", -1),
+        ("max_blocks", -1),
+        ("lazy_threshold", 2.0),
+        ("head_mass_eps", -0.1),
+        ("tau_decode", 0.0),
+        ("min_seq_len", 1.5),
+        ("query_selection", 1),
+        ("visual_spans", ((5, 2),)),
+        ("lowering", "xla"),
+        ("dense_fallback_density", 0.0),
+        ("antidiagonal_stride", 5),
     ],
 )
 def test_invalid_values_name_the_field(field, value):
@@ -53,7 +84,9 @@ def test_unknown_keys_are_errors():
 
 
 def test_round_trip():
-    cfg = OmniSparseConfig(tau=0.9, block_size=32, granularity=8, visual_spans=((10, 20), (30, 40)), max_blocks=7)
+    cfg = OmniSparseConfig(
+        tau=0.9, block_size=32, granularity=8, visual_spans=((10, 20), (30, 40)), max_blocks=7
+    )
     assert OmniSparseConfig.from_json(cfg.to_json()) == cfg
     assert OmniSparseConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.replace(tau=0.8).tau == 0.8 and cfg.replace(tau=0.8).block_size == 32
@@ -80,4 +113,10 @@ def test_float_fields_reject_nan_and_inf(name, value):
 
 
 def test_float_fields_are_the_method_thresholds():
-    assert set(_FLOAT_FIELDS) == {"tau", "lazy_threshold", "head_mass_eps", "tau_decode", "dense_fallback_density"}
+    assert set(_FLOAT_FIELDS) == {
+        "tau",
+        "lazy_threshold",
+        "head_mass_eps",
+        "tau_decode",
+        "dense_fallback_density",
+    }

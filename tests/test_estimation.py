@@ -124,8 +124,9 @@ def test_query_chunk_does_not_change_the_estimate():
 def test_estimate_blocks_dispatches_on_config(estimator):
     case = Case(1, 2, 1, 50, 64, 8, "none", 5)
     q, k, _ = make_qkv(case)
-    cfg = OmniSparseConfig(block_size=BLOCK, granularity=4, antidiagonal_stride=8, estimator=estimator,
-                          row_probe=False)
+    cfg = OmniSparseConfig(
+        block_size=BLOCK, granularity=4, antidiagonal_stride=8, estimator=estimator, row_probe=False
+    )
     expected = {
         "composite": lambda: composite_estimate(q, k, None, False, 0.3, BLOCK, 4, 16),
         "pooled": lambda: pooled_estimate(q, k, None, False, 0.3, BLOCK, 16),

@@ -74,8 +74,9 @@ def test_depths_are_evenly_spread():
 
 def test_full_selection_matches_dense(model):
     """tau 1 without query selection selects every block: sparse equals dense, every layer ran sparse."""
-    settings = EvalSettings(lengths=(128,), taus=(1.0,), depths=2,
-                            base_config={**_BASE, "query_selection": False})
+    settings = EvalSettings(
+        lengths=(128,), taus=(1.0,), depths=2, base_config={**_BASE, "query_selection": False}
+    )
     results = evaluate(model, WordTokenizer(), settings, progress=False)
     entry = results["runs"][0]["configs"][0]
     assert entry["ppl_ratio"] == pytest.approx(1.0, abs=1e-4)
@@ -88,14 +89,18 @@ def test_full_selection_matches_dense(model):
 
 
 def test_sparse_configs_report_every_scope(model, tmp_path):
-    settings = EvalSettings(lengths=(192,), scopes=("heads", "head"), taus=(0.5,), depths=1, base_config=_BASE)
+    settings = EvalSettings(
+        lengths=(192,), scopes=("heads", "head"), taus=(0.5,), depths=1, base_config=_BASE
+    )
     results = evaluate(model, WordTokenizer(), settings, progress=False)
     entries = results["runs"][0]["configs"]
     assert [e["budget_scope"] for e in entries] == ["heads", "head"]
     for entry in entries:
         assert math.isfinite(entry["ppl_ratio"]) and 0 <= entry["top1"] <= 1 and entry["kl"] >= -1e-6
         assert 0 < entry["density_layers"] < 1
-    assert entries[1]["density_layers"] <= entries[0]["density_layers"] + 1e-6  # per-head K never exceeds shared
+    assert (
+        entries[1]["density_layers"] <= entries[0]["density_layers"] + 1e-6
+    )  # per-head K never exceeds shared
     table = markdown_table(results)
     assert table.count("\n") == 3 and "| 192 | head | 0.5 |" in table
     json.dumps(results)

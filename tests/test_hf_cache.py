@@ -167,7 +167,9 @@ def test_misuse_raises_clear_errors():
 def _gemma3(sliding_window: int = 24):
     """Gemma 3 (text): layer 0 sliding-window, layer 1 global, as the real model interleaves them."""
     overrides = {**SMALL, "head_dim": 16, "sliding_window": sliding_window}
-    config = AutoConfig.for_model("gemma3_text", layer_types=["sliding_attention", "full_attention"], **overrides)
+    config = AutoConfig.for_model(
+        "gemma3_text", layer_types=["sliding_attention", "full_attention"], **overrides
+    )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
 

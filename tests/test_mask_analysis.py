@@ -57,7 +57,9 @@ def tiny_model(family: str, attn_implementation: str) -> torch.nn.Module:
             **common, head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]
         )
     torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation).eval()
+    return transformers.AutoModelForCausalLM.from_config(
+        config, attn_implementation=attn_implementation
+    ).eval()
 
 
 def model_inputs(seq_len: int, padding: int | None, use_cache: bool, batch: int = 2) -> dict[str, Any]:
@@ -71,7 +73,9 @@ def model_inputs(seq_len: int, padding: int | None, use_cache: bool, batch: int 
     return kwargs
 
 
-def compile_and_run(fn: Callable[..., Any], config: OmniSparseConfig, *args: Any, dynamic: bool = False, **kwargs: Any):
+def compile_and_run(
+    fn: Callable[..., Any], config: OmniSparseConfig, *args: Any, dynamic: bool = False, **kwargs: Any
+):
     """``fn(*args, **kwargs)`` through Dynamo and `run_passes` (the rewritten graph run as is), the reports."""
     reports: list[PassReport] = []
 
@@ -90,7 +94,12 @@ def sites(reports: list[PassReport]) -> list[SiteRecord]:
 
 
 def nodes(reports: list[PassReport], target: Any) -> list[torch.fx.Node]:
-    return [n for r in reports for n in r.graph_module.graph.nodes if n.op == "call_function" and n.target is target]
+    return [
+        n
+        for r in reports
+        for n in r.graph_module.graph.nodes
+        if n.op == "call_function" and n.target is target
+    ]
 
 
 def logits(out: Any) -> torch.Tensor:
@@ -103,11 +112,15 @@ def test_llama_causal_mask_is_proven_and_its_construction_removed(attn_implement
     model = tiny_model("llama", attn_implementation)
     kwargs = model_inputs(12, None, use_cache)
     out, reports = compile_and_run(model, DENSE, **kwargs)
-    assert [(s.status, s.mask, s.window, s.mask_checked) for s in sites(reports)] == [("replaced", "causal", None, False)] * 2
+    assert [(s.status, s.mask, s.window, s.mask_checked) for s in sites(reports)] == [
+        ("replaced", "causal", None, False)
+    ] * 2
     ops = nodes(reports, OP)
     assert len(ops) == 2 and all(n.args[3] is None and n.args[5] is True for n in ops)
     assert not nodes(reports, CHECK)
-    leftover = [n.target for r in reports for n in r.graph_module.graph.nodes if n.target in (torch.diff, torch.where)]
+    leftover = [
+        n.target for r in reports for n in r.graph_module.graph.nodes if n.target in (torch.diff, torch.where)
+    ]
     assert not leftover, "the mask construction must be removed"
     with torch.no_grad():
         assert rel_error(logits(out), model(**kwargs).logits) < TOL
@@ -121,7 +134,9 @@ def test_llama_padding_mask_is_checked_once_per_forward(attn_implementation, use
         kwargs = model_inputs(12, padding, use_cache)
         with recording(measure=False, keep_run=0) as recorder:
             out, reports = compile_and_run(model, DENSE, **kwargs)
-        assert [(s.mask, s.mask_checked) for s in sites(reports)] == [("bool" if attn_implementation == "sdpa" else "additive", True)] * 2
+        assert [(s.mask, s.mask_checked) for s in sites(reports)] == [
+            ("bool" if attn_implementation == "sdpa" else "additive", True)
+        ] * 2
         checks = nodes(reports, CHECK)
         assert len(checks) == 1, "one mask feeds every layer: one check"
         assert all(n.args[11] is checks[0] for n in nodes(reports, OP))
@@ -136,7 +151,10 @@ def test_gemma3_sliding_and_full_layers_are_proven(attn_implementation):
     model = tiny_model("gemma", attn_implementation)
     kwargs = model_inputs(40, None, use_cache=False)
     out, reports = compile_and_run(model, DENSE, **kwargs)
-    assert [(s.mask, s.window, s.mask_checked) for s in sites(reports)] == [("causal", WINDOW, False), ("causal", None, False)]
+    assert [(s.mask, s.window, s.mask_checked) for s in sites(reports)] == [
+        ("causal", WINDOW, False),
+        ("causal", None, False),
+    ]
     assert not nodes(reports, CHECK)
     with torch.no_grad():
         assert rel_error(logits(out), model(**kwargs).logits) < TOL
@@ -222,14 +240,20 @@ MASKS: dict[str, tuple[Callable[[], torch.Tensor], tuple[str, int | None, bool]]
     "causal": (lambda: (lambda r, c: c <= r)(*_positions()), ("causal", None, False)),
     "causal_flipped": (lambda: (lambda r, c: ~(c > r))(*_positions()), ("causal", None, False)),
     "window_4": (lambda: (lambda r, c: (c <= r) & (c > r - 4))(*_positions()), ("causal", 4, False)),
-    "window_past_the_end": (lambda: (lambda r, c: (c <= r) & (c > r - 100))(*_positions()), ("causal", None, False)),
+    "window_past_the_end": (
+        lambda: (lambda r, c: (c <= r) & (c > r - 100))(*_positions()),
+        ("causal", None, False),
+    ),
     "all_true": (lambda: torch.ones(S, S, dtype=torch.bool), ("none", None, False)),
     "additive_causal": (
         lambda: torch.where((lambda r, c: c <= r)(*_positions()), 0.0, torch.finfo(torch.float32).min),
         ("causal", None, False),
     ),
     # Negatives: never claimed causal.
-    "causal_but_one_entry": (lambda: (lambda r, c: (c <= r) | ((r == 2) & (c == 5)))(*_positions()), ("bool", None, True)),
+    "causal_but_one_entry": (
+        lambda: (lambda r, c: (c <= r) | ((r == 2) & (c == 5)))(*_positions()),
+        ("bool", None, True),
+    ),
     "off_by_one": (lambda: (lambda r, c: c <= r + 1)(*_positions()), ("bool", None, False)),
     "band": (lambda: (lambda r, c: (c - r < 3) & (r - c < 3))(*_positions()), ("bool", None, False)),
     "additive_weak": (
@@ -294,7 +318,9 @@ def test_op_follows_the_mask_check_without_reading_the_mask():
     assert rel_error(unchecked, F.scaled_dot_product_attention(q, k, v)) < TOL
 
 
-@pytest.mark.parametrize("config", [DENSE, SPARSE_FULL.replace(min_seq_len=8)], ids=["dense", "window_below_min_seq_len"])
+@pytest.mark.parametrize(
+    "config", [DENSE, SPARSE_FULL.replace(min_seq_len=8)], ids=["dense", "window_below_min_seq_len"]
+)
 def test_op_window_runs_dense_sdpa_with_the_window_mask(config):
     q, k, v = _qkv()
     out, _ = OP(q, k, v, None, 0.0, True, None, False, config.to_json(), "t", 4)
@@ -331,9 +357,18 @@ def _holds(pred: Pred, r: int, c: int) -> bool:
     return any(lo <= y <= hi for lo, hi in pred.values.intervals)
 
 
-_affines = st.builds(lambda a, b, k: Affine((a, b), k), st.integers(-3, 3), st.integers(-3, 3), st.integers(-5, 5))
+_affines = st.builds(
+    lambda a, b, k: Affine((a, b), k), st.integers(-3, 3), st.integers(-3, 3), st.integers(-5, 5)
+)
 _ops = st.sampled_from(["le", "lt", "ge", "gt", "eq", "ne"])
-_COMPARE = {"le": int.__le__, "lt": int.__lt__, "ge": int.__ge__, "gt": int.__gt__, "eq": int.__eq__, "ne": int.__ne__}
+_COMPARE = {
+    "le": int.__le__,
+    "lt": int.__lt__,
+    "ge": int.__ge__,
+    "gt": int.__gt__,
+    "eq": int.__eq__,
+    "ne": int.__ne__,
+}
 
 
 def _direct(diff: Affine, op: str, r: int, c: int) -> bool:

@@ -63,7 +63,11 @@ def test_pieces_are_joined_once_and_checked(tmp_path, monkeypatch):
 @pytest.mark.skipif(not _installed("smollm2-135m"), reason=f"needs the weights: {models._INSTALL}")
 def test_smollm2_loads_and_predicts():
     model, tokenizer = load_pretrained("smollm2-135m")
-    assert (model.config.num_hidden_layers, model.config.num_attention_heads, model.config.head_dim) == (30, 9, 64)
+    assert (model.config.num_hidden_layers, model.config.num_attention_heads, model.config.head_dim) == (
+        30,
+        9,
+        64,
+    )
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         next_token = model(ids).logits[0, -1].argmax()

@@ -14,7 +14,9 @@ DENSE = OmniSparseConfig(mode="dense").to_json()
 
 
 def _op(q, k, v, mask=None, causal=False, scale=None, gqa=True, config=DENSE, site="site0", mask_check=None):
-    return torch.ops.omnisparse.attention(q, k, v, mask, 0.0, causal, scale, gqa, config, site, None, mask_check)
+    return torch.ops.omnisparse.attention(
+        q, k, v, mask, 0.0, causal, scale, gqa, config, site, None, mask_check
+    )
 
 
 def _qkv(b=1, h=4, hkv=2, sq=32, skv=32, d=16, dtype=torch.float32):
@@ -56,8 +58,16 @@ def test_dense_mode_equals_sdpa_forward_and_backward(dtype):
         (((1, 4, 8, 8), (1, 2, 8, 8), (1, 2, 8, 8)), {"gqa": False}, "enable_gqa"),
         (((1, 4, 8, 8), (1, 2, 8, 8), (1, 2, 9, 8)), {}, "disagree"),
         (((2, 4, 8, 8), (1, 2, 8, 8), (1, 2, 8, 8)), {}, "batch"),
-        (((1, 4, 8, 8), (1, 2, 8, 8), (1, 2, 8, 8)), {"mask": torch.ones(1, 1, 7, 8, dtype=torch.bool)}, "broadcast"),
-        (((1, 4, 8, 8), (1, 2, 8, 8), (1, 2, 8, 8)), {"mask": torch.ones(1, 1, 8, 8, dtype=torch.int64)}, "bool or float"),
+        (
+            ((1, 4, 8, 8), (1, 2, 8, 8), (1, 2, 8, 8)),
+            {"mask": torch.ones(1, 1, 7, 8, dtype=torch.bool)},
+            "broadcast",
+        ),
+        (
+            ((1, 4, 8, 8), (1, 2, 8, 8), (1, 2, 8, 8)),
+            {"mask": torch.ones(1, 1, 8, 8, dtype=torch.int64)},
+            "bool or float",
+        ),
     ],
 )
 def test_bad_inputs_raise_clear_errors(shapes, kwargs, match):

@@ -120,7 +120,11 @@ def test_per_head_budget_is_minimal(case: Case, tau: float):
     """Under budget_scope="head" (no clamp) k_h is the smallest count: dropping the smallest taken
     non-forced block falls below tau."""
     cfg = OmniSparseConfig(
-        tau=tau, block_size=BLOCK, granularity=4, budget_scope="head", query_selection=False,
+        tau=tau,
+        block_size=BLOCK,
+        granularity=4,
+        budget_scope="head",
+        query_selection=False,
         dense_last_blocks=0,
     )
     ahat, _allowed, forced, selection = _select(case, cfg, structured=False)
@@ -226,10 +230,25 @@ def test_select_blocks_rejects_bad_inputs(heads, kv_heads, q_len, message):
 @pytest.mark.parametrize("n", [1, 2])
 def test_final_blocks_in_full(scope: str, n: int):
     """The last n query blocks select every allowed block and are active; the others are unchanged."""
-    q, k, _ = structured_qkv("structured", 1, 4, 2, 256, 32, seed=3, window=16, slash_period=96, slashes=1,
-                             stripes=2, stripe_width=8, needles=2, needle_len=16)
-    base = OmniSparseConfig(block_size=BLOCK, granularity=4, tau=0.8, lazy_threshold=0.5, budget_scope=scope,
-                            dense_last_blocks=0)
+    q, k, _ = structured_qkv(
+        "structured",
+        1,
+        4,
+        2,
+        256,
+        32,
+        seed=3,
+        window=16,
+        slash_period=96,
+        slashes=1,
+        stripes=2,
+        stripe_width=8,
+        needles=2,
+        needle_len=16,
+    )
+    base = OmniSparseConfig(
+        block_size=BLOCK, granularity=4, tau=0.8, lazy_threshold=0.5, budget_scope=scope, dense_last_blocks=0
+    )
     ahat = estimate_blocks(q, k, None, True, q.shape[-1] ** -0.5, base)
     allowed = allowed_blocks(None, True, 1, 4, 256, 256, BLOCK, "cpu")
     args = dict(is_causal=True, q_len=256, kv_len=256)
@@ -239,4 +258,6 @@ def test_final_blocks_in_full(scope: str, n: int):
     assert torch.equal(on.dense_mask()[:, :, -n:], allowed.expand_as(ahat)[:, :, -n:])
     assert not on.lazy[:, :, -n:].any()
     assert torch.equal(on.dense_mask()[:, :, :-n], off.dense_mask()[:, :, :-n])
-    assert torch.equal(on.lazy[:, :, :-n], off.lazy[:, :, :-n]) and torch.equal(on.budget[:, :, :-n], off.budget[:, :, :-n])
+    assert torch.equal(on.lazy[:, :, :-n], off.lazy[:, :, :-n]) and torch.equal(
+        on.budget[:, :, :-n], off.budget[:, :, :-n]
+    )

@@ -75,8 +75,21 @@ def test_tiny_setting_trains_evaluates_and_saves(tmp_path) -> None:
         ).is_file()
     # --init starts from the saved dense weights and skips dense training: same dense accuracy.
     again = tmp_path / "again"
-    args = parser.parse_args(["--tiny", "--out", str(again), "--device", "cpu", "--init", str(tmp_path / "dense"),
-                              "--finetune-steps", "1", "--finetune-lr", "0.002"])
+    args = parser.parse_args(
+        [
+            "--tiny",
+            "--out",
+            str(again),
+            "--device",
+            "cpu",
+            "--init",
+            str(tmp_path / "dense"),
+            "--finetune-steps",
+            "1",
+            "--finetune-lr",
+            "0.002",
+        ]
+    )
     assert train_demo.run(args) == 0
     rerun = json.loads((again / "report.json").read_text())
     assert rerun["phase_accuracy"] == {} and rerun["results"]["dense"] == results["dense"]
@@ -86,5 +99,8 @@ def test_tiny_setting_trains_evaluates_and_saves(tmp_path) -> None:
     # rotary frequencies are divided by that factor; up to the trained length the model is as saved.
     as_saved, longer = (train_demo.load_model(tmp_path / "dense", n, trained_len=256) for n in (256, 1024))
     assert as_saved.config.rope_parameters["rope_type"] == "default"
-    assert longer.config.rope_parameters["rope_type"] == "linear" and longer.config.rope_parameters["factor"] == 4
+    assert (
+        longer.config.rope_parameters["rope_type"] == "linear"
+        and longer.config.rope_parameters["factor"] == 4
+    )
     torch.testing.assert_close(longer.model.rotary_emb.inv_freq, as_saved.model.rotary_emb.inv_freq / 4)

@@ -130,10 +130,34 @@ def _full_selection(batch, heads, q_len, kv_len, block_size) -> BlockSelection:
     seed=st.integers(0, 2**31 - 1),
 )
 # One row over four keys: dP - D cancels, so the rounding of the stored O dominates (see _reference_grads).
-@example(batch=1, kv_heads=1, group=1, q_len=1, kv_len=36, dim=32, block_size=32, masking="none", density=0.5,
-         dtype=torch.float16, dkdv_chunk=None, seed=1)
-@example(batch=1, kv_heads=1, group=1, q_len=1, kv_len=36, dim=32, block_size=32, masking="none", density=0.5,
-         dtype=torch.bfloat16, dkdv_chunk=None, seed=1)
+@example(
+    batch=1,
+    kv_heads=1,
+    group=1,
+    q_len=1,
+    kv_len=36,
+    dim=32,
+    block_size=32,
+    masking="none",
+    density=0.5,
+    dtype=torch.float16,
+    dkdv_chunk=None,
+    seed=1,
+)
+@example(
+    batch=1,
+    kv_heads=1,
+    group=1,
+    q_len=1,
+    kv_len=36,
+    dim=32,
+    block_size=32,
+    masking="none",
+    density=0.5,
+    dtype=torch.bfloat16,
+    dkdv_chunk=None,
+    seed=1,
+)
 def test_gradients_equal_the_reference(
     batch, kv_heads, group, q_len, kv_len, dim, block_size, masking, density, dtype, dkdv_chunk, seed
 ) -> None:

@@ -135,7 +135,15 @@ def _grouped_block_mass(
         q_sum = q_sum.view(batch, kv_heads, heads // kv_heads, q_sum.shape[2], q_sum.shape[3])
         scores = torch.matmul(q_sum, k_sum).view(batch, heads, -1, nk * per_block) * score_scale
         scores = scores + _log_counts(
-            attn_mask, is_causal, q_len, kv_len, group, i0 * block_size, rows, nk * block_size, q.device,
+            attn_mask,
+            is_causal,
+            q_len,
+            kv_len,
+            group,
+            i0 * block_size,
+            rows,
+            nk * block_size,
+            q.device,
             window,
         )
         row_max = scores.amax(dim=-1, keepdim=True)
@@ -244,7 +252,9 @@ def estimate_blocks(
     b, chunk = config.block_size, config.query_chunk
     scale = resolve_scale(scale, q.shape[-1])
     if config.estimator == "composite":
-        ahat = composite_estimate(q, k, attn_mask, is_causal, scale, b, config.granularity, chunk, window=window)
+        ahat = composite_estimate(
+            q, k, attn_mask, is_causal, scale, b, config.granularity, chunk, window=window
+        )
     elif config.estimator == "pooled":
         ahat = pooled_estimate(q, k, attn_mask, is_causal, scale, b, chunk, window=window)
     else:

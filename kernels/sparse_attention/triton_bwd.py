@@ -102,12 +102,27 @@ def supported(
 
 @triton.jit
 def _preprocess(
-    O, DO, LSE, DELTA, LSE2,
-    s_ob, s_oh, s_os, s_od,
-    s_dob, s_doh, s_dos, s_dod,
-    s_lb, s_lh, s_ls,
-    H, q_len,
-    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    O,
+    DO,
+    LSE,
+    DELTA,
+    LSE2,
+    s_ob,
+    s_oh,
+    s_os,
+    s_od,
+    s_dob,
+    s_doh,
+    s_dos,
+    s_dod,
+    s_lb,
+    s_lh,
+    s_ls,
+    H,
+    q_len,
+    BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
 ):
     """delta [B*H, Sq] = rowsum(dO * O); lse2 [B*H, Sq] = lse * log2(e), +inf where lse = -inf."""
     pid_m = tl.program_id(0)
@@ -118,10 +133,14 @@ def _preprocess(
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     row_ok = offs_m < q_len
     tile_ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(O + b * s_ob + h * s_oh + offs_m[:, None] * s_os + offs_d[None, :] * s_od,
-                mask=tile_ok, other=0.0)
-    do = tl.load(DO + b * s_dob + h * s_doh + offs_m[:, None] * s_dos + offs_d[None, :] * s_dod,
-                 mask=tile_ok, other=0.0)
+    o = tl.load(
+        O + b * s_ob + h * s_oh + offs_m[:, None] * s_os + offs_d[None, :] * s_od, mask=tile_ok, other=0.0
+    )
+    do = tl.load(
+        DO + b * s_dob + h * s_doh + offs_m[:, None] * s_dos + offs_d[None, :] * s_dod,
+        mask=tile_ok,
+        other=0.0,
+    )
     lse = tl.load(LSE + b * s_lb + h * s_lh + offs_m * s_ls, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     out = pid_bh.to(tl.int64) * q_len + offs_m
@@ -132,14 +151,28 @@ def _preprocess(
 @triton.jit
 def _load_tile(base, offs_s, s_s, offs_d, s_d, seq_len, HEAD_DIM: tl.constexpr):
     """[len(offs_s), HEAD_DIM_PAD] rows ``offs_s`` of a [seq_len, HEAD_DIM] matrix, zero outside."""
-    return tl.load(base + offs_s[:, None] * s_s + offs_d[None, :] * s_d,
-                   mask=(offs_s[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    return tl.load(
+        base + offs_s[:, None] * s_s + offs_d[None, :] * s_d,
+        mask=(offs_s[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
 
 
 @triton.jit
 def _scores(
-    a, b_t, qk_scale, mask_base, s_mq, s_mk, q_offs, k_offs, q_len, kv_len, mask_floor,
-    MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr,
+    a,
+    b_t,
+    qk_scale,
+    mask_base,
+    s_mq,
+    s_mk,
+    q_offs,
+    k_offs,
+    q_len,
+    kv_len,
+    mask_floor,
+    MASK_KIND: tl.constexpr,
+    FP32_DOT: tl.constexpr,
 ):
     """Base-2 scores (a @ b_t) * scale * log2(e) plus the tile's attn_mask (additive values
     <= ``mask_floor`` give -inf).
@@ -161,19 +194,64 @@ def _scores(
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, DO, DQ, MASK, LSE2, DELTA, KV_NUM, KV_IDX,
-    s_qb, s_qh, s_qs, s_qd,
-    s_kb, s_kh, s_ks, s_kd,
-    s_vb, s_vh, s_vs, s_vd,
-    s_dob, s_doh, s_dos, s_dod,
-    s_dqb, s_dqh, s_dqs, s_dqd,
-    s_mb, s_mh, s_mq, s_mk,
-    s_nb, s_nh, s_ni,
-    s_ib, s_ih, s_ii, s_it,
-    KV_HEADS, q_len, kv_len, n_tiles, scale, qk_scale, window, mask_floor,
-    GROUP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    DQ,
+    MASK,
+    LSE2,
+    DELTA,
+    KV_NUM,
+    KV_IDX,
+    s_qb,
+    s_qh,
+    s_qs,
+    s_qd,
+    s_kb,
+    s_kh,
+    s_ks,
+    s_kd,
+    s_vb,
+    s_vh,
+    s_vs,
+    s_vd,
+    s_dob,
+    s_doh,
+    s_dos,
+    s_dod,
+    s_dqb,
+    s_dqh,
+    s_dqs,
+    s_dqd,
+    s_mb,
+    s_mh,
+    s_mq,
+    s_mk,
+    s_nb,
+    s_nh,
+    s_ni,
+    s_ib,
+    s_ih,
+    s_ii,
+    s_it,
+    KV_HEADS,
+    q_len,
+    kv_len,
+    n_tiles,
+    scale,
+    qk_scale,
+    window,
+    mask_floor,
+    GROUP: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    FP32_DOT: tl.constexpr,
 ):
     # Program order, fastest first: head within its GQA group (the group shares K/V blocks, read
     # from L2), query tile from the last (causal rows near the end are the longest), KV head, batch.
@@ -207,8 +285,21 @@ def _dq_kernel(
             offs_n = n0 + tl.arange(0, BLOCK_N)
             k = _load_tile(k_base, offs_n, s_ks, offs_d, s_kd, kv_len, HEAD_DIM)
             v = _load_tile(v_base, offs_n, s_vs, offs_d, s_vd, kv_len, HEAD_DIM)
-            s = _scores(q, tl.trans(k), qk_scale, mask_base, s_mq, s_mk, offs_m[:, None], offs_n[None, :],
-                        q_len, kv_len, mask_floor, MASK_KIND, FP32_DOT)
+            s = _scores(
+                q,
+                tl.trans(k),
+                qk_scale,
+                mask_base,
+                s_mq,
+                s_mk,
+                offs_m[:, None],
+                offs_n[None, :],
+                q_len,
+                kv_len,
+                mask_floor,
+                MASK_KIND,
+                FP32_DOT,
+            )
             needs_mask = n0 + BLOCK_N > kv_len
             if IS_CAUSAL:  # the diagonal, and the window's lower edge
                 needs_mask = needs_mask | (n0 + BLOCK_N - 1 > m0) | (n0 <= m0 + BLOCK_M - 1 - window)
@@ -223,8 +314,11 @@ def _dq_kernel(
             ds = p * (dp - delta[:, None])
             dq = tile_dot(ds.to(k.dtype), k, dq, FP32_DOT)
     dq *= scale
-    tl.store(DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqs + offs_d[None, :] * s_dqd,
-             dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM))
+    tl.store(
+        DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqs + offs_d[None, :] * s_dqd,
+        dq.to(DQ.dtype.element_ty),
+        mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM),
+    )
 
 
 @triton.jit
@@ -238,18 +332,65 @@ def _group_count(Q_NUM, b, hk, block_j, s_nb, s_nh, s_nj, GROUP: tl.constexpr):
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, DK, DV, DK32, DV32, MASK, LSE2, DELTA, Q_NUM, Q_IDX,
-    s_qb, s_qh, s_qs, s_qd,
-    s_kb, s_kh, s_ks, s_kd,
-    s_vb, s_vh, s_vs, s_vd,
-    s_dob, s_doh, s_dos, s_dod,
-    s_mb, s_mh, s_mq, s_mk,
-    s_nb, s_nh, s_nj,
-    s_ib, s_ih, s_ij, s_it,
-    KV_HEADS, BATCH_KV_HEADS, q_len, kv_len, n_tiles, chunk, scale, qk_scale, window, mask_floor,
-    GROUP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, FP32_DOT: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    DK,
+    DV,
+    DK32,
+    DV32,
+    MASK,
+    LSE2,
+    DELTA,
+    Q_NUM,
+    Q_IDX,
+    s_qb,
+    s_qh,
+    s_qs,
+    s_qd,
+    s_kb,
+    s_kh,
+    s_ks,
+    s_kd,
+    s_vb,
+    s_vh,
+    s_vs,
+    s_vd,
+    s_dob,
+    s_doh,
+    s_dos,
+    s_dod,
+    s_mb,
+    s_mh,
+    s_mq,
+    s_mk,
+    s_nb,
+    s_nh,
+    s_nj,
+    s_ib,
+    s_ih,
+    s_ij,
+    s_it,
+    KV_HEADS,
+    BATCH_KV_HEADS,
+    q_len,
+    kv_len,
+    n_tiles,
+    chunk,
+    scale,
+    qk_scale,
+    window,
+    mask_floor,
+    GROUP: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    FP32_DOT: tl.constexpr,
 ):
     """dk, dv (DK, DV, like k and v: contiguous [B, Hkv, Skv, D]) of one key tile and one chunk.
 
@@ -300,8 +441,21 @@ def _dkdv_kernel(
                     lse2 = tl.load(LSE2 + row_base + offs_m, mask=offs_m < q_len, other=float("inf"))
                     delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < q_len, other=0.0)
                     # Transposed tile: rows are this program's keys, columns the block's queries.
-                    s_t = _scores(k, tl.trans(q), qk_scale, mask_base, s_mq, s_mk, offs_m[None, :],
-                                  offs_n[:, None], q_len, kv_len, mask_floor, MASK_KIND, FP32_DOT)
+                    s_t = _scores(
+                        k,
+                        tl.trans(q),
+                        qk_scale,
+                        mask_base,
+                        s_mq,
+                        s_mk,
+                        offs_m[None, :],
+                        offs_n[:, None],
+                        q_len,
+                        kv_len,
+                        mask_floor,
+                        MASK_KIND,
+                        FP32_DOT,
+                    )
                     if IS_CAUSAL:  # noqa: SIM102 (a compile-time test around a run-time one)
                         # Keys past the end need no mask: their rows of dk, dv are never stored.
                         if (n0 + BLOCK_N - 1 > m0) | (n0 <= m0 + BLOCK_M - 1 - window):
@@ -326,10 +480,23 @@ def _dkdv_kernel(
 
 @triton.jit
 def _dkdv_finalize(
-    DK, DV, DK32, DV32, Q_NUM, s_nb, s_nh, s_nj,
-    KV_HEADS, BATCH_KV_HEADS, kv_len, chunk,
-    GROUP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    DK,
+    DV,
+    DK32,
+    DV32,
+    Q_NUM,
+    s_nb,
+    s_nh,
+    s_nj,
+    KV_HEADS,
+    BATCH_KV_HEADS,
+    kv_len,
+    chunk,
+    GROUP: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
 ):
     """Cast the scratch sums of the key tiles whose lists were chunked into DK, DV."""
     pid = tl.program_id(0)
@@ -413,29 +580,68 @@ def sparse_attention_bwd(
         masked_floor(mask.dtype) if mask_kind == _ADDITIVE_MASK else 0.0,
     )
     shared = {
-        "GROUP": group, "BLOCK": block,
-        "HEAD_DIM": head_dim, "HEAD_DIM_PAD": head_dim_pad(head_dim),
-        "IS_CAUSAL": is_causal, "MASK_KIND": mask_kind, "FP32_DOT": needs_fp32_dot(q.dtype),
-        "num_warps": tiles.num_warps, "num_stages": tiles.num_stages,
+        "GROUP": group,
+        "BLOCK": block,
+        "HEAD_DIM": head_dim,
+        "HEAD_DIM_PAD": head_dim_pad(head_dim),
+        "IS_CAUSAL": is_causal,
+        "MASK_KIND": mask_kind,
+        "FP32_DOT": needs_fp32_dot(q.dtype),
+        "num_warps": tiles.num_warps,
+        "num_stages": tiles.num_stages,
     }
 
     delta = torch.empty((batch, heads, q_len), dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta)
     pre_m = min(64, block)
     _preprocess[(triton.cdiv(q_len, pre_m), batch * heads)](
-        out, grad_out, lse, delta, lse2, *out.stride(), *grad_out.stride(), *lse.stride(), heads, q_len,
-        BLOCK_M=pre_m, HEAD_DIM=head_dim, HEAD_DIM_PAD=shared["HEAD_DIM_PAD"],
+        out,
+        grad_out,
+        lse,
+        delta,
+        lse2,
+        *out.stride(),
+        *grad_out.stride(),
+        *lse.stride(),
+        heads,
+        q_len,
+        BLOCK_M=pre_m,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=shared["HEAD_DIM_PAD"],
     )
 
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dq_m = min(tiles.dq_block_m, block)
     dq_tiles = triton.cdiv(q_len, dq_m)
     _dq_kernel[(batch * heads * dq_tiles,)](
-        q, k, v, grad_out, dq, mask, lse2, delta, selection.kv_num_blocks, selection.kv_indices,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *mask_strides,
-        *selection.kv_num_blocks.stride(), *selection.kv_indices.stride(),
-        kv_heads, q_len, kv_len, dq_tiles, scale, scale * LOG2E, *band,
-        BLOCK_M=dq_m, BLOCK_N=min(tiles.dq_block_n, block), **shared,
+        q,
+        k,
+        v,
+        grad_out,
+        dq,
+        mask,
+        lse2,
+        delta,
+        selection.kv_num_blocks,
+        selection.kv_indices,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *grad_out.stride(),
+        *dq.stride(),
+        *mask_strides,
+        *selection.kv_num_blocks.stride(),
+        *selection.kv_indices.stride(),
+        kv_heads,
+        q_len,
+        kv_len,
+        dq_tiles,
+        scale,
+        scale * LOG2E,
+        *band,
+        BLOCK_M=dq_m,
+        BLOCK_N=min(tiles.dq_block_n, block),
+        **shared,
     )
 
     q_num_blocks, q_indices = transpose_selection(selection)
@@ -451,16 +657,55 @@ def sparse_attention_bwd(
     dkdv_n = min(tiles.dkdv_block_n, block)
     kv_tiles = triton.cdiv(kv_len, dkdv_n)
     _dkdv_kernel[(batch * kv_heads * kv_tiles * chunks,)](
-        q, k, v, grad_out, dk, dv, dk32, dv32, mask, lse2, delta, q_num_blocks, q_indices,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *mask_strides,
-        *q_num_blocks.stride(), *q_indices.stride(),
-        kv_heads, batch * kv_heads, q_len, kv_len, kv_tiles, chunk, scale, scale * LOG2E, *band,
-        BLOCK_M=min(tiles.dkdv_block_m, block), BLOCK_N=dkdv_n, **shared,
+        q,
+        k,
+        v,
+        grad_out,
+        dk,
+        dv,
+        dk32,
+        dv32,
+        mask,
+        lse2,
+        delta,
+        q_num_blocks,
+        q_indices,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *grad_out.stride(),
+        *mask_strides,
+        *q_num_blocks.stride(),
+        *q_indices.stride(),
+        kv_heads,
+        batch * kv_heads,
+        q_len,
+        kv_len,
+        kv_tiles,
+        chunk,
+        scale,
+        scale * LOG2E,
+        *band,
+        BLOCK_M=min(tiles.dkdv_block_m, block),
+        BLOCK_N=dkdv_n,
+        **shared,
     )
     if chunks > 1:
         _dkdv_finalize[(batch * kv_heads * kv_tiles,)](
-            dk, dv, dk32, dv32, q_num_blocks, *q_num_blocks.stride(),
-            kv_heads, batch * kv_heads, kv_len, chunk,
-            GROUP=group, BLOCK=block, BLOCK_N=dkdv_n, HEAD_DIM=head_dim, HEAD_DIM_PAD=shared["HEAD_DIM_PAD"],
+            dk,
+            dv,
+            dk32,
+            dv32,
+            q_num_blocks,
+            *q_num_blocks.stride(),
+            kv_heads,
+            batch * kv_heads,
+            kv_len,
+            chunk,
+            GROUP=group,
+            BLOCK=block,
+            BLOCK_N=dkdv_n,
+            HEAD_DIM=head_dim,
+            HEAD_DIM_PAD=shared["HEAD_DIM_PAD"],
         )
     return dq, dk, dv
