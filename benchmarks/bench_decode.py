@@ -6,8 +6,9 @@ Two workloads, each at several prompt lengths S:
   prompt queries, the decode tokens are appended, and decode attention runs on the slim cache (split-K
   Triton kernel) and on the dense K/V (SDPA). Reported: stored bytes (from the tensors and from the
   allocator), the latency of one decode step (n = 1: wall clock per call, and replayed from a CUDA
-  graph, which removes Python and launch overhead as serving stacks do), the relative error of the decode outputs and the
-  observed recall (exact dense attention mass of the decode queries on the kept tokens, mean and worst).
+  graph, which removes Python and launch overhead as serving stacks do), the relative error of the decode
+  outputs and the observed recall (exact dense attention mass of the decode queries on the kept tokens,
+  mean and worst).
 - ``model``: a Llama-architecture model built from a config (random weights, so attention is nearly flat
   and slimming keeps most tokens: the structured workload shows the method's regime). Prefill, then
   ``--steps`` greedy decode steps teacher-forced on the dense run's tokens, with DynamicCache + SDPA and
@@ -18,8 +19,9 @@ Two workloads, each at several prompt lengths S:
   `omnicompile.evaluate.passkey_prompt`) decoded from each cache: found (greedy decoding reproduces the
   key, checked teacher-forced) and the key's log-probability, dense cache vs slim cache.
 
-Writes ``structured.csv``, ``model.csv`` and ``pretrained.csv`` to ``--out`` and prints a table last. kvpress is not installed
-on the GPU image; the script says whether it found it and never fakes a comparison.
+Writes ``structured.csv``, ``model.csv`` and ``pretrained.csv`` to ``--out`` and prints a table last.
+kvpress is not installed on the GPU image; the script says whether it found it and never fakes a
+comparison.
 """
 
 from __future__ import annotations
@@ -246,7 +248,10 @@ def passkey_decode(model, ids: torch.Tensor, answer: torch.Tensor, cache, attn: 
 def bench_pretrained(
     name: str, seq_len: int, steps: int, depths: int, config: OmniSparseConfig
 ) -> list[dict]:
-    """Slim vs dense cache on pretrained ``name`` at ``seq_len``: one `bench_model` row, one row per passkey."""
+    """Slim vs dense cache on pretrained ``name`` at ``seq_len``.
+
+    One `bench_model` row, one row per passkey.
+    """
     from bench_models import load_for_length
 
     from omnicompile.evaluate import document_ids, passkey_depths, passkey_prompt
@@ -338,7 +343,8 @@ def main() -> None:
     config = OmniSparseConfig(tau_decode=args.tau_decode, head_mass_eps=args.head_mass_eps)
     args.out.mkdir(parents=True, exist_ok=True)
     print(
-        f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else device}; config: {config.to_json()}"
+        f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else device}; "
+        f"config: {config.to_json()}"
     )
     print(
         "kvpress: "

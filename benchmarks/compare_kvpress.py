@@ -25,7 +25,8 @@ Reported per way: answer accuracy, top-1 agreement with the dense run over every
 logits relative error, stored prompt KV bytes (measured from the cache tensors; AdaKV masks entries
 instead of removing them, so its stored bytes do not shrink, which the table shows).
 
-Usage: ``python benchmarks/compare_kvpress.py [--weights DIR] [--seq-len 4096] [--sequences 8] [--tau-decode ...]``;
+Usage:
+``python benchmarks/compare_kvpress.py [--weights DIR] [--seq-len 4096] [--sequences 8] [--tau-decode ...]``;
 writes ``kvpress.csv`` to ``--out`` and prints a table last.
 """
 

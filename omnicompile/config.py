@@ -107,7 +107,8 @@ class OmniSparseConfig:
         for name in ("granularity", "antidiagonal_stride"):
             if self.block_size % getattr(self, name):
                 raise ValueError(
-                    f"OmniSparseConfig.{name}: {getattr(self, name)} does not divide block_size {self.block_size}"
+                    f"OmniSparseConfig.{name}: {getattr(self, name)} "
+                    f"does not divide block_size {self.block_size}"
                 )
         if self.n_local < 1:
             raise ValueError("OmniSparseConfig.n_local: the local window must hold the diagonal block (>= 1)")
@@ -121,7 +122,8 @@ class OmniSparseConfig:
             spans = tuple(tuple(int(x) for x in span) for span in self.visual_spans)
             if any(len(s) != 2 or s[0] < 0 or s[1] <= s[0] for s in spans):
                 raise ValueError(
-                    f"OmniSparseConfig.visual_spans: {self.visual_spans!r} must be (start, end) pairs, 0 <= start < end"
+                    f"OmniSparseConfig.visual_spans: {self.visual_spans!r} "
+                    "must be (start, end) pairs, 0 <= start < end"
                 )
             object.__setattr__(self, "visual_spans", spans)
         for name in ("query_selection", "row_probe"):

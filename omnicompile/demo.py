@@ -57,7 +57,8 @@ def run_model_part(settings: DemoSettings, print_fn=print) -> dict[str, float]:
             elapsed = time.perf_counter() - start
             errors[mode] = _max_error(report.output.logits, eager)
             print_fn(
-                f"\n== {settings.model}, {settings.seq_len} tokens, mode={mode} (compile + run {elapsed:.1f} s)"
+                f"\n== {settings.model}, {settings.seq_len} tokens, mode={mode} "
+                f"(compile + run {elapsed:.1f} s)"
             )
             print_fn(str(report))
             print_fn(f"max |logits - eager| = {errors[mode]:.3e}")
@@ -78,7 +79,8 @@ def run_structured_part(settings: DemoSettings, print_fn=print) -> dict[str, flo
         torch.ops.omnisparse.attention(q, k, v, None, 0.0, True, None, True, cfg.to_json(), "structured")
     stats = recorder.runs[-1].stats
     print_fn(
-        f"\n== structured attention input, {settings.structured_len} tokens, 4 heads, causal, tau={settings.tau}"
+        f"\n== structured attention input, {settings.structured_len} tokens, 4 heads, causal, "
+        f"tau={settings.tau}"
     )
     print_fn("   " + ", ".join(f"{key} {value:.3f}" for key, value in stats.items()))
     return stats

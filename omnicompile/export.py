@@ -46,7 +46,8 @@ Target = Literal["aoti", "tensorrt"]
 DynamicSpec = Mapping[str, Mapping[int, Any]]
 
 _TARGETS = ("aoti", "tensorrt")
-# Dim("x") is a Dim instance in recent torch, a type (of metaclass _Dim) in older releases; Dim.AUTO is a hint.
+# Dim("x") is a Dim instance in recent torch, a type (of metaclass _Dim) in older releases;
+# Dim.AUTO is a hint.
 _DIM_TYPES = (type(Dim("_")), type(Dim.AUTO))
 
 
@@ -184,9 +185,10 @@ def dynamic_shapes(
     kwargs: dict[str, Any],
     dims: Mapping[int, Mapping[int, Any]],
 ) -> dict[str, Any] | None:
-    """The ``torch.export`` dynamic-shape spec for ``module(*args, **kwargs)``, each tensor's dims from ``dims``.
+    """The ``torch.export`` dynamic-shape spec for ``module(*args, **kwargs)``.
 
-    Keyed by ``module.forward``'s bound argument names, as ``torch.export`` binds them.
+    Each tensor's dims come from ``dims``. Keyed by ``module.forward``'s bound argument names, as
+    ``torch.export`` binds them.
     """
     if not dims:
         return None

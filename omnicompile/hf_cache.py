@@ -107,8 +107,8 @@ class SlimKVLayer(CacheLayerMixin):
         ):
             raise ValueError(
                 f"SlimKVCache layer {self.layer_idx}: key/value states {tuple(key_states.shape)} / "
-                f"{tuple(value_states.shape)} do not have the (KV heads, head dim) {self.kv_shape} of the model "
-                "config the cache was built for: the cache is used with a different model"
+                f"{tuple(value_states.shape)} do not have the (KV heads, head dim) {self.kv_shape} "
+                "of the model config the cache was built for: the cache is used with a different model"
             )
         cached = (
             self.slim.batch_size
@@ -117,8 +117,8 @@ class SlimKVLayer(CacheLayerMixin):
         )
         if cached is not None and key_states.shape[0] != cached:
             raise ValueError(
-                f"SlimKVCache layer {self.layer_idx}: batch size changed from {cached} to {key_states.shape[0]} "
-                "(beam search and batch expansion are not supported)"
+                f"SlimKVCache layer {self.layer_idx}: batch size changed from {cached} "
+                f"to {key_states.shape[0]} (beam search and batch expansion are not supported)"
             )
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
@@ -133,7 +133,8 @@ class SlimKVLayer(CacheLayerMixin):
         self._check_states(key_states, value_states)
         if self.awaits_observation:
             raise RuntimeError(
-                f"SlimKVCache layer {self.layer_idx}: the prefill was never observed, so the cache was not slimmed; "
+                f"SlimKVCache layer {self.layer_idx}: the prefill was never observed, "
+                "so the cache was not slimmed; "
                 f"run the model with attn_implementation={ATTN_IMPLEMENTATION!r}"
             )
         if not self.is_initialized:
@@ -209,8 +210,8 @@ class SlimKVLayer(CacheLayerMixin):
         if self.slim is not None:
             if -tokens_to_remove > self.slim.tail_len:
                 raise ValueError(
-                    f"SlimKVCache.crop: cannot remove {-tokens_to_remove} tokens: only the {self.slim.tail_len} "
-                    "tokens added after slimming can be removed"
+                    f"SlimKVCache.crop: cannot remove {-tokens_to_remove} tokens: "
+                    f"only the {self.slim.tail_len} tokens added after slimming can be removed"
                 )
             self.slim = self.slim.drop_tail(-tokens_to_remove)
         else:
@@ -255,7 +256,8 @@ class SlimKVCache(Cache):
         unsupported = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
         if unsupported:
             raise ValueError(
-                f"SlimKVCache: full and sliding-window attention layers are supported, the model has {unsupported}"
+                "SlimKVCache: full and sliding-window attention layers are supported, "
+                f"the model has {unsupported}"
             )
         head_dim = (
             getattr(text_config, "head_dim", None)
@@ -276,8 +278,8 @@ class SlimKVCache(Cache):
     ) -> tuple[Tensor, Tensor]:
         if not 0 <= layer_idx < len(self.layers):
             raise ValueError(
-                f"SlimKVCache: layer {layer_idx} does not exist in the {len(self.layers)}-layer model config the "
-                "cache was built for: the cache is used with a different model"
+                f"SlimKVCache: layer {layer_idx} does not exist in the {len(self.layers)}-layer "
+                "model config the cache was built for: the cache is used with a different model"
             )
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
@@ -374,7 +376,10 @@ def slim_attention_forward(
 
 
 def register_attention() -> None:
-    """Register `slim_attention_forward` (and the SDPA mask) as ``attn_implementation="omnisparse_decode"``."""
+    """Register `slim_attention_forward` (and the SDPA mask).
+
+    As ``attn_implementation="omnisparse_decode"``.
+    """
     AttentionInterface.register(ATTN_IMPLEMENTATION, slim_attention_forward)
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, sdpa_mask)
 

@@ -100,7 +100,10 @@ def resolve_mask(
 
 
 def effective_window(window: int | None, q_len: int) -> int | None:
-    """``window``, or None when it cuts nothing (``window >= q_len``: row r's keys c <= r all lie within it)."""
+    """``window``, or None when it cuts nothing.
+
+    That is ``window >= q_len``: row r's keys c <= r all lie within it.
+    """
     return None if window is None or window >= q_len else window
 
 

@@ -64,7 +64,8 @@ def long_range_region(
     """bool [B or 1, S]: the long-range region R of an S-token prompt.
 
     Args:
-        token_mask: optional bool [S] or [B, S] marking the visual tokens; exclusive with ``config.visual_spans``.
+        token_mask: optional bool [S] or [B, S] marking the visual tokens; exclusive with
+            ``config.visual_spans``.
     """
     if token_mask is not None and config.visual_spans is not None:
         raise ValueError(

@@ -131,9 +131,9 @@ class DemoSetting:
 
     Dense training runs ``dense_phases`` in order: first short sequences packed with pairs (recall
     is learnt there in a few hundred steps), then longer ones with filler; every phase but the
-    last ends early once solved (``SOLVED_ACCURACY``). ``finetune`` is the sparse fine-tune, and its layout and batch
-    size are also those of every evaluation. ``min_seq_len`` <= its length, so the backend runs
-    sparse there.
+    last ends early once solved (``SOLVED_ACCURACY``). ``finetune`` is the sparse fine-tune, and its
+    layout and batch size are also those of every evaluation. ``min_seq_len`` <= its length, so the
+    backend runs sparse there.
     """
 
     dense_phases: tuple[Phase, ...]

@@ -139,8 +139,9 @@ class Pred:
     def compare(diff: Affine, op: Comparison, shape: tuple) -> Pred:
         """The predicate ``diff <op> 0`` on a tensor of ``shape``."""
         k = diff.const
-        raw = {"le": IntSet.of((-INF, -k)), "lt": IntSet.of((-INF, -k - 1)), "ge": IntSet.of((-k, INF)),
-               "gt": IntSet.of((-k + 1, INF)), "eq": IntSet.of((-k, -k)), "ne": ~IntSet.of((-k, -k))}[op]  # fmt: skip
+        raw = {"le": IntSet.of((-INF, -k)), "lt": IntSet.of((-INF, -k - 1)),
+               "ge": IntSet.of((-k, INF)), "gt": IntSet.of((-k + 1, INF)),
+               "eq": IntSet.of((-k, -k)), "ne": ~IntSet.of((-k, -k))}[op]  # fmt: skip
         return Pred.of(diff.coefs, raw, shape)
 
     def is_constant(self) -> bool:

@@ -179,7 +179,10 @@ def _blocker(scores: _Scores, weight_nodes: tuple[Node, ...], key_t: object) -> 
     """Why the matched pattern cannot become the op, or None."""
     for node in (*scores.nodes, *weight_nodes):
         if len(node.users) != 1:
-            return f"intermediate {node.name} is also used outside the attention (e.g. returned attention weights)"
+            return (
+                f"intermediate {node.name} is also used outside the attention "
+                "(e.g. returned attention weights)"
+            )
     for node in weight_nodes:
         dropout = DROPOUT.bind(node)
         if dropout is not None and not dropout_is_identity(dropout):
@@ -190,5 +193,8 @@ def _blocker(scores: _Scores, weight_nodes: tuple[Node, ...], key_t: object) -> 
     if scores.scale is None:
         return "the scaling mixes a symbolic factor with other factors (the op takes one scale)"
     if _untransposed(key_t) is None:
-        return f"the score matmul's right operand {getattr(key_t, 'name', key_t)} is not a transpose of k's last two dims"
+        return (
+            f"the score matmul's right operand {getattr(key_t, 'name', key_t)} "
+            "is not a transpose of k's last two dims"
+        )
     return None

@@ -125,8 +125,9 @@ def main() -> int:
             print(f"{name}: built in {time.perf_counter() - start:.1f} s", flush=True)
             _, way, _, load_kwargs = CASES[name]
             child = (
-                f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import gpu_check_aoti_runtime "
-                f"as check; check.load_and_run({path!r}, {args.device!r}, {seq}, {way!r}, {load_kwargs!r})"
+                f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                "import gpu_check_aoti_runtime as check; "
+                f"check.load_and_run({path!r}, {args.device!r}, {seq}, {way!r}, {load_kwargs!r})"
             )
             start = time.perf_counter()
             # Under gdb (when installed) a crash prints the native stack too.
@@ -149,7 +150,8 @@ def main() -> int:
                 stdout, stderr = (s.decode() if isinstance(s, bytes) else s for s in (stdout, stderr))
             ok = "ran, output" in stdout and (status == 0 or bool(gdb))  # gdb's status is not the child's
             print(
-                f"{name}: {'ok' if ok else 'FAILED'}, child exit {status} after {time.perf_counter() - start:.1f} s;"
+                f"{name}: {'ok' if ok else 'FAILED'}, child exit {status} "
+                f"after {time.perf_counter() - start:.1f} s;"
                 f" output:\n{stdout.strip()[-4000:]}",
                 flush=True,
             )

@@ -1,4 +1,7 @@
-"""Shared test helpers (import as `from tests.helpers import ...`): per-dtype tolerances and fresh random attention inputs."""
+"""Shared test helpers (import as `from tests.helpers import ...`).
+
+Per-dtype tolerances and fresh random attention inputs.
+"""
 
 from __future__ import annotations
 

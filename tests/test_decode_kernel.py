@@ -1,4 +1,7 @@
-"""Split-K slim decode kernel (Triton; interpreted on the CPU, see conftest) against its pure-PyTorch reference."""
+"""Split-K slim decode kernel (Triton; interpreted on the CPU, see conftest).
+
+Checked against its pure-PyTorch reference.
+"""
 
 from __future__ import annotations
 

@@ -86,7 +86,10 @@ def test_estimators_follow_the_definition(case: Case, kind: str, group: int):
     query_chunk=st.integers(1, 3),
 )
 def test_estimate_is_a_distribution_over_allowed_blocks(case: Case, estimator: str, query_chunk: int):
-    """Invariant 1: >= 0, sums to 1 over allowed blocks (rows with any), exactly 0 on disallowed, > 0 on allowed."""
+    """Invariant 1: >= 0, sums to 1 over allowed blocks (rows with any).
+
+    Exactly 0 on disallowed blocks, > 0 on allowed ones.
+    """
     q, k, _ = make_qkv(case)
     attn_mask, is_causal = make_mask(case)
     cfg = OmniSparseConfig(

@@ -49,7 +49,10 @@ _LOADER = textwrap.dedent(
         with recording(measure=False) as recorder:
             logits.append(model(input_ids=ids, use_cache=False)["logits"])
         decisions.append(sorted({run.decision for run in recorder.runs}))
-    torch.save({"logits": logits, "decisions": decisions, "error_without_import": error_without_import}, outputs)
+    torch.save(
+        {"logits": logits, "decisions": decisions, "error_without_import": error_without_import},
+        outputs,
+    )
     """
 )
 

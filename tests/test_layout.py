@@ -19,7 +19,8 @@ except ModuleNotFoundError:
     print("absent")
 else:
     assert not kernels.__file__.startswith({root!r}), kernels.__file__
-    import transformers.integrations.hub_kernels  # noqa: F401  (imports the PyPI kernels where it is installed)
+    # Imports the PyPI kernels where it is installed.
+    import transformers.integrations.hub_kernels  # noqa: F401
     print("pypi")
 """
 

@@ -76,7 +76,10 @@ def model_inputs(seq_len: int, padding: int | None, use_cache: bool, batch: int 
 def compile_and_run(
     fn: Callable[..., Any], config: OmniSparseConfig, *args: Any, dynamic: bool = False, **kwargs: Any
 ):
-    """``fn(*args, **kwargs)`` through Dynamo and `run_passes` (the rewritten graph run as is), the reports."""
+    """``fn(*args, **kwargs)`` through Dynamo and `run_passes`, the reports.
+
+    The rewritten graph is run as is.
+    """
     reports: list[PassReport] = []
 
     def backend(gm: GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
@@ -300,7 +303,8 @@ def test_causal_mask_check_values():
     cases = [
         (causal, True), (causal[None, None].expand(2, 1, S, S), True), (additive, True),
         (additive.masked_fill(~causal, float("-inf")), True), (nearly, False),
-        (additive.masked_fill(~causal, -1.0), False), (causal[:, :-1], False), (torch.ones(S, S, dtype=torch.bool), False),
+        (additive.masked_fill(~causal, -1.0), False), (causal[:, :-1], False),
+        (torch.ones(S, S, dtype=torch.bool), False),
     ]  # fmt: skip
     for mask, want in cases:
         got = CHECK(mask)

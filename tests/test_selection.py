@@ -63,7 +63,10 @@ def _select(case: Case, cfg: OmniSparseConfig, structured: bool):
 
 
 def _check_format(selection: BlockSelection, allowed: torch.Tensor) -> torch.Tensor:
-    """Indices ascending then padded with nk, counts consistent, selected blocks allowed; returns the dense mask."""
+    """Indices ascending then padded with nk, counts consistent, selected blocks allowed.
+
+    Returns the dense mask.
+    """
     nk = selection.num_kv_blocks
     idx, count = selection.kv_indices, selection.kv_num_blocks
     assert idx.dtype == torch.int32 and count.dtype == torch.int32 and selection.budget.dtype == torch.int32
@@ -199,7 +202,10 @@ def test_budget_scopes_on_a_flat_head():
 
 
 def test_select_blocks_traces_without_host_synchronisation():
-    """Dynamo traces select_blocks into one graph (fullgraph=True fails on .item(), nonzero, data-dependent shapes)."""
+    """Dynamo traces select_blocks into one graph.
+
+    fullgraph=True fails on .item(), nonzero, data-dependent shapes.
+    """
     ahat = torch.rand(1, 4, 6, 6).softmax(-1)
     allowed = torch.ones(1, 1, 6, 6, dtype=torch.bool).tril()
     cfg = OmniSparseConfig(block_size=BLOCK, budget_scope="kv_group")

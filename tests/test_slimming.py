@@ -1,4 +1,7 @@
-"""Decode KV slimming rule (METHOD.md section 4) on constructed inputs with known answers, and its invariants."""
+"""Decode KV slimming rule (METHOD.md section 4).
+
+On constructed inputs with known answers, and its invariants.
+"""
 
 from __future__ import annotations
 
@@ -93,7 +96,10 @@ def test_zero_eps_and_full_tau_keep_everything():
     eps=st.floats(0.0, 0.5),
 )
 def test_plan_invariants(seed, seq_len, tau, eps):
-    """Non-R tokens are always kept; local heads keep only them; retrieval heads keep the fewest top blocks reaching tau."""
+    """Non-R tokens are always kept; local heads keep only them.
+
+    Retrieval heads keep the fewest top blocks reaching tau.
+    """
     torch.manual_seed(seed)
     config = OmniSparseConfig(block_size=16, recent_window=32, head_mass_eps=eps, tau_decode=tau)
     observed = torch.rand(2, 3, seq_len) ** 4 / seq_len

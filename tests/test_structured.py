@@ -17,7 +17,10 @@ SMALL = {"window": 16, "slash_period": 128, "stripes": 4, "stripe_width": 32, "n
 
 
 def _oracle_density(q: torch.Tensor, k: torch.Tensor, tau: float = 0.95) -> torch.Tensor:
-    """Per head: blocks an oracle needs for exact mass >= tau per query block / allowed blocks (causal, b = 16)."""
+    """Per head: blocks an oracle needs for exact mass >= tau per query block / allowed blocks.
+
+    Causal, b = 16.
+    """
     mass = exact_block_mass(q, k, None, True, None, 16)
     need = (mass.sort(-1, descending=True).values.cumsum(-1) < tau).sum(-1) + 1
     allowed = torch.arange(1, mass.shape[2] + 1)
@@ -95,7 +98,9 @@ def test_mixed_presets_differ_in_breadth():
     ],
 )
 def test_method_recall_on_structured_inputs(estimator: str, structure: str, is_causal: bool):
-    """True recall >= tau - 0.05 at density far below 1 (tau 0.95, b = 16, g = 4, S = 2048, 4 heads / 2 KV heads).
+    """True recall >= tau - 0.05 at density far below 1.
+
+    tau 0.95, b = 16, g = 4, S = 2048, 4 heads / 2 KV heads.
 
     Observed (seed 1): composite on the full preset: causal density 0.149, recall mean 0.978 / worst block
     0.898; non-causal 0.151, 0.964 / 0.896. Pooled on the smooth part only (sinks, windows, slashes; no

@@ -88,8 +88,8 @@ class SlimKV:
             or k_new.shape != v_new.shape
         ):
             raise ValueError(
-                f"SlimKV.append: new keys {tuple(k_new.shape)} / values {tuple(v_new.shape)} do not fit a tail "
-                f"{tuple(self.k_tail.shape)}"
+                f"SlimKV.append: new keys {tuple(k_new.shape)} / values {tuple(v_new.shape)} "
+                f"do not fit a tail {tuple(self.k_tail.shape)}"
             )
         return replace(
             self,

@@ -13,7 +13,8 @@ from .block_selection import BlockSelection
 from .transpose import block_mask_to_indices
 
 # The selection stops once the float32 estimated mass reaches tau + _MASS_SLACK, so the exact mass of
-# what it takes reaches tau whenever the float32 sums err by less than this (a scan over a few thousand blocks errs by ~1e-6).
+# what it takes reaches tau whenever the float32 sums err by less than this (a scan over a few
+# thousand blocks errs by ~1e-6).
 _MASS_SLACK = 1e-5
 
 
