@@ -40,17 +40,24 @@ _FACTORY = dict(dtype=None, device=None, layout=None, requires_grad=False, pin_m
 ARANGE = _call({torch.arange}, set(), ("start", "end", "step", *_FACTORY), end=None, step=1, **_FACTORY)
 SUB = _call({torch.sub, operator.sub}, {"sub"}, ("input", "other", "alpha"), alpha=1)
 NEG = _call({torch.neg, operator.neg}, {"neg"})
+# Methods are matched in their dunder spellings too: transformers 5.17 writes ``a.__eq__(b)``.
 COMPARISONS: dict[Comparison, Call] = {
-    name: _call({getattr(torch, name), getattr(operator, name)}, {name}, ("input", "other"))
+    name: _call({getattr(torch, name), getattr(operator, name)}, {name, f"__{name}__"}, ("input", "other"))
     for name in ("le", "lt", "ge", "gt", "eq", "ne")
 }
 AND = _call(
-    {operator.and_, torch.logical_and, torch.bitwise_and}, {"logical_and", "bitwise_and"}, ("input", "other")
+    {operator.and_, torch.logical_and, torch.bitwise_and},
+    {"logical_and", "bitwise_and", "__and__"},
+    ("input", "other"),
 )
 OR = _call(
-    {operator.or_, torch.logical_or, torch.bitwise_or}, {"logical_or", "bitwise_or"}, ("input", "other")
+    {operator.or_, torch.logical_or, torch.bitwise_or},
+    {"logical_or", "bitwise_or", "__or__"},
+    ("input", "other"),
 )
-NOT = _call({operator.invert, torch.logical_not, torch.bitwise_not}, {"logical_not", "bitwise_not"})
+NOT = _call(
+    {operator.invert, torch.logical_not, torch.bitwise_not}, {"logical_not", "bitwise_not", "__invert__"}
+)
 CAST = _call(
     set(), {"to", "type", "bool", "long", "int", "float", "half", "bfloat16", "double", "contiguous", "clone"}
 )

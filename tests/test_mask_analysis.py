@@ -247,6 +247,11 @@ MASKS: dict[str, tuple[Callable[[], torch.Tensor], tuple[str, int | None, bool]]
         lambda: (lambda r, c: (c <= r) & (c > r - 100))(*_positions()),
         ("causal", None, False),
     ),
+    # transformers 5.17 spells the packed-sequence comparison as a dunder method call.
+    "window_4_dunder": (
+        lambda: (lambda r, c: (c <= r).__and__(c.__gt__(r - 4)).__and__(r.__eq__(r)))(*_positions()),
+        ("causal", 4, False),
+    ),
     "all_true": (lambda: torch.ones(S, S, dtype=torch.bool), ("none", None, False)),
     "additive_causal": (
         lambda: torch.where((lambda r, c: c <= r)(*_positions()), 0.0, torch.finfo(torch.float32).min),
@@ -417,3 +422,42 @@ def test_explain_shows_the_proven_window_and_the_check():
     torch._dynamo.reset()
     report = omnicompile.explain(attention, *_qkv(), torch.ones(S, S, dtype=torch.bool).tril(), config=DENSE)
     assert [site.mask for site in report.sites] == ["causal, window 4", "bool (checked)"]
+
+
+def _gemma3_masks_as_transformers_5_17_records_them(s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full and sliding (window 512) masks of Gemma 3 as Dynamo recorded them under transformers
+    5.17 (the GPU image; the code of the graph, names shortened): ``__eq__`` as a method call."""
+    position_ids = (torch.arange(s) + 0).unsqueeze(0)
+    diff = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
+    packed = (diff != 1).cumsum(-1)
+    batch = torch.arange(1)[:, None, None, None]
+    q_idx = (torch.arange(s) + 0)[None, None, :, None]
+    kv_idx = (torch.arange(s) + 0)[None, None, None, :]
+    same = packed[batch, q_idx].__eq__(packed[batch, kv_idx]).to("cpu")
+    full = q_idx.new_ones((), dtype=torch.bool) & (kv_idx <= q_idx).to("cpu") & same
+    sliding = (
+        q_idx.new_ones((), dtype=torch.bool) & (kv_idx > q_idx - 512).to("cpu") & (kv_idx <= q_idx).to("cpu")
+    )
+    sliding = q_idx.new_ones((), dtype=torch.bool) & sliding.to("cpu") & same
+    return full.expand(1, -1, s, s), sliding.expand(1, -1, s, s)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_transformers_5_17_gemma3_masks_are_proven(dynamic):
+    """Measured on the GPU image: these masks were checked at run time (the ``__eq__`` spelling was not
+    read), so Gemma's sliding layers ran the masked path; they must be proven: causal and window 512."""
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 600, 16) for _ in range(3))
+
+    def layers(q, k, v):
+        full, sliding = _gemma3_masks_as_transformers_5_17_records_them(q.shape[2])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=full) + F.scaled_dot_product_attention(
+            q, k, v, attn_mask=sliding
+        )
+
+    out, reports = compile_and_run(layers, DENSE, q, k, v, dynamic=dynamic)
+    assert [(s.mask, s.window, s.mask_checked) for s in sites(reports)] == [
+        ("causal", None, False),
+        ("causal", 512, False),
+    ]
+    assert rel_error(out, layers(q, k, v)) < TOL
