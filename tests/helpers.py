@@ -5,6 +5,8 @@ Per-dtype tolerances and fresh random attention inputs.
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 
 # Relative-error budgets (||out - ref|| / ||ref||) per dtype, for outputs and for gradients.
@@ -18,3 +20,9 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     if torch.isnan(out).any():
         return float("inf")
     return ((out - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+
+
+def stable_seed(*parts: object) -> int:
+    """A seed from ``parts`` that is the same in every process (``hash`` of a str is salted per process,
+    so a failure seeded with it cannot be reproduced)."""
+    return zlib.crc32(repr(parts).encode())

@@ -33,3 +33,19 @@ def test_python_started_at_the_root_imports_the_pypi_kernels():
     assert result.returncode == 0, result.stderr
     pypi_installed = importlib.util.find_spec("kernels") is not None  # pytest runs with the root off sys.path
     assert result.stdout.split() == ["pypi" if pypi_installed else "absent"]
+
+
+def test_stable_seed_is_the_same_in_another_process():
+    from tests.helpers import stable_seed
+
+    code = "from tests.helpers import stable_seed; print(stable_seed('torch.bfloat16', True, (1, 2)))"
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONHASHSEED": "123", "PATH": ""},
+    )
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) == stable_seed("torch.bfloat16", True, (1, 2))
