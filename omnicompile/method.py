@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import OmniSparseConfig
+from .dense import dense_attention, with_window
 from .kernels.estimation import estimate_blocks, triton_composite
 from .kernels.masks import allowed_blocks, check_qkv, resolve_scale, validate_mask
 from .kernels.selection import BlockSelection, select_blocks, triton_select
@@ -30,7 +31,6 @@ from .kernels.sparse_attention import triton_bwd, triton_fwd
 from .kernels.sparse_attention.reference import sparse_attention_reference
 from .metrics import relative_error
 from .metrics import selection_stats as measure_selection
-from .ops import dense_attention, with_window
 
 
 def kernel_unsupported_reason(

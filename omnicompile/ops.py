@@ -34,12 +34,18 @@ import re
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import OmniSparseConfig
-from .kernels.masks import causal_if_equivalent, check_window, window_mask
+from .dense import dense_attention, with_window
+from .kernels.masks import causal_if_equivalent, check_window
+from .method import (
+    kernel_unsupported_reason,
+    omnisparse_attention,
+    omnisparse_attention_backward,
+    selection_stats,
+    window_attention,
+)
 from .recording import SiteRun, active_recorders
 
 logger = logging.getLogger("omnicompile")
@@ -131,8 +137,6 @@ def dense_reason(
         return f"dtype {q.dtype} not supported"
     if v.shape[-1] != q.shape[-1]:
         return f"value head dim {v.shape[-1]} differs from query head dim {q.shape[-1]}"
-    from .method import kernel_unsupported_reason
-
     return kernel_unsupported_reason(q, k, v, attn_mask)
 
 
@@ -171,38 +175,6 @@ def _log_dense_once(site: str, reason: str) -> None:
     if kind not in _LOGGED:
         _LOGGED.add(kind)
         logger.info("omnisparse site %s runs dense attention: %s", site, reason)
-
-
-# Dense attention prefers cuDNN on CUDA (the fastest dense kernel on Hopper), then SDPA's usual order.
-_DENSE_BACKENDS = [
-    SDPBackend.CUDNN_ATTENTION,
-    SDPBackend.FLASH_ATTENTION,
-    SDPBackend.EFFICIENT_ATTENTION,
-    SDPBackend.MATH,
-]
-
-
-def with_window(
-    q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal: bool, window: int | None
-) -> tuple[Tensor | None, bool]:
-    """``(attn_mask, is_causal)`` with a window materialised as its bool `window_mask` [Sq, Skv]."""
-    if window is None:
-        return attn_mask, is_causal
-    return window_mask(q.shape[2], k.shape[2], window, q.device), False
-
-
-def dense_attention(q, k, v, attn_mask, is_causal, scale, enable_gqa, window: int | None = None) -> Tensor:
-    """SDPA (contiguous output); on CUDA with cuDNN attention first in priority. A window runs as
-    SDPA with its materialised mask (`with_window`)."""
-    attn_mask, is_causal = with_window(q, k, attn_mask, is_causal, window)
-    if q.device.type != "cuda":
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
-        ).contiguous()
-    with sdpa_kernel(_DENSE_BACKENDS, set_priority=True):
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
-        ).contiguous()
 
 
 def _record(
@@ -254,15 +226,11 @@ def attention(
         _log_dense_once(site, reason)
         out = None
         if window is not None and q.device.type == "cuda":  # exact attention over the band: Triton
-            from .method import window_attention
-
             out = window_attention(q, k, v, scale, window, cfg.block_size)
         if out is None:
             out = dense_attention(q, k, v, attn_mask, is_causal, scale, enable_gqa, window)
         _record(site, "dense", reason, recorded, window, dict)
         return out, q.new_zeros((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32)
-    from .method import omnisparse_attention, selection_stats
-
     result = omnisparse_attention(q, k, v, attn_mask, is_causal, scale, cfg, window)
     decision = "dense" if result.dense_reason else "sparse"
     if result.dense_reason:
@@ -316,8 +284,6 @@ def attention_backward(
             grad_out,
         )
         return tuple(g.contiguous() for g in grads)
-    from .method import omnisparse_attention_backward
-
     grads = omnisparse_attention_backward(
         grad_out, q, k, v, attn_mask, out, lse, is_causal, scale, cfg, window
     )

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .export import ExportedModel, dynamic_shapes
+from .capture import ExportedModel, dynamic_shapes
 from .passes import copy_graph_module
 from .passes.plugin_attention import PLUGIN_OPS, use_plugin_attention
 

@@ -3,6 +3,7 @@ PyPI package ``kernels`` (transformers >= 5.25 imports it), and omnicompile.kern
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import subprocess
 import sys
@@ -49,3 +50,59 @@ def test_stable_seed_is_the_same_in_another_process():
     )
     assert result.returncode == 0, result.stderr
     assert int(result.stdout) == stable_seed("torch.bfloat16", True, (1, 2))
+
+
+_PACKAGES = {"omnicompile": "omnicompile", "omnicompile.passes": "passes", "omnicompile.kernels": "kernels"}
+
+
+def _modules() -> dict[str, Path]:
+    """Every module of the installed package, by dotted name, from the source folders."""
+    modules = {}
+    for prefix, folder in _PACKAGES.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            parts = [p for p in path.relative_to(ROOT / folder).with_suffix("").parts if p != "__init__"]
+            modules[".".join([prefix, *parts])] = path
+    return modules
+
+
+def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The package modules ``name`` imports, module-level and function-local alike (read with ast)."""
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            target = ".".join(base + ([node.module] if node.module else []))
+            for alias in node.names:
+                found.add(f"{target}.{alias.name}" if f"{target}.{alias.name}" in modules else target)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {m for m in found if m in modules and m != name}
+
+
+def test_import_graph_has_no_cycle_and_kernels_stay_the_ground_floor():
+    modules = _modules()
+    graph = {name: _imports(name, path, modules) for name, path in modules.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for dep in sorted(graph[name]):
+            if state.get(dep) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(dep) :] + [dep]))
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    # kernels/ imports only kernels/ and, until its stages take explicit parameters (issue 17), the config.
+    above = {
+        dep
+        for name, deps in graph.items()
+        if name.startswith("omnicompile.kernels")
+        for dep in deps
+        if not dep.startswith("omnicompile.kernels")
+    }
+    assert above <= {"omnicompile.config"}, above
