@@ -24,13 +24,13 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from omnicompile.kernels.decode import triton_decode  # noqa: E402
-from omnicompile.kernels.estimation import triton_composite  # noqa: E402
+from omnicompile.kernels.estimation import triton_composite, triton_probe  # noqa: E402
 from omnicompile.kernels.sparse_attention import triton_bwd, triton_fwd  # noqa: E402
 from omnicompile.kernels.triton_utils import head_dim_pad  # noqa: E402
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 FP32_SCALARS = {"qk_scale", "scale", "mask_floor"}
-FP32_POINTERS = {"LSE", "LSE2", "DELTA", "DK32", "DV32", "AHAT", "MID_O", "MID_LSE"}
+FP32_POINTERS = {"LSE", "LSE2", "DELTA", "DK32", "DV32", "AHAT", "MASS", "MID_O", "MID_LSE"}
 INT_POINTERS = {"KV_NUM", "KV_IDX", "FREE_LO", "FREE_HI", "Q_NUM", "Q_IDX", "OFFSETS", "LENGTHS"}
 INT_SCALARS = {"KV_HEADS", "BATCH_KV_HEADS"}
 
@@ -40,7 +40,8 @@ def resources(fn, constexprs: dict, num_warps: int, num_stages: int) -> str:
     signature, attrs = {}, {}
     for index, name in enumerate(fn.arg_names):
         is_stride = name.startswith("s") and "_" in name and name != "split_len"
-        if name in constexprs or (is_stride and (name.endswith("d") or name == "stride_aj")):  # unit strides
+        unit_stride = is_stride and (name.endswith("d") or name in ("stride_aj", "stride_mj"))
+        if name in constexprs or unit_stride:
             constexprs.setdefault(name, 1)
             signature[name] = "constexpr"
             continue
@@ -100,6 +101,22 @@ def main() -> None:
             print(
                 f"D {dim} estimator window={windowed} {est}:",
                 resources(triton_composite._composite_kernel, const, est.num_warps, est.num_stages),
+            )
+            probe = triton_probe.ProbeLaunch()
+            const = dict(
+                GQA=3,
+                BLOCK_SIZE=64,
+                BLOCK_R=probe.block_r,
+                BLOCK_N=probe.block_n,
+                HEAD_DIM=dim,
+                HEAD_DIM_PAD=pad,
+                IS_CAUSAL=True,
+                WINDOWED=windowed,
+                FP32_DOT=False,
+            )
+            print(
+                f"D {dim} row probe window={windowed} {probe}:",
+                resources(triton_probe._probe_kernel, const, probe.num_warps, probe.num_stages),
             )
         tiles = triton_bwd.default_tiles(dim)
         for fn, block_m, block_n in (

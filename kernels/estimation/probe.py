@@ -9,7 +9,9 @@ block (its last real row) and the estimate becomes the mean of the two distribut
 only when both its composite estimate and its probe row keep tau on the local path, and blocks the
 probe row needs are ranked by at least half its mass on them.
 
-Cost: Sq / block_size rows of exact scores (1/block_size of dense attention's QK^T), chunked.
+Cost: Sq / block_size rows of exact scores (1/block_size of dense attention's QK^T), chunked. On CUDA
+without a mask `with_row_probe` runs the fused kernel of ``triton_probe`` instead (same result up to
+rounding; no [rows, Skv] score matrix), this module's `probe_block_mass` being its reference.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..masks import mask_bias
+from . import triton_probe
 
 
 @torch.no_grad()
@@ -75,7 +78,12 @@ def with_row_probe(
     window: int | None = None,
 ) -> torch.Tensor:
     """(ahat + probe) / 2 where the probe row sees a key, else ahat: float32 [B, H, nq, nk], a
-    distribution over the allowed blocks wherever ahat is one (the probe row's keys are allowed)."""
-    probe = probe_block_mass(q, k, attn_mask, is_causal, scale, block_size, window=window)
+    distribution over the allowed blocks wherever ahat is one (the probe row's keys are allowed).
+    The probe is `triton_probe.probe_block_mass_triton` on CUDA where it is supported, else
+    `probe_block_mass`."""
+    if q.is_cuda and triton_probe.supported(q, k, attn_mask) is None:
+        probe = triton_probe.probe_block_mass_triton(q, k, is_causal, scale, block_size, window=window)
+    else:
+        probe = probe_block_mass(q, k, attn_mask, is_causal, scale, block_size, window=window)
     seen = probe.sum(-1, keepdim=True) > 0
     return torch.where(seen, (ahat + probe) * 0.5, ahat)
