@@ -39,6 +39,26 @@ def head_dim_reason(*dims: int) -> str | None:
     return None
 
 
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def qk_reason(q: torch.Tensor, k: torch.Tensor) -> str | None:
+    """None when a kernel over q [B, H, Sq, D] and k [B, Hkv, Skv, D] can run on their device, dtype,
+    head dim and head counts (the checks every Triton kernel here shares), else the reason."""
+    if q.device.type != "cuda" and not interpreting():
+        return f"device {q.device.type} needs CUDA (or TRITON_INTERPRET=1)"
+    if q.dtype not in DTYPES or q.dtype != k.dtype:
+        return f"dtypes q {q.dtype}, k {k.dtype}: need one of bf16, fp16, fp32"
+    if q.dtype == torch.float32 and not interpreting():
+        return "fp32 on CUDA: the kernel's exact-fp32 path serves the interpreter"
+    reason = head_dim_reason(q.shape[-1], k.shape[-1])
+    if reason is not None:
+        return reason
+    if q.shape[1] % k.shape[1]:
+        return f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} KV heads"
+    return None
+
+
 def head_dim_pad(head_dim: int) -> int:
     """The power-of-two width of a kernel's head-dim ``tl.arange`` (>= 16)."""
     return max(16, triton.next_power_of_2(head_dim))

@@ -42,10 +42,14 @@ from torch import Tensor
 
 from ...config import OmniSparseConfig
 from ..masks import check_window, resolve_scale
-from ..triton_utils import LOG2E, head_dim_pad, head_dim_reason, interpreting, needs_fp32_dot, tile_dot
+from ..triton_utils import (
+    LOG2E,
+    head_dim_pad,
+    needs_fp32_dot,
+    qk_reason,
+    tile_dot,
+)
 from .probe import with_row_probe
-
-_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @dataclass(frozen=True)
@@ -75,18 +79,7 @@ def supported(q: Tensor, k: Tensor, attn_mask: Tensor | None, config: OmniSparse
         return f"estimator {config.estimator!r}: the fused kernel computes 'composite' and 'pooled'"
     if attn_mask is not None:
         return "attn_mask: the fused estimator takes causal or unmasked attention only"
-    if q.device.type != "cuda" and not interpreting():
-        return f"device {q.device.type} needs CUDA (or TRITON_INTERPRET=1)"
-    if q.dtype not in _DTYPES or q.dtype != k.dtype:
-        return f"dtypes q {q.dtype}, k {k.dtype}: need one of bf16, fp16, fp32"
-    if q.dtype == torch.float32 and not interpreting():
-        return "fp32 on CUDA: the kernel's exact-fp32 path serves the interpreter"
-    reason = head_dim_reason(q.shape[-1], k.shape[-1])
-    if reason is not None:
-        return reason
-    if q.shape[1] % k.shape[1]:
-        return f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} KV heads"
-    return None
+    return qk_reason(q, k)
 
 
 def composite_means(x: Tensor, group: int) -> Tensor:
