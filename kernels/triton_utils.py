@@ -72,3 +72,23 @@ def tile_dot(a, b, acc, FP32_DOT: tl.constexpr):
     else:
         out = tl.dot(a, b, acc)
     return out
+
+
+@triton.jit
+def online_stats(m_i, l_i, s):
+    """One online-softmax step of the rows' running base-2 max ``m_i`` and sum ``l_i`` over scores ``s``
+    [rows, keys] (log2 units); rows with nothing seen yet keep m = -inf (shifted by 0, no NaN)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.sum(tl.math.exp2(s - m_safe[:, None]), 1)
+    return m_new, l_i
+
+
+@triton.jit
+def normaliser(m_i, l_i):
+    """``(m_shift, inv_l)`` with ``exp2(s - m_shift) * inv_l`` the rows' probabilities; rows that saw no
+    key get 0 (shift by +inf, scale by 0)."""
+    seen = l_i > 0.0
+    m_shift = tl.where(seen, m_i, float("inf"))
+    inv_l = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)
+    return m_shift, inv_l

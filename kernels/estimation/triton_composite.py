@@ -46,6 +46,8 @@ from ..triton_utils import (
     LOG2E,
     head_dim_pad,
     needs_fp32_dot,
+    normaliser,
+    online_stats,
     qk_reason,
     tile_dot,
 )
@@ -232,16 +234,6 @@ def _band_count(shift, rows, keys):
 
 
 @triton.jit
-def _online_stats(m_i, l_i, s):
-    """Update the running base-2 max and sum of the rows with scores s; rows with nothing seen yet
-    keep m = -inf (shifted by 0, no NaN)."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.sum(tl.math.exp2(s - m_safe[:, None]), 1)
-    return m_new, l_i
-
-
-@triton.jit
 def _store_mass(
     s,
     m_shift,
@@ -346,7 +338,7 @@ def _run(
                 BLOCK_W // PER_BLOCK,
             )
         else:
-            m_i, l_i = _online_stats(m_i, l_i, s)
+            m_i, l_i = online_stats(m_i, l_i, s)
     return m_i, l_i
 
 
@@ -450,9 +442,8 @@ def _composite_kernel(
     for STORE in tl.static_range(2):
         if STORE == 1:
             # Rows that see no key (padding) get weight 0: shift by +inf, scale by 0.
+            m_shift, inv_l = normaliser(m_i, l_i)
             seen = l_i > 0.0
-            m_shift = tl.where(seen, m_i, float("inf"))
-            inv_l = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)
             rows_seen = tl.sum(tl.reshape(seen.to(tl.float32), [BLOCKS_I, PER_BLOCK]), 1)
             inv_rows = 1.0 / tl.maximum(rows_seen, 1.0)
         else:

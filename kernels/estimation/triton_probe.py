@@ -34,6 +34,8 @@ from ..triton_utils import (
     LOG2E,
     head_dim_pad,
     needs_fp32_dot,
+    normaliser,
+    online_stats,
     qk_reason,
     tile_dot,
 )
@@ -239,15 +241,9 @@ def _probe_kernel(
             WINDOWED,
             FP32_DOT,
         )
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: shift by 0, no NaN
-        l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.sum(tl.math.exp2(s - m_safe[:, None]), 1)
-        m_i = m_new
+        m_i, l_i = online_stats(m_i, l_i, s)
 
-    # Rows that see no key get zeros: shift by +inf, scale by 0.
-    seen = l_i > 0.0
-    m_shift = tl.where(seen, m_i, float("inf"))
-    inv_l = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)
+    m_shift, inv_l = normaliser(m_i, l_i)  # rows that see no key get zeros
     mass_base = MASS + batch * stride_mb + head * stride_mh + offs_i[:, None] * stride_mi
     for t in tl.range(first, visited):
         s = _scores(
