@@ -4,6 +4,8 @@
 
 For D = 64 (H 9, Hkv 3: SmolLM2), 128 (9 / 3) and 256 (4 / 1: Gemma 3), window None and 512, bf16,
 B = 1, structured inputs, selection = fused estimator + `select_on_device` (default config):
+- max abs error of the fused row probe (`triton_probe`) vs `probe.probe_block_mass`, and both timed,
+  beside the whole estimate (fused estimator + probe);
 - rel error of `sparse_attention_fwd` vs `sparse_attention_reference` on the same selection (fp32);
 - the band (every allowed block) vs SDPA (is_causal, or the materialised window mask);
 - ms: our forward and estimate + select + forward, the band forward, cuDNN and flash SDPA (is_causal,
@@ -27,7 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_prefill import _dense, time_ms  # noqa: E402 (benchmarks/ is not a package)
 
 from omnicompile.config import OmniSparseConfig  # noqa: E402
+from omnicompile.kernels.estimation.probe import probe_block_mass  # noqa: E402
 from omnicompile.kernels.estimation.triton_composite import estimate_blocks  # noqa: E402
+from omnicompile.kernels.estimation.triton_probe import probe_block_mass_triton  # noqa: E402
 from omnicompile.kernels.masks import allowed_blocks, window_mask  # noqa: E402
 from omnicompile.kernels.selection.transpose import selection_from_block_mask  # noqa: E402
 from omnicompile.kernels.sparse_attention.reference import sparse_attention_reference  # noqa: E402
@@ -39,6 +43,7 @@ from omnicompile.structured import structured_qkv  # noqa: E402
 SHAPES = [(64, 9, 3), (128, 9, 3), (256, 4, 1)]  # head dim, query heads, KV heads
 WINDOWS = [None, 512]
 REL_TOL = 2e-2  # bf16 output vs the fp32 reference on the same selection
+PROBE_TOL = 2e-2  # max abs error of a block's probe mass (bf16 dots vs the fp32 reference)
 
 
 def _timed(make) -> float:
@@ -82,6 +87,9 @@ def run_case(
     ref, _ = sparse_attention_reference(q, k, v, selection, None, True, None, window=window)
     band = selection_from_block_mask(allowed.expand(1, heads, -1, -1).contiguous(), b, seq, seq)
     band_out, _ = sparse_attention_fwd(q, k, v, band, None, True, None, window=window)
+    scale = head_dim**-0.5
+    probe = probe_block_mass_triton(q, k, True, scale, b, window=window)
+    probe_ref = probe_block_mass(q, k, None, True, scale, b, window=window)
     mask = None if window is None else window_mask(seq, seq, window, q.device)
     dense = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
     row = {
@@ -92,6 +100,10 @@ def run_case(
         "density": density(selection, allowed),
         "rel_ref": relative_error(out, ref),
         "rel_band_sdpa": relative_error(band_out, dense),
+        "probe_err": (probe - probe_ref).abs().max().item(),
+        "probe_ms": time_ms(lambda: probe_block_mass_triton(q, k, True, scale, b, window=window)),
+        "probe_torch_ms": time_ms(lambda: probe_block_mass(q, k, None, True, scale, b, window=window)),
+        "estimate_ms": time_ms(lambda: estimate_blocks(q, k, None, True, None, config, window=window)),
         "ours_fwd": time_ms(
             lambda: sparse_attention_fwd(q, k, v, selection, None, True, None, window=window)
         ),
@@ -109,7 +121,7 @@ def run_case(
             lambda: lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         )
         row["flex"] = _timed(lambda: _flex(q, k, v, window))
-    row["ok"] = row["rel_ref"] < REL_TOL and row["rel_band_sdpa"] < REL_TOL
+    row["ok"] = row["rel_ref"] < REL_TOL and row["rel_band_sdpa"] < REL_TOL and row["probe_err"] < PROBE_TOL
     return row
 
 
