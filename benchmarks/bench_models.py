@@ -68,13 +68,23 @@ def load_for_length(name: str, seq_len: int, rope: str = "yarn", device: str = "
     return load_pretrained(name, dtype=dtype, device=device, attn_implementation="sdpa", **kwargs)
 
 
-def _runner(model, variant: str, sparse: OmniSparseConfig, dynamic: bool):
+def _runner(model, variant: str, sparse: dict[str, OmniSparseConfig], dynamic: bool):
     if variant == "eager":
         return model
     if variant == "inductor":
         return torch.compile(model, dynamic=dynamic)
-    config = OmniSparseConfig(mode="dense") if variant == "dense" else sparse
+    config = OmniSparseConfig(mode="dense") if variant == "dense" else sparse[variant]
     return torch.compile(model, backend=backend(config), dynamic=dynamic)
+
+
+def _profile(forward, path: Path, rows: int = 25) -> None:
+    """The CUDA kernels of one ``forward()``, by total device time, to ``path`` (a text table)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        forward()
+        torch.cuda.synchronize()
+    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows))
 
 
 def _quality(logits: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -89,14 +99,20 @@ def _quality(logits: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor
     }
 
 
-def run_model(name: str, args: argparse.Namespace, sparse: OmniSparseConfig, deadline: float) -> list[dict]:
+def run_model(
+    name: str, args: argparse.Namespace, sparse: dict[str, OmniSparseConfig], deadline: float
+) -> list[dict]:
     """Every (variant, length) of one model: loaded once for the longest length (one RoPE for all),
-    each compiled variant compiled once (``--dynamic``: one graph for every length)."""
+    each compiled variant compiled once (``--dynamic``: one graph for every length). ``sparse`` maps
+    each sparse variant's name to its config; ``--profile`` writes the kernel table of every variant at
+    the longest length to ``--out``."""
     model, tokenizer = load_for_length(name, max(args.seq_lens), args.rope_scaling, args.device)
     ids = {n: document_ids(tokenizer, n + 1).to(args.device) for n in args.seq_lens}
     references: dict[int, torch.Tensor] = {}
     rows: list[dict] = []
-    for variant in args.variants:
+    variants = [v for v in args.variants if v != "sparse"]
+    variants += list(sparse) if "sparse" in args.variants else []
+    for variant in variants:
         torch._dynamo.reset()
         runner = _runner(model, variant, sparse, args.dynamic)
         for seq_len in args.seq_lens:
@@ -131,6 +147,8 @@ def run_model(name: str, args: argparse.Namespace, sparse: OmniSparseConfig, dea
                 row.update(_quality(logits, references[seq_len], labels))
             rows.append(row)
             print(json.dumps(row), flush=True)
+            if args.profile and args.device == "cuda" and seq_len == max(args.seq_lens):
+                _profile(forward, args.out / f"profile_{name}_{variant}_{seq_len}.txt")
     for row in rows:
         eager = next(
             (r["ms"] for r in rows if r["seq_len"] == row["seq_len"] and r["variant"] == "eager"), None
@@ -148,7 +166,15 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(NATIVE_POSITIONS))
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 16384, 32768])
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    parser.add_argument("--config", default="{}", help="OmniSparseConfig fields of the sparse variant (JSON)")
+    parser.add_argument(
+        "--config",
+        nargs="+",
+        default=["{}"],
+        help="OmniSparseConfig fields of each sparse variant (JSON; one variant per value, named by it)",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="kernel table of each variant at the longest S"
+    )
     parser.add_argument("--rope-scaling", default="yarn", choices=["yarn", "dynamic", "linear"])
     parser.add_argument(
         "--quality-tokens", type=int, default=256, help="last positions whose logits are kept"
@@ -163,10 +189,14 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("out/bench_models"))
     args = parser.parse_args()
-    sparse = OmniSparseConfig().replace(**json.loads(args.config))
+    sparse = {
+        "sparse" if fields == "{}" else f"sparse {fields}": OmniSparseConfig().replace(**json.loads(fields))
+        for fields in args.config
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    print(f"device: {device}; torch {torch.__version__}; sparse config: {sparse.to_json()}")
+    configs = {name: config.to_json() for name, config in sparse.items()}
+    print(f"device: {device}; torch {torch.__version__}; sparse configs: {configs}")
     deadline = time.monotonic() + args.time_budget_s
     rows = [row for name in args.models for row in run_model(name, args, sparse, deadline)]
     (args.out / "models.json").write_text(json.dumps(rows, indent=1))
