@@ -5,7 +5,8 @@ For each model (`omnicompile.models.load_pretrained`: ``smollm2-135m``, ``gemma3
 length S, one prompt of natural-language text (`omnicompile.evaluate.document_ids`), B = 1, bf16,
 ``use_cache=False``, the logits of the last ``--quality-tokens`` positions only:
 - time of the whole forward (median, CUDA events) and compile time of each compiled variant;
-- against eager SDPA on the same positions: top-1 agreement and the perplexity ratio;
+- against eager SDPA on the same positions: top-1 agreement and the perplexity ratio; for sparse
+  variants also against omnisparse dense (the same bf16 compiled graph with every site dense);
 - for omnisparse variants, how many attention calls ran sparse vs dense (`omnicompile.recording`).
 
 SmolLM2 holds 8192 positions: past that, RoPE is scaled (``--rope-scaling``, default YaRN), by the
@@ -48,6 +49,9 @@ COLUMNS = {
     "x eager": _fmt("speedup_vs_eager", ".2f"),
     "top-1": _fmt("top1", ".3f"),
     "ppl ratio": _fmt("ppl_ratio", ".4f"),
+    "top-1 / ppl vs dense": lambda r: (
+        f"{r['top1_vs_dense']:.3f} / {r['ppl_ratio_vs_dense']:.4f}" if "top1_vs_dense" in r else "-"
+    ),
     "sparse/dense calls": lambda r: f"{r['sparse_calls']}/{r['dense_calls']}",
     "first call s": _fmt("first_call_s", ".1f"),
 }
@@ -108,7 +112,7 @@ def run_model(
     the longest length to ``--out``."""
     model, tokenizer = load_for_length(name, max(args.seq_lens), args.rope_scaling, args.device)
     ids = {n: document_ids(tokenizer, n + 1).to(args.device) for n in args.seq_lens}
-    references: dict[int, torch.Tensor] = {}
+    references: dict[tuple[str, int], torch.Tensor] = {}
     rows: list[dict] = []
     variants = [v for v in args.variants if v != "sparse"]
     variants += list(sparse) if "sparse" in args.variants else []
@@ -131,8 +135,8 @@ def run_model(
             if args.device == "cuda":
                 torch.cuda.synchronize()
             first_s = time.perf_counter() - start
-            if variant == "eager":
-                references[seq_len] = logits
+            if variant in ("eager", "dense"):
+                references[variant, seq_len] = logits
             calls = Counter(run.decision for run in recorder.runs)
             row = {
                 "model": name,
@@ -143,8 +147,11 @@ def run_model(
                 "sparse_calls": calls["sparse"],
                 "dense_calls": calls["dense"],
             }
-            if seq_len in references:
-                row.update(_quality(logits, references[seq_len], labels))
+            if ("eager", seq_len) in references:
+                row.update(_quality(logits, references["eager", seq_len], labels))
+            if variant.startswith("sparse") and ("dense", seq_len) in references:
+                vs_dense = _quality(logits, references["dense", seq_len], labels)
+                row.update(top1_vs_dense=vs_dense["top1"], ppl_ratio_vs_dense=vs_dense["ppl_ratio"])
             rows.append(row)
             print(json.dumps(row), flush=True)
             if args.profile and args.device == "cuda" and seq_len == max(args.seq_lens):
