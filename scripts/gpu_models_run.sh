@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One call of the pretrained-model GPU session (docs/BENCHMARKS.md, docs/ACCURACY.md): receive one
+# model piece (scripts/gpu_models.sh), install the checkout, run this call's step; results to $OUT.
+#   bash scripts/gpu_models_run.sh PIECE STEP
+# STEP: kernels (kernel check at 32K) | smollm2 (end-to-end prefill) | rope (SmolLM2 32K under YaRN vs
+# dynamic NTK) | gemma (end-to-end prefill + 32K eval with passkeys) | none (only receive).
+# The call's `carry`: .gpu/whl, .gpu/models.sha256 and .gpu/pieces/PIECE.
+set -uo pipefail
+OUT="${OUT:-out}"; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=/root/site
+bash scripts/gpu_models.sh receive ".gpu/pieces/$1" || exit 1
+python3 -m pip install -q --no-deps --no-build-isolation --no-index . || exit 1
+SPARSE=('{}' '{"budget_scope": "head", "tau": 0.99}')
+YARN='{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192}'
+case "$2" in
+kernels)
+    nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/device.txt"
+    timeout 240 python3 scripts/gpu_check_kernels.py --seq-lens 32768 --out "$OUT" 2>&1 | tee "$OUT/kernels.txt" ;;
+smollm2 | gemma)
+    model=$([ "$2" = smollm2 ] && echo smollm2-135m || echo gemma3-270m)
+    (cd benchmarks && timeout 420 python3 bench_models.py --models "$model" --seq-lens 8192 16384 32768 \
+        --variants eager dense sparse --config "${SPARSE[@]}" --profile --time-budget-s 360 \
+        --out "$OUT/$2") 2>&1 | tee "$OUT/$2.txt"
+    if [ "$2" = gemma ]; then
+        timeout 200 omnicompile eval --model gemma3-270m --lengths 32768 --depths 10 --device cuda \
+            --dtype bfloat16 --config '{"min_seq_len": 4096}' --out "$OUT/eval_gemma3_32k.json" 2>&1 \
+            | tee -a "$OUT/$2.txt"
+    fi ;;
+rope)
+    for rope in "$YARN" '{"rope_type": "dynamic", "factor": 4.0}'; do
+        name=$(echo "$rope" | cut -d'"' -f4)
+        timeout 110 omnicompile eval --model smollm2-135m --lengths 32768 --depths 0 --device cuda \
+            --dtype bfloat16 --max-position-embeddings 32768 --rope-scaling "$rope" \
+            --config '{"min_seq_len": 4096}' --out "$OUT/eval_smollm2_32k_$name.json" 2>&1 | tee -a "$OUT/rope.txt"
+    done ;;
+none) ;;
+*) echo "unknown step $2" >&2; exit 2 ;;
+esac
+ls -la "$OUT"
