@@ -2,7 +2,8 @@
 is captured and replayed in a CUDA graph (new inputs, a new selection, equal to eager), and a model
 compiled with ``mode="reduce-overhead"`` runs its sparse sites from CUDA graphs.
 
-``pytest -m gpu``; skipped without CUDA.
+``TRITON_INTERPRET=0 pytest -m gpu tests/test_gpu_graphs.py`` (tests/conftest.py turns the interpreter
+on by default, and interpreted kernels copy to the host); skipped without CUDA or under the interpreter.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 
 import omnicompile
 from omnicompile import OmniSparseConfig
+from omnicompile.kernels.triton_utils import interpreting
 from omnicompile.models import build_model
 from omnicompile.recording import recording
 from omnicompile.structured import structured_qkv
@@ -20,6 +22,7 @@ from tests.helpers import rel_error
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(interpreting(), reason="Triton interpreter on: run with TRITON_INTERPRET=0"),
 ]
 
 CONFIG = OmniSparseConfig(min_seq_len=1024)
