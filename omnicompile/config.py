@@ -56,8 +56,9 @@ class OmniSparseConfig:
             long-range region R of decode slimming; ``None`` = everything outside sink and recent.
 
     Engineering fields:
-        dense_fallback_density: when the selection computes more than this fraction of the allowed
-            blocks, the CUDA path runs dense attention instead (logged); 1.0 disables the rule.
+        dense_fallback_density: a (batch, head) whose selection computes more than this fraction
+            of its allowed blocks takes every allowed block instead (exact attention through the
+            sparse kernel), decided on the device on every backend; 1.0 disables the rule.
         query_chunk: query blocks processed at once by the pure-PyTorch reference (bounds memory).
         lowering: compiler for the rest of the graph, ``"inductor"`` or ``"tensorrt"``.
     """

@@ -28,7 +28,7 @@ class ExplainSite:
             times), ``"untouched"`` for a site the pass left alone, ``"not run"`` for a replaced site
             that the run did not reach.
         reason: why dense or untouched ("" for sparse).
-        stats: density, recall, lazy fraction, budget and error of the last sparse run.
+        stats: density, dense heads, recall, lazy fraction, budget and error of the last sparse run.
         calls: how many times the op ran at this site.
     """
 
@@ -50,7 +50,7 @@ class ExplainReport:
     output: Any = None
 
     def __str__(self) -> str:
-        stat_keys = ("density", "recall_mean", "recall_min", "lazy_fraction", "rel_error")
+        stat_keys = ("density", "dense_heads", "recall_mean", "recall_min", "lazy_fraction", "rel_error")
         header = ["site", "shapes (q | k)", "mask", "gqa", "decision", *stat_keys, "reason"]
         rows = [header]
         for s in self.sites:

@@ -1,15 +1,18 @@
-"""The OmniSparse pipeline: estimate, select, attend (METHOD.md sections 1-3 and 5).
+"""The OmniSparse pipeline: estimate, select, attend (METHOD.md sections 1-3 and 5), and the one
+decision per op call between it and dense attention (`decide`).
 
 Device dispatch lives here, one place each: `_estimate` runs the fused Triton estimator on CUDA
 when it takes the inputs (else the reference estimator), `plan` the fused Triton selection on CUDA
-(else `select_blocks`), `_attend` the Triton block-sparse kernel
-on CUDA (the op checks `kernel_unsupported_reason` first and runs dense attention, logged, when it
-cannot), and the backward the Triton backward kernels on CUDA. On the CPU everything runs the
-pure-PyTorch references, which take every input the op accepts.
+(else `select_blocks`), `_attend` the Triton block-sparse kernel on CUDA, and the backward the
+Triton backward kernels on CUDA. On the CPU everything runs the pure-PyTorch references, which take
+every input the op accepts.
 
-On CUDA a selection denser than ``config.dense_fallback_density`` runs dense attention instead
-(`density_fallback_reason`): at that density the sparse kernel cannot beat a dense one. Deciding
-costs one host synchronisation per call (a scalar read of the selection's size).
+`decide` reads only shapes, dtypes, the device and the config (what is known when tracing), never
+tensor data: the op has no host synchronisation and can be captured in a CUDA graph. Where the
+selection itself is nearly dense, the selection decides on the device: a (batch, head) denser than
+``config.dense_fallback_density`` takes every allowed block (`select.full_dense_heads`) and runs
+exact attention through the same sparse kernel, on every device alike. The fraction of such heads
+is measured lazily, when a recorder asks (`selection_stats`: ``dense_heads``).
 
 ``window`` (TEAM.md "Sliding windows": only with ``is_causal=True`` and no mask) goes to every
 estimator, mask, reference and kernel call as ``window=``.
@@ -17,7 +20,9 @@ estimator, mask, reference and kernel call as ``window=``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -32,18 +37,49 @@ from .kernels.sparse_attention.reference import sparse_attention_reference
 from .metrics import relative_error
 from .metrics import selection_stats as measure_selection
 
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-def kernel_unsupported_reason(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None
-) -> str:
-    """Why `_attend` cannot take these inputs ("" = it can): CUDA inputs the Triton kernel rejects.
 
-    The pure-PyTorch reference (CPU) takes every input the op accepts.
+@dataclass(frozen=True)
+class Decision:
+    """How one op call runs: ``path`` ``"sparse"`` (the method) or ``"dense"``, and ``reason`` why dense
+    ("" for sparse)."""
+
+    path: Literal["sparse", "dense"]
+    reason: str = ""
+
+
+def decide(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    config: OmniSparseConfig,
+    window: int | None = None,
+) -> Decision:
+    """Dense or sparse for q [B, H, Sq, D], k [B, Hkv, Skv, D], v [B, Hkv, Skv, Dv], and why.
+
+    From shapes, dtypes, device and config only (no tensor data, no synchronisation): mode, the
+    key length (a window site: its span ``min(window, Skv)``) against ``min_seq_len``, a query
+    shorter than a block (a decode step), the dtype, Dv != D, and on CUDA what the Triton prefill
+    kernel rejects (the CPU references take every input the op accepts).
     """
-    if q.device.type != "cuda":
-        return ""
-    reason = triton_fwd.supported(q, k, v, attn_mask)
-    return f"Triton prefill kernel: {reason}" if reason else ""
+    reason = ""
+    if config.mode == "dense":
+        reason = "mode='dense'"
+    elif k.shape[2] < config.min_seq_len:
+        reason = f"kv length {k.shape[2]} < min_seq_len {config.min_seq_len}"
+    elif window is not None and window < config.min_seq_len:
+        reason = f"window {window} < min_seq_len {config.min_seq_len}"
+    elif q.shape[2] < config.block_size:
+        reason = f"query length {q.shape[2]} < block_size {config.block_size} (decode step)"
+    elif q.dtype not in _SUPPORTED_DTYPES:
+        reason = f"dtype {q.dtype} not supported"
+    elif v.shape[-1] != q.shape[-1]:
+        reason = f"value head dim {v.shape[-1]} differs from query head dim {q.shape[-1]}"
+    elif q.device.type == "cuda" and (unsupported := triton_fwd.supported(q, k, v, attn_mask)):
+        reason = f"Triton prefill kernel: {unsupported}"
+    return Decision("dense", reason) if reason else Decision("sparse")
 
 
 def _estimate(
@@ -114,35 +150,6 @@ def select_on_device(
     return select_blocks(ahat, allowed, config, num_kv_heads, is_causal=is_causal, q_len=q_len, kv_len=kv_len)
 
 
-def density_fallback_reason(
-    selection: BlockSelection,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    config: OmniSparseConfig,
-    window: int | None = None,
-) -> str:
-    """On CUDA, why this selection runs dense attention ("" = sparse): denser than the config allows."""
-    if selection.kv_indices.device.type != "cuda" or config.dense_fallback_density >= 1.0:
-        return ""
-    batch, heads = selection.kv_num_blocks.shape[:2]
-    allowed = allowed_blocks(
-        attn_mask,
-        is_causal,
-        batch,
-        heads,
-        selection.q_len,
-        selection.kv_len,
-        selection.block_size,
-        selection.kv_indices.device,
-        window=window,
-    )
-    allowed_count = allowed.expand(batch, heads, -1, -1).sum()
-    density = (selection.kv_num_blocks.sum() / allowed_count).item()
-    if density > config.dense_fallback_density:
-        return f"selection density {density:.2f} > dense_fallback_density {config.dense_fallback_density}"
-    return ""
-
-
 def plan(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -172,24 +179,31 @@ def plan(
 
 
 @dataclass
-class SparseResult:
-    """What `omnisparse_attention` computed.
+class AttentionRun:
+    """What one call of `omnisparse_attention` ran.
 
     Attributes:
         out: [B, H, Sq, Dv] in q.dtype.
         lse: float32 [B, H, Sq] (natural log) when the sparse path ran; zeros when dense ran.
-        selection: the block selection.
-        dense_reason: why dense attention ran instead ("" when sparse ran).
+        decision: `decide`'s decision.
+        selection: the block selection when the sparse path ran, else None.
     """
 
     out: torch.Tensor
     lse: torch.Tensor
-    selection: BlockSelection
-    dense_reason: str
+    decision: Decision
+    selection: BlockSelection | None
 
 
 def _dense(q, k, v, attn_mask, is_causal, scale, window: int | None = None) -> torch.Tensor:
     return dense_attention(q, k, v, attn_mask, is_causal, scale, q.shape[1] != k.shape[1], window)
+
+
+def _vjp(fn: Callable[..., torch.Tensor], primals: tuple[torch.Tensor, ...], grad_out: torch.Tensor):
+    """Gradients of ``fn(*primals)`` against ``grad_out`` by ``torch.func.vjp`` (plain autograd is
+    unavailable inside a custom op's implementation: the dispatcher runs it below the autograd keys)."""
+    _, vjp_fn = torch.func.vjp(fn, *primals)
+    return vjp_fn(grad_out)
 
 
 def omnisparse_attention(
@@ -201,22 +215,29 @@ def omnisparse_attention(
     scale: float | None,
     config: OmniSparseConfig,
     window: int | None = None,
-) -> SparseResult:
-    """OmniSparse attention with SDPA semantics (shapes as `plan`; v: [B, Hkv, Skv, Dv]).
+) -> AttentionRun:
+    """The op's forward, SDPA semantics (shapes as `plan`; v: [B, Hkv, Skv, Dv]): `decide`, then the
+    sparse method (`plan`, then `_attend`) or dense attention.
 
+    Dense attention is SDPA (`dense.dense_attention`); a window site on CUDA runs exactly over the
+    blocks its band touches with the Triton kernel (`window_attention`) where that takes the inputs.
     On the CPU, differentiable by autograd with respect to q, k, v with the selection held constant
     (METHOD.md section 5); the op's registered backward is `omnisparse_attention_backward`.
     """
     check_qkv(q, k, v)
-    selection = plan(q, k, attn_mask, is_causal, scale, config, window)
-    reason = density_fallback_reason(selection, attn_mask, is_causal, config, window)
-    if reason:
+    decision = decide(q, k, v, attn_mask, config, window)
+    if decision.path == "sparse":
+        selection = plan(q, k, attn_mask, is_causal, scale, config, window)
+        out, lse = _attend(
+            q, k, v, selection, attn_mask, is_causal, resolve_scale(scale, q.shape[-1]), config, window
+        )
+        return AttentionRun(out, lse, decision, selection)
+    out = None
+    if window is not None and q.device.type == "cuda":
+        out = window_attention(q, k, v, scale, window, config.block_size)
+    if out is None:
         out = _dense(q, k, v, attn_mask, is_causal, scale, window)
-        return SparseResult(out, q.new_zeros(q.shape[:3], dtype=torch.float32), selection, reason)
-    out, lse = _attend(
-        q, k, v, selection, attn_mask, is_causal, resolve_scale(scale, q.shape[-1]), config, window
-    )
-    return SparseResult(out, lse, selection, "")
+    return AttentionRun(out, q.new_zeros(q.shape[:3], dtype=torch.float32), decision, None)
 
 
 def omnisparse_attention_backward(
@@ -234,16 +255,15 @@ def omnisparse_attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of `omnisparse_attention` for the cotangent grad_out [B, H, Sq, Dv].
 
-    Recomputes the (deterministic) selection and the density decision, then differentiates exactly
-    the attention that ran: the Triton backward on CUDA (it reuses ``out`` and ``lse``), else the
-    reference through ``torch.func.vjp`` (usable inside a custom op, below the autograd keys).
+    The same `decide`, then exactly the attention that ran: dense attention through `_vjp`, or the
+    recomputed (deterministic) selection with the Triton backward on CUDA (it reuses ``out`` and
+    ``lse``), else the reference through `_vjp`.
     """
-    selection = plan(q, k, attn_mask, is_causal, scale, config, window)
-    if density_fallback_reason(selection, attn_mask, is_causal, config, window):
-        _, vjp_fn = torch.func.vjp(
-            lambda q_, k_, v_: _dense(q_, k_, v_, attn_mask, is_causal, scale, window), q, k, v
+    if decide(q, k, v, attn_mask, config, window).path == "dense":
+        return _vjp(
+            lambda q_, k_, v_: _dense(q_, k_, v_, attn_mask, is_causal, scale, window), (q, k, v), grad_out
         )
-        return vjp_fn(grad_out)
+    selection = plan(q, k, attn_mask, is_causal, scale, config, window)
     scale = resolve_scale(scale, q.shape[-1])
     if q.device.type == "cuda" and triton_bwd.supported(q, k, v, attn_mask) is None:
         return triton_bwd.sparse_attention_bwd(
@@ -255,8 +275,7 @@ def omnisparse_attention_backward(
             q_, k_, v_, selection, attn_mask, is_causal, scale, config.query_chunk, window=window
         )[0]
 
-    _, vjp_fn = torch.func.vjp(attention_out, q, k, v)
-    return vjp_fn(grad_out)
+    return _vjp(attention_out, (q, k, v), grad_out)
 
 
 def selection_stats(

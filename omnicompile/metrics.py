@@ -59,6 +59,13 @@ def density(selection: BlockSelection, allowed: torch.Tensor) -> float:
     return (selection.kv_num_blocks.sum() / allowed_total.clamp(min=1)).item()
 
 
+def dense_heads(selection: BlockSelection, allowed: torch.Tensor) -> float:
+    """Fraction of the (b, h) whose selection holds every allowed block (exact attention: the
+    ``dense_fallback_density`` rule, or a selection that took everything); allowed as `density`."""
+    allowed_per_head = allowed.expand(selection.kv_indices.shape).sum((-1, -2))
+    return (selection.kv_num_blocks.sum(-1) == allowed_per_head).float().mean().item()
+
+
 def lazy_fraction(selection: BlockSelection) -> float:
     """Fraction of the (b, h, i) query blocks classified lazy."""
     return selection.lazy.float().mean().item()
@@ -76,12 +83,14 @@ class SelectionStats:
 
     Attributes:
         density: computed / allowed blocks.
+        dense_heads: fraction of (b, h) computing every allowed block (`dense_heads`).
         recall_mean, recall_min: mean and worst exact recall over (b, h, i) (``exact_recall``).
         lazy_fraction: fraction of lazy (b, h, i).
         budget_mean: mean non-forced blocks taken per active (b, h, i) (0 when none is active).
     """
 
     density: float
+    dense_heads: float
     recall_mean: float
     recall_min: float
     lazy_fraction: float
@@ -111,6 +120,7 @@ def selection_stats(
     budget_mean = (selection.budget * active).sum() / active.sum().clamp(min=1)
     return SelectionStats(
         density=density(selection, allowed),
+        dense_heads=dense_heads(selection, allowed),
         recall_mean=recall.mean().item(),
         recall_min=recall.min().item(),
         lazy_fraction=lazy_fraction(selection),

@@ -16,13 +16,16 @@ computed for ``attn_mask`` (the passes insert one per distinct mask per graph, w
 not known at compile time); when True the call runs as ``is_causal=True`` without the mask. The op
 never reads a mask to find out whether it is causal.
 
-The op decides at run time, per call, between the sparse method and dense attention
-(`dense_reason`); every dense decision is logged once per site on the ``omnicompile`` logger. Dense
-attention is SDPA: ``is_causal=True`` without a mask where causal (flash or cuDNN causal kernels);
-a window runs exactly over the blocks its band touches with the Triton kernel on CUDA
-(`method.window_attention`), elsewhere as SDPA with the materialised `window_mask`.
-Autograd is registered: the backward is the opaque op ``omnisparse::attention_backward``, which
-recomputes the (deterministic) selection and differentiates exactly the attention that ran.
+This module only registers the op (schema, fake, autograd, autocast), validates its arguments and
+logs and records what ran. What runs is `method.omnisparse_attention`: `method.decide` chooses between
+the sparse method and dense attention per call from shapes, dtypes, device and config (no tensor
+data, so no host synchronisation); every dense decision is logged once per site and kind of reason
+on the ``omnicompile`` logger. Heads whose selection is nearly dense are made dense inside the
+selection, on the device (`method` module docstring); they are not logged (that would need a sync)
+but measured by a recorder that asks (``dense_heads`` in the stats).
+Autograd is registered: the backward is the opaque op ``omnisparse::attention_backward``
+(`method.omnisparse_attention_backward`), which recomputes the (deterministic) selection and differentiates
+exactly the attention that ran.
 Autocast (CPU and CUDA) follows SDPA's policy: inside an autocast region the floating inputs (q, k,
 v and a float mask) are cast to the autocast dtype, so the op sees what SDPA would have seen.
 """
@@ -31,26 +34,18 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from .config import OmniSparseConfig
-from .dense import dense_attention, with_window
+from .dense import with_window
 from .kernels.masks import causal_if_equivalent, check_window
-from .method import (
-    kernel_unsupported_reason,
-    omnisparse_attention,
-    omnisparse_attention_backward,
-    selection_stats,
-    window_attention,
-)
+from .method import AttentionRun, omnisparse_attention, omnisparse_attention_backward, selection_stats
 from .recording import SiteRun, active_recorders
 
 logger = logging.getLogger("omnicompile")
 
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LOGGED: set[tuple[str, str]] = set()
 
 
@@ -113,33 +108,6 @@ def effective_window(window: int | None, q_len: int) -> int | None:
     return None if window is None or window >= q_len else window
 
 
-def dense_reason(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    attn_mask: Tensor | None,
-    cfg: OmniSparseConfig,
-    window: int | None = None,
-) -> str:
-    """Why this call runs dense attention ("" when the sparse method runs).
-
-    A window site runs dense when its span ``min(window, Skv)`` is below ``min_seq_len``.
-    """
-    if cfg.mode == "dense":
-        return "mode='dense'"
-    if k.shape[2] < cfg.min_seq_len:
-        return f"kv length {k.shape[2]} < min_seq_len {cfg.min_seq_len}"
-    if window is not None and window < cfg.min_seq_len:
-        return f"window {window} < min_seq_len {cfg.min_seq_len}"
-    if q.shape[2] < cfg.block_size:
-        return f"query length {q.shape[2]} < block_size {cfg.block_size} (decode step)"
-    if q.dtype not in _SUPPORTED_DTYPES:
-        return f"dtype {q.dtype} not supported"
-    if v.shape[-1] != q.shape[-1]:
-        return f"value head dim {v.shape[-1]} differs from query head dim {q.shape[-1]}"
-    return kernel_unsupported_reason(q, k, v, attn_mask)
-
-
 @torch.library.custom_op("omnisparse::causal_mask_check", mutates_args=())
 def causal_mask_check(mask: Tensor) -> Tensor:
     """0-d bool on the CPU: whether ``mask`` ([..., S, S], bool or additive) is exactly causal at every
@@ -158,16 +126,6 @@ def _causal_mask_check_fake(mask):
     return mask.new_empty((), dtype=torch.bool, device="cpu")
 
 
-def recompute_grads(fn, primals: tuple[Tensor, ...], grad_out: Tensor) -> tuple[Tensor, ...]:
-    """Gradients of ``fn(*primals)`` against ``grad_out`` by recomputation.
-
-    Uses ``torch.func.vjp``: plain autograd is unavailable inside a custom op's implementation
-    (the dispatcher runs it below the autograd keys).
-    """
-    _, vjp_fn = torch.func.vjp(fn, *primals)
-    return vjp_fn(grad_out)
-
-
 def _log_dense_once(site: str, reason: str) -> None:
     """Log a dense decision once per site and kind of reason (the reason without its numbers, so that
     a density or length that changes from call to call neither repeats the log nor grows `_LOGGED`)."""
@@ -177,26 +135,27 @@ def _log_dense_once(site: str, reason: str) -> None:
         logger.info("omnisparse site %s runs dense attention: %s", site, reason)
 
 
-def _record(
-    site: str, decision: str, reason: str, inputs: tuple, window: int | None, stats_fn: Callable[[], dict]
-) -> None:
+def _record(site: str, run: AttentionRun, inputs: tuple, window: int | None, cfg: OmniSparseConfig) -> None:
     """Append a `SiteRun` to the active recorders (none in normal runs: nothing is measured or copied).
 
-    ``inputs`` = (q, k, v, attn_mask, is_causal, scale). A kept run holds copies of q, k and the mask
-    (a window materialised as its mask): a compiled graph reuses the op's input buffers.
+    ``inputs`` = (q, k, v, attn_mask, is_causal, scale). A recorder that measures gets the sparse
+    run's `method.selection_stats` (synchronising: the user asked). A kept run holds copies of q, k
+    and the mask (a window materialised as its mask): a compiled graph reuses the op's input buffers.
     """
     recorders = active_recorders()
     if not recorders:
         return
-    stats = stats_fn() if any(r.measure for r in recorders) else {}
     q, k, v, attn_mask, is_causal, scale = inputs
+    stats = {}
+    if run.selection is not None and any(r.measure for r in recorders):
+        stats = selection_stats(q, k, v, attn_mask, is_causal, scale, cfg, run.selection, run.out, window)
     shapes = (tuple(q.shape), tuple(k.shape), tuple(v.shape))
     for recorder in recorders:
         kept = None
         if recorder.keep_run == len(recorder.runs):
             mask, causal = with_window(q, k, attn_mask, is_causal, window)
             kept = (q.clone(), k.clone(), None if mask is None else mask.clone(), causal, scale)
-        recorder.runs.append(SiteRun(site, decision, reason, shapes, stats, kept))
+        recorder.runs.append(SiteRun(site, run.decision.path, run.decision.reason, shapes, stats, kept))
 
 
 @torch.library.custom_op("omnisparse::attention", mutates_args=())
@@ -220,32 +179,11 @@ def attention(
     cfg = OmniSparseConfig.from_json(config)
     attn_mask, is_causal = resolve_mask(attn_mask, is_causal, mask_check)
     window = effective_window(window, q.shape[2])
-    recorded = (q, k, v, attn_mask, is_causal, scale)
-    reason = dense_reason(q, k, v, attn_mask, cfg, window)
-    if reason:
-        _log_dense_once(site, reason)
-        out = None
-        if window is not None and q.device.type == "cuda":  # exact attention over the band: Triton
-            out = window_attention(q, k, v, scale, window, cfg.block_size)
-        if out is None:
-            out = dense_attention(q, k, v, attn_mask, is_causal, scale, enable_gqa, window)
-        _record(site, "dense", reason, recorded, window, dict)
-        return out, q.new_zeros((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32)
-    result = omnisparse_attention(q, k, v, attn_mask, is_causal, scale, cfg, window)
-    decision = "dense" if result.dense_reason else "sparse"
-    if result.dense_reason:
-        _log_dense_once(site, result.dense_reason)
-    _record(
-        site,
-        decision,
-        result.dense_reason,
-        recorded,
-        window,
-        lambda: selection_stats(
-            q, k, v, attn_mask, is_causal, scale, cfg, result.selection, result.out, window
-        ),
-    )
-    return result.out.contiguous(), result.lse.contiguous()
+    run = omnisparse_attention(q, k, v, attn_mask, is_causal, scale, cfg, window)
+    if run.decision.path == "dense":
+        _log_dense_once(site, run.decision.reason)
+    _record(site, run, (q, k, v, attn_mask, is_causal, scale), window, cfg)
+    return run.out.contiguous(), run.lse.contiguous()
 
 
 @attention.register_fake
@@ -277,13 +215,6 @@ def attention_backward(
     cfg = OmniSparseConfig.from_json(config)
     attn_mask, is_causal = resolve_mask(attn_mask, is_causal, mask_check)
     window = effective_window(window, q.shape[2])
-    if dense_reason(q, k, v, attn_mask, cfg, window):
-        grads = recompute_grads(
-            lambda q_, k_, v_: dense_attention(q_, k_, v_, attn_mask, is_causal, scale, enable_gqa, window),
-            (q, k, v),
-            grad_out,
-        )
-        return tuple(g.contiguous() for g in grads)
     grads = omnisparse_attention_backward(
         grad_out, q, k, v, attn_mask, out, lse, is_causal, scale, cfg, window
     )

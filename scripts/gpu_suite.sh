@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One bounded device call: GPU correctness checks (prefill kernels, estimator, fused selection),
-# then the prefill benchmark; add "demo" / "decode" / "aoti" / "export" / "trained" as arguments to also run those.
+# then the prefill benchmark; add "demo" / "decode" / "aoti" / "export" / "graphs" / "schedule" / "trained"
+# as arguments to also run those.
 # Logs and tables go to $OUT (default out/).
 set -uo pipefail
 OUT="${OUT:-out}"; mkdir -p "$OUT"
@@ -16,6 +17,8 @@ for extra in "$@"; do
                 cp /tmp/decode/*.csv "$OUT/" 2>/dev/null ;;
         aoti) timeout 400 python3 scripts/gpu_check_aoti_runtime.py 2>&1 | tee "$OUT/aoti_runtime.txt" ;;
         export) timeout 240 python3 scripts/gpu_check_export.py 2>&1 | tee "$OUT/export_check.txt" ;;
+        graphs) TRITON_INTERPRET=0 timeout 200 python3 -m pytest -q -m gpu tests/test_gpu_graphs.py 2>&1 | tee "$OUT/gpu_graphs.txt" ;;
+        schedule) timeout 240 python3 scripts/gpu_check_schedule.py --out /tmp/schedule 2>&1 | tee "$OUT/schedule.txt" ;;
         trained) (cd benchmarks && timeout 150 python3 bench_trained_prefill.py --out /tmp/trained) 2>&1 | tee "$OUT/trained_prefill.txt" ;;
     esac
 done

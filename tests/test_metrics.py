@@ -12,6 +12,7 @@ from omnicompile.kernels.masks import allowed_blocks
 from omnicompile.kernels.selection.transpose import selection_from_block_mask
 from omnicompile.method import plan
 from omnicompile.metrics import (
+    dense_heads,
     density,
     exact_block_mass,
     exact_recall,
@@ -79,6 +80,11 @@ def test_density_lazy_fraction_and_stats():
     diagonal = selection_from_block_mask(torch.eye(4, dtype=torch.bool).expand(1, 2, 4, 4), BLOCK, 64, 64)
     assert density(diagonal, allowed) == pytest.approx(4 / 10)
     assert lazy_fraction(diagonal) == 0.0
+    assert dense_heads(everything, allowed) == 1.0 and dense_heads(diagonal, allowed) == 0.0
+    one_head = selection_from_block_mask(
+        torch.stack([allowed[0, 0], torch.eye(4, dtype=torch.bool)])[None], BLOCK, 64, 64
+    )
+    assert dense_heads(one_head, allowed) == 0.5
     cfg = OmniSparseConfig(tau=0.9, block_size=BLOCK, granularity=4)
     selection = plan(q, k, None, True, None, cfg)
     stats = selection_stats(q, k, None, True, None, selection)
@@ -91,7 +97,15 @@ def test_density_lazy_fraction_and_stats():
     assert stats.budget_mean == pytest.approx(
         selection.budget[active].float().mean().item() if active.any() else 0.0
     )
-    assert set(stats.as_dict()) == {"density", "recall_mean", "recall_min", "lazy_fraction", "budget_mean"}
+    assert stats.dense_heads == dense_heads(selection, allowed)
+    assert set(stats.as_dict()) == {
+        "density",
+        "dense_heads",
+        "recall_mean",
+        "recall_min",
+        "lazy_fraction",
+        "budget_mean",
+    }
 
 
 def test_relative_error():

@@ -1,4 +1,4 @@
-"""The custom op: registration checks, input validation, dense-fallback decisions and their logging."""
+"""The custom op: registration checks, input validation, the dense/sparse decision and its logging."""
 
 import logging
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from omnicompile import OmniSparseConfig
-from omnicompile.ops import dense_reason
+from omnicompile.method import decide
 from tests.helpers import GRAD_REL_TOL, REL_TOL, rel_error
 
 DENSE = OmniSparseConfig(mode="dense").to_json()
@@ -83,14 +83,18 @@ def test_dropout_is_rejected():
 
 
 def test_dense_reasons():
+    """`decide` reads shapes, dtypes and config only; every dense decision says why."""
     cfg = OmniSparseConfig(min_seq_len=64, block_size=16)
     q, k, v = _qkv(sq=32, skv=32)
-    assert "mode='dense'" in dense_reason(q, k, v, None, cfg.replace(mode="dense"))
-    assert "min_seq_len" in dense_reason(q, k, v, None, cfg)
+    assert decide(q, k, v, None, cfg.replace(mode="dense")).reason == "mode='dense'"
+    assert "min_seq_len" in decide(q, k, v, None, cfg).reason
     q1, k1, v1 = _qkv(sq=1, skv=128)
-    assert "decode" in dense_reason(q1, k1, v1, None, cfg)
+    assert "decode" in decide(q1, k1, v1, None, cfg).reason
     qd, kd, vd = (t.double() for t in _qkv(sq=64, skv=64))
-    assert "dtype" in dense_reason(qd, kd, vd, None, cfg)
+    assert "dtype" in decide(qd, kd, vd, None, cfg).reason
+    assert "window" in decide(*_qkv(sq=128, skv=128), None, cfg, window=32).reason
+    assert decide(*_qkv(sq=64, skv=64), None, cfg) == decide(*_qkv(sq=64, skv=64), None, cfg, window=64)
+    assert decide(*_qkv(sq=64, skv=64), None, cfg).path == "sparse"
 
 
 def test_dense_decision_logged_once_per_site(caplog):
@@ -175,3 +179,21 @@ def test_window_attention_equals_sdpa_with_the_window_mask(window, q_len):
     mask = window_mask(q_len, q_len, window, q.device)
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
     assert rel_error(out, ref) < REL_TOL[torch.bfloat16]
+
+
+def test_nearly_dense_heads_run_exact_attention_without_a_dense_decision():
+    """Random (flat) inputs select nearly every block: each such head takes every allowed block inside the
+    selection, so the call stays on the sparse path (no per-call density read) and equals SDPA."""
+    from omnicompile.recording import recording
+
+    torch.manual_seed(0)
+    q, k, v = _qkv(sq=256, skv=256, d=16)
+    cfg = OmniSparseConfig(tau=0.9, block_size=16, granularity=4, min_seq_len=64)
+    with recording(measure=True) as recorder:
+        out, _ = _op(q, k, v, causal=True, config=cfg.to_json())
+        _op(q, k, v, causal=True, config=cfg.replace(dense_fallback_density=1.0).to_json())
+    full, sparse = recorder.runs
+    assert full.decision == "sparse" and full.stats["dense_heads"] == 1.0 and full.stats["density"] == 1.0
+    assert sparse.stats["dense_heads"] < 1.0 and 0.9 < sparse.stats["density"] < 1.0
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert rel_error(out, ref) < REL_TOL[torch.float32]

@@ -29,6 +29,7 @@ configs = st.builds(
     max_blocks=st.sampled_from([None, 3, 8]),
     budget_scope=st.sampled_from(["heads", "kv_group", "head"]),
     dense_last_blocks=st.just(0),  # the paper's rule; the final blocks in full: test_final_blocks_in_full
+    dense_fallback_density=st.just(1.0),  # the paper's rule; dense heads: test_dense_heads_take_every_block
 )
 
 
@@ -129,6 +130,7 @@ def test_per_head_budget_is_minimal(case: Case, tau: float):
         budget_scope="head",
         query_selection=False,
         dense_last_blocks=0,
+        dense_fallback_density=1.0,
     )
     ahat, _allowed, forced, selection = _select(case, cfg, structured=False)
     dense = selection.dense_mask()
@@ -183,7 +185,13 @@ def test_budget_scopes_on_a_flat_head():
     )
     budgets = {}
     for scope in ("heads", "kv_group", "head"):
-        cfg = OmniSparseConfig(block_size=BLOCK, granularity=4, budget_scope=scope, query_selection=False)
+        cfg = OmniSparseConfig(
+            block_size=BLOCK,
+            granularity=4,
+            budget_scope=scope,
+            query_selection=False,
+            dense_fallback_density=1.0,
+        )
         ahat = estimate_blocks(q, k, None, True, 32**-0.5, cfg)
         allowed = allowed_blocks(None, True, 1, 4, 512, 512, BLOCK, "cpu")
         budgets[scope] = (
@@ -267,3 +275,26 @@ def test_final_blocks_in_full(scope: str, n: int):
     assert torch.equal(on.lazy[:, :, :-n], off.lazy[:, :, :-n]) and torch.equal(
         on.budget[:, :, :-n], off.budget[:, :, :-n]
     )
+
+
+@pytest.mark.parametrize("scope", ["heads", "kv_group", "head"])
+def test_dense_heads_take_every_block(scope: str):
+    """A (b, h) whose selection computes more than dense_fallback_density of its allowed blocks takes
+    every allowed block and is active everywhere; every other head is unchanged."""
+    q, k, _ = structured_qkv(
+        "flat_head", 1, 4, 2, 512, 32, seed=0, window=16, slash_period=128, needle_len=16, stripe_width=8
+    )
+    base = OmniSparseConfig(block_size=BLOCK, granularity=4, budget_scope=scope, dense_fallback_density=1.0)
+    ahat = estimate_blocks(q, k, None, True, 32**-0.5, base)
+    allowed = allowed_blocks(None, True, 1, 4, 512, 512, BLOCK, "cpu").expand(1, 4, -1, -1)
+    args = dict(is_causal=True, q_len=512, kv_len=512)
+    sparse = select_blocks(ahat, allowed, base, 2, **args)
+    head_density = sparse.kv_num_blocks.sum(-1).double() / allowed.sum((-1, -2))
+    threshold = head_density.median().item()
+    dense_heads = head_density > threshold
+    assert dense_heads.any() and not dense_heads.all()
+    got = select_blocks(ahat, allowed, base.replace(dense_fallback_density=threshold), 2, **args)
+    assert torch.equal(got.dense_mask()[dense_heads], allowed[dense_heads])
+    assert not got.lazy[dense_heads].any()
+    for name in ("kv_num_blocks", "kv_indices", "lazy", "budget"):
+        assert torch.equal(getattr(got, name)[~dense_heads], getattr(sparse, name)[~dense_heads]), name

@@ -72,10 +72,11 @@ def test_tau_one_equals_dense_sdpa(dtype: torch.dtype, mask_kind: str):
     case = Case(2, 4, 2, 75, 90, 16, mask_kind, 11)
     q, k, v = (t.requires_grad_() for t in make_qkv(case, dtype))
     attn_mask, is_causal = make_mask(case)
-    cfg = OmniSparseConfig(tau=1.0, query_selection=False, block_size=BLOCK, granularity=4, query_chunk=2)
+    cfg = OmniSparseConfig(
+        tau=1.0, query_selection=False, block_size=BLOCK, granularity=4, query_chunk=2, min_seq_len=0
+    )
     result = omnisparse_attention(q, k, v, attn_mask, is_causal, None, cfg)
     out, lse = result.out, result.lse
-    assert not result.dense_reason
     assert out.dtype == dtype and lse.dtype == torch.float32
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
     ref = F.scaled_dot_product_attention(
@@ -94,8 +95,9 @@ def test_backward_by_recomputation_equals_autograd():
     """omnisparse_attention_backward (recomputed selection, torch.func.vjp) equals autograd through the op."""
     case = Case(1, 4, 2, 96, 96, 16, "causal", 4)
     q, k, v = (t.requires_grad_() for t in make_qkv(case))
-    cfg = OmniSparseConfig(tau=0.8, block_size=BLOCK, granularity=4)
+    cfg = OmniSparseConfig(tau=0.8, block_size=BLOCK, granularity=4, min_seq_len=0)
     result = omnisparse_attention(q, k, v, None, True, None, cfg)
+    assert result.decision.path == "sparse"
     out, lse, selection = result.out, result.lse, result.selection
     assert selection.kv_num_blocks.sum() < selection.dense_mask().numel()  # genuinely sparse
     cotangent = torch.randn_like(out)

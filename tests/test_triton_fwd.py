@@ -19,7 +19,12 @@ from omnicompile.kernels.masks import allowed_blocks, window_mask
 from omnicompile.kernels.selection.select import select_blocks
 from omnicompile.kernels.selection.transpose import selection_from_block_mask
 from omnicompile.kernels.sparse_attention.reference import sparse_attention_reference
-from omnicompile.kernels.sparse_attention.triton_fwd import LaunchConfig, sparse_attention_fwd, supported
+from omnicompile.kernels.sparse_attention.triton_fwd import (
+    LaunchConfig,
+    sparse_attention_fwd,
+    supported,
+    unit_order,
+)
 from tests.helpers import REL_TOL, rel_error, stable_seed
 
 pytestmark = pytest.mark.interpreter
@@ -156,6 +161,38 @@ def test_real_selection(is_causal):
     selection = select_blocks(ahat, allowed, config, 2, is_causal=is_causal, q_len=200, kv_len=200)
     assert selection.kv_num_blocks.sum() < allowed.expand_as(ahat).sum()
     _check(q, k, v, selection, None, is_causal)
+
+
+@pytest.mark.parametrize("scope", ["heads", "kv_group", "head"])
+def test_heaviest_first_schedule_changes_no_result(scope):
+    """Per-head and per-group budgets make the work uneven: heaviest first (the default) and the causal
+    order give identical out and lse, both equal to the reference (GQA, partial last block, flat_head)."""
+    from omnicompile.structured import structured_qkv
+
+    q, k, v = structured_qkv(
+        "flat_head", 1, 4, 2, 200, 32, seed=2, window=16, slash_period=96, needle_len=16, stripe_width=8
+    )
+    config = OmniSparseConfig(tau=0.8, block_size=16, granularity=4, budget_scope=scope)
+    ahat = estimate_blocks(q, k, None, True, 32**-0.5, config)
+    allowed = allowed_blocks(None, True, 1, 4, 200, 200, 16, q.device)
+    selection = select_blocks(ahat, allowed, config, 2, is_causal=True, q_len=200, kv_len=200)
+    heaviest, causal = LaunchConfig(16, 16, 4, 1), LaunchConfig(16, 16, 4, 1, schedule="causal")
+    order = unit_order(selection.kv_num_blocks, 2, "heaviest_first")
+    assert not torch.equal(order, unit_order(selection.kv_num_blocks, 2, "causal"))
+    _check(q, k, v, selection, None, True, launch=heaviest)
+    got = sparse_attention_fwd(q, k, v, selection, None, True, None, launch=heaviest)
+    want = sparse_attention_fwd(q, k, v, selection, None, True, None, launch=causal)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_unit_order_is_a_permutation_heaviest_first():
+    counts = torch.tensor([[[1, 5, 2], [4, 0, 2], [3, 3, 3], [0, 9, 1]]], dtype=torch.int32)  # B 1, H 4, nq 3
+    order = unit_order(counts, 2, "heaviest_first")
+    assert sorted(order.tolist()) == list(range(6))
+    group_max = counts.view(1, 2, 2, 3).amax(2).flatten()
+    assert group_max[order.long()].tolist() == [9, 5, 4, 3, 3, 2]
+    assert order.tolist() == [4, 1, 0, 5, 3, 2]  # ties (3, 3): the later query block first
+    assert unit_order(counts, 2, "causal").tolist() == [2, 1, 0, 5, 4, 3]
 
 
 def test_rejects_mismatched_selection():

@@ -72,6 +72,7 @@ configs = st.builds(
     max_blocks=st.sampled_from([None, 2, 3]),
     budget_scope=st.sampled_from(["heads", "kv_group", "head"]),
     dense_last_blocks=st.integers(0, 2),
+    dense_fallback_density=st.sampled_from([0.5, 0.8, 1.0]),
 )
 
 
@@ -115,7 +116,7 @@ def test_scopes_and_clamps(scope, mask_kind):
 def test_lazy_on_and_off():
     gen = torch.Generator().manual_seed(3)
     allowed = _allowed("causal", "", 1, 2, 80, 80, gen)
-    config = OmniSparseConfig(block_size=BLOCK, tau=0.9, lazy_threshold=0.6)
+    config = OmniSparseConfig(block_size=BLOCK, tau=0.9, lazy_threshold=0.6, dense_fallback_density=1.0)
     ahat = _softmax_estimate(allowed, 1, 2, config, True, 3.0, gen)
     on = _assert_same(ahat, allowed, config, 1, True, 80, 80)
     off = _assert_same(ahat, allowed, config.replace(query_selection=False), 1, True, 80, 80)

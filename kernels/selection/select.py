@@ -12,10 +12,10 @@ from ...config import OmniSparseConfig
 from .block_selection import BlockSelection
 from .transpose import block_mask_to_indices
 
-# The selection stops once the float32 estimated mass reaches tau + _MASS_SLACK, so the exact mass of
+# The selection stops once the float32 estimated mass reaches tau + MASS_SLACK, so the exact mass of
 # what it takes reaches tau whenever the float32 sums err by less than this (a scan over a few
 # thousand blocks errs by ~1e-6).
-_MASS_SLACK = 1e-5
+MASS_SLACK = 1e-5
 
 
 def forced_pattern(
@@ -39,8 +39,9 @@ def forced_pattern(
     return (j < n_sink) | ((j >= first) & (j < first + n_local))
 
 
-def _shared_budget(need: torch.Tensor, scope: str, num_kv_heads: int) -> torch.Tensor:
-    """Budget K per (b, h, i) from the per-head need k_h [B, H, nq] (0 for lazy heads) by budget scope."""
+def shared_budget(need: torch.Tensor, scope: str, num_kv_heads: int) -> torch.Tensor:
+    """Budget K int [B, H, nq] from the per-head need k_h int [B, H, nq] (0 for lazy heads) by budget scope:
+    the max over the heads that share it (``"heads"``: all, ``"kv_group"``: a KV head's, ``"head"``: none)."""
     if scope == "head":
         return need
     batch, heads, nq = need.shape
@@ -63,6 +64,52 @@ def full_final_blocks(
     return lazy & ~final, torch.where(final, num_available, take)
 
 
+def full_dense_heads(
+    lazy: torch.Tensor,
+    take: torch.Tensor,
+    num_forced: torch.Tensor,
+    num_available: torch.Tensor,
+    max_density: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lazy, take) [B, H, nq] with every (b, h) whose selection would compute more than ``max_density``
+    of its allowed blocks active in every query block and taking every available block instead.
+
+    Such a head then runs exact attention through the same sparse kernel (its full schedule): at that
+    density a sparse schedule saves little and the full one is exact. Decided on the device from the
+    int counts [B, H, nq] (``num_forced + take`` selected of ``num_forced + num_available`` allowed),
+    with no host synchronisation; ``max_density >= 1`` never fires.
+    """
+    if max_density >= 1.0:
+        return lazy, take
+    selected = (num_forced + take).sum(-1, dtype=torch.int64).double()
+    allowed = (num_forced + num_available).sum(-1, dtype=torch.int64).double()
+    dense = (selected > max_density * allowed).unsqueeze(-1)
+    return lazy & ~dense, torch.where(dense, num_available, take)
+
+
+def take_counts(
+    need: torch.Tensor,
+    lazy: torch.Tensor,
+    num_forced: torch.Tensor,
+    num_available: torch.Tensor,
+    config: OmniSparseConfig,
+    num_kv_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lazy bool, take int32) [B, H, nq]: how many available blocks each (b, h, i) takes (`select_blocks`).
+
+    From the per-head need k_h (0 where lazy), lazy and the forced / available block counts (int
+    [B, H, nq] each): K shared by `budget_scope` (`shared_budget`) and clamped to [min_blocks,
+    max_blocks]; lazy blocks take none; the final query blocks (`full_final_blocks`) and the heads
+    denser than ``dense_fallback_density`` (`full_dense_heads`) take every available block.
+    """
+    budget = shared_budget(need, config.budget_scope, num_kv_heads)
+    budget = budget.clamp(config.min_blocks, config.max_blocks)
+    take = torch.where(lazy, 0, torch.minimum(budget, num_available))
+    lazy, take = full_final_blocks(lazy, take, num_available, config.dense_last_blocks)
+    lazy, take = full_dense_heads(lazy, take, num_forced, num_available, config.dense_fallback_density)
+    return lazy, take.to(torch.int32)
+
+
 def select_blocks(
     ahat: torch.Tensor,
     allowed: torch.Tensor,
@@ -79,7 +126,7 @@ def select_blocks(
         ahat: float32 [B, H, nq, nk], the block estimate (a distribution over allowed blocks).
         allowed: bool, broadcastable to [B, H, nq, nk] (``masks.allowed_blocks``).
         config: tau, n_sink, n_local, query_selection, effective_lazy_threshold, min_blocks, max_blocks,
-            budget_scope, dense_last_blocks and block_size are read.
+            budget_scope, dense_last_blocks, dense_fallback_density and block_size are read.
         num_kv_heads: Hkv; ``"kv_group"`` shares the budget among the H // Hkv heads of a KV head.
         is_causal: picks the local window (ending at i, or centred on i; ``forced_pattern``).
         q_len, kv_len: Sq and Skv, recorded in the selection.
@@ -90,9 +137,11 @@ def select_blocks(
     first), whose mass with F(i) reaches tau (all available blocks if it never does; all of them by
     definition when tau >= 1). K = the max of k_h over the heads sharing the budget, clamped to
     [min_blocks, max_blocks]; each active head takes F(i) plus its top min(K, available) blocks. The
-    last ``dense_last_blocks`` query blocks take every allowed block (`full_final_blocks`).
+    last ``dense_last_blocks`` query blocks take every allowed block (`full_final_blocks`), and so does
+    every query block of a (b, h) whose selection would exceed ``dense_fallback_density`` of its allowed
+    blocks (`full_dense_heads`).
     ``budget`` records that count (equal across the heads sharing K unless a per-head mask leaves a
-    head fewer available blocks). Masses are summed in float32 with a slack of `_MASS_SLACK`.
+    head fewer available blocks). Masses are summed in float32 with a slack of `MASS_SLACK`.
     """
     batch, heads, nq, nk = ahat.shape
     if heads % num_kv_heads:
@@ -115,17 +164,14 @@ def select_blocks(
         need = num_available
     else:
         # need = 1 + the first rank at which the mass taken so far reaches tau (cumulative mass is
-        # non-decreasing, so a binary search finds it); `_MASS_SLACK` absorbs float32 rounding.
+        # non-decreasing, so a binary search finds it); `MASS_SLACK` absorbs float32 rounding.
         cumulative = ranked.clamp(min=0.0).cumsum(-1)
-        target = (config.tau + _MASS_SLACK - local_mass).unsqueeze(-1)
+        target = (config.tau + MASS_SLACK - local_mass).unsqueeze(-1)
         reached = torch.searchsorted(cumulative, target).squeeze(-1)
         need = torch.where(target.squeeze(-1) <= 0, 0, torch.minimum(reached + 1, num_available))
+    num_forced = forced.sum(-1).expand(batch, heads, nq)
     need = torch.where(lazy, 0, need)
-    budget = _shared_budget(need, config.budget_scope, num_kv_heads).clamp(
-        config.min_blocks, config.max_blocks
-    )
-    take = torch.where(lazy, 0, torch.minimum(budget, num_available))
-    lazy, take = full_final_blocks(lazy, take, num_available, config.dense_last_blocks)
+    lazy, take = take_counts(need, lazy, num_forced, num_available, config, num_kv_heads)
     # The first `take` entries of each ranked row are available blocks (take <= num_available and
     # unavailable blocks rank last), so scattering "rank < take" back through `order` marks them.
     taken_ranks = torch.arange(nk, device=ahat.device) < take.unsqueeze(-1)
@@ -136,7 +182,7 @@ def select_blocks(
         kv_num_blocks=kv_num_blocks,
         kv_indices=kv_indices,
         lazy=lazy,
-        budget=take.to(torch.int32),
+        budget=take,
         block_size=config.block_size,
         q_len=q_len,
         kv_len=kv_len,

@@ -4,9 +4,9 @@ One program per (b, h, i) row of Ahat holds the row (nk padded to a power of two
 
 1. `_need_kernel` loads the row and the allowed row (at its broadcast strides), forms F(i) from the
    block indices (`forced_pattern`'s formula), the local mass, lazy, the available count and the
-   need k_h; it writes need, lazy and the count ([B, H, nq] each).
-2. torch ops on those [B, H, nq] tensors: `_shared_budget` (select.py), the clamp, take, the
-   final query blocks in full (`full_final_blocks`, select.py).
+   need k_h; it writes need, lazy and the forced and available counts ([B, H, nq] each).
+2. torch ops on those [B, H, nq] tensors: `take_counts` (select.py: the shared budget, the clamp,
+   take, the final query blocks and the dense heads in full).
 3. `_select_kernel` reloads the row, finds the take-th largest available value, takes the ties at
    it by lower index first (the stable sort's order), and writes ``kv_indices`` (each selected block
    scattered to its cumulative-count slot, then the padding) and ``kv_num_blocks``.
@@ -22,7 +22,7 @@ the row). For values >= 0 the float bits, read as int32, order like the values, 
 
 Exactness: the selected set, lazy and budget equal `select_blocks`' for any input on which both
 compute the same need. The masses are float32 tree sums here and a sequential cumsum (CPU) or scan
-(CUDA) there; they agree to float32 rounding (~1e-6 at nk = 2048, inside ``_MASS_SLACK``), so need
+(CUDA) there; they agree to float32 rounding (~1e-6 at nk = 2048, inside ``MASS_SLACK``), so need
 can differ only where a cumulative mass lies within that rounding of tau + slack. Ties follow the
 reference exactly. Ahat is taken as finite and >= -1 (an estimate is >= 0; the reference ranks
 unavailable blocks at -1).
@@ -39,9 +39,9 @@ import triton.language as tl
 from torch import Tensor
 
 from ...config import OmniSparseConfig
-from ..sparse_attention.triton_fwd import interpreting
+from ..triton_utils import interpreting
 from .block_selection import BlockSelection
-from .select import _MASS_SLACK, _shared_budget, full_final_blocks
+from .select import MASS_SLACK, take_counts
 
 # Widest row one program holds: 8192 key blocks (512K tokens at b = 64), 16 warps x 16 values per thread.
 MAX_KV_BLOCKS = 8192
@@ -108,15 +108,17 @@ def select_blocks_triton(
 
     need = torch.empty(batch, heads, nq, dtype=torch.int32, device=ahat.device)
     lazy = torch.empty(batch, heads, nq, dtype=torch.bool, device=ahat.device)
+    num_forced = torch.empty_like(need)
     num_available = torch.empty_like(need)
     _need_kernel[(rows,)](
         ahat,
         allowed,
         need,
         lazy,
+        num_forced,
         num_available,
         *row_args,
-        config.tau + _MASS_SLACK,
+        config.tau + MASS_SLACK,
         config.effective_lazy_threshold,
         IS_CAUSAL=is_causal,
         QUERY_SELECTION=config.query_selection,
@@ -124,11 +126,7 @@ def select_blocks_triton(
         BLOCK_N=block_n,
         num_warps=num_warps,
     )
-    budget = _shared_budget(need, config.budget_scope, num_kv_heads).clamp(
-        config.min_blocks, config.max_blocks
-    )
-    take = torch.where(lazy, 0, torch.minimum(budget, num_available)).to(torch.int32)
-    lazy, take = full_final_blocks(lazy, take, num_available, config.dense_last_blocks)
+    lazy, take = take_counts(need, lazy, num_forced, num_available, config, num_kv_heads)
 
     kv_indices = torch.empty(batch, heads, nq, nk, dtype=torch.int32, device=ahat.device)
     kv_num_blocks = torch.empty_like(need)
@@ -206,6 +204,7 @@ def _need_kernel(
     ALLOWED,
     NEED,
     LAZY,
+    NUM_FORCED,
     NUM_AVAILABLE,
     stride_ab,
     stride_ah,
@@ -258,6 +257,7 @@ def _need_kernel(
         need = tl.where(target <= 0.0, 0, need)
     tl.store(NEED + row, tl.where(lazy, 0, need))
     tl.store(LAZY + row, lazy)
+    tl.store(NUM_FORCED + row, tl.sum(forced.to(tl.int32)))
     tl.store(NUM_AVAILABLE + row, num_available)
 
 

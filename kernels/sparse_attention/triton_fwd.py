@@ -17,12 +17,19 @@ program would iterate the union of its heads' lists and waste ``union - own`` bl
 head, and its accumulators (G x BLOCK_M x D fp32) do not fit in registers for G >= 4, D = 128.
 Instead the launch order puts the G heads of a group for the same query block on consecutive
 programs, so the K/V blocks they share are read from L2 rather than HBM.
+
+Schedule: programs run (batch, KV head, query block) units in the order of a work list read by
+program id (`unit_order`). Heaviest first (the default): units sorted by their heaviest head's
+selected-block count, descending, one device argsort of B * Hkv * nq ints, so that with per-head
+or per-group budgets the long programs start first and the short ones fill the tail. ``"causal"``:
+the last query block first (the longest under a causal mask), no sort. The order changes no result.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import triton
@@ -41,13 +48,15 @@ class LaunchConfig:
     """Tile shape and schedule of the forward kernel.
 
     ``block_m`` and ``block_n`` divide the selection's block size; ``block_m`` rows of one query
-    block per program, ``block_n`` keys per inner step.
+    block per program, ``block_n`` keys per inner step; ``schedule``: the order of the work list
+    (`unit_order`).
     """
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    schedule: Literal["heaviest_first", "causal"] = "heaviest_first"
 
 
 def supported(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> str | None:
@@ -116,6 +125,22 @@ def _mask_free_run(
     return lo.contiguous(), torch.maximum(lo, hi)
 
 
+def unit_order(kv_num_blocks: Tensor, kv_heads: int, schedule: str) -> Tensor:
+    """int32 [B * Hkv * nq]: the (batch, KV head, query block) units, flattened row-major, in launch order.
+
+    kv_num_blocks: int32 [B, H, nq]. ``"heaviest_first"``: by the largest count among the unit's
+    H / Hkv heads, descending (stable: ties keep the last query block first); ``"causal"``: the
+    last query block first.
+    """
+    batch, heads, nq = kv_num_blocks.shape
+    units = torch.arange(batch * kv_heads * nq, dtype=torch.int32, device=kv_num_blocks.device)
+    causal = units.view(batch * kv_heads, nq).flip(-1).flatten()
+    if schedule == "causal":
+        return causal
+    work = kv_num_blocks.view(batch, kv_heads, heads // kv_heads, nq).amax(2).flatten()[causal.long()]
+    return causal[torch.argsort(work, descending=True, stable=True)]
+
+
 def _check_selection(q: Tensor, k: Tensor, selection: BlockSelection) -> None:
     batch, heads, q_len = q.shape[:3]
     kv_len, b = k.shape[2], selection.block_size
@@ -178,6 +203,7 @@ def sparse_attention_fwd(
     kv_indices = selection.kv_indices.contiguous()
     kv_num_blocks = selection.kv_num_blocks.contiguous()
     free_lo, free_hi = _mask_free_run(selection, is_causal, attn_mask is not None, window)
+    order = unit_order(kv_num_blocks, kv_heads, cfg.schedule)
     mask_floor = 0.0
     if attn_mask is None:
         mask, mask_kind, mask_strides = q, 0, (0, 0, 0, 0)
@@ -199,6 +225,7 @@ def sparse_attention_fwd(
         kv_indices,
         free_lo,
         free_hi,
+        order,
         mask,
         *q.stride(),
         *k.stride(),
@@ -414,6 +441,7 @@ def _sparse_fwd_kernel(
     KV_IDX,
     FREE_LO,
     FREE_HI,
+    ORDER,
     MASK,
     stride_qb,
     stride_qh,
@@ -454,16 +482,16 @@ def _sparse_fwd_kernel(
     MASK_KIND: tl.constexpr,
     FP32_DOT: tl.constexpr,
 ):
-    # Program order, fastest first: head within its KV group, query tile, query block (last
-    # first: causal rows near the end are the longest), KV head, batch.
+    # Program order, fastest first: head within its KV group, query tile, then the work list ORDER
+    # of (batch, KV head, query block) units (`unit_order`).
     m_split: tl.constexpr = SPARSE_BLOCK // BLOCK_M
     pid = tl.program_id(0)
     g = pid % GROUP
     rest = pid // GROUP
     m_sub = rest % m_split
-    rest = rest // m_split
-    qblock = nq - 1 - rest % nq
-    rest = rest // nq
+    unit = tl.load(ORDER + rest // m_split)
+    qblock = unit % nq
+    rest = unit // nq
     hkv = (rest % kv_heads).to(tl.int64)
     batch = (rest // kv_heads).to(tl.int64)
     head = hkv * GROUP + g
