@@ -7,7 +7,9 @@ length S, one prompt of natural-language text (`omnicompile.evaluate.document_id
 - time of the whole forward (median, CUDA events) and compile time of each compiled variant;
 - against eager SDPA on the same positions: top-1 agreement and the perplexity ratio; for sparse
   variants also against omnisparse dense (the same bf16 compiled graph with every site dense);
-- for omnisparse variants, how many attention calls ran sparse vs dense (`omnicompile.recording`).
+- for omnisparse variants, how many attention calls ran sparse vs dense (`omnicompile.recording`);
+- with ``--graphs``, every compiled variant with ``mode="reduce-overhead"`` (Inductor's CUDA graphs,
+  which replay the whole forward, the op's launches included, without host work).
 
 SmolLM2 holds 8192 positions: past that, RoPE is scaled (``--rope-scaling``, default YaRN), by the
 power of two that reaches the longest length, for every length (one model per run).
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -72,13 +75,18 @@ def load_for_length(name: str, seq_len: int, rope: str = "yarn", device: str = "
     return load_pretrained(name, dtype=dtype, device=device, attn_implementation="sdpa", **kwargs)
 
 
+GRAPHS = " @graphs"  # suffix of a variant compiled with mode="reduce-overhead" (CUDA graphs)
+
+
 def _runner(model, variant: str, sparse: dict[str, OmniSparseConfig], dynamic: bool):
     if variant == "eager":
         return model
-    if variant == "inductor":
-        return torch.compile(model, dynamic=dynamic)
-    config = OmniSparseConfig(mode="dense") if variant == "dense" else sparse[variant]
-    return torch.compile(model, backend=backend(config), dynamic=dynamic)
+    base = variant.removesuffix(GRAPHS)
+    mode = "reduce-overhead" if variant.endswith(GRAPHS) else None
+    if base == "inductor":
+        return torch.compile(model, dynamic=dynamic, mode=mode)
+    config = OmniSparseConfig(mode="dense") if base == "dense" else sparse[base]
+    return torch.compile(model, backend=backend(config), dynamic=dynamic, mode=mode)
 
 
 def _profile(forward, path: Path, rows: int = 25) -> None:
@@ -116,6 +124,8 @@ def run_model(
     rows: list[dict] = []
     variants = [v for v in args.variants if v != "sparse"]
     variants += list(sparse) if "sparse" in args.variants else []
+    if args.graphs:
+        variants = ["eager"] + [v + GRAPHS for v in variants if v != "eager"]
     for variant in variants:
         torch._dynamo.reset()
         runner = _runner(model, variant, sparse, args.dynamic)
@@ -131,12 +141,12 @@ def run_model(
 
             start = time.perf_counter()
             with recording(measure=False) as recorder:
-                logits = forward()
+                logits = forward().clone()  # a CUDA-graph replay overwrites its outputs
             if args.device == "cuda":
                 torch.cuda.synchronize()
             first_s = time.perf_counter() - start
-            if variant in ("eager", "dense"):
-                references[variant, seq_len] = logits
+            if variant.removesuffix(GRAPHS) in ("eager", "dense"):
+                references[variant.removesuffix(GRAPHS), seq_len] = logits
             calls = Counter(run.decision for run in recorder.runs)
             row = {
                 "model": name,
@@ -155,7 +165,8 @@ def run_model(
             rows.append(row)
             print(json.dumps(row), flush=True)
             if args.profile and args.device == "cuda" and seq_len == max(args.seq_lens):
-                _profile(forward, args.out / f"profile_{name}_{variant}_{seq_len}.txt")
+                slug = re.sub(r"[^A-Za-z0-9._-]+", "_", variant).strip("_")
+                _profile(forward, args.out / f"profile_{name}_{slug}_{seq_len}.txt")
     for row in rows:
         eager = next(
             (r["ms"] for r in rows if r["seq_len"] == row["seq_len"] and r["variant"] == "eager"), None
@@ -181,6 +192,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--profile", action="store_true", help="kernel table of each variant at the longest S"
+    )
+    parser.add_argument(
+        "--graphs",
+        action="store_true",
+        help=f"compiled variants with mode='reduce-overhead' (CUDA graphs; names end in '{GRAPHS}')",
     )
     parser.add_argument("--rope-scaling", default="yarn", choices=["yarn", "dynamic", "linear"])
     parser.add_argument(

@@ -2,8 +2,9 @@
 # One call of the pretrained-model GPU session (docs/BENCHMARKS.md, docs/ACCURACY.md): receive one
 # model piece (scripts/gpu_models.sh), install the checkout, run this call's step; results to $OUT.
 #   bash scripts/gpu_models_run.sh PIECE STEP
-# STEP: kernels (kernel check at 32K) | smollm2 (end-to-end prefill) | rope (SmolLM2 32K under YaRN vs
-# dynamic NTK) | gemma (end-to-end prefill + 32K eval with passkeys) | none (only receive).
+# STEP: kernels (kernel check at 32K, CUDA-graph tests, schedule check) | smollm2 (end-to-end
+# prefill, profiled) | smollm2-graphs (the same compiled with mode="reduce-overhead") | rope (SmolLM2
+# 32K under YaRN vs dynamic NTK) | gemma (end-to-end prefill + 32K eval with passkeys) | none (only receive).
 # The call's `carry`: .gpu/whl, .gpu/models.sha256 and .gpu/pieces/PIECE.
 set -uo pipefail
 OUT="${OUT:-out}"; mkdir -p "$OUT"
@@ -15,11 +16,15 @@ YARN='{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8
 case "$2" in
 kernels)
     nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/device.txt"
-    timeout 240 python3 scripts/gpu_check_kernels.py --seq-lens 32768 --out "$OUT" 2>&1 | tee "$OUT/kernels.txt" ;;
-smollm2 | gemma)
-    model=$([ "$2" = smollm2 ] && echo smollm2-135m || echo gemma3-270m)
+    timeout 200 python3 scripts/gpu_check_kernels.py --seq-lens 32768 --out "$OUT" 2>&1 | tee "$OUT/kernels.txt"
+    TRITON_INTERPRET=0 timeout 120 python3 -m pytest -q -m gpu tests/test_gpu_graphs.py 2>&1 | tee -a "$OUT/kernels.txt"
+    timeout 150 python3 scripts/gpu_check_schedule.py --seq-lens 32768 131072 --out "$OUT/schedule" 2>&1 \
+        | tee "$OUT/schedule.txt" ;;
+smollm2 | smollm2-graphs | gemma)
+    model=$([ "$2" = gemma ] && echo gemma3-270m || echo smollm2-135m)
+    extra=$([ "$2" = smollm2-graphs ] && echo --graphs || echo --profile)
     (cd benchmarks && timeout 420 python3 bench_models.py --models "$model" --seq-lens 8192 16384 32768 \
-        --variants eager dense sparse --config "${SPARSE[@]}" --profile --time-budget-s 360 \
+        --variants eager dense sparse --config "${SPARSE[@]}" $extra --time-budget-s 360 \
         --out "$OUT/$2") 2>&1 | tee "$OUT/$2.txt"
     if [ "$2" = gemma ]; then
         timeout 200 omnicompile eval --model gemma3-270m --lengths 32768 --depths 10 --device cuda \

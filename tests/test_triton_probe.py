@@ -20,6 +20,8 @@ BLOCK = 16
 # The probe rows' masses sum to 1 (or 0): tolerances are absolute and relative to that.
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-3}
 SMALL_TILES = ProbeLaunch(block_r=16, block_n=16, num_warps=4, num_stages=1)
+# 32-key splits of 16-key steps: a row's keys spread over several programs, merged by their statistics.
+SPLIT_TILES = ProbeLaunch(block_r=16, block_n=16, split_n=32, num_warps=4, num_stages=1)
 
 
 def _check(q_len, kv_len, dim, is_causal, dtype, window=None, block=BLOCK, launch=None, seed=0):
@@ -43,7 +45,7 @@ def test_matches_reference(dtype, dim, seq, is_causal, window):
     _check(seq, seq, dim, is_causal, dtype, window)
 
 
-@pytest.mark.parametrize("launch", [None, SMALL_TILES])
+@pytest.mark.parametrize("launch", [None, SMALL_TILES, SPLIT_TILES])
 @pytest.mark.parametrize(
     ("q_len", "kv_len", "is_causal", "window"),
     [(75, 128, True, None), (128, 75, True, None), (75, 128, False, None), (128, 90, True, 20)],
@@ -52,11 +54,27 @@ def test_unequal_lengths(q_len, kv_len, is_causal, window, launch):
     _check(q_len, kv_len, 16, is_causal, torch.float32, window, launch=launch)
 
 
+@pytest.mark.parametrize("launch", [SMALL_TILES, SPLIT_TILES])
 @pytest.mark.parametrize("window", [None, 20])
-def test_several_row_tiles(window):
+def test_several_row_tiles(window, launch):
     # 19 query blocks: two row tiles; 16-key steps: the second tile skips the key tiles before its
-    # window (and, causal, none past its rows: they are the last ones).
-    _check(300, 300, 16, True, torch.float32, window, launch=SMALL_TILES)
+    # window (and, causal, none past its rows: they are the last ones); 32-key splits: 10 per row,
+    # some wholly outside a tile's keys.
+    _check(300, 300, 16, True, torch.float32, window, launch=launch)
+
+
+@pytest.mark.parametrize("window", [None, 20])
+def test_mix_into_estimate(window):
+    """With ``ahat``: (ahat + probe) / 2 where the probe row sees a key, ahat elsewhere, in place."""
+    gen = torch.Generator().manual_seed(3)
+    q, k = torch.randn(1, 2, 128, 16, generator=gen), torch.randn(1, 2, 40, 16, generator=gen)
+    ahat = torch.rand(1, 2, 8, 3, generator=gen)
+    probe = probe_block_mass(q, k, None, True, 0.25, BLOCK, window=window)
+    seen = probe.sum(-1, keepdim=True) > 0
+    expected = torch.where(seen, (ahat + probe) / 2, ahat)
+    got = probe_block_mass_triton(q, k, True, 0.25, BLOCK, window=window, ahat=ahat, launch=SPLIT_TILES)
+    assert got.data_ptr() == ahat.data_ptr()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("block", [32, 128])

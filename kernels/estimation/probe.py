@@ -79,11 +79,12 @@ def with_row_probe(
 ) -> torch.Tensor:
     """(ahat + probe) / 2 where the probe row sees a key, else ahat: float32 [B, H, nq, nk], a
     distribution over the allowed blocks wherever ahat is one (the probe row's keys are allowed).
-    The probe is `triton_probe.probe_block_mass_triton` on CUDA where it is supported, else
-    `probe_block_mass`."""
+    On CUDA, where `triton_probe` takes the inputs, its kernels probe and mix in one go, writing the
+    result into a contiguous ``ahat`` (the callers' fresh estimate); elsewhere `probe_block_mass`."""
     if q.is_cuda and triton_probe.supported(q, k, attn_mask) is None:
-        probe = triton_probe.probe_block_mass_triton(q, k, is_causal, scale, block_size, window=window)
-    else:
-        probe = probe_block_mass(q, k, attn_mask, is_causal, scale, block_size, window=window)
+        return triton_probe.probe_block_mass_triton(
+            q, k, is_causal, scale, block_size, window=window, ahat=ahat.contiguous()
+        )
+    probe = probe_block_mass(q, k, attn_mask, is_causal, scale, block_size, window=window)
     seen = probe.sum(-1, keepdim=True) > 0
     return torch.where(seen, (ahat + probe) * 0.5, ahat)

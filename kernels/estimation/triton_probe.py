@@ -1,23 +1,24 @@
-"""Fused Triton row probe: `probe.probe_block_mass` for attn_mask=None in one kernel.
+"""Fused Triton row probe: `probe.probe_block_mass` for attn_mask=None, and its mix into Ahat.
 
-One program per (batch, query head, tile of ``BLOCK_R`` query blocks) scores the tile's probe rows
-(query block i's last real row, r_i = min((i + 1) * b, Sq) - 1) against ``BLOCK_N`` keys per step,
-in two passes over the key tiles the tile's rows may see:
+The probe rows are query block i's last real row, r_i = min((i + 1) * b, Sq) - 1. Each row's keys
+are cut into splits of ``split_n`` keys so that a row's work spreads over many programs (one
+program per (batch, query head, tile of ``BLOCK_R`` probe rows, key split)); a program walks its
+split in steps of ``BLOCK_N`` keys. Two kernels:
 
-1. online softmax statistics per probe row: base-2 max and sum over the allowed keys (causal
-   c <= r_i, window r_i - window < c, c < Skv);
-2. the normalised probabilities, summed per key block (``BLOCK_N`` is a multiple of b), stored
-   straight into the [B, H, nq, nk] output.
+1. `_probe_stats_kernel`: each program's online-softmax statistics of its rows over its split
+   (base-2 max and sum over the allowed keys: causal c <= r_i, window r_i - window < c, c < Skv),
+   stored per (row, split) [B, H, nq, n_splits];
+2. `_probe_mass_kernel`: each program merges its rows' split statistics into the row's max and sum,
+   rescores its split and stores the normalised probabilities summed per key block (``BLOCK_N`` is
+   a multiple of b) straight into the [B, H, nq, nk] output; with ``MIX`` it stores
+   ``(ahat + mass) / 2`` for rows that see a key and ``ahat`` elsewhere (`probe.with_row_probe`).
 
-Key tiles a tile never visits (past its last row when causal; before its first row's window) are
-written as zeros, so the output needs no memset; rows that see no key get zeros. Only the output is
-written: no score matrix is materialised. Operands are the inputs' dtype (bf16/fp16 tensor cores,
-fp32 accumulation); fp32 inputs use exact fp32 dots (interpreter). Head dims up to 256 (non-powers
-of two padded with masked loads).
-
-sm_90 resources of the default `ProbeLaunch` (scripts/sm90_resources.py, bf16, causal): 64-96
-registers at D <= 128 and 124-144 at D = 256 (with / without a window), no spills, 10-40 KB of
-shared memory. Not yet timed on a GPU.
+Splitting the keys keeps every program's loop short: one program per row tile over all 32K keys
+was a 1024-step serial chain (0.85 ms a layer at 32K on an H100, 2026-12-06, nearly as long as the
+sparse attention it serves). Key tiles a row tile never sees (past its last row when causal; before
+its first row's window) are stored as zero mass without being scored, so the output needs no
+memset. Operands are the inputs' dtype (bf16/fp16 tensor cores, fp32 accumulation); fp32 inputs
+use exact fp32 dots (interpreter). Head dims up to 256 (non-powers of two padded with masked loads).
 """
 
 from __future__ import annotations
@@ -40,14 +41,19 @@ from ..triton_utils import (
     tile_dot,
 )
 
+# Splits per row at most: the mass kernel holds a row tile's split statistics in registers.
+MAX_SPLITS = 256
+
 
 @dataclass(frozen=True)
 class ProbeLaunch:
-    """Tile shape and schedule of the probe kernel: ``block_r`` probe rows (query blocks) and
-    ``block_n`` keys (raised to the block size where smaller) per step."""
+    """Tiles of the probe kernels: ``block_r`` probe rows (query blocks) and ``block_n`` keys (raised
+    to the block size where smaller) per step; ``split_n`` keys per program (raised to a multiple of
+    ``block_n``, and so that a row has at most `MAX_SPLITS` splits)."""
 
     block_r: int = 16
     block_n: int = 64
+    split_n: int = 1024
     num_warps: int = 4
     num_stages: int = 2
 
@@ -68,14 +74,17 @@ def probe_block_mass_triton(
     block_size: int,
     *,
     window: int | None = None,
+    ahat: Tensor | None = None,
     launch: ProbeLaunch | None = None,
 ) -> Tensor:
     """float32 [B, H, nq, nk]: exact attention mass on each key block of query block i's last real
-    row, as `probe.probe_block_mass` with attn_mask=None.
+    row, as `probe.probe_block_mass` with attn_mask=None; or, given ``ahat``, the mix of
+    `probe.with_row_probe` written into ``ahat`` itself (and returned).
 
     q: [B, H, Sq, D], k: [B, Hkv, Skv, D] (GQA: head h reads h // (H // Hkv)), one of bf16 / fp16 /
     fp32 (fp32 under the interpreter only, see `supported`); ``block_size``: a power of two >= 16;
-    ``window``: causal sliding window (``masks``). ``launch`` overrides the tiles; None = defaults.
+    ``window``: causal sliding window (``masks``); ``ahat``: float32 [B, H, nq, nk], contiguous.
+    ``launch`` overrides the tiles; None = defaults.
     """
     reason = supported(q, k, None)
     if reason is not None:
@@ -88,23 +97,18 @@ def probe_block_mass_triton(
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     nq, nk = triton.cdiv(q_len, block_size), triton.cdiv(kv_len, block_size)
-    out = torch.empty(batch, heads, nq, nk, dtype=torch.float32, device=q.device)
+    if ahat is not None and (ahat.shape != (batch, heads, nq, nk) or not ahat.is_contiguous()):
+        raise ValueError(
+            f"triton probe_block_mass: ahat {tuple(ahat.shape)} is not a contiguous {(batch, heads, nq, nk)}"
+        )
+    key_tiles = triton.cdiv(nk * block_size, block_n)
+    tiles_per_split = max(triton.cdiv(cfg.split_n, block_n), triton.cdiv(key_tiles, MAX_SPLITS))
+    splits = triton.cdiv(key_tiles, tiles_per_split)
     r_tiles = triton.cdiv(nq, cfg.block_r)
-    _probe_kernel[(batch * heads * r_tiles,)](
-        q,
-        k,
-        out,
-        *q.stride(),
-        *k.stride(),
-        *out.stride(),
-        heads,
-        q_len,
-        kv_len,
-        nq,
-        nk,
-        r_tiles,
-        scale * LOG2E,
-        0 if window is None else window,  # read only when WINDOWED
+    stats = torch.empty(2, batch, heads, nq, splits, dtype=torch.float32, device=q.device)
+    out = torch.empty(batch, heads, nq, nk, dtype=torch.float32, device=q.device) if ahat is None else ahat
+    grid = (batch * heads * r_tiles, splits)
+    common = dict(
         GQA=heads // kv_heads,
         BLOCK_SIZE=block_size,
         BLOCK_R=cfg.block_r,
@@ -116,6 +120,21 @@ def probe_block_mass_triton(
         FP32_DOT=needs_fp32_dot(q.dtype),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+    )
+    rows = (q, k, *q.stride(), *k.stride(), heads, q_len, kv_len, nq, r_tiles, scale * LOG2E)
+    # window: read only when WINDOWED
+    split_args = (0 if window is None else window, splits, tiles_per_split)
+    _probe_stats_kernel[grid](*rows, *split_args, stats, stats.stride(0), **common)
+    _probe_mass_kernel[grid](
+        *rows,
+        *split_args,
+        stats,
+        stats.stride(0),
+        out,
+        nk,
+        SPLITS_PAD=triton.next_power_of_2(splits),
+        MIX=ahat is not None,
+        **common,
     )
     return out
 
@@ -156,10 +175,9 @@ def _scores(
 
 
 @triton.jit
-def _probe_kernel(
+def _probe_rows(
     Q,
     K,
-    MASS,
     stride_qb,
     stride_qh,
     stride_qs,
@@ -168,18 +186,13 @@ def _probe_kernel(
     stride_kh,
     stride_kn,
     stride_kd,
-    stride_mb,
-    stride_mh,
-    stride_mi,
-    stride_mj,
     heads,
     q_len,
     kv_len,
     nq,
-    nk,
     r_tiles,
-    qk_scale,
     window,
+    tiles_per_split,
     GQA: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -188,11 +201,13 @@ def _probe_kernel(
     HEAD_DIM_PAD: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     WINDOWED: tl.constexpr,
-    FP32_DOT: tl.constexpr,
 ):
+    """This program's probe rows (query blocks ``offs_i``, rows ``rows``, their q [BLOCK_R,
+    HEAD_DIM_PAD]), its key head's base pointer, the row index of (batch, head, offs_i) in a
+    [B, H, nq] layout, its split's key tiles [split_first, split_first + tiles_per_split) and the
+    part [lo, hi) of them the rows may see."""
     # Program order, fastest first: head (heads of a KV group share key tiles in L2), row tile
-    # (last first: causal tiles near the end are the longest), batch.
-    BLOCKS_J: tl.constexpr = BLOCK_N // BLOCK_SIZE
+    # (last first: causal tiles near the end are the longest), batch; then the key split.
     pid = tl.program_id(0)
     head = (pid % heads).to(tl.int64)
     rest = pid // heads
@@ -209,9 +224,10 @@ def _probe_kernel(
         other=0.0,
     )
     k_base = K + batch * stride_kb + (head // GQA) * stride_kh + offs_d[None, :] * stride_kd
+    row_index = (batch * heads + head) * nq + offs_i
 
-    # Key tiles visited: [first, visited). Causal: up to the tile's last row; window: from the tile
-    # of the first key the tile's first row sees (numerators kept >= 0 for integer division).
+    # Key tiles the row tile sees: [first, visited). Causal: up to its last row; window: from the
+    # tile of the first key its first row sees (numerators kept >= 0 for integer division).
     key_stop = kv_len
     first = 0
     if IS_CAUSAL:
@@ -221,61 +237,134 @@ def _probe_kernel(
     if WINDOWED:
         first_row = tl.minimum((tile * BLOCK_R + 1) * BLOCK_SIZE, q_len) - 1
         first = tl.minimum(tl.maximum(first_row - window + 1, 0) // BLOCK_N, visited)
+    split_first = tl.program_id(1) * tiles_per_split
+    lo = tl.maximum(first, split_first)
+    hi = tl.minimum(visited, split_first + tiles_per_split)
+    return offs_i, row_ok, rows, q_rows, k_base, row_index, split_first, lo, hi
 
+
+@triton.jit
+def _probe_stats_kernel(
+    Q,
+    K,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    heads,
+    q_len,
+    kv_len,
+    nq,
+    r_tiles,
+    qk_scale,
+    window,
+    splits,
+    tiles_per_split,
+    STATS,
+    stats_plane,
+    GQA: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    WINDOWED: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+):
+    offs_i, row_ok, rows, q_rows, k_base, row_index, _, lo, hi = _probe_rows(
+        Q, K, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+        heads, q_len, kv_len, nq, r_tiles, window, tiles_per_split,
+        GQA, BLOCK_SIZE, BLOCK_R, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, IS_CAUSAL, WINDOWED,
+    )  # fmt: skip
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for t in tl.range(first, visited):
+    for t in tl.range(lo, hi):
         s = _scores(
-            q_rows,
-            k_base,
-            t * BLOCK_N,
-            rows,
-            stride_kn,
-            kv_len,
-            qk_scale,
-            window,
-            BLOCK_N,
-            HEAD_DIM,
-            HEAD_DIM_PAD,
-            IS_CAUSAL,
-            WINDOWED,
-            FP32_DOT,
-        )
+            q_rows, k_base, t * BLOCK_N, rows, stride_kn, kv_len, qk_scale, window,
+            BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, IS_CAUSAL, WINDOWED, FP32_DOT,
+        )  # fmt: skip
         m_i, l_i = online_stats(m_i, l_i, s)
+    # STATS [2, B, H, nq, splits]: the max, then the sum.
+    stat = STATS + row_index * splits + tl.program_id(1)
+    tl.store(stat, m_i, mask=row_ok)
+    tl.store(stat + stats_plane, l_i, mask=row_ok)
 
+
+@triton.jit
+def _probe_mass_kernel(
+    Q,
+    K,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    heads,
+    q_len,
+    kv_len,
+    nq,
+    r_tiles,
+    qk_scale,
+    window,
+    splits,
+    tiles_per_split,
+    STATS,
+    stats_plane,
+    OUT,
+    nk,
+    GQA: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    WINDOWED: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+    MIX: tl.constexpr,
+):
+    BLOCKS_J: tl.constexpr = BLOCK_N // BLOCK_SIZE
+    offs_i, row_ok, rows, q_rows, k_base, row_index, split_first, lo, hi = _probe_rows(
+        Q, K, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+        heads, q_len, kv_len, nq, r_tiles, window, tiles_per_split,
+        GQA, BLOCK_SIZE, BLOCK_R, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, IS_CAUSAL, WINDOWED,
+    )  # fmt: skip
+    # The rows' max and sum over every split (a split that saw nothing holds -inf, 0).
+    offs_s = tl.arange(0, SPLITS_PAD)
+    stat = STATS + row_index[:, None] * splits + offs_s[None, :]
+    stat_ok = row_ok[:, None] & (offs_s[None, :] < splits)
+    m_s = tl.load(stat, mask=stat_ok, other=float("-inf"))
+    l_s = tl.load(stat + stats_plane, mask=stat_ok, other=0.0)
+    m_i = tl.max(m_s, 1)
+    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    l_i = tl.sum(l_s * tl.math.exp2(m_s - m_safe[:, None]), 1)
     m_shift, inv_l = normaliser(m_i, l_i)  # rows that see no key get zeros
-    mass_base = MASS + batch * stride_mb + head * stride_mh + offs_i[:, None] * stride_mi
-    for t in tl.range(first, visited):
-        s = _scores(
-            q_rows,
-            k_base,
-            t * BLOCK_N,
-            rows,
-            stride_kn,
-            kv_len,
-            qk_scale,
-            window,
-            BLOCK_N,
-            HEAD_DIM,
-            HEAD_DIM_PAD,
-            IS_CAUSAL,
-            WINDOWED,
-            FP32_DOT,
-        )
-        p = tl.math.exp2(s - m_shift[:, None]) * inv_l[:, None]
-        mass = tl.sum(tl.reshape(p, [BLOCK_R, BLOCKS_J, BLOCK_SIZE]), 2)
-        offs_j = t * BLOCKS_J + tl.arange(0, BLOCKS_J)
-        tl.store(mass_base + offs_j[None, :] * stride_mj, mass, mask=row_ok[:, None] & (offs_j[None, :] < nk))
+    seen = l_i > 0.0
 
-    # Key blocks outside [first, visited) tiles: zeros.
-    zeros = tl.zeros([BLOCK_R, BLOCKS_J], dtype=tl.float32)
-    for t in tl.range(0, first):
+    out_base = OUT + row_index[:, None].to(tl.int64) * nk
+    for t in tl.range(split_first, split_first + tiles_per_split):
+        if (t >= lo) & (t < hi):
+            s = _scores(
+                q_rows, k_base, t * BLOCK_N, rows, stride_kn, kv_len, qk_scale, window,
+                BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, IS_CAUSAL, WINDOWED, FP32_DOT,
+            )  # fmt: skip
+            p = tl.math.exp2(s - m_shift[:, None]) * inv_l[:, None]
+            mass = tl.sum(tl.reshape(p, [BLOCK_R, BLOCKS_J, BLOCK_SIZE]), 2)
+        else:
+            mass = tl.zeros([BLOCK_R, BLOCKS_J], dtype=tl.float32)
         offs_j = t * BLOCKS_J + tl.arange(0, BLOCKS_J)
-        tl.store(
-            mass_base + offs_j[None, :] * stride_mj, zeros, mask=row_ok[:, None] & (offs_j[None, :] < nk)
-        )
-    for j0 in tl.range(visited * BLOCKS_J, nk, BLOCKS_J):
-        offs_j = j0 + tl.arange(0, BLOCKS_J)
-        tl.store(
-            mass_base + offs_j[None, :] * stride_mj, zeros, mask=row_ok[:, None] & (offs_j[None, :] < nk)
-        )
+        ptrs = out_base + offs_j[None, :]
+        ok = row_ok[:, None] & (offs_j[None, :] < nk)
+        if MIX:
+            ahat = tl.load(ptrs, mask=ok, other=0.0)
+            mass = tl.where(seen[:, None], (ahat + mass) * 0.5, ahat)
+        tl.store(ptrs, mass, mask=ok)
