@@ -17,8 +17,6 @@ from typing import Literal
 
 import torch
 
-from .shape_constants import shape_constant
-
 MaskKind = Literal["none", "causal", "bool", "additive"]
 
 
@@ -207,24 +205,6 @@ def mask_bias(
     return torch.where(keep, values.float(), float("-inf"))
 
 
-@shape_constant
-def _structural_blocks(
-    is_causal: bool, q_len: int, kv_len: int, block_size: int, device: torch.device, window: int | None
-) -> torch.Tensor:
-    """bool [1, 1, nq, nk] of `allowed_blocks` without a mask (shared: read-only)."""
-    nq, nk = -(-q_len // block_size), -(-kv_len // block_size)
-    if not is_causal:
-        return torch.ones(1, 1, nq, nk, dtype=torch.bool, device=device)
-    first_row = torch.arange(nq, device=device) * block_size
-    last_row = (first_row + block_size).clamp(max=q_len) - 1
-    first_key = torch.arange(nk, device=device) * block_size
-    allowed = first_key[None, :] <= last_row[:, None]
-    if window is not None:
-        last_key = (first_key + block_size).clamp(max=kv_len) - 1
-        allowed = allowed & (last_key[None, :] > first_row[:, None] - window)
-    return allowed.view(1, 1, nq, nk)
-
-
 def allowed_blocks(
     attn_mask: torch.Tensor | None,
     is_causal: bool,
@@ -244,13 +224,21 @@ def allowed_blocks(
     key j*b is <= the last query row of block i; with ``window`` also its last key must be
     > i*b - window (some row of block i sees it), so blocks wholly below the band are not allowed.
     An additive tile whose entries are all <= `masked_floor` (-inf or finfo.min) is not allowed.
-    Without a mask (none or causal) the tensor is made once per shape and shared: read-only.
     """
     kind = validate_mask(attn_mask, is_causal, batch, heads, q_len, kv_len)
     check_window(window, is_causal, attn_mask)
     nq, nk = -(-q_len // block_size), -(-kv_len // block_size)
-    if kind in ("none", "causal"):
-        return _structural_blocks(kind == "causal", q_len, kv_len, block_size, torch.device(device), window)
+    if kind == "none":
+        return torch.ones(1, 1, nq, nk, dtype=torch.bool, device=device)
+    if kind == "causal":
+        first_row = torch.arange(nq, device=device) * block_size
+        last_row = (first_row + block_size).clamp(max=q_len) - 1
+        first_key = torch.arange(nk, device=device) * block_size
+        allowed = first_key[None, :] <= last_row[:, None]
+        if window is not None:
+            last_key = (first_key + block_size).clamp(max=kv_len) - 1
+            allowed = allowed & (last_key[None, :] > first_row[:, None] - window)
+        return allowed.view(1, 1, nq, nk)
     mask = _as_4d(attn_mask).to(device)
     keep = mask if kind == "bool" else mask > masked_floor(mask.dtype)
     rows = nq if keep.shape[2] > 1 else 1

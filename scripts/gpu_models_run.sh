@@ -26,6 +26,9 @@ smollm2 | smollm2-graphs | gemma)
     (cd benchmarks && timeout 420 python3 bench_models.py --models "$model" --seq-lens 8192 16384 32768 \
         --variants eager dense sparse --config "${SPARSE[@]}" $extra --time-budget-s 360 \
         --out "$OUT/$2") 2>&1 | tee "$OUT/$2.txt"
+    if [ "$2" = smollm2-graphs ]; then
+        timeout 90 python3 scripts/gpu_profile_host.py --seq-lens 8192 32768 2>&1 | tee "$OUT/host_profile.txt"
+    fi
     if [ "$2" = gemma ]; then
         timeout 200 omnicompile eval --model gemma3-270m --lengths 32768 --depths 10 --device cuda \
             --dtype bfloat16 --config '{"min_seq_len": 4096}' --out "$OUT/eval_gemma3_32k.json" 2>&1 \

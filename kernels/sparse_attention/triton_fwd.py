@@ -38,7 +38,6 @@ from torch import Tensor
 
 from ..masks import check_window, masked_floor
 from ..selection.block_selection import BlockSelection
-from ..shape_constants import shape_constant
 from ..triton_utils import LOG2E, head_dim_pad, head_dim_reason, interpreting, needs_fp32_dot, tile_dot
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -112,42 +111,18 @@ def _mask_free_run(
         zeros = torch.zeros_like(counts)
         return zeros, zeros
     idx = selection.kv_indices
-    bounds = _mask_free_bounds(
-        *idx.shape[:3],
-        selection.num_kv_blocks,
-        selection.block_size,
-        selection.kv_len,
-        is_causal,
-        window,
-        idx.dtype,
-        idx.device,
-    )
-    lo, hi = torch.searchsorted(idx, bounds).to(torch.int32).minimum(counts[..., None]).unbind(-1)
-    return lo.contiguous(), torch.maximum(lo, hi)
-
-
-@shape_constant
-def _mask_free_bounds(
-    batch: int,
-    heads: int,
-    nq: int,
-    nk: int,
-    b: int,
-    kv_len: int,
-    is_causal: bool,
-    window: int | None,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> Tensor:
-    """[B, H, nq, 2] of ``dtype``: the key-block range [start, stop) of `_mask_free_run` per query block."""
-    rows = torch.arange(nq, dtype=dtype, device=device)
-    stop = torch.full((nq,), nk if kv_len % b == 0 else nk - 1, dtype=dtype, device=device)
+    b, nq, nk = selection.block_size, selection.num_q_blocks, selection.num_kv_blocks
+    rows = torch.arange(nq, dtype=idx.dtype, device=idx.device)
+    full_blocks = nk if selection.kv_len % b == 0 else nk - 1
+    stop = torch.full((nq,), full_blocks, dtype=idx.dtype, device=idx.device)
     start = torch.zeros_like(stop)
     if is_causal:
         stop = stop.clamp_max(rows)
     if window is not None:
         start = torch.div((rows + 1) * b - 1 - window, b, rounding_mode="floor").add(1).clamp_min(0)
-    return torch.stack([start, stop], -1).view(1, 1, nq, 2).expand(batch, heads, nq, 2).contiguous()
+    bounds = torch.stack([start, stop], -1).view(1, 1, nq, 2).expand(*idx.shape[:3], 2).contiguous()
+    lo, hi = torch.searchsorted(idx, bounds).to(torch.int32).minimum(counts[..., None]).unbind(-1)
+    return lo.contiguous(), torch.maximum(lo, hi)
 
 
 def unit_order(kv_num_blocks: Tensor, kv_heads: int, schedule: str) -> Tensor:
@@ -158,17 +133,12 @@ def unit_order(kv_num_blocks: Tensor, kv_heads: int, schedule: str) -> Tensor:
     last query block first.
     """
     batch, heads, nq = kv_num_blocks.shape
-    causal = _causal_units(batch * kv_heads, nq, kv_num_blocks.device)
+    units = torch.arange(batch * kv_heads * nq, dtype=torch.int32, device=kv_num_blocks.device)
+    causal = units.view(batch * kv_heads, nq).flip(-1).flatten()
     if schedule == "causal":
         return causal
-    work = kv_num_blocks.view(batch, kv_heads, heads // kv_heads, nq).amax(2).flip(-1).flatten()
+    work = kv_num_blocks.view(batch, kv_heads, heads // kv_heads, nq).amax(2).flatten()[causal.long()]
     return causal[torch.argsort(work, descending=True, stable=True)]
-
-
-@shape_constant
-def _causal_units(groups: int, nq: int, device: torch.device) -> Tensor:
-    """int32 [groups * nq]: unit indices, each group's last query block first."""
-    return torch.arange(groups * nq, dtype=torch.int32, device=device).view(groups, nq).flip(-1).flatten()
 
 
 def _check_selection(q: Tensor, k: Tensor, selection: BlockSelection) -> None:
