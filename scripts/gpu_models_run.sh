@@ -4,7 +4,8 @@
 #   bash scripts/gpu_models_run.sh PIECE STEP
 # STEP: kernels (kernel check at 32K, CUDA-graph tests, schedule check) | smollm2 (end-to-end
 # prefill, profiled) | smollm2-graphs (the same compiled with mode="reduce-overhead") | rope (SmolLM2
-# 32K under YaRN vs dynamic NTK) | gemma (end-to-end prefill + 32K eval with passkeys) | none (only receive).
+# 32K under YaRN vs dynamic NTK) | gemma (end-to-end prefill + 32K eval with passkeys) | host (host time
+# of one op call, scripts/gpu_profile_host.py) | none (only receive).
 # The call's `carry`: .gpu/whl, .gpu/models.sha256 and .gpu/pieces/PIECE.
 set -uo pipefail
 OUT="${OUT:-out}"; mkdir -p "$OUT"
@@ -17,18 +18,16 @@ case "$2" in
 kernels)
     nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/device.txt"
     timeout 200 python3 scripts/gpu_check_kernels.py --seq-lens 32768 --out "$OUT" 2>&1 | tee "$OUT/kernels.txt"
-    TRITON_INTERPRET=0 timeout 120 python3 -m pytest -q -m gpu tests/test_gpu_graphs.py 2>&1 | tee -a "$OUT/kernels.txt"
+    TRITON_INTERPRET=0 timeout 120 python3 -m pytest -q --import-mode=append -m gpu tests/test_gpu_graphs.py 2>&1 | tee -a "$OUT/kernels.txt"
     timeout 150 python3 scripts/gpu_check_schedule.py --seq-lens 32768 131072 --out "$OUT/schedule" 2>&1 \
         | tee "$OUT/schedule.txt" ;;
 smollm2 | smollm2-graphs | gemma)
     model=$([ "$2" = gemma ] && echo gemma3-270m || echo smollm2-135m)
-    extra=$([ "$2" = smollm2-graphs ] && echo --graphs || echo --profile)
+    extra=(--profile --config "${SPARSE[@]}")
+    [ "$2" = smollm2-graphs ] && extra=(--graphs)  # the default config only: each graph compile is ~85 s
     (cd benchmarks && timeout 420 python3 bench_models.py --models "$model" --seq-lens 8192 16384 32768 \
-        --variants eager dense sparse --config "${SPARSE[@]}" $extra --time-budget-s 360 \
+        --variants eager dense sparse "${extra[@]}" --time-budget-s 330 \
         --out "$OUT/$2") 2>&1 | tee "$OUT/$2.txt"
-    if [ "$2" = smollm2-graphs ]; then
-        timeout 90 python3 scripts/gpu_profile_host.py --seq-lens 8192 32768 2>&1 | tee "$OUT/host_profile.txt"
-    fi
     if [ "$2" = gemma ]; then
         timeout 200 omnicompile eval --model gemma3-270m --lengths 32768 --depths 10 --device cuda \
             --dtype bfloat16 --config '{"min_seq_len": 4096}' --out "$OUT/eval_gemma3_32k.json" 2>&1 \
@@ -41,6 +40,7 @@ rope)
             --dtype bfloat16 --max-position-embeddings 32768 --rope-scaling "$rope" \
             --config '{"min_seq_len": 4096}' --out "$OUT/eval_smollm2_32k_$name.json" 2>&1 | tee -a "$OUT/rope.txt"
     done ;;
+host) timeout 60 python3 scripts/gpu_profile_host.py --seq-lens 8192 32768 --calls 10 2>&1 | tee "$OUT/host_profile.txt" ;;
 none) ;;
 *) echo "unknown step $2" >&2; exit 2 ;;
 esac
