@@ -165,8 +165,8 @@ def test_real_selection(is_causal):
 
 @pytest.mark.parametrize("scope", ["heads", "kv_group", "head"])
 def test_heaviest_first_schedule_changes_no_result(scope):
-    """Per-head and per-group budgets make the work uneven: heaviest first (the default) and the causal
-    order give identical out and lse, both equal to the reference (GQA, partial last block, flat_head)."""
+    """Per-head and per-group budgets make the work uneven: heaviest first and the causal order (the
+    default) give identical out and lse, both equal to the reference (GQA, partial last block, flat_head)."""
     from omnicompile.structured import structured_qkv
 
     q, k, v = structured_qkv(
