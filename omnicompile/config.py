@@ -64,7 +64,7 @@ class OmniSparseConfig:
     """
 
     mode: Mode = "sparse"
-    tau: float = 0.95
+    tau: float = 0.99
     block_size: int = 64
     min_seq_len: int = 4096
     estimator: Estimator = "composite"
@@ -77,7 +77,7 @@ class OmniSparseConfig:
     lazy_threshold: float | None = None
     min_blocks: int = 0
     max_blocks: int | None = None
-    budget_scope: BudgetScope = "heads"
+    budget_scope: BudgetScope = "head"
     dense_last_blocks: int = 1
     obs_window: int = 64
     recent_window: int = 256

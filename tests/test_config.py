@@ -11,7 +11,7 @@ from omnicompile import OmniSparseConfig
 
 METHOD_DEFAULTS = dict(
     mode="sparse",
-    tau=0.95,
+    tau=0.99,
     block_size=64,
     min_seq_len=4096,
     estimator="composite",
@@ -22,7 +22,7 @@ METHOD_DEFAULTS = dict(
     lazy_threshold=None,
     min_blocks=0,
     max_blocks=None,
-    budget_scope="heads",
+    budget_scope="head",
     obs_window=64,
     recent_window=256,
     head_mass_eps=0.05,
