@@ -186,6 +186,7 @@ def test_budget_scopes_on_a_flat_head():
     budgets = {}
     for scope in ("heads", "kv_group", "head"):
         cfg = OmniSparseConfig(
+            tau=0.95,
             block_size=BLOCK,
             granularity=4,
             budget_scope=scope,
