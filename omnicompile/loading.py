@@ -12,9 +12,10 @@ Two things ``torch._inductor.aoti_load_package`` alone does not do:
 A SIGSEGV cannot be caught, so for a CUDA package in a process not started with libstdc++
 preloaded, `load_package`:
 
-1. opens the process's libstdc++ again with ``RTLD_GLOBAL`` (`apply_libstdcxx_fix`), which adds it
-   to the global lookup scope searched before ``wrapper.so``'s own dependencies (whether that is
-   enough on the GPU image is what ``scripts/gpu_diagnose_aoti.py`` tells);
+1. opens the process's libstdc++ again with ``RTLD_GLOBAL`` (`apply_libstdcxx_fix`), which appends
+   it to the global lookup scope, searched before ``wrapper.so``'s own dependencies but after the
+   libraries already in it (whether that is enough on the GPU image is what
+   ``scripts/gpu_diagnose_aoti.py`` tells);
 2. loads the package once in a fresh interpreter of this environment (`probe`, which does 1. too)
    and remembers the verdict per interpreter, torch and libstdc++ (`probe_cache_path`); if that
    process crashed, it raises `LibstdcxxCrashError` saying how to start the process, or with
@@ -159,8 +160,7 @@ def apply_libstdcxx_fix() -> LibstdcxxPlan:
     """Open this process's libstdc++ with ``RTLD_GLOBAL`` unless it was preloaded (`plan_libstdcxx`);
     returns the plan. Idempotent and cheap: a dlopen of a loaded library only adds it to the global
     scope. Warns when several libstdc++ files are mapped."""
-    preloaded = _start_environ().get("LD_PRELOAD", "").replace(":", " ").split()
-    plan = plan_libstdcxx(mapped_libraries(), preloaded, resolve_libstdcxx())
+    plan = _plan()
     if plan.mixed:
         logger.warning("omnicompile.load_package: several libstdc++ files are mapped; %s", plan.reason)
     if plan.library and not plan.preloaded:
@@ -198,12 +198,13 @@ def resolve_libstdcxx(compiler: str = "g++") -> str | None:
 
 
 def preload_env(env: Mapping[str, str] | None = None, library: str | None = None) -> dict[str, str]:
-    """``env`` (default ``os.environ``) with ``library`` (default `resolve_libstdcxx`) first in
-    ``LD_PRELOAD``: the environment of a process in which libstdc++ binds before everything else."""
+    """``env`` (default ``os.environ``) with ``library`` first in ``LD_PRELOAD``: the environment of a
+    process in which libstdc++ binds before everything else. ``library`` defaults to the libstdc++
+    this process maps, else the resolved one (`plan_libstdcxx`)."""
     env = dict(os.environ if env is None else env)
-    library = library or resolve_libstdcxx()
+    library = library or _plan().library
     if library:
-        rest = [p for p in env.get("LD_PRELOAD", "").replace(":", " ").split() if p != library]
+        rest = [p for p in _preload_list(env.get("LD_PRELOAD", "")) if p != library]
         env["LD_PRELOAD"] = " ".join([library, *rest])
     return env
 
@@ -212,8 +213,7 @@ def reexec_with_preload() -> None:
     """Restart this process (same interpreter, options and arguments, ``sys.orig_argv``) with
     libstdc++ preloaded (`preload_env`); returns only if it was preloaded already or this process is
     itself such a restart (``OMNICOMPILE_REEXECUTED`` set)."""
-    preloaded = _start_environ().get("LD_PRELOAD", "").replace(":", " ").split()
-    if os.environ.get(REEXEC_MARK) or plan_libstdcxx(mapped_libraries(), preloaded, None).preloaded:
+    if os.environ.get(REEXEC_MARK) or _plan().preloaded:
         return
     env = {**preload_env(), REEXEC_MARK: "1"}
     logger.warning("omnicompile: restarting %s with LD_PRELOAD=%s", sys.orig_argv, env.get("LD_PRELOAD"))
@@ -274,6 +274,17 @@ def _cached_probe(path: str | os.PathLike[str], device_index: int, plan: Libstdc
         except OSError:
             pass  # unwritable cache: probe again next time
     return verdicts[key]
+
+
+def _plan() -> LibstdcxxPlan:
+    """`plan_libstdcxx` for this process: its maps, its start-up ``LD_PRELOAD``, the resolved one."""
+    preloaded = _preload_list(_start_environ().get("LD_PRELOAD", ""))
+    return plan_libstdcxx(mapped_libraries(), preloaded, resolve_libstdcxx())
+
+
+def _preload_list(value: str) -> list[str]:
+    """The entries of an ``LD_PRELOAD`` value (separated by spaces or colons)."""
+    return value.replace(":", " ").split()
 
 
 def _start_environ() -> dict[str, str]:
