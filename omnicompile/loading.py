@@ -52,6 +52,7 @@ __all__ = [
     "LibstdcxxCrashError",
     "LibstdcxxPlan",
     "apply_libstdcxx_fix",
+    "libstdcxx_plan",
     "load_package",
     "mapped_libraries",
     "package_device",
@@ -156,11 +157,18 @@ def plan_libstdcxx(mapped: Iterable[str], preloaded: Iterable[str], resolved: st
     return LibstdcxxPlan(None, False, False, "no libstdc++ mapped or found")
 
 
+def libstdcxx_plan() -> LibstdcxxPlan:
+    """`plan_libstdcxx` for this process now: its maps, its start-up ``LD_PRELOAD``, the resolved
+    libstdc++."""
+    preloaded = _preload_list(_start_environ().get("LD_PRELOAD", ""))
+    return plan_libstdcxx(mapped_libraries(), preloaded, resolve_libstdcxx())
+
+
 def apply_libstdcxx_fix() -> LibstdcxxPlan:
     """Open this process's libstdc++ with ``RTLD_GLOBAL`` unless it was preloaded (`plan_libstdcxx`);
     returns the plan. Idempotent and cheap: a dlopen of a loaded library only adds it to the global
     scope. Warns when several libstdc++ files are mapped."""
-    plan = _plan()
+    plan = libstdcxx_plan()
     if plan.mixed:
         logger.warning("omnicompile.load_package: several libstdc++ files are mapped; %s", plan.reason)
     if plan.library and not plan.preloaded:
@@ -202,7 +210,7 @@ def preload_env(env: Mapping[str, str] | None = None, library: str | None = None
     process in which libstdc++ binds before everything else. ``library`` defaults to the libstdc++
     this process maps, else the resolved one (`plan_libstdcxx`)."""
     env = dict(os.environ if env is None else env)
-    library = library or _plan().library
+    library = library or libstdcxx_plan().library
     if library:
         rest = [p for p in _preload_list(env.get("LD_PRELOAD", "")) if p != library]
         env["LD_PRELOAD"] = " ".join([library, *rest])
@@ -213,7 +221,7 @@ def reexec_with_preload() -> None:
     """Restart this process (same interpreter, options and arguments, ``sys.orig_argv``) with
     libstdc++ preloaded (`preload_env`); returns only if it was preloaded already or this process is
     itself such a restart (``OMNICOMPILE_REEXECUTED`` set)."""
-    if os.environ.get(REEXEC_MARK) or _plan().preloaded:
+    if os.environ.get(REEXEC_MARK) or libstdcxx_plan().preloaded:
         return
     env = {**preload_env(), REEXEC_MARK: "1"}
     logger.warning("omnicompile: restarting %s with LD_PRELOAD=%s", sys.orig_argv, env.get("LD_PRELOAD"))
@@ -274,12 +282,6 @@ def _cached_probe(path: str | os.PathLike[str], device_index: int, plan: Libstdc
         except OSError:
             pass  # unwritable cache: probe again next time
     return verdicts[key]
-
-
-def _plan() -> LibstdcxxPlan:
-    """`plan_libstdcxx` for this process: its maps, its start-up ``LD_PRELOAD``, the resolved one."""
-    preloaded = _preload_list(_start_environ().get("LD_PRELOAD", ""))
-    return plan_libstdcxx(mapped_libraries(), preloaded, resolve_libstdcxx())
 
 
 def _preload_list(value: str) -> list[str]:

@@ -2,8 +2,8 @@
 
 One command, every step reporting and going on when another failed:
 
-1. ``maps``: the libstdc++ / libgcc files mapped into this process after ``import torch``, and what
-   `omnicompile.loading` would do here (its plan, the libstdc++ that ``g++`` resolves to).
+1. ``maps``: the libstdc++ / libgcc lines of ``/proc/self/maps`` after ``import torch``, the
+   libstdc++ that ``g++`` resolves to, and what `omnicompile.loading` would do in this process.
 2. ``build``: a bare Linear+ReLU CUDA package (`gpu_check_aoti_runtime.build`), and the ``NEEDED``
    entries of its ``wrapper.so``.
 3. Fresh processes, run at once, each loading and running the package
@@ -79,23 +79,20 @@ def step(results: dict[str, Any], name: str, run: Callable[[], Any]) -> Any:
 def maps_step() -> dict[str, Any]:
     from omnicompile import loading
 
-    mapped = loading.mapped_libraries(_MAPS_AFTER_TORCH)
-    resolved = loading.resolve_libstdcxx()
-    preloaded = os.environ.get("LD_PRELOAD", "").split()
-    plan = loading.plan_libstdcxx(mapped, preloaded, resolved)
     gxx = shutil.which("g++")
+    version = subprocess.run([gxx, "--version"], capture_output=True, text=True).stdout if gxx else ""
     return {
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": sys.executable,
-        "gxx": subprocess.run([gxx, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-        if gxx
-        else None,
-        "resolved_libstdcxx": resolved,
+        "gxx": version.split("\n")[0] or None,
+        "resolved_libstdcxx": loading.resolve_libstdcxx(),
         "LD_PRELOAD": os.environ.get("LD_PRELOAD"),
-        "libstdcxx_libgcc_mapped": [p for p in mapped if re.search(r"libstdc\+\+|libgcc", p)],
-        "mapped_count": len(mapped),
-        "plan": dataclasses.asdict(plan),
+        "maps_after_import_torch": [
+            line for line in _MAPS_AFTER_TORCH.splitlines() if re.search(r"libstdc\+\+|libgcc", line)
+        ],
+        "mapped_files_after_import_torch": len(loading.mapped_libraries(_MAPS_AFTER_TORCH)),
+        "plan_after_import_omnicompile": dataclasses.asdict(loading.libstdcxx_plan()),
     }
 
 
@@ -224,7 +221,7 @@ def _read_ld_debug(files: list[Path]) -> tuple[dict[tuple[str, str], str], list[
                     if in_wrapper:
                         scopes.append(line)
                 elif in_wrapper and line.startswith("scope"):
-                    scopes.append(line[:4000])
+                    scopes.append(line[:8000])
                 match = BINDING.search(line)
                 if match and (SYMBOLS.search(match[3]) or match[1].endswith("wrapper.so")):
                     table[_file(match[1]), f"{match[3]} [{match[4] or ''}]"] = _file(match[2])
