@@ -252,15 +252,14 @@ def main() -> int:
         if "package" in package:
             step(results, "children", lambda: children_step(package, args.device, work, args.timeout))
             step(results, "bindings", lambda: bindings_step(work, args.out))
-    children = results.get("children", {})
-    for name, result in children.items() if isinstance(children, dict) else ():
+    children = results.get("children")
+    runs = children if isinstance(children, dict) and "error" not in children else {}
+    for name, result in runs.items():
         say(
-            f"{name}: {'ok' if result.get('ok') else 'FAILED'} (status {result.get('status')}, "
-            f"{result.get('signal') or '-'}, {result.get('seconds')} s)"
+            f"{name}: {'ok' if result['ok'] else 'FAILED'} (status {result['status']}, "
+            f"{result['signal'] or '-'}, {result['seconds']} s, probe {result['probe']})"
         )
-    fixed = isinstance(children, dict) and any(
-        children.get(name, {}).get("ok") for name in ("load_package", "load_package_reexec")
-    )
+    fixed = any(runs.get(name, {}).get("ok") for name in ("load_package", "load_package_reexec"))
     say(f"omnicompile.load_package {'loads and runs' if fixed else 'did NOT load and run'} the package")
     (args.out / "diagnose.json").write_text(json.dumps(results, indent=1, default=str))
     (args.out / "diagnose.txt").write_text("\n".join(LINES) + "\n")
