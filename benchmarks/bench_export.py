@@ -8,7 +8,8 @@ caches (a cold start):
 - ``dense_package``: the same model through ``torch.export`` + AOTInductor, attention untouched;
 - ``compiled``: ``torch.compile(backend=omnicompile.backend(config), dynamic=True)``.
 
-Both packages are exported once with a dynamic sequence length and run at every ``--seq-lens``.
+Both packages are exported once with a dynamic sequence length, loaded with
+`omnicompile.load_package` and run at every ``--seq-lens``.
 Per way: load time (package load; model build for ``compiled``), first-call time at each length
 (compilation included for ``compiled``, Triton JIT of our kernels for the sparse package) and
 steady-state time (median of ``--reps``). Correctness: the sparse package must equal the compiled
@@ -30,7 +31,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -129,7 +129,6 @@ def measure(way: str, args: argparse.Namespace, work: Path) -> None:
     """Child process: load or build ``way`` (packages from ``work``), time it at every length; save
     logits and rows to ``--out``."""
     import transformers  # noqa: F401  (imports are not part of the load time)
-    from torch._inductor import aoti_load_package
 
     import omnicompile
     from omnicompile.recording import recording
@@ -141,7 +140,7 @@ def measure(way: str, args: argparse.Namespace, work: Path) -> None:
             build(args.layers, args.device), backend=omnicompile.backend(sparse_config(args)), dynamic=True
         )
     else:
-        run = aoti_load_package(str(work / f"{way}.pt2"))
+        run = omnicompile.load_package(work / f"{way}.pt2")
     load_s = time.perf_counter() - start
     rows, logits = [], {}
     for length in args.seq_lens:
@@ -176,10 +175,14 @@ def measure(way: str, args: argparse.Namespace, work: Path) -> None:
 
 
 def run_child(way: str, argv: list[str], work: Path, out: Path) -> list[dict]:
-    """Run `measure` for ``way`` in a fresh process with empty compiler caches."""
+    """Run `measure` for ``way`` in a fresh process with empty compiler caches, started with libstdc++
+    preloaded (`omnicompile.loading.preload_env`), so that `omnicompile.load_package` needs no
+    fresh-process probe, which would count as load time (docs/EXPORT.md, "Loading on CUDA")."""
+    from omnicompile.loading import preload_env
+
     with tempfile.TemporaryDirectory() as cache:
         env = {
-            **os.environ,
+            **preload_env(),
             "TRITON_CACHE_DIR": f"{cache}/triton",
             "TORCHINDUCTOR_CACHE_DIR": f"{cache}/inductor",
             "PYTHONUNBUFFERED": "1",

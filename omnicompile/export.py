@@ -2,11 +2,12 @@
 
 `export` captures the model (`omnicompile.capture.export_program`: every attention site it can
 take, SDPA calls and hand-written attention, rewritten into the op with the given config) and
-packages the result with AOTInductor (a ``.pt2`` file for ``torch._inductor.aoti_load_package``) or,
-with ``target="tensorrt"``, with Torch-TensorRT.
+packages the result with AOTInductor (a ``.pt2`` file for `omnicompile.load_package`) or, with
+``target="tensorrt"``, with Torch-TensorRT.
 
-Loading needs ``import omnicompile``: the op is a Python custom op, which AOTInductor calls back
-through the dispatcher (docs/EXPORT.md says what would remove that need).
+Loading needs omnicompile: the op is a Python custom op, which AOTInductor calls back through the
+dispatcher (docs/EXPORT.md says what would remove that need); `omnicompile.load_package` registers
+it and, on CUDA, works around the GPU image's libstdc++ crash at load.
 """
 
 from __future__ import annotations

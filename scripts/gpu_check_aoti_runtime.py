@@ -12,7 +12,9 @@ If ``plain`` fails too, the crash is the environment's, not the export path's.
 
 Variants of ``plain`` (``--cases``) probe for a way around a loader crash: ``aoti_load_package``
 with ``device_index=0``, a package with ``aot_inductor.embed_kernel_binary``, and the deprecated
-bare ``.so`` path (``torch._inductor.aot_compile`` + ``torch._export.aot_load``).
+bare ``.so`` path (``torch._inductor.aot_compile`` + ``torch._export.aot_load``); ``plain_load_package``
+loads through `omnicompile.load_package` (its libstdc++ fix, docs/EXPORT.md).
+`scripts/gpu_diagnose_aoti.py` reuses `build` and `load_and_run` to find the crash's cause.
 
 Usage: ``python3 scripts/gpu_check_aoti_runtime.py [--device cuda] [--timeout 300] [--cases ...]``;
 prints one line per case (ok or FAILED, exit status, elapsed seconds, the child's output) and exits
@@ -61,13 +63,15 @@ class WithCustomOp(Plain):
 
 
 # case -> (model, ways to build and load it); "package" ways go through aoti_compile_and_package with
-# these Inductor configs and aoti_load_package with these keywords, "legacy_so" through the deprecated
+# these Inductor configs and aoti_load_package with these keywords, "omnicompile" the same but loaded
+# by omnicompile.load_package (its libstdc++ fix), "legacy_so" through the deprecated
 # torch._inductor.aot_compile (a bare .so) and torch._export.aot_load.
 CASES = {
     "plain": ("plain", "package", {}, {}),
     "plain_device_index_0": ("plain", "package", {}, {"device_index": 0}),
     "plain_embed_kernel_binary": ("plain", "package", {"aot_inductor.embed_kernel_binary": True}, {}),
     "plain_legacy_so": ("plain", "legacy_so", {}, {}),
+    "plain_load_package": ("plain", "omnicompile", {}, {}),
     "custom_op": ("custom_op", "package", {}, {}),
 }
 
@@ -78,12 +82,16 @@ def load_and_run(path: str, device: str, seq: int, way: str, load_kwargs: dict) 
     The device starts before loading (a CUDA context exists when the loader runs), timed apart from
     the load.
     """
+    if way == "omnicompile":
+        import omnicompile  # imported before the clock starts, as a user would
     start = time.perf_counter()
     torch.zeros(1, device=device)
     print(f"{device} ready in {time.perf_counter() - start:.1f} s; loading", flush=True)
     start = time.perf_counter()
     if way == "legacy_so":
         model = torch._export.aot_load(path, device)
+    elif way == "omnicompile":
+        model = omnicompile.load_package(path, **load_kwargs)
     else:
         model = torch._inductor.aoti_load_package(path, **load_kwargs)
     print(f"loaded in {time.perf_counter() - start:.1f} s", flush=True)

@@ -1,8 +1,11 @@
 """GPU check of `omnicompile.export` (rerun on any CUDA machine; not a CI test, which has no GPU).
 
 Exports the built-in ``llama-tiny`` (bf16, CUDA) twice with a dynamic sequence length, dense and
-sparse, loads each package in a fresh interpreter (``python -X faulthandler``: a crash prints the
-Python stack) and runs it at two lengths, one ending in a partial block. Checks:
+sparse, loads each package with `omnicompile.load_package` in a fresh interpreter (``python -X
+faulthandler``: a crash prints the Python stack) and runs it at two lengths, one ending in a partial
+block. ``reexec=True``: where the loader's in-process libstdc++ fix is not enough, the interpreter
+restarts itself with libstdc++ preloaded (docs/EXPORT.md, "Loading on CUDA"; its log says so).
+Checks:
 - the dense package equals the eager model (bf16 tolerance);
 - the sparse package equals the same model compiled by the ``omnisparse`` backend with the same
   config, and every attention call inside the package ran the sparse path (our Triton kernels).
@@ -45,7 +48,7 @@ _LOADER = textwrap.dedent(
     package, inputs, outputs = sys.argv[1:]
     inputs = torch.load(inputs)  # on the device: its context exists before the package loads
     print("loading", package, flush=True)
-    model = torch._inductor.aoti_load_package(package)
+    model = omnicompile.load_package(package, reexec=True)
     print("loaded", flush=True)
     logits, decisions = [], []
     for ids in inputs:

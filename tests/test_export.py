@@ -2,8 +2,8 @@
 
 One package per mode (dense, sparse), exported once for the module with a dynamic sequence length
 and run at two lengths by a subprocess that imports nothing of ours before loading (which must
-fail: the op needs ``import omnicompile``), then imports omnicompile and records what each attention
-call ran. Dense packages must equal the eager model, sparse ones the model compiled by the
+fail: the op needs ``import omnicompile``), then loads it with `omnicompile.load_package` and records
+what each attention call ran. Dense packages must equal the eager model, sparse ones the model compiled by the
 ``omnisparse`` backend with the same config.
 """
 
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import omnicompile
 from omnicompile import OmniSparseConfig
 from omnicompile.export import export, export_program
+from omnicompile.loading import package_device
 from omnicompile.models import build_model
 from tests.helpers import REL_TOL, rel_error
 
@@ -43,7 +44,7 @@ _LOADER = textwrap.dedent(
         error_without_import = str(error)
     import omnicompile
     from omnicompile.recording import recording
-    model = torch._inductor.aoti_load_package(package)
+    model = omnicompile.load_package(package)
     logits, decisions = [], []
     for ids in torch.load(inputs):
         with recording(measure=False) as recorder:
@@ -93,6 +94,7 @@ def _reference(llama: torch.nn.Module, mode: str) -> list[torch.Tensor]:
 
 def test_package_runs_in_fresh_process_at_two_lengths(package, llama, tmp_path):
     mode, path = package
+    assert package_device(path) == "cpu"  # so load_package applies no libstdc++ fix (tests/test_loading.py)
     result = _run_package(path, tmp_path)
     assert "omnisparse::attention" in result["error_without_import"]
     assert result["decisions"] == [[mode]] * len(LENGTHS)
