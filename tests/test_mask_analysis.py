@@ -409,8 +409,9 @@ def test_classify_agrees_with_the_materialised_mask(a, op, q_len, kv_len):
         assert proof[1] < q_len and torch.equal(mask, (cols <= rows) & (cols > rows - proof[1]))
     elif proof == ("all", None):
         assert bool(mask.all())
-    elif q_len == kv_len:
-        assert not torch.equal(mask, cols <= rows), "a causal mask must be recognised"
+    # A predicate left unproven (None) is checked at run time: slower, never wrong. Completeness is
+    # not asserted here: at small sizes some predicates coincide with causal by accident (r - 2c + 1
+    # >= 0 at 2 x 2); the spellings models use are proven in the tests above.
 
 
 def test_explain_shows_the_proven_window_and_the_check():
