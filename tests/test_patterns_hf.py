@@ -17,7 +17,7 @@ from torch.fx import GraphModule
 import omnicompile.ops  # noqa: F401  (registers torch.ops.omnisparse.attention)
 from omnicompile.config import OmniSparseConfig
 from omnicompile.passes import PassReport, SiteRecord, run_passes
-from tests.helpers import REL_TOL, rel_error
+from tests.helpers import REL_TOL, rel_error, targets
 
 transformers = pytest.importorskip("transformers")
 
@@ -62,10 +62,6 @@ class Compiled:
 
     def sites(self) -> list[SiteRecord]:
         return [site for report in self.reports for site in report.sites]
-
-
-def targets(gm: GraphModule) -> list[Any]:
-    return [node.target for node in gm.graph.nodes if node.op in ("call_function", "call_method")]
 
 
 def compile_with_passes(model: torch.nn.Module, **kwargs: Any) -> Compiled:
