@@ -272,10 +272,6 @@ EAGER_UNTOUCHED = {
         lambda q, k, v, m: (q @ k.transpose(-2, -1) + (m == 0)).softmax(-1) @ v,
         "torch.bool, not an additive float mask",
     ),
-    "key_not_transposed": (
-        lambda q, k, v, m: (q @ k.permute(0, 1, 3, 2)).softmax(-1) @ v,
-        "is not a transpose of k's last two dims",
-    ),
 }
 
 
