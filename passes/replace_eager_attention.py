@@ -186,6 +186,8 @@ def _scale_source(node: Node) -> tuple[float | Node | None, Node, str | None] | 
     divisor, x = bound["other"], bound["input"]
     if is_number(divisor) and divisor != 0:
         return 1.0 / divisor, x, None
+    if is_scalar_value(divisor):
+        return None, x, f"the scores are divided by a symbolic value ({divisor.name}; the op takes a factor)"
     if not _is_scalar_tensor(divisor):
         return None
     value, blocker = _constant_factor(divisor, invert=True)
@@ -246,11 +248,10 @@ def _scores(node: object, mask_allowed: bool) -> _Scores | None:
 
 def _from_product(node: Node, product: ScoreProduct, mask_allowed: bool) -> _Scores | None:
     """The walk's start: the product, with ``baddbmm``'s scale and bias (a bias then scaled: None)."""
-    scores = _Scores(product, node, nodes=(node,))
-    if not is_number(product.alpha):
-        scores = dataclasses.replace(scores, scale=None)
-    else:
-        scores = dataclasses.replace(scores, scale=float(product.alpha))
+    alpha = product.alpha
+    if not is_scalar_value(alpha):
+        return _Scores(product, node, nodes=(node,), blocker=f"{node.name}: baddbmm alpha={alpha!r}")
+    scores = _Scores(product, node, scale=float(alpha) if is_number(alpha) else alpha, nodes=(node,))
     if product.bias is None or product.beta == 0:
         return scores
     if not mask_allowed:

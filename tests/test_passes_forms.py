@@ -43,12 +43,13 @@ class Compiled:
         return [target for report in self.reports for target in targets(report.graph_module)]
 
 
-def compile_dense(fn: Callable[..., Any], *args: Any) -> Compiled:
+def compile_dense(fn: Callable[..., Any], *args: Any, dynamic: bool = False) -> Compiled:
     """``fn(*args)`` compiled by the omnisparse backend (mode="dense"), with its pass reports."""
     reports: list[PassReport] = []
+    backend = omnicompile.backend(DENSE, reports=reports)
     torch._dynamo.reset()
     with torch.no_grad():
-        output = torch.compile(fn, backend=omnicompile.backend(DENSE, reports=reports), fullgraph=True)(*args)
+        output = torch.compile(fn, backend=backend, fullgraph=True, dynamic=dynamic)(*args)
     return Compiled(reports, output)
 
 
@@ -333,3 +334,61 @@ def test_lookalike_is_not_rewritten(case: str) -> None:
     assert compiled.sites() == [] and OP not in compiled.rewritten_targets()
     with torch.no_grad():
         check_numerics(compiled.output, fn(*args))
+
+
+# ---- dynamic shapes and the sparse path -------------------------------------------------------
+
+
+class BartLayer(torch.nn.Module):
+    """BART's layout from hidden states: heads a constant (H), batch and length dynamic."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q, k, v = (
+            t.view(batch, length, H, D).transpose(1, 2).reshape(batch * H, length, D) for t in x.chunk(3, -1)
+        )
+        scores = torch.bmm(q, k.transpose(1, 2)) * D**-0.5
+        scores = scores.view(batch, H, length, length) + mask
+        weights = F.softmax(scores.view(batch * H, length, length), dim=-1)
+        return torch.bmm(weights, v).view(batch, H, length, D)
+
+
+def test_batched_heads_with_dynamic_shapes() -> None:
+    torch.manual_seed(4)
+    x, mask = torch.randn(B, 24, 3 * H * D), torch.zeros(24, 24).masked_fill(~causal_keep(24, 24), FMIN)
+    compiled = compile_dense(BartLayer(), x, mask, dynamic=True)
+    (site,) = compiled.sites()
+    assert site.status == "replaced" and isinstance(site.shapes[0][0], str), site
+    check_numerics(compiled.output, BartLayer()(x, mask))
+
+
+class DividedByAttribute(torch.nn.Module):
+    """Scores divided by a float attribute: a symbolic value under ``dynamic=True``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.divisor = D**0.5
+
+    def forward(self, q, k, v):
+        return torch.matmul((torch.matmul(q, k.transpose(-1, -2)) / self.divisor).softmax(-1), v)
+
+
+def test_division_by_a_symbolic_value_stays_with_reason() -> None:
+    args = qkv()
+    compiled = compile_dense(DividedByAttribute(), *args, dynamic=True)
+    (site,) = compiled.sites()
+    assert site.status == "untouched" and "divided by a symbolic value" in site.reason
+    check_numerics(compiled.output, DividedByAttribute()(*args))
+
+
+def test_batched_heads_form_runs_sparse() -> None:
+    """The bmm form with a causal masked_fill at 64 keys on the sparse path (every block kept: exact)."""
+    config = OmniSparseConfig(block_size=16, min_seq_len=16, tau=1.0, query_selection=False)
+    torch.manual_seed(5)
+    x = torch.randn(B, 64, 3 * H * D)
+    mask = torch.zeros(64, 64).masked_fill(~causal_keep(64, 64), FMIN)
+    torch._dynamo.reset()
+    report = omnicompile.explain(BartLayer(), x, mask, config=config, measure=False)
+    (site,) = report.sites
+    assert site.decision == "sparse", site.reason
+    check_numerics(report.output, BartLayer()(x, mask))
