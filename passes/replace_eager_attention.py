@@ -112,41 +112,32 @@ def replace_eager_attention(gm: GraphModule, ctx: PassContext) -> bool:
 
 
 def _rewrite(gm: GraphModule, ctx: PassContext, scores: _Scores, weights: _Weights) -> bool:
-    """Build the op's operands (4-D views, the folded mask), rewrite the site, or undo the operands."""
+    """Build the op's operands (4-D views, the folded mask), rewrite the site, or undo the operands.
+
+    A blocked site is recorded with its operands as the graph holds them (and no mask).
+    """
     site, before = weights.product, weights.product
-    operands = (
-        site,
-        scores.product.query,
-        scores.product.key,
-        weights.value,
-        *(t.node for t in scores.terms),
-    )
-    missing = [node.name for node in operands if example_value(node) is None]
-    if missing:  # nothing to build the operands on: recorded as the graph holds them
-        call = AttentionCall(
-            scores.product.query, scores.product.key, weights.value, None, 0.0, False, 1.0, False
-        )
-        return rewrite_site(
-            gm, ctx, site, "eager", call, f"no example value recorded for {', '.join(missing)}"
-        )
-    existing = set(gm.graph.nodes)
+    query, key, value = scores.product.query, scores.product.key, weights.value
     all_heads = scores.heads | weights.heads
-    heads = next(iter(all_heads)) if len(all_heads) == 1 else None if all_heads else 1
-    key = scores.product.key
+    needed = (site, query, key, value, *(term.node for term in scores.terms))
+    missing = [node.name for node in needed if example_value(node) is None]
+    blocker = f"no example value recorded for {', '.join(missing)}" if missing else None
+    blocker = blocker or _blocker(scores, weights, all_heads)
+    if blocker:
+        call = AttentionCall(query, key, value, None, 0.0, False, 1.0, False)
+        return rewrite_site(gm, ctx, site, "eager", call, blocker)
+    existing, heads = set(gm.graph.nodes), next(iter(all_heads), 1)
     if scores.product.key_transposed:
         key = untransposed(key) or insert_call(gm, before, torch.transpose, (key, -2, -1))
-    query, value, mask = scores.product.query, weights.value, None
     score_shape, site_shape = example_value(scores.node).shape, example_value(site).shape
-    if heads is not None:
-        if len(score_shape) == 3:  # a product on [B*H, ...]: its operands as [B, H, ...]
-            query = to_heads(gm, before, query, heads, score_shape[0])
-            key = to_heads(gm, before, key, heads, score_shape[0])
-        if len(site_shape) == 3:
-            value = to_heads(gm, before, value, heads, site_shape[0])
-        mask = fold_terms(gm, before, scores.terms, heads, score_shape[0])
+    if len(score_shape) == 3:  # a product on [B*H, ...]: its operands as [B, H, ...]
+        query = to_heads(gm, before, query, heads, score_shape[0])
+        key = to_heads(gm, before, key, heads, score_shape[0])
+    if len(site_shape) == 3:
+        value = to_heads(gm, before, value, heads, site_shape[0])
+    mask = fold_terms(gm, before, scores.terms, heads)
     call = AttentionCall(query, key, value, mask, 0.0, False, scores.scale, False)
-    blocker = _blocker(scores, weights, all_heads)
-    if rewrite_site(gm, ctx, site, "eager", call, blocker, flatten_heads=len(site_shape) == 3):
+    if rewrite_site(gm, ctx, site, "eager", call, flatten_heads=len(site_shape) == 3):
         for node in scores.nodes:
             if IADD.matches(node):
                 node.target = operator.add  # its input is used by nothing else: in place is not needed
@@ -256,7 +247,7 @@ def _from_product(node: Node, product: ScoreProduct, mask_allowed: bool) -> _Sco
         return scores
     if not mask_allowed:
         return None
-    term = ScoreTerm(product.bias, "add", batched=example_value(node).dim() == 3)
+    term = ScoreTerm(product.bias, "add", _batch_heads(node))
     blocker = None if product.beta == 1 else f"{node.name}: baddbmm beta={product.beta!r} (not 0 or 1)"
     return dataclasses.replace(scores, terms=(term,), blocker=blocker)
 
@@ -282,11 +273,16 @@ def _masked_scores(node: Node) -> _Scores | None:
         inner = _scores(scores_node, mask_allowed=True)
         if inner is None:
             continue
-        batched = example_value(node).dim() == 3
         blocker = _term_blocker(node, scores_node, term, kind, low)
-        terms = (*inner.terms, ScoreTerm(term, kind, batched))
+        terms = (*inner.terms, ScoreTerm(term, kind, _batch_heads(node)))
         return dataclasses.replace(inner, terms=terms, blocker=inner.blocker or blocker)
     return None
+
+
+def _batch_heads(scores: Node) -> object:
+    """B*H for 3-D ``[B*H, Sq, Skv]`` scores, None for 4-D ones."""
+    shape = example_value(scores).shape
+    return shape[0] if len(shape) == 3 else None
 
 
 def _term_blocker(node: Node, scores: Node, term: Node, kind: TermKind, low: object) -> str | None:

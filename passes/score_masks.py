@@ -35,21 +35,22 @@ TermKind = Literal["add", "masked", "kept"]
 
 @dataclass(frozen=True)
 class ScoreTerm:
-    """One term on the scores; ``batched``: applied to 3-D ``[B*H, Sq, Skv]`` scores."""
+    """One term on the scores; ``batch_heads``: B*H when the scores it applies to are 3-D
+    ``[B*H, Sq, Skv]``, None when they are 4-D."""
 
     node: Node
     kind: TermKind
-    batched: bool
+    batch_heads: object = None
 
 
-def fold_terms(
-    gm: GraphModule, before: Node, terms: Sequence[ScoreTerm], heads: int, batch_heads: object
-) -> Node | None:
+def fold_terms(gm: GraphModule, before: Node, terms: Sequence[ScoreTerm], heads: int) -> Node | None:
     """One mask broadcastable to ``[B, H, Sq, Skv]`` equal in effect to ``terms`` (None for no terms),
-    its nodes inserted before ``before``; ``batch_heads`` is B*H, the leading dim of 3-D scores."""
+    its nodes inserted before ``before``; H is ``heads``."""
 
     def four_d(term: ScoreTerm) -> Node:
-        return to_heads(gm, before, term.node, heads, batch_heads) if term.batched else term.node
+        if term.batch_heads is None:
+            return term.node
+        return to_heads(gm, before, term.node, heads, term.batch_heads)
 
     additive = None
     for term in terms:

@@ -163,6 +163,12 @@ def deberta(q, k, v, attention_mask):
     return torch.bmm(probs.view(-1, probs.size(-2), probs.size(-1)), v3)
 
 
+def merged_after_a_4d_product(q, k, v, bias):
+    """A 4-D product viewed as [B*H, S, S], two 3-D terms added there, bmm with a 3-D v."""
+    scores = (q @ k.transpose(-1, -2)).view(B * H, S, S) + bias[:, :1] + bias
+    return torch.bmm(scores.softmax(-1), heads_folded(v))
+
+
 def tensor_scale_after_product(q, k, v):
     """Scores divided by a 0-d tensor proven constant (``sqrt(tensor(D))``)."""
     scores = torch.matmul(q, k.transpose(-1, -2)) / torch.sqrt(torch.tensor(D, dtype=torch.float32))
@@ -207,6 +213,11 @@ FORMS: dict[str, tuple[Callable[..., Any], Callable[[], tuple[torch.Tensor, ...]
     "t5_bias_in_place_type_as": (t5, lambda: (*qkv(), torch.randn(1, H, S, S)), "additive"),
     "deberta_tensor_scale_on_key": (deberta, lambda: (*qkv(), padding()), "additive"),
     "tensor_scale_proven_constant": (tensor_scale_after_product, qkv, "none"),
+    "merged_view_with_3d_terms": (
+        merged_after_a_4d_product,
+        lambda: (*qkv(), torch.randn(B * H, S, S)),
+        "additive",
+    ),
     "permuted_key_to_float": (
         lambda q, k, v: torch.matmul((q @ k.permute(0, 1, 3, 2)).softmax(-1).to(torch.float32), v),
         qkv,
