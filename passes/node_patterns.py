@@ -91,7 +91,7 @@ UNSQUEEZE = _call({torch.unsqueeze}, {"unsqueeze"}, ("input", "dim"))
 INDEX = _call({operator.getitem}, set(), ("input", "index"))
 # Variadic sizes: only `matches` and the input (args[0]) are used.
 EXPAND = _call(set(), {"expand"})
-RESHAPE = _call({torch.reshape}, {"reshape", "view"})
+RESHAPE = _call({torch.reshape, torch.flatten, torch.unflatten}, {"reshape", "view", "flatten", "unflatten"})
 PERMUTE = _call({torch.permute}, {"permute"})
 COPY = _call({torch.clone}, {"clone", "contiguous"})
 SDPA = _call(
