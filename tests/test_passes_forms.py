@@ -303,7 +303,7 @@ def test_unsupported_form_stays_with_reason(form: str, caplog: pytest.LogCapture
     assert site.status == "untouched" and reason in site.reason
     summaries = [r.getMessage() for r in caplog.records if "attention sites rewritten" in r.getMessage()]
     assert len(summaries) == 1 and "0 of 1 attention sites rewritten" in summaries[0]
-    assert "see omnicompile.explain" in summaries[0]
+    assert "see omnicompile.explain" in summaries[0] and f"1x {site.reason}" in summaries[0]
     with torch.no_grad():
         check_numerics(compiled.output, fn(*args))
 
