@@ -243,13 +243,16 @@ def _from_product(node: Node, product: ScoreProduct, mask_allowed: bool) -> _Sco
     if not is_scalar_value(alpha):
         return _Scores(product, node, nodes=(node,), blocker=f"{node.name}: baddbmm alpha={alpha!r}")
     scores = _Scores(product, node, scale=float(alpha) if is_number(alpha) else alpha, nodes=(node,))
-    if product.bias is None or product.beta == 0:
+    beta = product.beta
+    if product.bias is None or (is_number(beta) and beta == 0):  # beta 0: the bias is ignored
         return scores
     if not mask_allowed:
         return None
-    term = ScoreTerm(product.bias, "add", _batch_heads(node))
-    blocker = None if product.beta == 1 else f"{node.name}: baddbmm beta={product.beta!r} (not 0 or 1)"
-    return dataclasses.replace(scores, terms=(term,), blocker=blocker)
+    if not is_scalar_value(beta):
+        return dataclasses.replace(scores, blocker=f"{node.name}: baddbmm beta={beta!r}")
+    # A symbolic beta scales the bias; it differs from baddbmm only for beta 0 with a non-finite bias.
+    term = ScoreTerm(product.bias, "add", _batch_heads(node), float(beta) if is_number(beta) else beta)
+    return dataclasses.replace(scores, terms=(term,))
 
 
 def _masked_scores(node: Node) -> _Scores | None:

@@ -3,7 +3,7 @@
 Between the score product and the softmax, a term is one of:
 
 - ``"add"``: a float tensor added (an additive padding or causal mask, T5's relative position bias,
-  BLOOM's ALiBi through ``baddbmm``); several add up;
+  BLOOM's ALiBi through ``baddbmm``, times its beta); several add up;
 - ``"masked"``: ``scores.masked_fill(m, low)``, masked where ``m`` is True (DistilBERT, DeBERTa);
 - ``"kept"``: ``torch.where(c, scores, low)``, kept where ``c`` is True (GPT-2's causal buffer);
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch.fx import GraphModule, Node
@@ -28,7 +28,7 @@ from torch.fx import GraphModule, Node
 from .attention_site import insert_call
 from .head_views import to_heads
 from .mask_interpreter import NOT
-from .node_patterns import example_value
+from .node_patterns import example_value, is_number
 
 TermKind = Literal["add", "masked", "kept"]
 
@@ -36,11 +36,13 @@ TermKind = Literal["add", "masked", "kept"]
 @dataclass(frozen=True)
 class ScoreTerm:
     """One term on the scores; ``batch_heads``: B*H when the scores it applies to are 3-D
-    ``[B*H, Sq, Skv]``, None when they are 4-D."""
+    ``[B*H, Sq, Skv]``, None when they are 4-D; ``factor`` multiplies an added term (``baddbmm``'s
+    beta: a number or a symbolic float's node)."""
 
     node: Node
     kind: TermKind
     batch_heads: object = None
+    factor: Any = 1.0
 
 
 def fold_terms(gm: GraphModule, before: Node, terms: Sequence[ScoreTerm], heads: int) -> Node | None:
@@ -48,9 +50,12 @@ def fold_terms(gm: GraphModule, before: Node, terms: Sequence[ScoreTerm], heads:
     its nodes inserted before ``before``; H is ``heads``."""
 
     def four_d(term: ScoreTerm) -> Node:
-        if term.batch_heads is None:
-            return term.node
-        return to_heads(gm, before, term.node, heads, term.batch_heads)
+        node = term.node
+        if term.batch_heads is not None:
+            node = to_heads(gm, before, node, heads, term.batch_heads)
+        if is_number(term.factor) and term.factor == 1:
+            return node
+        return insert_call(gm, before, torch.mul, (node, term.factor))
 
     additive = None
     for term in terms:

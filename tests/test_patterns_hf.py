@@ -65,7 +65,7 @@ class Compiled:
         return [site for report in self.reports for site in report.sites]
 
 
-def compile_with_passes(model: torch.nn.Module, **kwargs: Any) -> Compiled:
+def compile_with_passes(model: torch.nn.Module, dynamic: bool | None = None, **kwargs: Any) -> Compiled:
     """Run ``model(**kwargs)`` compiled by a backend that runs `run_passes` and executes the result."""
     compiled = Compiled()
 
@@ -76,7 +76,7 @@ def compile_with_passes(model: torch.nn.Module, **kwargs: Any) -> Compiled:
 
     torch._dynamo.reset()
     with torch.no_grad():
-        compiled.output = torch.compile(model, backend=backend)(**kwargs)
+        compiled.output = torch.compile(model, backend=backend, dynamic=dynamic)(**kwargs)
     return compiled
 
 
@@ -153,8 +153,9 @@ OLDER_FORMS: dict[str, tuple[Any, Any, int, str]] = {
 }  # fmt: skip
 
 
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 @pytest.mark.parametrize("family", sorted(OLDER_FORMS))
-def test_older_attention_forms_become_the_op(family: str) -> None:
+def test_older_attention_forms_become_the_op(family: str, dynamic: bool) -> None:
     """Every attention layer of eager GPT-2, BLOOM, T5 and DeBERTa-v2 becomes the op; dense equals eager."""
     model_class, config, layers, field_name = OLDER_FORMS[family]
     torch.manual_seed(0)
@@ -162,7 +163,7 @@ def test_older_attention_forms_become_the_op(family: str) -> None:
     kwargs = inputs()
     if family == "t5":
         kwargs["decoder_input_ids"] = kwargs["input_ids"][:, :7]
-    compiled = compile_with_passes(model, **kwargs)
+    compiled = compile_with_passes(model, dynamic=dynamic, **kwargs)
     sites = compiled.sites()
     assert len(sites) == layers
     for site in sites:
