@@ -22,8 +22,10 @@ their operands unflattened to 4-D and the op's output flattened back (`head_view
 The site is ``out``. A site is recorded but left untouched, with the reason, when an intermediate
 (scores, weights) is used elsewhere (the op does not produce them), for a dropout in training, a bool
 tensor added as a mask, a masked_fill / where value that does not mask, a scaling by a tensor not
-proven constant, and logit soft-capping (``tanh(scores / cap) * cap``: the op has no soft-cap yet).
-Shapes the op cannot take are left with `attention_site.unsupported_reason`.
+proven constant or a division by a symbolic value, views whose head count is symbolic or differs,
+and logit soft-capping (``tanh(scores / cap) * cap``: the op has no soft-cap yet). Shapes the op
+cannot take are left with `attention_site.unsupported_reason`. Anything else (a softmax over another
+dim, products that are not q·kᵀ then ·v, a mask after the softmax) is not a site.
 
 Why an explicit matcher and not Inductor's pattern matcher: ``register_replacement`` traces its
 search functions to ATen graphs, while this pass runs on the torch-level Dynamo graph, where one
