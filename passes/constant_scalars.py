@@ -15,6 +15,7 @@ import operator
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx import Node
 
 from .node_patterns import example_value, is_number
@@ -48,10 +49,11 @@ def _constant_tensor(node: Any) -> torch.Tensor | None:
     kwargs = {key: _constant_arg(arg) for key, arg in node.kwargs.items() if key != "device"}
     if any(arg is _UNKNOWN for arg in (*args, *kwargs.values())):
         return None
-    if node.op == "call_method":
-        result = getattr(args[0], node.target)(*args[1:], **kwargs)
-    else:
-        result = node.target(*args, **kwargs)
+    with unset_fake_temporarily():  # real numbers, whatever mode the backend is called under
+        if node.op == "call_method":
+            result = getattr(args[0], node.target)(*args[1:], **kwargs)
+        else:
+            result = node.target(*args, **kwargs)
     return result if isinstance(result, torch.Tensor) and result.numel() == 1 else None
 
 
