@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -62,14 +63,15 @@ def compile_graph(
     for site in report.sites:
         if site.status != "replaced":
             logger.info("omnisparse: attention site %s left untouched: %s", site.site, site.reason)
-    untouched = sum(site.status != "replaced" for site in report.sites)
-    if untouched:
+    reasons = Counter(site.reason for site in report.sites if site.status != "replaced")
+    if reasons:
         logger.warning(
             "omnisparse: %d of %d attention sites rewritten in graph %s; see omnicompile.explain for why "
-            "the others were left untouched",
-            len(report.sites) - untouched,
+            "the others were left untouched (%s)",
+            len(report.sites) - reasons.total(),
             len(report.sites),
             report.sites[0].site.split(".")[0],
+            "; ".join(f"{count}x {reason}" for reason, count in reasons.items()),
         )
     return _lower(report.graph_module, example_inputs, cfg, mode)
 

@@ -9,20 +9,25 @@ appends a `SiteRecord` and, when supported, inserts::
                                                        scale, enable_gqa, config_json, site, None, None)
     out = operator.getitem(attention, 0)
 
-before the site's node and moves every use of that node to ``out`` (the op's arguments always all
-positional: `attention_args` and `set_attention_args` read and change them by name). The node
-itself and the pattern feeding it become dead; the cleanup removes them.
+before the site's node (`insert_call`: every inserted node gets its example value) and moves every
+use of that node to ``out`` (the op's arguments always all positional: `attention_args` and
+`set_attention_args` read and change them by name). The node itself and the pattern feeding it
+become dead; the cleanup removes them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx import GraphModule, Node
+from torch.fx.node import map_arg
 
 from omnicompile.ops import autocast_inputs, check_inputs
 
@@ -110,11 +115,13 @@ def rewrite_site(
     pattern: Pattern,
     call: AttentionCall,
     blocker: str | None = None,
+    flatten_heads: bool = False,
 ) -> bool:
     """Record the site and, unless ``blocker`` or `unsupported_reason` says why not, replace it by the op.
 
     ``site`` is the node whose value the attention produces; ``blocker`` is a pattern-specific reason
-    found by the pass (e.g. an intermediate used elsewhere). Returns whether the graph changed.
+    found by the pass (e.g. an intermediate used elsewhere); ``flatten_heads``: the site is 3-D
+    ``[B*H, Sq, Dv]``, the op's ``[B, H, Sq, Dv]`` output flattened to it. Returns whether the graph changed.
     """
     call = fold_repeat_kv(call)
     reason = blocker or unsupported_reason(call)
@@ -132,11 +139,13 @@ def rewrite_site(
     )
     if reason:
         return False
-    _insert_op(gm, site, call, ctx.config_json, name)
+    _insert_op(gm, site, call, ctx.config_json, name, flatten_heads)
     return True
 
 
-def _insert_op(gm: GraphModule, site: Node, call: AttentionCall, config_json: str, name: str) -> None:
+def _insert_op(
+    gm: GraphModule, site: Node, call: AttentionCall, config_json: str, name: str, flatten_heads: bool
+) -> None:
     scale = float(call.scale) if is_number(call.scale) else call.scale
     args = (
         call.query,
@@ -152,17 +161,31 @@ def _insert_op(gm: GraphModule, site: Node, call: AttentionCall, config_json: st
         None,
         None,
     )
-    with gm.graph.inserting_before(site):
-        attention = gm.graph.call_function(ATTENTION, args)
-        out = gm.graph.call_function(operator.getitem, (attention, 0))
-    fake_args = [a.meta["example_value"] if isinstance(a, Node) else a for a in args]
-    # The example values' own mode: Dynamo hands the backend a different one in its tracing context.
-    with example_value(call.query).fake_mode:
-        fake_outputs = ATTENTION(*fake_args)
-    for node, value in ((attention, fake_outputs), (out, fake_outputs[0])):
-        node.meta.update({key: site.meta[key] for key in _PROVENANCE_META if key in site.meta})
-        node.meta["example_value"] = value
+    out = insert_call(gm, site, operator.getitem, (insert_call(gm, site, ATTENTION, args), 0))
+    if flatten_heads:
+        out = insert_call(gm, site, torch.flatten, (out, 0, 1))
     site.replace_all_uses_with(out)
+
+
+def insert_call(
+    gm: GraphModule,
+    before: Node,
+    target: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any] | None = None,
+) -> Node:
+    """Insert ``target(*args, **kwargs)`` before ``before``, with its example value (computed on the
+    arguments' example values in their own fake mode) and ``before``'s provenance (stack trace, module)."""
+    kwargs = kwargs or {}
+    with gm.graph.inserting_before(before):
+        node = gm.graph.call_function(target, args, kwargs)
+    fake_args, fake_kwargs = map_arg((args, kwargs), lambda arg: arg.meta["example_value"])
+    tensors = [leaf for leaf in pytree.tree_leaves(fake_args) if isinstance(leaf, FakeTensor)]
+    # The example values' own mode: Dynamo hands the backend a different one in its tracing context.
+    with tensors[0].fake_mode:
+        node.meta["example_value"] = target(*fake_args, **fake_kwargs)
+    node.meta.update({key: before.meta[key] for key in _PROVENANCE_META if key in before.meta})
+    return node
 
 
 def _shape(node: Node) -> Shape:

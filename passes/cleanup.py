@@ -2,9 +2,10 @@
 
 Dead-code elimination cannot use FX's default purity on a torch-level graph: ``Node.is_impure``
 deems every ``call_method`` pure, so an in-place ``cache.index_copy_(...)`` whose result is unused
-would be deleted. Only unused nodes of the operations the rewrites consume (views, matmuls,
-scalings, softmax, float casts, identity dropouts, SDPA without dropout, and the mask
-construction that `mask_from_positions` proved: `mask_interpreter.MASK_CALLS`) are removed.
+would be deleted. Only unused nodes of the operations the rewrites consume (views, products,
+scalings, softmax, float casts, copies, identity dropouts, SDPA without dropout, and the mask
+construction that `mask_from_positions` proved: `mask_interpreter.MASK_CALLS`) are removed. An
+in-place ``scores += bias`` the eager rewrite consumed is first made out of place by that pass.
 """
 
 from __future__ import annotations
@@ -14,12 +15,17 @@ from torch.fx import GraphModule, Node
 from .mask_interpreter import MASK_CALLS
 from .node_patterns import (
     ADD,
+    BADDBMM,
+    BMM,
+    COPY,
     DIV,
     DROPOUT,
+    EINSUM,
     EXPAND,
     INDEX,
     MATMUL,
     MUL,
+    PERMUTE,
     RESHAPE,
     SDPA,
     SOFTMAX,
@@ -29,7 +35,10 @@ from .node_patterns import (
     float_cast_source,
 )
 
-_PURE_CALLS = (ADD, DIV, EXPAND, INDEX, MATMUL, MUL, RESHAPE, SOFTMAX, TRANSPOSE, UNSQUEEZE, *MASK_CALLS)
+_PURE_CALLS = (
+    *(ADD, BADDBMM, BMM, COPY, DIV, EINSUM, EXPAND, INDEX, MATMUL, MUL, PERMUTE, RESHAPE, SOFTMAX),
+    *(TRANSPOSE, UNSQUEEZE, *MASK_CALLS),
+)
 
 
 def is_removable(node: Node) -> bool:

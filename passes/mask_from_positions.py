@@ -10,9 +10,11 @@ what it is:
 - keeps everything: ``attn_mask=None``;
 - another function of positions: unchanged;
 - unknown (e.g. built from a padding ``attention_mask`` input): one ``omnisparse::causal_mask_check``
-  per distinct mask node, inserted right after it, whose result (a 0-d bool on the CPU) every call
-  on that mask gets as ``mask_check``; the op then runs ``is_causal=True`` when it is True. No check
-  is inserted where the query and key lengths are known to differ (the mask cannot be causal then).
+  per distinct mask node, inserted before the first op on it, whose result (a 0-d bool on the CPU)
+  every call on that mask gets as ``mask_check`` (a mask written in place: one check per op); the
+  op then runs ``is_causal=True`` when it is True. No check is inserted where the query and key
+  lengths are known to differ (the mask cannot be causal then). A mask written in place after it
+  was built (``mask[i] = v``, ``mask.fill_(v)``, through a view too) is unknown.
 
 The site records follow (``mask``, ``window``, ``mask_checked``). A proven mask's construction is then
 dead and the cleanup removes it (the interpreter's operations are all pure).
@@ -30,7 +32,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from omnicompile import ops  # noqa: F401  (registers torch.ops.omnisparse.causal_mask_check)
 
 from .attention_site import ATTENTION, attention_args, set_attention_args
-from .mask_interpreter import MaskInterpreter
+from .mask_interpreter import MaskInterpreter, written_in_place
 from .mask_values import classify
 from .node_patterns import example_value
 from .site_record import PassContext
@@ -41,7 +43,7 @@ CAUSAL_MASK_CHECK = torch.ops.omnisparse.causal_mask_check.default
 def mask_from_positions(gm: GraphModule, ctx: PassContext) -> bool:
     """Replace proven masks and check unknown ones in ``gm`` in place; returns whether it changed."""
     interpreter = MaskInterpreter()
-    checks: dict[Node, Node] = {}
+    checks: dict[tuple[Node, Node | None], Node] = {}
     changed = False
     for node in list(gm.graph.find_nodes(op="call_function", target=ATTENTION)):
         args = attention_args(node)
@@ -54,9 +56,12 @@ def mask_from_positions(gm: GraphModule, ctx: PassContext) -> bool:
         if proof is None:
             if statically_known_true(q_len != kv_len):
                 continue
-            if mask not in checks:
-                checks[mask] = _insert_check(gm, mask)
-            changes = {"mask_check": checks[mask]}
+            # Checked right before the op: the mask may be written in place after it was built
+            # (then every op checks it itself, as the writes may lie between them).
+            key = (mask, node) if written_in_place(mask) else (mask, None)
+            if key not in checks:
+                checks[key] = _insert_check(gm, mask, node)
+            changes = {"mask_check": checks[key]}
         elif proof[0] == "causal":
             changes = {"attn_mask": None, "is_causal": True}
         elif proof[0] == "window":
@@ -71,8 +76,8 @@ def mask_from_positions(gm: GraphModule, ctx: PassContext) -> bool:
     return changed
 
 
-def _insert_check(gm: GraphModule, mask: Node) -> Node:
-    with gm.graph.inserting_after(mask):
+def _insert_check(gm: GraphModule, mask: Node, op: Node) -> Node:
+    with gm.graph.inserting_before(op):
         check = gm.graph.call_function(CAUSAL_MASK_CHECK, (mask,))
     fake_mask = example_value(mask)
     with fake_mask.fake_mode:

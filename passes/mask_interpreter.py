@@ -29,7 +29,20 @@ from torch.fx import Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .mask_values import ALL, Additive, Affine, Comparison, FloatConst, Pred, Value, aligned, negligible
-from .node_patterns import ADD, EXPAND, INDEX, MUL, UNSQUEEZE, Call, example_value, is_number, normalized_dim
+from .node_patterns import (
+    ADD,
+    EXPAND,
+    INDEX,
+    MUL,
+    PERMUTE,
+    RESHAPE,
+    TRANSPOSE,
+    UNSQUEEZE,
+    Call,
+    example_value,
+    is_number,
+    normalized_dim,
+)
 
 
 def _call(functions: set, methods: set, params: tuple[str, ...] = ("input",), **defaults: Any) -> Call:
@@ -139,12 +152,40 @@ class MaskInterpreter:
 
     def _evaluate(self, node: Node) -> Value | None:
         out = example_value(node)
-        if out is None:
+        if out is None or written_in_place(node):
             return None
         for call, handler in _HANDLERS:
             if call.matches(node):
                 return _fit(handler(self, node, out), out)
         return None
+
+
+_IN_PLACE_FUNCTIONS = frozenset({
+    operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.iand,
+    operator.ior, operator.ixor,
+})  # fmt: skip
+_IN_PLACE_DUNDERS = frozenset(f"__{function.__name__}__" for function in _IN_PLACE_FUNCTIONS)
+
+
+def _is_in_place_method(name: str) -> bool:
+    """``x.fill_(...)``, ``x.masked_fill_(...)``, ``x.__setitem__(...)``, ``x.__iadd__(...)``, ...
+    (not ``x.__eq__(...)``, which transformers writes)."""
+    return name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.startswith("__"))
+
+
+def written_in_place(node: Node) -> bool:
+    """Whether some node writes ``node``'s storage in place (``x[i] = v``, ``x.fill_(v)``, ``x += y``),
+    directly or through a view or a cast of it (which may return ``x`` itself): Dynamo keeps using
+    ``x``'s node after such a write, so its value is not what the node's own operation made."""
+    for user in node.users:
+        if not user.args or user.args[0] is not node:
+            continue
+        in_place_method = user.op == "call_method" and _is_in_place_method(user.target)
+        if user.target in _IN_PLACE_FUNCTIONS or in_place_method:
+            return True
+        if any(call.matches(user) for call in _ALIASING) and written_in_place(user):
+            return True
+    return False
 
 
 def _arange(interp: MaskInterpreter, node: Node, out: torch.Tensor) -> Value | None:
@@ -466,3 +507,6 @@ _HANDLERS: tuple[tuple[Call, Handler], ...] = (
 
 MASK_CALLS: tuple[Call, ...] = tuple(call for call, _ in _HANDLERS)
 """Every operation the interpreter knows: all pure, so the cleanup may remove them once unused."""
+
+# Operations whose result may share its input's storage (views, and casts that may return the input).
+_ALIASING: tuple[Call, ...] = (UNSQUEEZE, EXPAND, INDEX, CAST, RESHAPE, TRANSPOSE, PERMUTE)

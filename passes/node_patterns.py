@@ -60,6 +60,10 @@ def _call(
 
 
 MATMUL = _call({torch.matmul, operator.matmul}, {"matmul"}, ("input", "other"))
+BMM = _call({torch.bmm}, {"bmm"}, ("input", "mat2"))
+BADDBMM = _call({torch.baddbmm}, {"baddbmm"}, ("input", "batch1", "batch2", "beta", "alpha"), beta=1, alpha=1)
+# Variadic operands (``einsum(equation, a, b)`` or ``einsum(equation, [a, b])``): only `matches` is used.
+EINSUM = _call({torch.einsum}, set())
 MUL = _call({torch.mul, operator.mul}, {"mul"}, ("input", "other"))
 DIV = _call(
     {torch.div, torch.true_divide, operator.truediv},
@@ -68,6 +72,9 @@ DIV = _call(
     rounding_mode=None,
 )
 ADD = _call({torch.add, operator.add}, {"add"}, ("input", "other", "alpha"), alpha=1)
+# ``x += y`` on a tensor: in place, so never removable as such (see `cleanup`).
+IADD = _call({operator.iadd}, set(), ("input", "other"))
+TANH = _call({torch.tanh, F.tanh}, {"tanh"})
 # F.softmax's third positional parameter is _stacklevel, torch.softmax's is dtype: both are ignored.
 SOFTMAX = _call(
     {F.softmax, torch.softmax},
@@ -84,7 +91,9 @@ UNSQUEEZE = _call({torch.unsqueeze}, {"unsqueeze"}, ("input", "dim"))
 INDEX = _call({operator.getitem}, set(), ("input", "index"))
 # Variadic sizes: only `matches` and the input (args[0]) are used.
 EXPAND = _call(set(), {"expand"})
-RESHAPE = _call({torch.reshape}, {"reshape", "view"})
+RESHAPE = _call({torch.reshape, torch.flatten, torch.unflatten}, {"reshape", "view", "flatten", "unflatten"})
+PERMUTE = _call({torch.permute}, {"permute"})
+COPY = _call({torch.clone}, {"clone", "contiguous"})
 SDPA = _call(
     {F.scaled_dot_product_attention},
     set(),
@@ -97,6 +106,8 @@ SDPA = _call(
 )
 
 _CAST_METHODS = frozenset({"float", "half", "bfloat16", "double"})
+# Methods that read only the shape, dtype or device of their argument ``other`` (args[1]).
+_LIKE_METHODS = frozenset({"type_as", "expand_as", "view_as", "reshape_as"})
 
 
 def is_number(value: Any) -> bool:
@@ -114,18 +125,35 @@ def is_scalar_value(value: Any) -> bool:
 def float_cast_source(node: Node) -> Node | None:
     """The input of ``node`` when it only casts a tensor to a floating dtype, else None.
 
-    Spellings: ``x.float()``, ``x.half()``, ``x.bfloat16()``, ``x.double()``, ``x.to(dtype)`` and
-    ``x.to(dtype=dtype)``.
+    Spellings: ``x.float()``, ``x.half()``, ``x.bfloat16()``, ``x.double()``, ``x.to(dtype)``,
+    ``x.to(dtype=dtype)``, ``x.type(dtype)`` and ``x.type_as(t)`` (t a floating tensor).
     """
     if node.op != "call_method" or not node.args:
         return None
     if node.target in _CAST_METHODS and len(node.args) == 1 and not node.kwargs:
         return node.args[0]
-    if node.target == "to" and set(node.kwargs) <= {"dtype"}:
+    if node.target == "type_as" and len(node.args) == 2 and not node.kwargs:
+        other = example_value(node.args[1])
+        return node.args[0] if other is not None and other.is_floating_point() else None
+    if node.target in ("to", "type") and set(node.kwargs) <= {"dtype"}:
         dtypes = [*node.args[1:], *node.kwargs.values()]
         if len(dtypes) == 1 and isinstance(dtypes[0], torch.dtype) and dtypes[0].is_floating_point:
             return node.args[0]
     return None
+
+
+def reads_only_metadata(user: Node, node: Node) -> bool:
+    """Whether ``user`` reads only the shape, dtype or device of ``node`` (``node.size()``,
+    ``node.dim()``, ``node.shape``, ``x.type_as(node)``, ``x.expand_as(node)``, ...), not its values."""
+    if user.op == "call_method" and user.args and user.args[0] is node:
+        return user.target in ("size", "dim")
+    if user.op == "call_method" and user.target in _LIKE_METHODS:
+        return node not in user.args[:1] and node not in user.kwargs.values()
+    return (
+        user.op == "call_function"
+        and user.target is getattr
+        and user.args[1:] in (("shape",), ("dtype",), ("device",))
+    )
 
 
 def dropout_is_identity(bound: Mapping[str, Any]) -> bool:

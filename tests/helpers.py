@@ -1,13 +1,15 @@
 """Shared test helpers (import as `from tests.helpers import ...`).
 
-Per-dtype tolerances and fresh random attention inputs.
+Per-dtype tolerances, the numerics check against them, and the calls in an FX graph.
 """
 
 from __future__ import annotations
 
 import zlib
+from typing import Any
 
 import torch
+from torch.fx import GraphModule
 
 # Relative-error budgets (||out - ref|| / ||ref||) per dtype, for outputs and for gradients.
 REL_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
@@ -26,3 +28,14 @@ def stable_seed(*parts: object) -> int:
     """A seed from ``parts`` that is the same in every process (``hash`` of a str is salted per process,
     so a failure seeded with it cannot be reproduced)."""
     return zlib.crc32(repr(parts).encode())
+
+
+def check_numerics(output: torch.Tensor, reference: torch.Tensor) -> None:
+    """Same shape and dtype, and a relative error within ``REL_TOL`` of the dtype."""
+    assert output.shape == reference.shape and output.dtype == reference.dtype
+    assert rel_error(output, reference) <= REL_TOL[reference.dtype]
+
+
+def targets(gm: GraphModule) -> list[Any]:
+    """The target of every call (function or method) in ``gm``'s graph, in graph order."""
+    return [node.target for node in gm.graph.nodes if node.op in ("call_function", "call_method")]

@@ -238,6 +238,18 @@ def _positions() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.arange(S)[:, None], torch.arange(S)[None, :]
 
 
+def _ones_written_in_place() -> torch.Tensor:
+    mask = torch.ones(S, S, dtype=torch.bool)
+    mask[3, :2] = False
+    return mask
+
+
+def _causal_written_through_a_view() -> torch.Tensor:
+    mask = (lambda r, c: c <= r)(*_positions())
+    mask[None][0, 5].fill_(True)
+    return mask
+
+
 MASKS: dict[str, tuple[Callable[[], torch.Tensor], tuple[str, int | None, bool]]] = {
     # name: (mask builder, expected (record mask, window, checked))
     "causal": (lambda: (lambda r, c: c <= r)(*_positions()), ("causal", None, False)),
@@ -268,6 +280,9 @@ MASKS: dict[str, tuple[Callable[[], torch.Tensor], tuple[str, int | None, bool]]
         lambda: torch.where((lambda r, c: c <= r)(*_positions()), 0.0, -1.0),
         ("additive", None, True),
     ),
+    # Written in place after it was built: Dynamo keeps using the node, whose operation is not its value.
+    "ones_written_in_place": (_ones_written_in_place, ("bool", None, True)),
+    "causal_written_through_a_view": (_causal_written_through_a_view, ("bool", None, True)),
 }
 
 

@@ -22,7 +22,7 @@ from torch.fx import GraphModule
 import omnicompile.ops  # noqa: F401  (registers torch.ops.omnisparse.attention)
 from omnicompile.config import OmniSparseConfig
 from omnicompile.passes import PassReport, run_passes
-from tests.helpers import REL_TOL, rel_error
+from tests.helpers import check_numerics, targets
 
 DENSE = OmniSparseConfig(mode="dense")
 OP = torch.ops.omnisparse.attention.default
@@ -61,10 +61,6 @@ def capture(
     return Captured(gm, code, report, output)
 
 
-def targets(gm: GraphModule) -> list[Any]:
-    return [node.target for node in gm.graph.nodes if node.op in ("call_function", "call_method")]
-
-
 def check_graph(captured: Captured, *, replaced: int, absent: tuple[Any, ...] = ()) -> None:
     """``replaced`` op calls whose site and config arguments match the records; ``absent`` ops gone."""
     gm, sites = captured.report.graph_module, captured.report.sites
@@ -78,11 +74,6 @@ def check_graph(captured: Captured, *, replaced: int, absent: tuple[Any, ...] = 
     assert captured.report.changed == (replaced > 0)
     assert captured.original.code == captured.original_code, "run_passes modified its input graph"
     assert OP not in targets(captured.original)
-
-
-def check_numerics(output: torch.Tensor, reference: torch.Tensor) -> None:
-    assert output.shape == reference.shape and output.dtype == reference.dtype
-    assert rel_error(output, reference) <= REL_TOL[reference.dtype]
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -280,10 +271,6 @@ EAGER_UNTOUCHED = {
     "bool_mask_added": (
         lambda q, k, v, m: (q @ k.transpose(-2, -1) + (m == 0)).softmax(-1) @ v,
         "torch.bool, not an additive float mask",
-    ),
-    "key_not_transposed": (
-        lambda q, k, v, m: (q @ k.permute(0, 1, 3, 2)).softmax(-1) @ v,
-        "is not a transpose of k's last two dims",
     ),
 }
 

@@ -1,7 +1,8 @@
-"""The passes on the Dynamo graphs of small transformers models (Llama, Qwen2; SDPA and eager attention).
+"""The passes on the Dynamo graphs of small transformers models (Llama, Qwen2: SDPA and eager
+attention; GPT-2, BLOOM, T5, DeBERTa-v2: their own eager attention forms).
 
 Every attention layer must become one ``omnisparse.attention`` call (GQA folded into ``enable_gqa``),
-and the rewritten graph, run with the op in mode="dense", must give the model's logits.
+and the rewritten graph, run with the op in mode="dense", must give the model's output.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch.fx import GraphModule
 import omnicompile.ops  # noqa: F401  (registers torch.ops.omnisparse.attention)
 from omnicompile.config import OmniSparseConfig
 from omnicompile.passes import PassReport, SiteRecord, run_passes
-from tests.helpers import REL_TOL, rel_error
+from tests.helpers import REL_TOL, rel_error, targets
 
 transformers = pytest.importorskip("transformers")
 
@@ -64,11 +65,7 @@ class Compiled:
         return [site for report in self.reports for site in report.sites]
 
 
-def targets(gm: GraphModule) -> list[Any]:
-    return [node.target for node in gm.graph.nodes if node.op in ("call_function", "call_method")]
-
-
-def compile_with_passes(model: torch.nn.Module, **kwargs: Any) -> Compiled:
+def compile_with_passes(model: torch.nn.Module, dynamic: bool | None = None, **kwargs: Any) -> Compiled:
     """Run ``model(**kwargs)`` compiled by a backend that runs `run_passes` and executes the result."""
     compiled = Compiled()
 
@@ -79,7 +76,7 @@ def compile_with_passes(model: torch.nn.Module, **kwargs: Any) -> Compiled:
 
     torch._dynamo.reset()
     with torch.no_grad():
-        compiled.output = torch.compile(model, backend=backend)(**kwargs)
+        compiled.output = torch.compile(model, backend=backend, dynamic=dynamic)(**kwargs)
     return compiled
 
 
@@ -118,3 +115,64 @@ def test_returned_attention_weights_keep_eager_attention() -> None:
     assert len(compiled.output.attentions) == LAYERS
     for weights, expected in zip(compiled.output.attentions, reference.attentions):
         assert rel_error(weights, expected) <= REL_TOL[torch.float32]
+
+
+# Older attention forms (issue 19): name -> (model class, tiny config, attention layers, output field).
+OLDER_FORMS: dict[str, tuple[Any, Any, int, str]] = {
+    # .type(value.dtype) after the softmax
+    "gpt2": (
+        transformers.GPT2LMHeadModel,
+        transformers.GPT2Config(vocab_size=64, n_embd=64, n_layer=LAYERS, n_head=4, n_positions=64),
+        LAYERS,
+        "logits",
+    ),
+    # ALiBi through baddbmm on [B*H, S, D], views to 4-D around the mask, bmm
+    "bloom": (
+        transformers.BloomForCausalLM,
+        transformers.BloomConfig(vocab_size=64, hidden_size=64, n_layer=LAYERS, n_head=4),
+        LAYERS,
+        "logits",
+    ),
+    # relative position bias + mask, no scale; encoder self, decoder self and cross attention
+    "t5": (
+        transformers.T5ForConditionalGeneration,
+        transformers.T5Config(vocab_size=64, d_model=64, d_kv=16, d_ff=64, num_layers=LAYERS, num_heads=4),
+        3 * LAYERS,
+        "logits",
+    ),
+    # bmm with kT divided by a 0-d tensor, a relative bias, masked_fill(~mask, finfo.min)
+    "deberta_v2": (
+        transformers.DebertaV2Model,
+        transformers.DebertaV2Config(
+            vocab_size=64, hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
+            intermediate_size=64, max_position_embeddings=64,
+        ),
+        LAYERS,
+        "last_hidden_state",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("family", sorted(OLDER_FORMS))
+def test_older_attention_forms_become_the_op(family: str, dynamic: bool) -> None:
+    """Every attention layer of eager GPT-2, BLOOM, T5 and DeBERTa-v2 becomes the op; dense equals eager."""
+    model_class, config, layers, field_name = OLDER_FORMS[family]
+    torch.manual_seed(0)
+    model = model_class._from_config(config, attn_implementation="eager").eval()
+    kwargs = inputs()
+    if family == "t5":
+        kwargs["decoder_input_ids"] = kwargs["input_ids"][:, :7]
+    compiled = compile_with_passes(model, dynamic=dynamic, **kwargs)
+    sites = compiled.sites()
+    assert len(sites) == layers
+    for site in sites:
+        assert (site.status, site.pattern) == ("replaced", "eager"), site.reason
+    assert compiled.rewritten_targets().count(OP) == layers
+    with torch.no_grad():
+        reference = getattr(model(**kwargs), field_name)
+    output = getattr(compiled.output, field_name)
+    if family != "t5":  # padded query rows: masked entirely in DeBERTa, where eager and the op differ
+        keep = kwargs["attention_mask"].bool()
+        output, reference = output[keep], reference[keep]
+    assert rel_error(output, reference) <= REL_TOL[torch.float32]
