@@ -145,8 +145,9 @@ def run_model(
             if args.device == "cuda":
                 torch.cuda.synchronize()
             first_s = time.perf_counter() - start
-            if variant.removesuffix(GRAPHS) in ("eager", "dense"):
-                references[variant.removesuffix(GRAPHS), seq_len] = logits
+            base = variant.removesuffix(GRAPHS)
+            if base in ("eager", "dense"):
+                references[base, seq_len] = logits
             calls = Counter(run.decision for run in recorder.runs)
             row = {
                 "model": name,
