@@ -29,9 +29,9 @@ import torch
 
 import omnicompile
 from omnicompile import OmniSparseConfig
+from omnicompile.demos.models import build_model
 from omnicompile.export import export
 from omnicompile.metrics import relative_error
-from omnicompile.models import build_model
 
 CONFIGS = {
     "dense": OmniSparseConfig(mode="dense"),

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_prefill import _dense, time_ms  # noqa: E402 (benchmarks/ is not a package)
 
 from omnicompile.config import OmniSparseConfig  # noqa: E402
+from omnicompile.demos.structured import structured_qkv  # noqa: E402
 from omnicompile.kernels.estimation.probe import probe_block_mass  # noqa: E402
 from omnicompile.kernels.estimation.triton_composite import estimate_blocks  # noqa: E402
 from omnicompile.kernels.estimation.triton_probe import probe_block_mass_triton  # noqa: E402
@@ -38,7 +39,6 @@ from omnicompile.kernels.sparse_attention.reference import sparse_attention_refe
 from omnicompile.kernels.sparse_attention.triton_fwd import sparse_attention_fwd  # noqa: E402
 from omnicompile.method import select_on_device  # noqa: E402
 from omnicompile.metrics import density, relative_error  # noqa: E402
-from omnicompile.structured import structured_qkv  # noqa: E402
 
 SHAPES = [(64, 9, 3), (128, 9, 3), (256, 4, 1)]  # head dim, query heads, KV heads
 WINDOWS = [None, 512]

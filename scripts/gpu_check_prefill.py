@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from omnicompile.config import OmniSparseConfig
+from omnicompile.demos.structured import structured_qkv
 from omnicompile.kernels.estimation.reference import estimate_blocks as reference_estimate
 from omnicompile.kernels.estimation.triton_composite import estimate_blocks
 from omnicompile.kernels.masks import allowed_blocks
@@ -35,7 +36,6 @@ from omnicompile.kernels.selection.triton_select import select_blocks_triton
 from omnicompile.kernels.sparse_attention.reference import sparse_attention_reference
 from omnicompile.kernels.sparse_attention.triton_fwd import sparse_attention_fwd
 from omnicompile.metrics import relative_error
-from omnicompile.structured import structured_qkv
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 OUT_TOL = {torch.float16: 5e-3, torch.bfloat16: 2e-2}

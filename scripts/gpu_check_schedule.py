@@ -3,7 +3,7 @@
     python scripts/gpu_check_schedule.py [--seq-lens 32768 131072] [--out DIR]
 
 B = 1, H = 32, Hkv = 8, D = 128, bf16, causal; presets ``mixed`` and ``mixed_flat``
-(`omnicompile.structured`); budget scopes heads, kv_group, head (default config otherwise). Per case:
+(`omnicompile.demos.structured`); budget scopes heads, kv_group, head (default config otherwise). Per case:
 - the forward (`sparse_attention_fwd`) on one selection with ``schedule="heaviest_first"`` (the
   default) and ``"causal"`` (the previous order): ms, TFLOP/s on the computed blocks (4 * D * b^2 per
   block), and whether out and lse are bitwise equal;
@@ -29,12 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_prefill import _dense, _graphed, time_ms  # noqa: E402 (benchmarks/ is not a package)
 
 from omnicompile.config import OmniSparseConfig  # noqa: E402
+from omnicompile.demos.structured import structured_qkv  # noqa: E402
 from omnicompile.kernels.sparse_attention.triton_fwd import (  # noqa: E402
     default_launch_config,
     sparse_attention_fwd,
 )
 from omnicompile.method import plan  # noqa: E402
-from omnicompile.structured import structured_qkv  # noqa: E402
 
 PRESETS = ("mixed", "mixed_flat")
 SCOPES = ("heads", "kv_group", "head")

@@ -13,10 +13,10 @@ import torch
 
 import omnicompile
 from omnicompile import OmniSparseConfig
+from omnicompile.demos.models import build_model
+from omnicompile.demos.structured import structured_qkv
 from omnicompile.kernels.triton_utils import interpreting
-from omnicompile.models import build_model
 from omnicompile.recording import recording
-from omnicompile.structured import structured_qkv
 from tests.helpers import rel_error
 
 pytestmark = [

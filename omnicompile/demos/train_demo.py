@@ -37,8 +37,8 @@ from pathlib import Path
 
 import torch
 
-from .config import OmniSparseConfig
-from .recording import recording
+from ..config import OmniSparseConfig
+from ..recording import recording
 
 
 @dataclass(frozen=True)
