@@ -1,6 +1,6 @@
 """Backward benchmark (GPU; not a test): OmniSparse Triton backward against SDPA and FlexAttention.
 
-For each sequence length S on the ``structured`` preset (`omnicompile.structured`), B = 1, causal,
+For each sequence length S on the ``structured`` preset (`omnicompile.demos.structured`), B = 1, causal,
 bf16, the OmniSparse selection of the default config (tau 0.95; Triton estimator + select_blocks)
 is made once, then timed (median ms, CUDA events):
 - ours: Triton forward, Triton backward (given out and lse), and forward + backward; the backward's
@@ -36,6 +36,7 @@ from rich.table import Table
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from omnicompile.config import OmniSparseConfig
+from omnicompile.demos.structured import structured_qkv
 from omnicompile.kernels.estimation.triton_composite import estimate_blocks
 from omnicompile.kernels.masks import allowed_blocks
 from omnicompile.kernels.selection.block_selection import BlockSelection
@@ -45,7 +46,6 @@ from omnicompile.kernels.sparse_attention.reference import sparse_attention_refe
 from omnicompile.kernels.sparse_attention.triton_bwd import BackwardTiles, sparse_attention_bwd
 from omnicompile.kernels.sparse_attention.triton_fwd import sparse_attention_fwd
 from omnicompile.metrics import density, relative_error
-from omnicompile.structured import structured_qkv
 
 DENSE = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
 SWEEP = [

@@ -1,11 +1,11 @@
 """Decode benchmark of the slim KV cache (METHOD.md section 4) against a dense cache. GPU; not a test.
 
 Two workloads, each at several prompt lengths S:
-- ``structured``: one attention layer's q/k/v from `omnicompile.structured` (sinks, local windows, slashes,
-  stripes, needles) for S prompt tokens plus ``--steps`` decode tokens. The layer is slimmed from its last
-  prompt queries, the decode tokens are appended, and decode attention runs on the slim cache (split-K
-  Triton kernel) and on the dense K/V (SDPA). Reported: stored bytes (from the tensors and from the
-  allocator), the latency of one decode step (n = 1: wall clock per call, and replayed from a CUDA
+- ``structured``: one attention layer's q/k/v from `omnicompile.demos.structured` (sinks, local windows,
+  slashes, stripes, needles) for S prompt tokens plus ``--steps`` decode tokens. The layer is slimmed from
+  its last prompt queries, the decode tokens are appended, and decode attention runs on the slim cache
+  (split-K Triton kernel) and on the dense K/V (SDPA). Reported: stored bytes (from the tensors and from
+  the allocator), the latency of one decode step (n = 1: wall clock per call, and replayed from a CUDA
   graph, which removes Python and launch overhead as serving stacks do), the relative error of the decode
   outputs and the observed recall (exact dense attention mass of the decode queries on the kept tokens,
   mean and worst).
@@ -14,7 +14,7 @@ Two workloads, each at several prompt lengths S:
   ``--steps`` greedy decode steps teacher-forced on the dense run's tokens, with DynamicCache + SDPA and
   with SlimKVCache + ``attn_implementation="omnisparse_decode"``. Reported: cache bytes, allocator bytes
   after the prefill, the decode peak, the median step latency, top-1 agreement and logits error.
-- ``pretrained``: the same on real weights (``--pretrained``, `omnicompile.models.load_pretrained`) and
+- ``pretrained``: the same on real weights (``--pretrained``, `omnicompile.demos.models.load_pretrained`) and
   real text (`omnicompile.evaluate.document_ids`), plus a passkey grid (``--depths`` needles,
   `omnicompile.evaluate.passkey_prompt`) decoded from each cache: found (greedy decoding reproduces the
   key, checked teacher-forced) and the key's log-probability, dense cache vs slim cache.
@@ -39,11 +39,11 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 from omnicompile.config import OmniSparseConfig
+from omnicompile.demos.structured import structured_qkv
 from omnicompile.hf_cache import ATTN_IMPLEMENTATION, SlimKVCache, slim_decode
 from omnicompile.kernels.decode.slim_kv import SlimKV, storage_bytes
 from omnicompile.metrics import relative_error
 from omnicompile.slimming import slim
-from omnicompile.structured import structured_qkv
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128  # Llama-3-8B attention shapes
 

@@ -1,7 +1,7 @@
 """End-to-end prefill on pretrained models (GPU; not a test): eager SDPA, plain Inductor, and the
 omnisparse backend in dense and sparse mode, at equal inputs.
 
-For each model (`omnicompile.models.load_pretrained`: ``smollm2-135m``, ``gemma3-270m``) and each
+For each model (`omnicompile.demos.models.load_pretrained`: ``smollm2-135m``, ``gemma3-270m``) and each
 length S, one prompt of natural-language text (`omnicompile.evaluate.document_ids`), B = 1, bf16,
 ``use_cache=False``, the logits of the last ``--quality-tokens`` positions only:
 - time of the whole forward (median, CUDA events) and compile time of each compiled variant;
@@ -32,8 +32,8 @@ from bench_prefill import _write_csv, print_rows, time_ms
 
 from omnicompile.backend import backend
 from omnicompile.config import OmniSparseConfig
+from omnicompile.demos.models import load_pretrained
 from omnicompile.evaluate import document_ids
-from omnicompile.models import load_pretrained
 from omnicompile.recording import recording
 
 VARIANTS = ("eager", "inductor", "dense", "sparse")

@@ -1,6 +1,6 @@
 """Prefill benchmark (GPU; not a test): OmniSparse Triton kernels against dense SDPA and FlexAttention.
 
-For each sequence length S, KV-head count and input preset (`omnicompile.structured`: ``structured``,
+For each sequence length S, KV-head count and input preset (`omnicompile.demos.structured`: ``structured``,
 ``mixed``, ``mixed_flat``, ``flat_head``, ``random``), with B = 1, causal, bf16:
 - dense: torch SDPA with the flash, cuDNN and memory-efficient backends (each alone; a backend that
   refuses GQA is retried on repeated K/V and marked so);
@@ -40,13 +40,13 @@ from rich.table import Table
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from omnicompile.config import OmniSparseConfig
+from omnicompile.demos.structured import PRESETS, structured_qkv
 from omnicompile.kernels.estimation.triton_composite import EstimateLaunch, estimate_blocks
 from omnicompile.kernels.masks import allowed_blocks
 from omnicompile.kernels.selection.block_selection import BlockSelection
 from omnicompile.kernels.sparse_attention.triton_fwd import LaunchConfig, sparse_attention_fwd
 from omnicompile.method import select_on_device
 from omnicompile.metrics import density, exact_recall, relative_error
-from omnicompile.structured import PRESETS, structured_qkv
 
 DENSE_BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,

@@ -5,7 +5,7 @@ recall (weights: ``assets/train_demo_dense`` by default, or a run's ``dense/`` o
 ``sparse_finetuned/`` folder; ``assets/train_demo_sparse`` is the sparse-fine-tuned one). For each
 prompt length S the recall task is generated at S tokens (same vocabulary, pairs and queries as the
 demo). The model was trained at 4096 tokens: past that, it is loaded with its RoPE scaled linearly
-by S / 4096 (`omnicompile.train_demo.load_model`; ``--no-rope-scaling`` keeps it as trained, which
+by S / 4096 (`omnicompile.demos.train_demo.load_model`; ``--no-rope-scaling`` keeps it as trained, which
 measures raw length generalisation). One forward pass over the whole prompt
 (``use_cache=False``, bf16 autocast on CUDA as in the demo, batch 1) is timed three ways:
 - ``sdpa``: the model as loaded (transformers' SDPA attention, eager);
@@ -27,8 +27,8 @@ import torch
 from bench_prefill import _write_csv, print_rows, time_ms
 
 from omnicompile.config import OmniSparseConfig
+from omnicompile.demos.train_demo import FULL, RecallTask, evaluate, load_model, sparse_config
 from omnicompile.recording import recording
-from omnicompile.train_demo import FULL, RecallTask, evaluate, load_model, sparse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -44,10 +44,10 @@ from bench_prefill import _write_csv, print_rows
 from transformers import DynamicCache, LlamaForCausalLM
 
 from omnicompile.config import OmniSparseConfig
+from omnicompile.demos.train_demo import FULL, RecallTask, sparse_config
 from omnicompile.hf_cache import ATTN_IMPLEMENTATION, SlimKVCache
 from omnicompile.kernels.decode.slim_kv import storage_bytes
 from omnicompile.metrics import relative_error
-from omnicompile.train_demo import FULL, RecallTask, sparse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

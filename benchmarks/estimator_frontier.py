@@ -26,11 +26,11 @@ import torch
 from bench_prefill import _write_csv, print_rows
 
 from omnicompile.config import OmniSparseConfig
+from omnicompile.demos.structured import PRESETS, structured_qkv
 from omnicompile.kernels.estimation import estimate_blocks
 from omnicompile.kernels.masks import allowed_blocks
 from omnicompile.kernels.selection import select_blocks
 from omnicompile.metrics import exact_block_mass
-from omnicompile.structured import PRESETS, structured_qkv
 
 VARIANTS: dict[str, dict] = {
     "composite": {"row_probe": False},
@@ -87,8 +87,8 @@ def model_inputs(name: str, seq_len: int, layers: list[int], device: str) -> Ite
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+    from omnicompile.demos.models import load_pretrained
     from omnicompile.evaluate import document_ids
-    from omnicompile.models import load_pretrained
 
     model, tokenizer = load_pretrained(name, dtype=torch.float32, device=device)
     captured: dict[int, tuple] = {}

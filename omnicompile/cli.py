@@ -20,7 +20,7 @@ def _config_from_args(args: argparse.Namespace) -> OmniSparseConfig:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DemoSettings, run_demo
+    from .demos.demo import DemoSettings, run_demo
 
     settings = DemoSettings(
         model=args.model, seq_len=args.seq_len, structured_len=args.structured_len, tau=args.tau
@@ -32,8 +32,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .demos.models import build_model
     from .explain import explain
-    from .models import build_model
     from .recording import recording
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -44,7 +44,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         report = explain(model, ids, config=config)
     print(report)
     if args.plot:
-        from .plotting import plot_selection
+        from .demos.plotting import plot_selection
 
         if args.layer >= len(recorder.runs):
             raise SystemExit(f"--layer {args.layer}: the model ran {len(recorder.runs)} attention sites")
@@ -53,8 +53,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from .demos.models import build_model
     from .export import export
-    from .models import build_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -77,8 +77,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .demos.models import load_pretrained
     from .evaluate import EvalSettings, evaluate, markdown_table, plot_layers
-    from .models import load_pretrained
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     base = {"min_seq_len": 1024, **(json.loads(args.config) if args.config else {})}
@@ -110,7 +110,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_demo(args: argparse.Namespace) -> int:
-    from .train_demo import run
+    from .demos.train_demo import run
 
     return run(args)
 
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser(
         "eval", help="accuracy of a pretrained model, dense vs sparse (perplexity, passkeys, recall)"
     )
-    ev.add_argument("--model", default="smollm2-135m", help="a pretrained name of omnicompile.models")
+    ev.add_argument("--model", default="smollm2-135m", help="a pretrained name of omnicompile.demos.models")
     ev.add_argument("--lengths", type=int, nargs="+", default=[4096])
     ev.add_argument("--scopes", nargs="+", default=["heads"], choices=["heads", "kv_group", "head"])
     ev.add_argument("--taus", type=float, nargs="+", default=[0.95])
@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--plot", default=None, metavar="FILE.png", help="density and recall per layer")
     ev.set_defaults(func=_cmd_eval)
 
-    from .train_demo import add_arguments
+    from .demos.train_demo import add_arguments
 
     train = sub.add_parser("train-demo", help="train a small Llama dense, then sparse; report accuracy")
     add_arguments(train)

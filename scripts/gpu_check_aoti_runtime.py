@@ -1,7 +1,8 @@
-"""Does this machine's torch load and run AOTInductor CUDA packages at all? (GPU; not a CI test.)
+"""Does this machine's torch load and run AOTInductor CUDA packages at all? (GPU diagnostic; that packages
+load through `omnicompile.load_package` and run correctly is tests/gpu/test_packages.py.)
 
-Isolates the crash of `scripts/gpu_check_export.py` (both its packages died with SIGSEGV inside
-``aoti_load_package`` on the H200 image, torch 2.11+cu130) from omnicompile: two tiny packages
+Isolates the crash of the export check (its packages died with SIGSEGV inside ``aoti_load_package``
+on the H200 image, torch 2.11+cu130) from omnicompile: two tiny packages
 without any omnicompile code are compiled here and loaded in fresh interpreters
 (``python -X faulthandler``, so a crash prints the Python stack):
 - ``plain``: Linear + ReLU, static shapes;
@@ -12,9 +13,9 @@ If ``plain`` fails too, the crash is the environment's, not the export path's.
 
 Variants of ``plain`` (``--cases``) probe for a way around a loader crash: ``aoti_load_package``
 with ``device_index=0``, a package with ``aot_inductor.embed_kernel_binary``, and the deprecated
-bare ``.so`` path (``torch._inductor.aot_compile`` + ``torch._export.aot_load``); ``plain_load_package``
-loads through `omnicompile.load_package` (its libstdc++ fix, docs/EXPORT.md).
-`scripts/gpu_diagnose_aoti.py` reuses `build` and `load_and_run` to find the crash's cause.
+bare ``.so`` path (``torch._inductor.aot_compile`` + ``torch._export.aot_load``).
+`scripts/gpu_diagnose_aoti.py` reuses `build` and `load_and_run` (whose ``"omnicompile"`` way loads
+through `omnicompile.load_package`) to find the crash's cause.
 
 Usage: ``python3 scripts/gpu_check_aoti_runtime.py [--device cuda] [--timeout 300] [--cases ...]``;
 prints one line per case (ok or FAILED, exit status, elapsed seconds, the child's output) and exits
@@ -63,15 +64,13 @@ class WithCustomOp(Plain):
 
 
 # case -> (model, ways to build and load it); "package" ways go through aoti_compile_and_package with
-# these Inductor configs and aoti_load_package with these keywords, "omnicompile" the same but loaded
-# by omnicompile.load_package (its libstdc++ fix), "legacy_so" through the deprecated
+# these Inductor configs and aoti_load_package with these keywords, "legacy_so" through the deprecated
 # torch._inductor.aot_compile (a bare .so) and torch._export.aot_load.
 CASES = {
     "plain": ("plain", "package", {}, {}),
     "plain_device_index_0": ("plain", "package", {}, {"device_index": 0}),
     "plain_embed_kernel_binary": ("plain", "package", {"aot_inductor.embed_kernel_binary": True}, {}),
     "plain_legacy_so": ("plain", "legacy_so", {}, {}),
-    "plain_load_package": ("plain", "omnicompile", {}, {}),
     "custom_op": ("custom_op", "package", {}, {}),
 }
 

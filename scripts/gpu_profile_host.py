@@ -2,7 +2,7 @@
 the op spends its time, by cProfile over repeated calls, beside the call's wall and CUDA-graph time.
 
 SmolLM2 shapes (B 1, H 9 / Hkv 3, D 64, bf16, causal) on the `mixed` preset of
-`omnicompile.structured` at each length. Prints the wall time per eager call (synchronised at the
+`omnicompile.demos.structured` at each length. Prints the wall time per eager call (synchronised at the
 end only), the replay time of the same call captured in a CUDA graph, and the top functions by
 own time.
     python3 scripts/gpu_profile_host.py --seq-lens 8192 32768
@@ -20,7 +20,7 @@ import torch
 
 import omnicompile  # noqa: F401  (registers the op)
 from omnicompile.config import OmniSparseConfig
-from omnicompile.structured import structured_qkv
+from omnicompile.demos.structured import structured_qkv
 
 
 def main() -> None:

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One bounded device call: GPU correctness checks (prefill kernels, estimator, fused selection),
-# then the prefill benchmark; add "demo" / "decode" / "aoti" / "export" / "graphs" / "schedule" / "trained"
-# as arguments to also run those.
+# One bounded device call: the GPU test suite (tests/gpu: prefill kernels, estimator, fused selection,
+# head dims, schedules, CUDA graphs, exported packages), then the prefill benchmark; add "demo" /
+# "decode" / "aoti" (loader diagnostic) / "schedule" (timings) / "trained" as arguments to also run those.
+# pytest runs from tests/: at the repository root `import omnicompile` would find the source folder,
+# which lacks the installed omnicompile.kernels.
 # Logs and tables go to $OUT (default out/).
 set -uo pipefail
 OUT="${OUT:-out}"; mkdir -p "$OUT"
@@ -9,16 +11,15 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation --no-index . || exit 1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/device.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
-timeout 150 python3 scripts/gpu_check_prefill.py --out /tmp/check 2>&1 | tee "$OUT/check.txt"
+(cd tests && TRITON_INTERPRET=0 timeout 420 python3 -m pytest -q -ra --import-mode=append -m gpu gpu) 2>&1 \
+    | tee "$OUT/gpu_tests.txt"
 for extra in "$@"; do
     case "$extra" in
         demo) timeout 120 omnicompile demo --device cuda --seq-len 8192 --structured-len 32768 2>&1 | tee "$OUT/demo.txt" ;;
         decode) timeout 100 python3 benchmarks/bench_decode.py --seq-lens 8192 32768 --steps 16 --layers 4 --out /tmp/decode 2>&1 | tee "$OUT/decode.txt"
                 cp /tmp/decode/*.csv "$OUT/" 2>/dev/null ;;
         aoti) timeout 400 python3 scripts/gpu_check_aoti_runtime.py 2>&1 | tee "$OUT/aoti_runtime.txt" ;;
-        export) timeout 240 python3 scripts/gpu_check_export.py 2>&1 | tee "$OUT/export_check.txt" ;;
-        graphs) TRITON_INTERPRET=0 timeout 200 python3 -m pytest -q -m gpu tests/test_gpu_graphs.py 2>&1 | tee "$OUT/gpu_graphs.txt" ;;
-        schedule) timeout 240 python3 scripts/gpu_check_schedule.py --out /tmp/schedule 2>&1 | tee "$OUT/schedule.txt" ;;
+        schedule) timeout 240 python3 benchmarks/bench_schedule.py --out /tmp/schedule 2>&1 | tee "$OUT/schedule.txt" ;;
         trained) (cd benchmarks && timeout 150 python3 bench_trained_prefill.py --out /tmp/trained) 2>&1 | tee "$OUT/trained_prefill.txt" ;;
     esac
 done

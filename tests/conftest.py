@@ -3,8 +3,8 @@
 The unit tests are written for CPU tensors (CI has no GPU), so the kernels they call run in
 Triton's interpreter, also on a machine with a GPU. ``TRITON_INTERPRET`` is read when
 ``@triton.jit`` decorates a kernel, so it is set here, before any test module imports a kernel
-module. The same kernels are checked on CUDA at realistic sizes by ``scripts/gpu_check_prefill.py``
-(``bash scripts/gpu_suite.sh`` runs it).
+module. The same kernels are checked on CUDA at realistic sizes by the GPU suite, tests/gpu (its
+``__init__`` has the command; ``bash scripts/gpu_suite.sh`` runs it).
 """
 
 import os

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from omnicompile import OmniSparseConfig
-from omnicompile.models import build_model
+from omnicompile.demos.models import build_model
 from omnicompile.recording import recording
 from tests.helpers import GRAD_REL_TOL, REL_TOL, rel_error
 

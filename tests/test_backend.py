@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import omnicompile
 from omnicompile import OmniSparseConfig
-from omnicompile.models import build_model
+from omnicompile.demos.models import build_model
 from tests.helpers import GRAD_REL_TOL, REL_TOL, rel_error
 
 DENSE = OmniSparseConfig(mode="dense")

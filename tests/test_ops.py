@@ -126,8 +126,8 @@ def test_sparse_path_with_full_selection_equals_sdpa(dtype, causal):
 
 
 def test_sparse_path_records_stats_on_structured_input():
+    from omnicompile.demos.structured import structured_qkv
     from omnicompile.recording import recording
-    from omnicompile.structured import structured_qkv
 
     q, k, v = structured_qkv("structured", 1, 4, 2, 1024, 32, dtype=torch.float32, device="cpu", seed=1)
     cfg = OmniSparseConfig(block_size=16, granularity=4, min_seq_len=256).to_json()

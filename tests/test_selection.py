@@ -8,10 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from omnicompile import OmniSparseConfig
+from omnicompile.demos.structured import structured_qkv
 from omnicompile.kernels.estimation import estimate_blocks
 from omnicompile.kernels.masks import allowed_blocks
 from omnicompile.kernels.selection import BlockSelection, forced_pattern, select_blocks
-from omnicompile.structured import structured_qkv
 from tests.attention_cases import Case, cases, make_mask, make_qkv
 
 BLOCK = 16

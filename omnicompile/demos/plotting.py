@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from .config import OmniSparseConfig
-from .method import plan
-from .metrics import exact_block_mass
-from .recording import SiteRun
+from ..config import OmniSparseConfig
+from ..method import plan
+from ..metrics import exact_block_mass
+from ..recording import SiteRun
 
 
 def plot_selection(run: SiteRun, config: OmniSparseConfig, heads: Sequence[int], path: str | Path) -> Path:

@@ -1,29 +1,21 @@
 """The prefill op on CUDA has no host synchronisation: it runs under ``set_sync_debug_mode("error")``,
 is captured and replayed in a CUDA graph (new inputs, a new selection, equal to eager), and a model
-compiled with ``mode="reduce-overhead"`` runs its sparse sites from CUDA graphs.
-
-``TRITON_INTERPRET=0 pytest -m gpu tests/test_gpu_graphs.py`` (tests/conftest.py turns the interpreter
-on by default, and interpreted kernels copy to the host); skipped without CUDA or under the interpreter.
-"""
+compiled with ``mode="reduce-overhead"`` runs its sparse sites from CUDA graphs. How to run:
+tests/gpu/__init__.py."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 import omnicompile
 from omnicompile import OmniSparseConfig
-from omnicompile.kernels.triton_utils import interpreting
-from omnicompile.models import build_model
+from omnicompile.demos.models import build_model
+from omnicompile.demos.structured import structured_qkv
 from omnicompile.recording import recording
-from omnicompile.structured import structured_qkv
+from tests.gpu import ON_CUDA
 from tests.helpers import rel_error
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(interpreting(), reason="Triton interpreter on: run with TRITON_INTERPRET=0"),
-]
+pytestmark = ON_CUDA
 
 CONFIG = OmniSparseConfig(min_seq_len=1024)
 SEQ, HEADS, KV_HEADS, DIM = 4096, 8, 2, 64

@@ -3,7 +3,7 @@
 Part 1 compiles the model (random weights, built from a config) in dense and in sparse mode and
 compares its logits with eager. Random weights give nearly flat attention, on which no sparse
 method can skip much, so part 2 runs the same op on structured attention inputs
-(`omnicompile.structured`: sinks, local windows, stripes, slashes, needles) where the method's
+(`omnicompile.demos.structured`: sinks, local windows, stripes, slashes, needles) where the method's
 sparsity shows.
 """
 
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import OmniSparseConfig
-from .explain import explain
+from ..config import OmniSparseConfig
+from ..explain import explain
 from .models import build_model
 
 
@@ -67,7 +67,7 @@ def run_model_part(settings: DemoSettings, print_fn=print) -> dict[str, float]:
 
 def run_structured_part(settings: DemoSettings, print_fn=print) -> dict[str, float]:
     """Run the op on structured q/k/v (one layer, 4 heads) and print density, recall and error."""
-    from .recording import recording
+    from ..recording import recording
     from .structured import structured_qkv
 
     dtype = torch.bfloat16 if settings.device == "cuda" else torch.float32

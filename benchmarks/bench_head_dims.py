@@ -1,17 +1,15 @@
-"""GPU check of the Triton prefill forward at the served models' head dims, with and without a window.
+"""Timings of the Triton prefill forward at the served models' head dims, with and without a window (GPU;
+not a test: the same cases' correctness is tests/gpu/test_kernels.py).
 
-    python scripts/gpu_check_kernels.py [--seq-lens 8192 32768] [--out DIR]
+    python benchmarks/bench_head_dims.py [--seq-lens 8192 32768] [--out DIR]
 
 For D = 64 (H 9, Hkv 3: SmolLM2), 128 (9 / 3) and 256 (4 / 1: Gemma 3), window None and 512, bf16,
-B = 1, structured inputs, selection = fused estimator + `select_on_device` (default config):
-- max abs error of the fused row probe (`triton_probe`) vs `probe.probe_block_mass`, and both timed,
-  beside the whole estimate (fused estimator + probe);
-- rel error of `sparse_attention_fwd` vs `sparse_attention_reference` on the same selection (fp32);
-- the band (every allowed block) vs SDPA (is_causal, or the materialised window mask);
-- ms: our forward and estimate + select + forward, the band forward, cuDNN and flash SDPA (is_causal,
-  no window: what eager runs for a global layer), and for a window SDPA with the materialised mask
-  and FlexAttention with a sliding-window block mask.
-Prints one line per case and the table last; writes ``gpu_check_kernels.json``; exits 1 if a check fails.
+B = 1, structured inputs, selection = fused estimator + `select_on_device` (default config): density,
+and ms of the fused row probe (`triton_probe`) and `probe.probe_block_mass`, the whole estimate (fused
+estimator + probe), our forward and estimate + select + forward, the band forward (every allowed
+block), cuDNN and flash SDPA (is_causal, no window: what eager runs for a global layer), and for a
+window SDPA with the materialised mask and FlexAttention with a sliding-window block mask.
+Prints one line per case and the table last; writes ``bench_head_dims.json``.
 """
 
 from __future__ import annotations
@@ -23,27 +21,22 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_prefill import _dense, time_ms
 from torch.nn.attention import SDPBackend
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_prefill import _dense, time_ms  # noqa: E402 (benchmarks/ is not a package)
-
-from omnicompile.config import OmniSparseConfig  # noqa: E402
-from omnicompile.kernels.estimation.probe import probe_block_mass  # noqa: E402
-from omnicompile.kernels.estimation.triton_composite import estimate_blocks  # noqa: E402
-from omnicompile.kernels.estimation.triton_probe import probe_block_mass_triton  # noqa: E402
-from omnicompile.kernels.masks import allowed_blocks, window_mask  # noqa: E402
-from omnicompile.kernels.selection.transpose import selection_from_block_mask  # noqa: E402
-from omnicompile.kernels.sparse_attention.reference import sparse_attention_reference  # noqa: E402
-from omnicompile.kernels.sparse_attention.triton_fwd import sparse_attention_fwd  # noqa: E402
-from omnicompile.method import select_on_device  # noqa: E402
-from omnicompile.metrics import density, relative_error  # noqa: E402
-from omnicompile.structured import structured_qkv  # noqa: E402
+from omnicompile.config import OmniSparseConfig
+from omnicompile.demos.structured import structured_qkv
+from omnicompile.kernels.estimation.probe import probe_block_mass
+from omnicompile.kernels.estimation.triton_composite import estimate_blocks
+from omnicompile.kernels.estimation.triton_probe import probe_block_mass_triton
+from omnicompile.kernels.masks import allowed_blocks, window_mask
+from omnicompile.kernels.selection.transpose import selection_from_block_mask
+from omnicompile.kernels.sparse_attention.triton_fwd import sparse_attention_fwd
+from omnicompile.method import select_on_device
+from omnicompile.metrics import density
 
 SHAPES = [(64, 9, 3), (128, 9, 3), (256, 4, 1)]  # head dim, query heads, KV heads
 WINDOWS = [None, 512]
-REL_TOL = 2e-2  # bf16 output vs the fp32 reference on the same selection
-PROBE_TOL = 2e-2  # max abs error of a block's probe mass (bf16 dots vs the fp32 reference)
 
 
 def _timed(make) -> float:
@@ -83,24 +76,14 @@ def run_case(
         return select_on_device(ahat, allowed, config, kv_heads, is_causal=True, q_len=seq, kv_len=seq)
 
     selection = pipeline()
-    out, _ = sparse_attention_fwd(q, k, v, selection, None, True, None, window=window)
-    ref, _ = sparse_attention_reference(q, k, v, selection, None, True, None, window=window)
     band = selection_from_block_mask(allowed.expand(1, heads, -1, -1).contiguous(), b, seq, seq)
-    band_out, _ = sparse_attention_fwd(q, k, v, band, None, True, None, window=window)
     scale = head_dim**-0.5
-    probe = probe_block_mass_triton(q, k, True, scale, b, window=window)
-    probe_ref = probe_block_mass(q, k, None, True, scale, b, window=window)
-    mask = None if window is None else window_mask(seq, seq, window, q.device)
-    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
     row = {
         "D": head_dim,
         "H": f"{heads}/{kv_heads}",
         "S": seq,
         "window": window or "-",
         "density": density(selection, allowed),
-        "rel_ref": relative_error(out, ref),
-        "rel_band_sdpa": relative_error(band_out, dense),
-        "probe_err": (probe - probe_ref).abs().max().item(),
         "probe_ms": time_ms(lambda: probe_block_mass_triton(q, k, True, scale, b, window=window)),
         "probe_torch_ms": time_ms(lambda: probe_block_mass(q, k, None, True, scale, b, window=window)),
         "estimate_ms": time_ms(lambda: estimate_blocks(q, k, None, True, None, config, window=window)),
@@ -117,11 +100,11 @@ def run_case(
         "flex": float("nan"),
     }
     if window is not None:
+        mask = window_mask(seq, seq, window, q.device)
         row["sdpa_mask"] = _timed(
             lambda: lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         )
         row["flex"] = _timed(lambda: _flex(q, k, v, window))
-    row["ok"] = row["rel_ref"] < REL_TOL and row["rel_band_sdpa"] < REL_TOL and row["probe_err"] < PROBE_TOL
     return row
 
 
@@ -153,9 +136,8 @@ def main() -> None:
                 )
                 torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_check_kernels.json").write_text(json.dumps(rows, indent=1))
-    print("\ntimes in ms (CUDA-event medians); rel_* = ||ours - ref|| / ||ref||\n" + _table(rows))
-    sys.exit(0 if all(r["ok"] for r in rows) else 1)
+    (args.out / "bench_head_dims.json").write_text(json.dumps(rows, indent=1))
+    print("\ntimes in ms (CUDA-event medians)\n" + _table(rows))
 
 
 if __name__ == "__main__":
