@@ -1,5 +1,7 @@
 """Pieces shared by the Triton kernels: interpreter detection, the fp32-dot rule, the tile dot, the
-base-2 constant and the head-dim support check."""
+base-2 constants, the head-dim support check and the online-softmax primitives (one step, the
+normaliser, the finish), in base 2 as FlashAttention and FlashInfer's ``state_merge`` /
+``state_normalize``."""
 
 from __future__ import annotations
 
@@ -9,7 +11,11 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
+LN2 = 0.6931471805599453  # ln(2) == 1 / LOG2E: log(x) == log2(x) * LN2
+# The same constants for jit code, which reads no plain float global.
+LOG2E_JIT = tl.constexpr(LOG2E)
+LN2_JIT = tl.constexpr(LN2)
 # Head dims the prefill kernels (forward, backward, fused estimator) and decode run: multiples of 16
 # up to 256, i.e. 64, 80, 96, 128, 256 of the common models. Non-powers of two are padded to the
 # next power of two (`head_dim_pad`) with masked loads and stores on the head dim.
@@ -75,13 +81,29 @@ def tile_dot(a, b, acc, FP32_DOT: tl.constexpr):
 
 
 @triton.jit
+def softmax_step(m_i, s, s_scale, MASKED: tl.constexpr):
+    """One online-softmax step of the rows' running base-2 max ``m_i`` [rows] over the scores
+    ``s * s_scale`` [rows, keys] (log2 units): ``(m_new, p, alpha)``, the new max, p = exp2(s * s_scale -
+    m_new) [rows, keys] and alpha = exp2(m_i - m_new) [rows], the factor that rescales what was summed
+    before. ``s_scale`` >= 0 (it scales the row max: one multiply-add per score); callers with scaled
+    scores pass 1.0. MASKED: s may hold -inf, and a row with nothing seen yet keeps m = -inf and is
+    shifted by 0 (p = alpha = 0, no NaN)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * s_scale)
+    if MASKED:
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_shift = m_new
+    p = tl.math.exp2(s * s_scale - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
+    return m_new, p, alpha
+
+
+@triton.jit
 def online_stats(m_i, l_i, s):
-    """One online-softmax step of the rows' running base-2 max ``m_i`` and sum ``l_i`` over scores ``s``
-    [rows, keys] (log2 units); rows with nothing seen yet keep m = -inf (shifted by 0, no NaN)."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.sum(tl.math.exp2(s - m_safe[:, None]), 1)
-    return m_new, l_i
+    """`softmax_step` keeping the rows' running max ``m_i`` and sum ``l_i`` only, over scores ``s``
+    [rows, keys] (log2 units, -inf where masked): ``(m_new, l_new)``."""
+    m_new, p, alpha = softmax_step(m_i, s, 1.0, True)
+    return m_new, l_i * alpha + tl.sum(p, 1)
 
 
 @triton.jit
@@ -92,3 +114,13 @@ def normaliser(m_i, l_i):
     m_shift = tl.where(seen, m_i, float("inf"))
     inv_l = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)
     return m_shift, inv_l
+
+
+@triton.jit
+def softmax_finish(acc, m_i, l_i):
+    """``(out, lse)`` of the rows' running state: out = acc / l_i [rows, D] and the natural-log
+    log-sum-exp (m_i + log2 l_i) * ln 2 [rows]; rows that saw no key get out 0 and lse -inf."""
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2_JIT, float("-inf"))
+    return out, lse

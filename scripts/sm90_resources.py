@@ -30,8 +30,8 @@ from omnicompile.kernels.triton_utils import head_dim_pad  # noqa: E402
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 FP32_SCALARS = {"qk_scale", "scale", "mask_floor"}
-FP32_POINTERS = {"LSE", "LSE2", "DELTA", "DK32", "DV32", "AHAT", "MASS", "MID_O", "MID_LSE"}
-INT_POINTERS = {"KV_NUM", "KV_IDX", "FREE_LO", "FREE_HI", "Q_NUM", "Q_IDX", "OFFSETS", "LENGTHS"}
+FP32_POINTERS = {"LSE", "LSE2", "DELTA", "DK32", "DV32", "AHAT", "STATS", "OUT", "MID_O", "MID_LSE"}
+INT_POINTERS = {"KV_NUM", "KV_IDX", "FREE_LO", "FREE_HI", "ORDER", "Q_NUM", "Q_IDX", "OFFSETS", "LENGTHS"}
 INT_SCALARS = {"KV_HEADS", "BATCH_KV_HEADS"}
 
 
@@ -114,10 +114,16 @@ def main() -> None:
                 WINDOWED=windowed,
                 FP32_DOT=False,
             )
-            print(
-                f"D {dim} row probe window={windowed} {probe}:",
-                resources(triton_probe._probe_kernel, const, probe.num_warps, probe.num_stages),
-            )
+            for mass in (False, True):
+                print(
+                    f"D {dim} row probe mass={mass} window={windowed} {probe}:",
+                    resources(
+                        triton_probe._probe_kernel,
+                        dict(const, SPLITS_PAD=32, MIX=True, MASS=mass),
+                        probe.num_warps,
+                        probe.num_stages,
+                    ),
+                )
         tiles = triton_bwd.default_tiles(dim)
         for fn, block_m, block_n in (
             (triton_bwd._dq_kernel, tiles.dq_block_m, tiles.dq_block_n),
@@ -139,7 +145,7 @@ def main() -> None:
                 resources(fn, const, tiles.num_warps, tiles.num_stages),
             )
         block_m = triton_decode.row_tile(64, dim)
-        const = dict(HEAD_DIM=dim, BLOCK_D=pad, BLOCK_M=block_m, BLOCK_N=64, PRECISION=None)
+        const = dict(HEAD_DIM=dim, BLOCK_D=pad, BLOCK_M=block_m, BLOCK_N=64, FP32_DOT=False)
         print(f"D {dim} decode {block_m} rows:", resources(triton_decode._split_kernel, const, 4, 3))
 
 

@@ -28,15 +28,7 @@ def _random_slim_kv(
     return SlimKV.pack(k[:, :, :prompt], v[:, :, :prompt], keep).append(k[:, :, prompt:], v[:, :, prompt:])
 
 
-BF16 = pytest.param(
-    torch.bfloat16,
-    marks=pytest.mark.skipif(
-        DEVICE == "cpu", reason="the Triton interpreter computes bf16 tl.dot wrongly; checked on CUDA only"
-    ),
-)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, BF16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
     ("batch", "kv_heads", "group", "n", "dim"),
     # D = 80 padded to 128; D = 256 (Gemma 3) with 4 x 9 = 36 rows: two 32-row tiles.

@@ -22,7 +22,17 @@ try:
     import triton
     import triton.language as tl
 
-    from ..triton_utils import MAX_HEAD_DIM, head_dim_pad, interpreting
+    from ..triton_utils import (
+        LOG2E,
+        LOG2E_JIT,
+        MAX_HEAD_DIM,
+        head_dim_pad,
+        interpreting,
+        needs_fp32_dot,
+        softmax_finish,
+        softmax_step,
+        tile_dot,
+    )
 except ImportError:  # pragma: no cover - triton is absent on some CPU hosts
     triton = None
 
@@ -53,17 +63,14 @@ def supported(q: Tensor, kv: SlimKV, scale: float | None = None) -> str | None:
 if triton is not None:
 
     @triton.jit
-    def _online_softmax_step(q, k, v, visible, m_i, l_i, acc, scale, PRECISION: tl.constexpr):
-        """Fold one key tile into the running (max, sum, weighted values) of each query row."""
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(scores - m_safe[:, None])
+    def _attend_tile(q, k, v, visible, m_i, l_i, acc, qk_scale, FP32_DOT: tl.constexpr):
+        """Fold one key tile into the running base-2 (max, sum, weighted values) of each query row
+        (`softmax_step`); ``visible`` [rows, keys] masks the scores."""
+        scores = tl.where(visible, tile_dot(q, tl.trans(k), None, FP32_DOT) * qk_scale, float("-inf"))
+        m_i, p, alpha = softmax_step(m_i, scores, 1.0, True)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        return m_new, l_i, acc
+        acc = acc * alpha[:, None] + tile_dot(p.to(v.dtype), v, None, FP32_DOT)
+        return m_i, l_i, acc
 
     @triton.jit
     def _split_kernel(
@@ -76,7 +83,7 @@ if triton is not None:
         VT,
         MID_O,
         MID_LSE,
-        scale,
+        qk_scale,
         n_q,
         tail_len,
         group,
@@ -104,7 +111,7 @@ if triton is not None:
         BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
-        PRECISION: tl.constexpr,
+        FP32_DOT: tl.constexpr,
     ):
         bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -139,7 +146,7 @@ if triton is not None:
             v = tl.load(
                 VP + rows_kv * svp_n + d[None, :] * svp_d, mask=ok[:, None] & d_ok[None, :], other=0.0
             )
-            m_i, l_i, acc = _online_softmax_step(q, k, v, ok[None, :], m_i, l_i, acc, scale, PRECISION)
+            m_i, l_i, acc = _attend_tile(q, k, v, ok[None, :], m_i, l_i, acc, qk_scale, FP32_DOT)
         # Tail tokens in [start, end): query j sees tail index t <= tail_len - n_q + j.
         for pos in range(tl.maximum(start, seg_len), end, BLOCK_N):
             t = pos - seg_len + tl.arange(0, BLOCK_N)
@@ -155,10 +162,9 @@ if triton is not None:
                 other=0.0,
             )
             visible = ok[None, :] & (t[None, :] <= (tail_len - n_q + j)[:, None])
-            m_i, l_i, acc = _online_softmax_step(q, k, v, visible, m_i, l_i, acc, scale, PRECISION)
+            m_i, l_i, acc = _attend_tile(q, k, v, visible, m_i, l_i, acc, qk_scale, FP32_DOT)
 
-        lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        out, lse = softmax_finish(acc, m_i, l_i)
         mid = (bh * num_splits + split) * rows_padded + rows
         tl.store(MID_LSE + mid, lse)
         tl.store(MID_O + mid[:, None] * HEAD_DIM + d[None, :], out, mask=d_ok[None, :])
@@ -192,6 +198,7 @@ if triton is not None:
         row_ok = rows < group * n_q
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
+        # Merge the splits' (lse, out) states: an online softmax whose scores are the splits' lse.
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
         denom = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -199,15 +206,10 @@ if triton is not None:
             mid = (bh * num_splits + split) * rows_padded + rows
             lse_s = tl.load(MID_LSE + mid)
             out_s = tl.load(MID_O + mid[:, None] * HEAD_DIM + d[None, :], mask=d_ok[None, :], other=0.0)
-            m_new = tl.maximum(m, lse_s)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m - m_safe)
-            w = tl.exp(lse_s - m_safe)
-            denom = denom * alpha + w
-            acc = acc * alpha[:, None] + w[:, None] * out_s
-            m = m_new
-        out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
-        lse = tl.where(denom > 0, m + tl.log(tl.where(denom > 0, denom, 1.0)), float("-inf"))
+            m, w, alpha = softmax_step(m, (lse_s * LOG2E_JIT)[:, None], 1.0, True)
+            denom = denom * alpha + tl.sum(w, 1)
+            acc = acc * alpha[:, None] + w * out_s
+        out, lse = softmax_finish(acc, m, denom)
         head = h * group + rows // n_q
         j = rows % n_q
         out_ptrs = OUT + b * so_b + head[:, None] * so_h + j[:, None] * so_n + d[None, :] * so_d
@@ -282,7 +284,7 @@ def slim_decode_triton(q: Tensor, kv: SlimKV, scale: float | None = None) -> tup
         kv.v_tail,
         mid_o,
         mid_lse,
-        scale,
+        scale * LOG2E,
         n,
         kv.tail_len,
         group,
@@ -299,7 +301,7 @@ def slim_decode_triton(q: Tensor, kv: SlimKV, scale: float | None = None) -> tup
         BLOCK_D=block_d,
         BLOCK_M=block_m,
         BLOCK_N=_BLOCK_N,
-        PRECISION="ieee" if q.dtype == torch.float32 else None,  # fp32 scores stay exact, not TF32
+        FP32_DOT=needs_fp32_dot(q.dtype),
     )
     out = torch.empty_like(q)
     lse = torch.empty(batch, heads, n, dtype=torch.float32, device=q.device)

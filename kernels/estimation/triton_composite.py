@@ -272,10 +272,10 @@ def _run(
     offs_d,
     row_log2_count,
     rows_u,
-    start,
-    stop,
-    gap_at,
-    gap,
+    first,
+    free0,
+    free1,
+    n_boundary,
     stride_kw,
     stride_aj,
     n_w,
@@ -295,48 +295,26 @@ def _run(
     BOUNDARY: tl.constexpr,
     STORE: tl.constexpr,
 ):
-    """One pass over key tiles [start, stop), a tile t >= gap_at read as t + gap: the online
-    statistics (m_i, l_i), or with STORE the block masses into Ahat. Returns (m_i, l_i)."""
+    """One pass over key tiles, BOUNDARY=False the interior [free0, free1), BOUNDARY=True the
+    ``n_boundary`` others from ``first`` on, [first, free0) and [free1, first + n_boundary + free1 -
+    free0): the online statistics (m_i, l_i), or with STORE the block masses into Ahat. Returns
+    (m_i, l_i)."""
+    # Tiles [start, stop); a tile t >= gap_at is read as t + gap (skipping the other pass's tiles).
+    if BOUNDARY:
+        start, stop, gap_at, gap = first, first + n_boundary, free0, free1 - free0
+    else:
+        start, stop, gap_at, gap = free0, free1, 0, 0
     for it in tl.range(start, stop):
         t = it + gap * (it >= gap_at)
         s = _scores(
-            qc,
-            kc_base,
-            t * BLOCK_W,
-            offs_u,
-            offs_d,
-            row_log2_count,
-            rows_u,
-            stride_kw,
-            n_w,
-            kv_len,
-            qk_scale,
-            window,
-            GROUP,
-            BLOCK_W,
-            HEAD_DIM,
-            HEAD_DIM_PAD,
-            IS_CAUSAL,
-            WINDOWED,
-            FP32_DOT,
-            BOUNDARY,
-        )
+            qc, kc_base, t * BLOCK_W, offs_u, offs_d, row_log2_count, rows_u, stride_kw, n_w, kv_len,
+            qk_scale, window, GROUP, BLOCK_W, HEAD_DIM, HEAD_DIM_PAD, IS_CAUSAL, WINDOWED, FP32_DOT, BOUNDARY,
+        )  # fmt: skip
         if STORE:
             _store_mass(
-                s,
-                m_shift,
-                inv_l,
-                inv_rows,
-                a_base,
-                row_ok,
-                t,
-                stride_aj,
-                nk,
-                BLOCK_U,
-                PER_BLOCK,
-                BLOCK_U // PER_BLOCK,
-                BLOCK_W // PER_BLOCK,
-            )
+                s, m_shift, inv_l, inv_rows, a_base, row_ok, t, stride_aj, nk,
+                BLOCK_U, PER_BLOCK, BLOCK_U // PER_BLOCK, BLOCK_W // PER_BLOCK,
+            )  # fmt: skip
         else:
             m_i, l_i = online_stats(m_i, l_i, s)
     return m_i, l_i
@@ -448,79 +426,12 @@ def _composite_kernel(
             inv_rows = 1.0 / tl.maximum(rows_seen, 1.0)
         else:
             m_shift, inv_l, inv_rows = m_i, l_i, tl.zeros([BLOCKS_I], dtype=tl.float32)
-        m_i, l_i = _run(
-            m_i,
-            l_i,
-            m_shift,
-            inv_l,
-            inv_rows,
-            qc,
-            kc_base,
-            a_base,
-            row_ok,
-            offs_u,
-            offs_d,
-            row_log2_count,
-            rows_u,
-            free0,
-            free1,
-            0,
-            0,
-            stride_kw,
-            stride_aj,
-            n_w,
-            nk,
-            kv_len,
-            qk_scale,
-            window,
-            GROUP,
-            PER_BLOCK,
-            BLOCK_U,
-            BLOCK_W,
-            HEAD_DIM,
-            HEAD_DIM_PAD,
-            IS_CAUSAL,
-            WINDOWED,
-            FP32_DOT,
-            False,
-            STORE == 1,
-        )
-        m_i, l_i = _run(
-            m_i,
-            l_i,
-            m_shift,
-            inv_l,
-            inv_rows,
-            qc,
-            kc_base,
-            a_base,
-            row_ok,
-            offs_u,
-            offs_d,
-            row_log2_count,
-            rows_u,
-            first,
-            first + n_boundary,
-            free0,
-            free1 - free0,
-            stride_kw,
-            stride_aj,
-            n_w,
-            nk,
-            kv_len,
-            qk_scale,
-            window,
-            GROUP,
-            PER_BLOCK,
-            BLOCK_U,
-            BLOCK_W,
-            HEAD_DIM,
-            HEAD_DIM_PAD,
-            IS_CAUSAL,
-            WINDOWED,
-            FP32_DOT,
-            True,
-            STORE == 1,
-        )
+        for BOUNDARY in tl.static_range(2):
+            m_i, l_i = _run(
+                m_i, l_i, m_shift, inv_l, inv_rows, qc, kc_base, a_base, row_ok, offs_u, offs_d,
+                row_log2_count, rows_u, first, free0, free1, n_boundary, stride_kw, stride_aj, n_w, nk,
+                kv_len, qk_scale, window, GROUP, PER_BLOCK, BLOCK_U, BLOCK_W, HEAD_DIM, HEAD_DIM_PAD,
+                IS_CAUSAL, WINDOWED, FP32_DOT, BOUNDARY == 1, STORE == 1,
+            )  # fmt: skip
     _zero_blocks(a_base, row_ok, 0, tl.minimum(first * BLOCKS_J, nk), BLOCKS_I, BLOCKS_J, stride_aj)
     _zero_blocks(a_base, row_ok, visited * BLOCKS_J, nk, BLOCKS_I, BLOCKS_J, stride_aj)

@@ -3,12 +3,12 @@
 The probe rows are query block i's last real row, r_i = min((i + 1) * b, Sq) - 1. Each row's keys
 are cut into splits of ``split_n`` keys so that a row's work spreads over many programs (one
 program per (batch, query head, tile of ``BLOCK_R`` probe rows, key split)); a program walks its
-split in steps of ``BLOCK_N`` keys. Two kernels:
+split in steps of ``BLOCK_N`` keys. One kernel, `_probe_kernel`, launched twice:
 
-1. `_probe_stats_kernel`: each program's online-softmax statistics of its rows over its split
+1. ``MASS=False``: each program's online-softmax statistics of its rows over its split
    (base-2 max and sum over the allowed keys: causal c <= r_i, window r_i - window < c, c < Skv),
    stored per (row, split) [B, H, nq, n_splits];
-2. `_probe_mass_kernel`: each program merges its rows' split statistics into the row's max and sum,
+2. ``MASS=True``: each program merges its rows' split statistics into the row's max and sum,
    rescores its split and stores the normalised probabilities summed per key block (``BLOCK_N`` is
    a multiple of b) straight into the [B, H, nq, nk] output; with ``MIX`` it stores
    ``(ahat + mass) / 2`` for rows that see a key and ``ahat`` elsewhere (`probe.with_row_probe`).
@@ -124,18 +124,20 @@ def probe_block_mass_triton(
     rows = (q, k, *q.stride(), *k.stride(), heads, q_len, kv_len, nq, r_tiles, scale * LOG2E)
     # window: read only when WINDOWED
     split_args = (0 if window is None else window, splits, tiles_per_split)
-    _probe_stats_kernel[grid](*rows, *split_args, stats, stats.stride(0), **common)
-    _probe_mass_kernel[grid](
-        *rows,
-        *split_args,
-        stats,
-        stats.stride(0),
-        out,
-        nk,
-        SPLITS_PAD=triton.next_power_of_2(splits),
-        MIX=ahat is not None,
-        **common,
-    )
+    # The statistics of every split, then the masses (they need every split's statistics).
+    for mass in (False, True):
+        _probe_kernel[grid](
+            *rows,
+            *split_args,
+            stats,
+            stats.stride(0),
+            out,
+            nk,
+            SPLITS_PAD=triton.next_power_of_2(splits),
+            MIX=ahat is not None,
+            MASS=mass,
+            **common,
+        )
     return out
 
 
@@ -244,59 +246,7 @@ def _probe_rows(
 
 
 @triton.jit
-def _probe_stats_kernel(
-    Q,
-    K,
-    stride_qb,
-    stride_qh,
-    stride_qs,
-    stride_qd,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    heads,
-    q_len,
-    kv_len,
-    nq,
-    r_tiles,
-    qk_scale,
-    window,
-    splits,
-    tiles_per_split,
-    STATS,
-    stats_plane,
-    GQA: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
-    WINDOWED: tl.constexpr,
-    FP32_DOT: tl.constexpr,
-):
-    offs_i, row_ok, rows, q_rows, k_base, row_index, _, lo, hi = _probe_rows(
-        Q, K, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-        heads, q_len, kv_len, nq, r_tiles, window, tiles_per_split,
-        GQA, BLOCK_SIZE, BLOCK_R, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, IS_CAUSAL, WINDOWED,
-    )  # fmt: skip
-    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for t in tl.range(lo, hi):
-        s = _scores(
-            q_rows, k_base, t * BLOCK_N, rows, stride_kn, kv_len, qk_scale, window,
-            BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, IS_CAUSAL, WINDOWED, FP32_DOT,
-        )  # fmt: skip
-        m_i, l_i = online_stats(m_i, l_i, s)
-    # STATS [2, B, H, nq, splits]: the max, then the sum.
-    stat = STATS + row_index * splits + tl.program_id(1)
-    tl.store(stat, m_i, mask=row_ok)
-    tl.store(stat + stats_plane, l_i, mask=row_ok)
-
-
-@triton.jit
-def _probe_mass_kernel(
+def _probe_kernel(
     Q,
     K,
     stride_qb,
@@ -331,40 +281,57 @@ def _probe_mass_kernel(
     FP32_DOT: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
     MIX: tl.constexpr,
+    MASS: tl.constexpr,
 ):
+    """One pass over this program's key split (module docstring): MASS=False the split's statistics
+    into STATS [2, B, H, nq, splits] (the max, then the sum); MASS=True the rows' block masses into
+    OUT [B, H, nq, nk] (mixed into it with MIX)."""
     BLOCKS_J: tl.constexpr = BLOCK_N // BLOCK_SIZE
     offs_i, row_ok, rows, q_rows, k_base, row_index, split_first, lo, hi = _probe_rows(
         Q, K, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
         heads, q_len, kv_len, nq, r_tiles, window, tiles_per_split,
         GQA, BLOCK_SIZE, BLOCK_R, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, IS_CAUSAL, WINDOWED,
     )  # fmt: skip
-    # The rows' max and sum over every split (a split that saw nothing holds -inf, 0).
-    offs_s = tl.arange(0, SPLITS_PAD)
-    stat = STATS + row_index[:, None] * splits + offs_s[None, :]
-    stat_ok = row_ok[:, None] & (offs_s[None, :] < splits)
-    m_s = tl.load(stat, mask=stat_ok, other=float("-inf"))
-    l_s = tl.load(stat + stats_plane, mask=stat_ok, other=0.0)
-    m_i = tl.max(m_s, 1)
-    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-    l_i = tl.sum(l_s * tl.math.exp2(m_s - m_safe[:, None]), 1)
-    m_shift, inv_l = normaliser(m_i, l_i)  # rows that see no key get zeros
-    seen = l_i > 0.0
+    if MASS:
+        # The rows' max and sum over every split (a split that saw nothing holds -inf, 0).
+        offs_s = tl.arange(0, SPLITS_PAD)
+        stat = STATS + row_index[:, None] * splits + offs_s[None, :]
+        stat_ok = row_ok[:, None] & (offs_s[None, :] < splits)
+        m_s = tl.load(stat, mask=stat_ok, other=float("-inf"))
+        l_s = tl.load(stat + stats_plane, mask=stat_ok, other=0.0)
+        m_i = tl.max(m_s, 1)
+        m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+        l_i = tl.sum(l_s * tl.math.exp2(m_s - m_safe[:, None]), 1)
+        m_shift, inv_l = normaliser(m_i, l_i)  # rows that see no key get zeros
+        seen = l_i > 0.0
 
-    out_base = OUT + row_index[:, None].to(tl.int64) * nk
-    for t in tl.range(split_first, split_first + tiles_per_split):
-        if (t >= lo) & (t < hi):
+        out_base = OUT + row_index[:, None].to(tl.int64) * nk
+        for t in tl.range(split_first, split_first + tiles_per_split):
+            if (t >= lo) & (t < hi):
+                s = _scores(
+                    q_rows, k_base, t * BLOCK_N, rows, stride_kn, kv_len, qk_scale, window,
+                    BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, IS_CAUSAL, WINDOWED, FP32_DOT,
+                )  # fmt: skip
+                p = tl.math.exp2(s - m_shift[:, None]) * inv_l[:, None]
+                mass = tl.sum(tl.reshape(p, [BLOCK_R, BLOCKS_J, BLOCK_SIZE]), 2)
+            else:
+                mass = tl.zeros([BLOCK_R, BLOCKS_J], dtype=tl.float32)
+            offs_j = t * BLOCKS_J + tl.arange(0, BLOCKS_J)
+            ptrs = out_base + offs_j[None, :]
+            ok = row_ok[:, None] & (offs_j[None, :] < nk)
+            if MIX:
+                ahat = tl.load(ptrs, mask=ok, other=0.0)
+                mass = tl.where(seen[:, None], (ahat + mass) * 0.5, ahat)
+            tl.store(ptrs, mass, mask=ok)
+    else:
+        m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for t in tl.range(lo, hi):
             s = _scores(
                 q_rows, k_base, t * BLOCK_N, rows, stride_kn, kv_len, qk_scale, window,
                 BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, IS_CAUSAL, WINDOWED, FP32_DOT,
             )  # fmt: skip
-            p = tl.math.exp2(s - m_shift[:, None]) * inv_l[:, None]
-            mass = tl.sum(tl.reshape(p, [BLOCK_R, BLOCKS_J, BLOCK_SIZE]), 2)
-        else:
-            mass = tl.zeros([BLOCK_R, BLOCKS_J], dtype=tl.float32)
-        offs_j = t * BLOCKS_J + tl.arange(0, BLOCKS_J)
-        ptrs = out_base + offs_j[None, :]
-        ok = row_ok[:, None] & (offs_j[None, :] < nk)
-        if MIX:
-            ahat = tl.load(ptrs, mask=ok, other=0.0)
-            mass = tl.where(seen[:, None], (ahat + mass) * 0.5, ahat)
-        tl.store(ptrs, mass, mask=ok)
+            m_i, l_i = online_stats(m_i, l_i, s)
+        stat = STATS + row_index * splits + tl.program_id(1)
+        tl.store(stat, m_i, mask=row_ok)
+        tl.store(stat + stats_plane, l_i, mask=row_ok)

@@ -35,7 +35,15 @@ import triton.language as tl
 from ..masks import check_window, masked_floor
 from ..selection.block_selection import BlockSelection
 from ..selection.transpose import transpose_selection
-from ..triton_utils import LOG2E, head_dim_pad, head_dim_reason, interpreting, needs_fp32_dot, tile_dot
+from ..triton_utils import (
+    LOG2E,
+    LOG2E_JIT,
+    head_dim_pad,
+    head_dim_reason,
+    interpreting,
+    needs_fp32_dot,
+    tile_dot,
+)
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # attn_mask kinds, a constexpr of the kernels.
@@ -142,7 +150,7 @@ def _preprocess(
         other=0.0,
     )
     lse = tl.load(LSE + b * s_lb + h * s_lh + offs_m * s_ls, mask=row_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E_JIT)
     out = pid_bh.to(tl.int64) * q_len + offs_m
     tl.store(DELTA + out, tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1), mask=row_ok)
     tl.store(LSE2 + out, lse2, mask=row_ok)
@@ -188,7 +196,7 @@ def _scores(
             s = tl.where(m != 0, s, float("-inf"))
         else:
             m = m.to(tl.float32)
-            s = tl.where(m > mask_floor, s + m * 1.4426950408889634, float("-inf"))
+            s = tl.where(m > mask_floor, s + m * LOG2E_JIT, float("-inf"))
     return s
 
 

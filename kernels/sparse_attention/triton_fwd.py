@@ -38,7 +38,17 @@ from torch import Tensor
 
 from ..masks import check_window, masked_floor
 from ..selection.block_selection import BlockSelection
-from ..triton_utils import LOG2E, head_dim_pad, head_dim_reason, interpreting, needs_fp32_dot, tile_dot
+from ..triton_utils import (
+    LOG2E,
+    LOG2E_JIT,
+    head_dim_pad,
+    head_dim_reason,
+    interpreting,
+    needs_fp32_dot,
+    softmax_finish,
+    softmax_step,
+    tile_dot,
+)
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -296,7 +306,6 @@ def _attend_block(
     block,
     part,
     offs_m,
-    offs_d,
     stride_kn,
     stride_vn,
     stride_mn,
@@ -314,13 +323,15 @@ def _attend_block(
     FP32_DOT: tl.constexpr,
     MASKED: tl.constexpr,
 ):
-    """One online-softmax step over keys [part * BLOCK_N, (part + 1) * BLOCK_N) of key block ``block``.
+    """One online-softmax step (`softmax_step`) of the rows ``offs_m`` over keys [part * BLOCK_N,
+    (part + 1) * BLOCK_N) of key block ``block``.
 
     ``k_base``/``v_base`` already hold the head's base plus the [1, HEAD_DIM_PAD] column offsets.
     MASKED: per-element masks (key range, causal with its ``window``, attn_mask with additive values
     <= ``mask_floor`` as -inf).
     """
     offs_n = block * SPARSE_BLOCK + part * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
     k = _load_rows(k_base, offs_n, stride_kn, offs_d, kv_len, HEAD_DIM, HEAD_DIM_PAD, MASKED)
     v = _load_rows(v_base, offs_n, stride_vn, offs_d, kv_len, HEAD_DIM, HEAD_DIM_PAD, MASKED)
     s = tile_dot(q, tl.trans(k), None, FP32_DOT)
@@ -336,22 +347,15 @@ def _attend_block(
         if MASK_KIND == 2:
             bias = tl.load(mask_base + offs_n[None, :] * stride_mn, mask=keep, other=0.0).to(tl.float32)
             keep = keep & (bias > mask_floor)
-            s = s + tl.where(keep, bias, 0.0) * 1.4426950408889634
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with nothing attended so far keeps m = -inf; shift by 0 instead (no NaN).
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_shift[:, None])
+            s = s + tl.where(keep, bias, 0.0) * LOG2E_JIT
+        m_i, p, alpha = softmax_step(m_i, tl.where(keep, s, float("-inf")), 1.0, True)
     else:
         # qk_scale >= 0 (the wrapper flips the sign of q otherwise): scale the row max, then one
         # fused multiply-add per score.
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        m_shift = m_new
-        p = tl.math.exp2(s * qk_scale - m_shift[:, None])
-    alpha = tl.math.exp2(m_i - m_shift)
+        m_i, p, alpha = softmax_step(m_i, s, qk_scale, False)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = tile_dot(p.to(v.dtype), v, acc * alpha[:, None], FP32_DOT)
-    return acc, l_i, m_new
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -364,12 +368,10 @@ def _attend_run(
     v_base,
     mask_base,
     idx_ptr,
-    start,
-    stop,
-    gap_at,
-    gap,
+    lo,
+    hi,
+    n_blocks,
     offs_m,
-    offs_d,
     stride_kn,
     stride_vn,
     stride_mn,
@@ -388,47 +390,29 @@ def _attend_run(
     FP32_DOT: tl.constexpr,
     MASKED: tl.constexpr,
 ):
-    """`_attend_block` over list positions [start, stop) of ``idx_ptr``, in SPARSE_BLOCK / BLOCK_N
-    parts each; a position p >= gap_at reads entry p + gap (the run skipped by the other call).
+    """`_attend_block` over part of the head's selected list ``idx_ptr`` [n_blocks], in
+    SPARSE_BLOCK / BLOCK_N parts a block: MASKED=False the mask-free run, positions [lo, hi);
+    MASKED=True the rest, [0, lo) and [hi, n_blocks), with per-element masks.
 
     The next step's block index is loaded one step ahead (loop-carried), so the software pipeliner
     can issue K/V loads num_stages - 1 steps early (an index loaded in the same step would cost a
     stage).
     """
     n_split: tl.constexpr = SPARSE_BLOCK // BLOCK_N
+    # Positions [start, stop); a position p >= gap_at reads entry p + gap (skipping the other run).
+    if MASKED:
+        start, stop, gap_at, gap = 0, n_blocks - (hi - lo), lo, hi - lo
+    else:
+        start, stop, gap_at, gap = lo, hi, 0, 0
     block = tl.load(idx_ptr + tl.minimum(start + gap * (start >= gap_at), nk - 1))
     for it in tl.range(start * n_split, stop * n_split):
         pos = (it + 1) // n_split
         nxt = tl.load(idx_ptr + tl.minimum(pos + gap * (pos >= gap_at), nk - 1))
         acc, l_i, m_i = _attend_block(
-            acc,
-            l_i,
-            m_i,
-            q,
-            k_base,
-            v_base,
-            mask_base,
-            block,
-            it % n_split,
-            offs_m,
-            offs_d,
-            stride_kn,
-            stride_vn,
-            stride_mn,
-            kv_len,
-            qk_scale,
-            window,
-            mask_floor,
-            HEAD_DIM,
-            HEAD_DIM_PAD,
-            SPARSE_BLOCK,
-            BLOCK_N,
-            IS_CAUSAL,
-            WINDOWED,
-            MASK_KIND,
-            FP32_DOT,
-            MASKED,
-        )
+            acc, l_i, m_i, q, k_base, v_base, mask_base, block, it % n_split, offs_m,
+            stride_kn, stride_vn, stride_mn, kv_len, qk_scale, window, mask_floor,
+            HEAD_DIM, HEAD_DIM_PAD, SPARSE_BLOCK, BLOCK_N, IS_CAUSAL, WINDOWED, MASK_KIND, FP32_DOT, MASKED,
+        )  # fmt: skip
         block = nxt
     return acc, l_i, m_i
 
@@ -517,81 +501,16 @@ def _sparse_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    # Mask-free run [lo, hi) first, then the rest of the list, [0, lo) and [hi, n_blocks).
+    # The mask-free run [lo, hi) of the list first, then the rest, [0, lo) and [hi, n_blocks), masked.
     lo = tl.load(FREE_LO + sel)
     hi = tl.load(FREE_HI + sel)
-    acc, l_i, m_i = _attend_run(
-        acc,
-        l_i,
-        m_i,
-        q,
-        k_base,
-        v_base,
-        mask_base,
-        idx_ptr,
-        lo,
-        hi,
-        0,
-        0,
-        offs_m,
-        offs_d,
-        stride_kn,
-        stride_vn,
-        stride_mn,
-        kv_len,
-        nk,
-        qk_scale,
-        window,
-        mask_floor,
-        HEAD_DIM,
-        HEAD_DIM_PAD,
-        SPARSE_BLOCK,
-        BLOCK_N,
-        IS_CAUSAL,
-        WINDOWED,
-        MASK_KIND,
-        FP32_DOT,
-        False,
-    )
-    acc, l_i, m_i = _attend_run(
-        acc,
-        l_i,
-        m_i,
-        q,
-        k_base,
-        v_base,
-        mask_base,
-        idx_ptr,
-        0,
-        n_blocks - (hi - lo),
-        lo,
-        hi - lo,
-        offs_m,
-        offs_d,
-        stride_kn,
-        stride_vn,
-        stride_mn,
-        kv_len,
-        nk,
-        qk_scale,
-        window,
-        mask_floor,
-        HEAD_DIM,
-        HEAD_DIM_PAD,
-        SPARSE_BLOCK,
-        BLOCK_N,
-        IS_CAUSAL,
-        WINDOWED,
-        MASK_KIND,
-        FP32_DOT,
-        True,
-    )
-
-    attended = l_i > 0.0
-    out = acc / tl.where(attended, l_i, 1.0)[:, None]
-    lse = tl.where(
-        attended, (m_i + tl.math.log2(tl.where(attended, l_i, 1.0))) * 0.6931471805599453, float("-inf")
-    )
+    for run in tl.static_range(2):
+        acc, l_i, m_i = _attend_run(
+            acc, l_i, m_i, q, k_base, v_base, mask_base, idx_ptr, lo, hi, n_blocks, offs_m,
+            stride_kn, stride_vn, stride_mn, kv_len, nk, qk_scale, window, mask_floor,
+            HEAD_DIM, HEAD_DIM_PAD, SPARSE_BLOCK, BLOCK_N, IS_CAUSAL, WINDOWED, MASK_KIND, FP32_DOT, run == 1,
+        )  # fmt: skip
+    out, lse = softmax_finish(acc, m_i, l_i)
     o_ptrs = (
         O + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
     )
