@@ -4,7 +4,8 @@ Public API: `OmniSparseConfig`, `backend` (a backend for a config), `explain` (w
 did at each attention site), `load_package` (load an exported AOTInductor package, docs/EXPORT.md).
 ``torch.compile(model, backend="omnisparse")`` needs no import.
 Submodules: `omnicompile.export` (``export``: AOTInductor / Torch-TensorRT packages, docs/EXPORT.md),
-`omnicompile.hf_cache` (``SlimKVCache`` for decode, docs/DECODE.md), `omnicompile.demos.structured`
+`omnicompile.hf_cache` (``SlimKVCache`` for decode, docs/DECODE.md), `omnicompile.hf_attention`
+(``attn_implementation="omnisparse"``, registered on import), `omnicompile.demos.structured`
 (structured attention inputs), `omnicompile.metrics`.
 """
 

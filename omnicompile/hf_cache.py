@@ -10,29 +10,34 @@ Use with an unmodified transformers model (Llama, Qwen2, ... any model whose att
 How the observation reaches the cache and how decode reads it: each attention layer calls
 ``cache.update(k, v, layer_idx)`` and hands the tensors it returns to the attention function. `update`
 tags the returned key tensor with a weak reference to its `SlimKVLayer` (attribute
-``_omnisparse_slim_layer``); the attention function registered here (`slim_attention_forward`) reads it:
+``_omnisparse_slim_layer``); the attention function (`with_slim_cache` of a prefill attention:
+SDPA for ``"omnisparse_decode"`` registered here, the op for ``"omnisparse"`` in
+`omnicompile.hf_attention`) reads it:
 - prefill (the layer's first forward, S tokens): `update` stores the dense K/V and returns them; the
-  attention function runs SDPA, then, when S >= ``min_seq_len`` and ``mode == "sparse"``, passes the
-  layer's queries to `SlimKVLayer.observe`, which keeps per KV head what `omnicompile.slimming` decides
-  and repacks the layer into a ragged `SlimKV` (the dense K/V are released);
+  attention function runs the prefill attention, then, when S >= ``min_seq_len`` and
+  ``mode == "sparse"``, passes the layer's queries to `SlimKVLayer.observe`, which keeps per KV head
+  what `omnicompile.slimming` decides and repacks the layer into a ragged `SlimKV` (the dense K/V are
+  released);
 - every later forward of a slimmed layer: `update` appends the new tokens to every head's tail and the
   attention function runs slim decode attention (the split-K Triton kernel where `supported`, else the
   fp32 reference), reading only the kept KV;
-- a layer that is not slimmed (short prompt, ``mode == "dense"``) stays a dense cache and runs SDPA.
+- a layer that is not slimmed (short prompt, ``mode == "dense"``) stays a dense cache and runs the
+  prefill attention.
 - a sliding-window layer (``layer_types`` entry ``"sliding_attention"``, Gemma 3's local layers) is
-  transformers' `DynamicSlidingWindowLayer`: it already keeps only the window; it runs SDPA with the
-  sliding mask and is never slimmed.
-The attention mask function of the implementation is transformers' SDPA one. Supported: batch size >= 1
-without padding (a padding mask is an error), greedy or sampled decoding, chunks of several new tokens,
-`crop` of tokens generated after slimming. Not supported (clear errors): beam search and other batch
-reordering, layer types other than full and sliding attention, a batch size change, a model whose KV
-shapes differ from the config.
+  transformers' `DynamicSlidingWindowLayer`: it already keeps only the window; it runs the prefill
+  attention with the sliding window and is never slimmed.
+The attention mask function of ``"omnisparse_decode"`` is transformers' SDPA one. Supported: batch
+size >= 1 without padding (a padding mask is an error, for a slimmed layer), greedy or sampled
+decoding, chunks of several new tokens, `crop` of tokens generated after slimming. Not supported
+(clear errors): beam search and other batch reordering, layer types other than full and sliding
+attention, a batch size change, a model whose KV shapes differ from the config.
 """
 
 from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -322,16 +327,23 @@ def slim_decode(q: Tensor, kv: SlimKV, scale: float | None) -> tuple[Tensor, Ten
 
 
 def _check_no_padding(attention_mask: Tensor | None) -> None:
-    """Raise if the mask hides a key from the last query (padding), which the slim cache cannot honour."""
+    """Raise if the mask hides a key from the last query (padding), which the slim cache cannot honour.
+
+    ``attention_mask``: None, a 4-D mask (bool or additive), or a 2-D bool [B, S] padding mask (True =
+    token), as the ``"omnisparse"`` mask function returns for padded batches.
+    """
     if attention_mask is None:
         return
-    last_row = attention_mask[..., -1, :]
+    last_row = attention_mask if attention_mask.dim() == 2 else attention_mask[..., -1, :]
     visible = last_row if last_row.dtype == torch.bool else last_row == 0
     if not bool(visible.all()):
         raise ValueError("SlimKVCache: padded batches are not supported (the attention mask hides keys)")
 
 
-def slim_attention_forward(
+AttentionFunction = Callable[..., tuple[Tensor, Tensor | None]]
+
+
+def _sdpa_forward(
     module: torch.nn.Module,
     query: Tensor,
     key: Tensor,
@@ -342,37 +354,74 @@ def slim_attention_forward(
     sliding_window: int | None = None,
     **kwargs,
 ) -> tuple[Tensor, None]:
-    """The ``"omnisparse_decode"`` attention function (transformers' AttentionInterface signature).
+    """transformers' SDPA attention (a sliding window is in the SDPA mask already)."""
+    out, _ = sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    )
+    return out, None
 
-    Args:
-        query: [B, H, n, D]; key, value: as `SlimKVLayer.update` returned them (or any dense [B, Hkv, S, D]).
 
-    Returns:
-        attn_output [B, n, H, D] and no attention weights.
-    """
-    if sliding_window is not None:  # a DynamicSlidingWindowLayer's window: SDPA with the sliding mask
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )[0], None
+def slim_layer(module: torch.nn.Module, key: Tensor) -> SlimKVLayer | None:
+    """The `SlimKVLayer` that returned ``key`` from its `update` (None for keys of any other cache)."""
     tag = getattr(key, _LAYER_TAG, None)
     layer: SlimKVLayer | None = tag() if tag is not None else None
     if layer is not None and layer.layer_idx != getattr(module, "layer_idx", layer.layer_idx):
         raise RuntimeError(
             f"{ATTN_IMPLEMENTATION}: module {module.layer_idx} got the cache of layer {layer.layer_idx}"
         )
-    if layer is None or layer.slim is None:
-        out, _ = sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
-        if layer is not None and layer.awaits_observation:
-            _check_no_padding(attention_mask)
-            layer.observe(query, query.shape[-1] ** -0.5 if scaling is None else scaling)
-        return out, None
-    if dropout:
-        raise ValueError(f"{ATTN_IMPLEMENTATION}: dropout is not supported on a slimmed cache")
-    _check_no_padding(attention_mask)
-    out, _ = slim_decode(query, layer.slim, scaling)
-    return out.transpose(1, 2).contiguous(), None
+    return layer
+
+
+def with_slim_cache(attend: AttentionFunction) -> AttentionFunction:
+    """An attention function (transformers' AttentionInterface signature) that decodes a slimmed layer
+    of a `SlimKVCache` with `slim_decode`, runs ``attend`` everywhere else (prefill, layers not slimmed,
+    sliding-window layers, other caches) and hands a `SlimKVLayer`'s prefill queries to its `observe`.
+
+    ``attend`` has the same signature and returns attn_output [B, n, H, D] and no weights.
+    """
+
+    def forward(
+        module: torch.nn.Module,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        sliding_window: int | None = None,
+        **kwargs,
+    ) -> tuple[Tensor, None]:
+        """query: [B, H, n, D]; key, value: as `SlimKVLayer.update` returned them (or any dense
+        [B, Hkv, S, D]). Returns attn_output [B, n, H, D] and no attention weights."""
+        # A DynamicSlidingWindowLayer's window: never slimmed.
+        layer = None if sliding_window is not None else slim_layer(module, key)
+        if layer is None or layer.slim is None:
+            out, _ = attend(
+                module,
+                query,
+                key,
+                value,
+                attention_mask,
+                dropout=dropout,
+                scaling=scaling,
+                sliding_window=sliding_window,
+                **kwargs,
+            )
+            if layer is not None and layer.awaits_observation:
+                _check_no_padding(attention_mask)
+                layer.observe(query, query.shape[-1] ** -0.5 if scaling is None else scaling)
+            return out, None
+        if dropout:
+            raise ValueError(f"{ATTN_IMPLEMENTATION}: dropout is not supported on a slimmed cache")
+        _check_no_padding(attention_mask)
+        out, _ = slim_decode(query, layer.slim, scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    return forward
+
+
+slim_attention_forward = with_slim_cache(_sdpa_forward)
+"""The ``"omnisparse_decode"`` attention function: SDPA prefill, slim decode."""
 
 
 def register_attention() -> None:
