@@ -18,9 +18,9 @@ YARN='{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8
 case "$2" in
 kernels)
     nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/device.txt"
-    # from tests/: at the repository root `import omnicompile` would find the source folder (no kernels/)
-    (cd tests && TRITON_INTERPRET=0 timeout 240 python3 -m pytest -q -ra --import-mode=append -m gpu \
-        gpu/test_kernels.py gpu/test_schedule.py gpu/test_graphs.py) 2>&1 | tee "$OUT/kernels.txt"
+    # -P: the repository root off sys.path (its source folders would shadow the installed package)
+    TRITON_INTERPRET=0 timeout 240 python3 -P -m pytest -q -ra -m gpu \
+        tests/gpu/test_kernels.py tests/gpu/test_schedule.py tests/gpu/test_graphs.py 2>&1 | tee "$OUT/kernels.txt"
     timeout 200 python3 benchmarks/bench_head_dims.py --seq-lens 32768 --out "$OUT" 2>&1 | tee -a "$OUT/kernels.txt"
     timeout 150 python3 benchmarks/bench_schedule.py --seq-lens 32768 131072 --out "$OUT/schedule" 2>&1 \
         | tee "$OUT/schedule.txt" ;;

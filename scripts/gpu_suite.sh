@@ -2,8 +2,9 @@
 # One bounded device call: the GPU test suite (tests/gpu: prefill kernels, estimator, fused selection,
 # head dims, schedules, CUDA graphs, exported packages), then the prefill benchmark; add "demo" /
 # "decode" / "aoti" (loader diagnostic) / "schedule" (timings) / "trained" as arguments to also run those.
-# pytest runs from tests/: at the repository root `import omnicompile` would find the source folder,
-# which lacks the installed omnicompile.kernels.
+# `python3 -P`: the repository root stays off sys.path, where the source folders would shadow the
+# installed omnicompile (no omnicompile.kernels there) and transformers would find kernels/ as the hub
+# package `kernels`.
 # Logs and tables go to $OUT (default out/).
 set -uo pipefail
 OUT="${OUT:-out}"; mkdir -p "$OUT"
@@ -11,7 +12,7 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation --no-index . || exit 1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/device.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
-(cd tests && TRITON_INTERPRET=0 timeout 420 python3 -m pytest -q -ra --import-mode=append -m gpu gpu) 2>&1 \
+TRITON_INTERPRET=0 timeout 420 python3 -P -m pytest -q -ra -m gpu tests/gpu 2>&1 \
     | tee "$OUT/gpu_tests.txt"
 for extra in "$@"; do
     case "$extra" in

@@ -2,9 +2,10 @@
 
 Every module here sets ``pytestmark = ON_CUDA``: marked ``gpu``, skipped with its reason without a CUDA
 device or under the Triton interpreter, which tests/conftest.py turns on by default. On a GPU machine,
-with the package installed (not the checkout's source folders, which lack ``omnicompile.kernels``)::
+with the package installed, from the repository root (``-P`` keeps the root off ``sys.path``: its source
+folders lack ``omnicompile.kernels``, and transformers would import ``kernels/`` as the hub package)::
 
-    cd tests && TRITON_INTERPRET=0 python3 -m pytest -q -ra --import-mode=append -m gpu gpu
+    TRITON_INTERPRET=0 python3 -P -m pytest -q -ra -m gpu tests/gpu
 """
 
 import pytest
