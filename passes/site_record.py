@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-MaskKind = Literal["none", "causal", "bool", "additive"]
+from omnicompile.kernels.masks import MaskKind
+
 SiteStatus = Literal["replaced", "untouched"]
 Pattern = Literal["sdpa", "eager"]
 Shape = tuple[int | str, ...]

@@ -137,3 +137,11 @@ def test_other_masks_stay_masks():
     ):
         assert causal_if_equivalent(mask, False, q_len, kv_len) == (mask, False)
     assert causal_if_equivalent(None, True, 64, 64) == (None, True)
+
+
+def test_site_records_use_the_kernels_mask_kind():
+    """One `MaskKind`: the passes' site records name the masks' kinds that `classify_mask` returns."""
+    from omnicompile.kernels import masks
+    from omnicompile.passes import MaskKind
+
+    assert MaskKind is masks.MaskKind
