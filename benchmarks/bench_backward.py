@@ -45,6 +45,7 @@ from omnicompile.kernels.selection.transpose import block_mask_to_indices, selec
 from omnicompile.kernels.sparse_attention.reference import sparse_attention_reference
 from omnicompile.kernels.sparse_attention.triton_bwd import BackwardTiles, sparse_attention_bwd
 from omnicompile.kernels.sparse_attention.triton_fwd import sparse_attention_fwd
+from omnicompile.method import estimation_params, selection_params
 from omnicompile.metrics import density, relative_error
 
 DENSE = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
@@ -61,9 +62,11 @@ SWEEP = [
 def make_selection(q, k, config: OmniSparseConfig) -> BlockSelection:
     """The OmniSparse selection of (q, k) for causal attention."""
     batch, heads, seq, dim = q.shape
-    ahat = estimate_blocks(q, k, None, True, dim**-0.5, config)
+    ahat = estimate_blocks(q, k, None, True, dim**-0.5, estimation_params(config))
     allowed = allowed_blocks(None, True, batch, heads, seq, seq, config.block_size, q.device)
-    return select_blocks(ahat, allowed, config, k.shape[1], is_causal=True, q_len=seq, kv_len=seq)
+    return select_blocks(
+        ahat, allowed, selection_params(config), k.shape[1], is_causal=True, q_len=seq, kv_len=seq
+    )
 
 
 def flex_block_mask(selection: BlockSelection):

@@ -32,7 +32,7 @@ from omnicompile.kernels.estimation.triton_probe import probe_block_mass_triton
 from omnicompile.kernels.masks import allowed_blocks, window_mask
 from omnicompile.kernels.selection.transpose import selection_from_block_mask
 from omnicompile.kernels.sparse_attention.triton_fwd import sparse_attention_fwd
-from omnicompile.method import select_on_device
+from omnicompile.method import AttentionInputs, estimation_params, select_on_device, selection_params
 from omnicompile.metrics import density
 
 SHAPES = [(64, 9, 3), (128, 9, 3), (256, 4, 1)]  # head dim, query heads, KV heads
@@ -72,8 +72,10 @@ def run_case(
     allowed = allowed_blocks(None, True, 1, heads, seq, seq, b, q.device, window=window)
 
     def pipeline():
-        ahat = estimate_blocks(q, k, None, True, None, config, window=window)
-        return select_on_device(ahat, allowed, config, kv_heads, is_causal=True, q_len=seq, kv_len=seq)
+        ahat = estimate_blocks(q, k, None, True, None, estimation_params(config), window=window)
+        return select_on_device(
+            ahat, allowed, selection_params(config), AttentionInputs(q, k, v, None, True, None, window)
+        )
 
     selection = pipeline()
     band = selection_from_block_mask(allowed.expand(1, heads, -1, -1).contiguous(), b, seq, seq)
@@ -86,7 +88,9 @@ def run_case(
         "density": density(selection, allowed),
         "probe_ms": time_ms(lambda: probe_block_mass_triton(q, k, True, scale, b, window=window)),
         "probe_torch_ms": time_ms(lambda: probe_block_mass(q, k, None, True, scale, b, window=window)),
-        "estimate_ms": time_ms(lambda: estimate_blocks(q, k, None, True, None, config, window=window)),
+        "estimate_ms": time_ms(
+            lambda: estimate_blocks(q, k, None, True, None, estimation_params(config), window=window)
+        ),
         "ours_fwd": time_ms(
             lambda: sparse_attention_fwd(q, k, v, selection, None, True, None, window=window)
         ),

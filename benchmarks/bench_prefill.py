@@ -45,7 +45,7 @@ from omnicompile.kernels.estimation.triton_composite import EstimateLaunch, esti
 from omnicompile.kernels.masks import allowed_blocks
 from omnicompile.kernels.selection.block_selection import BlockSelection
 from omnicompile.kernels.sparse_attention.triton_fwd import LaunchConfig, sparse_attention_fwd
-from omnicompile.method import select_on_device
+from omnicompile.method import AttentionInputs, estimation_params, select_on_device, selection_params
 from omnicompile.metrics import density, exact_recall, relative_error
 
 DENSE_BACKENDS = {
@@ -166,14 +166,19 @@ def _pipeline(q, k, v, config: OmniSparseConfig, scale: float):
     """The parts of our prefill, each a zero-argument callable, and their results."""
     batch, heads, seq, _ = q.shape
     allowed = allowed_blocks(None, True, batch, heads, seq, seq, config.block_size, q.device)
+    x, estimation, selecting = (
+        AttentionInputs(q, k, v, None, True, scale),
+        estimation_params(config),
+        selection_params(config),
+    )
 
     def estimate() -> torch.Tensor:
-        return estimate_blocks(q, k, None, True, scale, config)
+        return estimate_blocks(q, k, None, True, scale, estimation)
 
     ahat = estimate()
 
     def select() -> BlockSelection:
-        return select_on_device(ahat, allowed, config, k.shape[1], is_causal=True, q_len=seq, kv_len=seq)
+        return select_on_device(ahat, allowed, selecting, x)
 
     selection = select()
 
@@ -181,8 +186,8 @@ def _pipeline(q, k, v, config: OmniSparseConfig, scale: float):
         return sparse_attention_fwd(q, k, v, selection, None, True, scale)
 
     def total() -> tuple[torch.Tensor, torch.Tensor]:
-        a = estimate_blocks(q, k, None, True, scale, config)
-        s = select_on_device(a, allowed, config, k.shape[1], is_causal=True, q_len=seq, kv_len=seq)
+        a = estimate_blocks(q, k, None, True, scale, estimation)
+        s = select_on_device(a, allowed, selecting, x)
         return sparse_attention_fwd(q, k, v, s, None, True, scale)
 
     return {"estimate": estimate, "select": select, "attend": attend, "total": total}, selection, allowed
@@ -317,7 +322,11 @@ def sweep(args, log: Console) -> list[dict]:
         )
         log.print(json.dumps(rows[-1]))
     for launch in EST_SWEEP:
-        ms = time_ms(functools.partial(estimate_blocks, q, k, None, True, scale, config, launch=launch))
+        ms = time_ms(
+            functools.partial(
+                estimate_blocks, q, k, None, True, scale, estimation_params(config), launch=launch
+            )
+        )
         rows.append(
             {
                 "kernel": "estimate",

@@ -30,7 +30,7 @@ from omnicompile.kernels.sparse_attention.triton_fwd import (
     default_launch_config,
     sparse_attention_fwd,
 )
-from omnicompile.method import plan
+from omnicompile.method import AttentionInputs, plan
 
 PRESETS = ("mixed", "mixed_flat")
 SCOPES = ("heads", "kv_group", "head")
@@ -40,7 +40,7 @@ HEADS, KV_HEADS, DIM = 32, 8, 128
 def run_case(preset: str, seq: int, scope: str, inputs, cudnn_ms: float) -> dict:
     q, k, v = inputs
     config = OmniSparseConfig(budget_scope=scope)
-    selection = plan(q, k, None, True, None, config)
+    selection = plan(AttentionInputs(q, k, v, None, True, None), config)
     blocks = selection.kv_num_blocks.sum().item()
     allowed = HEADS * (seq // 64) * (seq // 64 + 1) // 2
     flops = 4 * DIM * config.block_size**2 * blocks

@@ -30,6 +30,7 @@ from omnicompile.demos.structured import PRESETS, structured_qkv
 from omnicompile.kernels.estimation import estimate_blocks
 from omnicompile.kernels.masks import allowed_blocks
 from omnicompile.kernels.selection import select_blocks
+from omnicompile.method import estimation_params, selection_params
 from omnicompile.metrics import exact_block_mass
 
 VARIANTS: dict[str, dict] = {
@@ -116,12 +117,12 @@ def evaluate_input(label: str, q, k, scale, args: argparse.Namespace) -> list[di
     allowed = allowed_blocks(None, True, 1, heads, seq, seq, args.block_size, q.device)
     rows = []
     for variant in args.variants:
-        ahat = estimate_blocks(q, k, None, True, scale, base.replace(**VARIANTS[variant]))
+        ahat = estimate_blocks(q, k, None, True, scale, estimation_params(base.replace(**VARIANTS[variant])))
         for tau in args.taus:
             for scope in args.scopes:
                 config = base.replace(tau=tau, budget_scope=scope, **VARIANTS[variant])
                 selection = select_blocks(
-                    ahat, allowed, config, kv_heads, is_causal=True, q_len=seq, kv_len=seq
+                    ahat, allowed, selection_params(config), kv_heads, is_causal=True, q_len=seq, kv_len=seq
                 )
                 chosen = selection.dense_mask()
                 recall = torch.where(mass.sum(-1) > 0, (mass * chosen).sum(-1), 1.0)

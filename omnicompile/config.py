@@ -14,9 +14,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .kernels.estimation.params import Estimator
+from .kernels.selection.params import BudgetScope
+
 Mode = Literal["sparse", "dense"]
-Estimator = Literal["composite", "pooled", "antidiagonal"]
-BudgetScope = Literal["heads", "kv_group", "head"]
 Lowering = Literal["inductor", "tensorrt"]
 
 _CHOICES: dict[str, tuple[str, ...]] = {

@@ -16,6 +16,11 @@ is measured lazily, when a recorder asks (`selection_stats`: ``dense_heads``).
 
 ``window`` (TEAM.md "Sliding windows": only with ``is_causal=True`` and no mask) goes to every
 estimator, mask, reference and kernel call as ``window=``.
+
+An op call's inputs are checked once: q, k, v and the window when its `AttentionInputs` is built, the
+mask (on the sparse path) by `masks.allowed_blocks`; the pipeline runs the kernels' unchecked
+entries (``estimate_blocks_unchecked``, ``sparse_attention_unchecked``).
+The kernels take the config as per-stage parameters (`estimation_params`, `selection_params`).
 """
 
 from __future__ import annotations
@@ -28,16 +33,73 @@ import torch
 
 from .config import OmniSparseConfig
 from .dense import dense_attention, with_window
-from .kernels.estimation import estimate_blocks, triton_composite
-from .kernels.masks import allowed_blocks, check_qkv, resolve_scale, validate_mask
-from .kernels.selection import BlockSelection, select_blocks, triton_select
+from .kernels.estimation import EstimationParams, estimate_blocks_unchecked, triton_composite
+from .kernels.masks import allowed_blocks, check_qkv, check_window, resolve_scale
+from .kernels.selection import BlockSelection, SelectionParams, select_blocks, triton_select
 from .kernels.selection.transpose import selection_from_block_mask
 from .kernels.sparse_attention import triton_bwd, triton_fwd
-from .kernels.sparse_attention.reference import sparse_attention_reference
+from .kernels.sparse_attention.reference import sparse_attention_unchecked
 from .metrics import relative_error
 from .metrics import selection_stats as measure_selection
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class AttentionInputs:
+    """One attention call, SDPA semantics; q, k, v and the window are checked when it is built
+    (`masks.check_qkv`, `masks.check_window`: ``ValueError`` naming what is wrong), the mask by
+    `plan` (`masks.allowed_blocks`) or by dense attention.
+
+    Attributes:
+        q: [B, H, Sq, D]; k: [B, Hkv, Skv, D]; v: [B, Hkv, Skv, Dv], or None where only the selection
+            is wanted (`plan`); floating point, H a multiple of Hkv.
+        attn_mask: None, bool (True = keep) or additive float, broadcastable to [B, H, Sq, Skv].
+        is_causal: top-left causal; exclusive with attn_mask.
+        scale: score scale, ``None`` = 1 / sqrt(D).
+        window: causal sliding window (module docstring), or None.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor | None
+    attn_mask: torch.Tensor | None
+    is_causal: bool
+    scale: float | None
+    window: int | None = None
+
+    def __post_init__(self) -> None:
+        check_qkv(self.q, self.k, self.v)
+        check_window(self.window, self.is_causal, self.attn_mask)
+
+
+def estimation_params(config: OmniSparseConfig) -> EstimationParams:
+    """The estimation stage's parameters from the config."""
+    return EstimationParams(
+        estimator=config.estimator,
+        block_size=config.block_size,
+        granularity=config.granularity,
+        antidiagonal_stride=config.antidiagonal_stride,
+        row_probe=config.row_probe,
+        query_chunk=config.query_chunk,
+    )
+
+
+def selection_params(config: OmniSparseConfig) -> SelectionParams:
+    """The selection stage's parameters from the config (the lazy threshold in force)."""
+    return SelectionParams(
+        block_size=config.block_size,
+        tau=config.tau,
+        n_sink=config.n_sink,
+        n_local=config.n_local,
+        query_selection=config.query_selection,
+        lazy_threshold=config.effective_lazy_threshold,
+        min_blocks=config.min_blocks,
+        max_blocks=config.max_blocks,
+        budget_scope=config.budget_scope,
+        dense_last_blocks=config.dense_last_blocks,
+        dense_fallback_density=config.dense_fallback_density,
+    )
 
 
 @dataclass(frozen=True)
@@ -82,38 +144,26 @@ def decide(
     return Decision("dense", reason) if reason else Decision("sparse")
 
 
-def _estimate(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    scale: float,
-    config: OmniSparseConfig,
-    window: int | None = None,
-) -> torch.Tensor:
+def _decide(x: AttentionInputs, config: OmniSparseConfig) -> Decision:
+    return decide(x.q, x.k, x.v, x.attn_mask, config, x.window)
+
+
+def _estimate(x: AttentionInputs, params: EstimationParams) -> torch.Tensor:
     """Ahat float32 [B, H, nq, nk] (the one estimator call)."""
-    if q.device.type == "cuda" and triton_composite.supported(q, k, attn_mask, config) is None:
-        return triton_composite.estimate_blocks(q, k, attn_mask, is_causal, scale, config, window=window)
-    return estimate_blocks(q, k, attn_mask, is_causal, scale, config, window=window)
+    q, k, mask, causal, scale = x.q, x.k, x.attn_mask, x.is_causal, resolve_scale(x.scale, x.q.shape[-1])
+    if q.device.type == "cuda" and triton_composite.supported(q, k, mask, params) is None:
+        return triton_composite.estimate_blocks(q, k, mask, causal, scale, params, window=x.window)
+    return estimate_blocks_unchecked(q, k, mask, causal, scale, params, window=x.window)
 
 
 def _attend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    selection: BlockSelection,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    scale: float,
-    config: OmniSparseConfig,
-    window: int | None = None,
+    x: AttentionInputs, selection: BlockSelection, config: OmniSparseConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, H, Sq, Dv] in q.dtype, lse float32 [B, H, Sq]) over the selection (the one attention call)."""
-    if q.device.type == "cuda":
-        return triton_fwd.sparse_attention_fwd(q, k, v, selection, attn_mask, is_causal, scale, window=window)
-    return sparse_attention_reference(
-        q, k, v, selection, attn_mask, is_causal, scale, config.query_chunk, window=window
-    )
+    args = (x.q, x.k, x.v, selection, x.attn_mask, x.is_causal, resolve_scale(x.scale, x.q.shape[-1]))
+    if x.q.device.type == "cuda":
+        return triton_fwd.sparse_attention_fwd(*args, window=x.window)
+    return sparse_attention_unchecked(*args, config.query_chunk, window=x.window)
 
 
 def window_attention(
@@ -133,49 +183,38 @@ def window_attention(
 
 
 def select_on_device(
-    ahat: torch.Tensor,
-    allowed: torch.Tensor,
-    config: OmniSparseConfig,
-    num_kv_heads: int,
-    *,
-    is_causal: bool,
-    q_len: int,
-    kv_len: int,
+    ahat: torch.Tensor, allowed: torch.Tensor, params: SelectionParams, x: AttentionInputs
 ) -> BlockSelection:
-    """The selection of `select_blocks` (the one selection call): the fused Triton kernel on CUDA."""
+    """The selection of `select_blocks` for the call ``x`` (the one selection call): the fused Triton
+    kernel on CUDA. ahat float32 [B, H, nq, nk]; allowed bool, broadcastable to it."""
+    select = select_blocks
     if ahat.device.type == "cuda" and triton_select.supported(ahat, allowed) is None:
-        return triton_select.select_blocks_triton(
-            ahat, allowed, config, num_kv_heads, is_causal=is_causal, q_len=q_len, kv_len=kv_len
-        )
-    return select_blocks(ahat, allowed, config, num_kv_heads, is_causal=is_causal, q_len=q_len, kv_len=kv_len)
+        select = triton_select.select_blocks_triton
+    return select(
+        ahat, allowed, params, x.k.shape[1], is_causal=x.is_causal, q_len=x.q.shape[2], kv_len=x.k.shape[2]
+    )
 
 
-def plan(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    scale: float | None,
-    config: OmniSparseConfig,
-    window: int | None = None,
-) -> BlockSelection:
-    """The block selection of METHOD.md sections 1-3 (no gradient flows through it).
+def plan(x: AttentionInputs, config: OmniSparseConfig) -> BlockSelection:
+    """The block selection of METHOD.md sections 1-3 for the call ``x`` (no gradient flows through it).
 
-    q: [B, H, Sq, D]; k: [B, Hkv, Skv, D]; attn_mask: None, bool or additive, broadcastable to
-    [B, H, Sq, Skv]; scale ``None`` = 1 / sqrt(D); window: see the module docstring.
     Deterministic: recomputing it gives the same selection.
     """
-    batch, heads, kv_heads, q_len, kv_len = check_qkv(q, k)
-    validate_mask(attn_mask, is_causal, batch, heads, q_len, kv_len)
-    scale = resolve_scale(scale, q.shape[-1])
+    batch, heads, q_len, _ = x.q.shape
     with torch.no_grad():
-        ahat = _estimate(q, k, attn_mask, is_causal, scale, config, window)
         allowed = allowed_blocks(
-            attn_mask, is_causal, batch, heads, q_len, kv_len, config.block_size, q.device, window=window
+            x.attn_mask,
+            x.is_causal,
+            batch,
+            heads,
+            q_len,
+            x.k.shape[2],
+            config.block_size,
+            x.q.device,
+            window=x.window,
         )
-        return select_on_device(
-            ahat, allowed, config, kv_heads, is_causal=is_causal, q_len=q_len, kv_len=kv_len
-        )
+        ahat = _estimate(x, estimation_params(config))
+        return select_on_device(ahat, allowed, selection_params(config), x)
 
 
 @dataclass
@@ -195,8 +234,9 @@ class AttentionRun:
     selection: BlockSelection | None
 
 
-def _dense(q, k, v, attn_mask, is_causal, scale, window: int | None = None) -> torch.Tensor:
-    return dense_attention(q, k, v, attn_mask, is_causal, scale, q.shape[1] != k.shape[1], window)
+def _dense(x: AttentionInputs, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Dense attention of q, k, v (``x``'s tensors or their vjp primals) with ``x``'s mask, scale, window."""
+    return dense_attention(q, k, v, x.attn_mask, x.is_causal, x.scale, q.shape[1] != k.shape[1], x.window)
 
 
 def _vjp(fn: Callable[..., torch.Tensor], primals: tuple[torch.Tensor, ...], grad_out: torch.Tensor):
@@ -206,95 +246,64 @@ def _vjp(fn: Callable[..., torch.Tensor], primals: tuple[torch.Tensor, ...], gra
     return vjp_fn(grad_out)
 
 
-def omnisparse_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    scale: float | None,
-    config: OmniSparseConfig,
-    window: int | None = None,
-) -> AttentionRun:
-    """The op's forward, SDPA semantics (shapes as `plan`; v: [B, Hkv, Skv, Dv]): `decide`, then the
-    sparse method (`plan`, then `_attend`) or dense attention.
+def omnisparse_attention(x: AttentionInputs, config: OmniSparseConfig) -> AttentionRun:
+    """The op's forward, SDPA semantics: `decide`, then the sparse method (`plan`, then `_attend`) or
+    dense attention.
 
     Dense attention is SDPA (`dense.dense_attention`); a window site on CUDA runs exactly over the
     blocks its band touches with the Triton kernel (`window_attention`) where that takes the inputs.
     On the CPU, differentiable by autograd with respect to q, k, v with the selection held constant
     (METHOD.md section 5); the op's registered backward is `omnisparse_attention_backward`.
     """
-    check_qkv(q, k, v)
-    decision = decide(q, k, v, attn_mask, config, window)
+    decision = _decide(x, config)
     if decision.path == "sparse":
-        selection = plan(q, k, attn_mask, is_causal, scale, config, window)
-        out, lse = _attend(
-            q, k, v, selection, attn_mask, is_causal, resolve_scale(scale, q.shape[-1]), config, window
-        )
+        selection = plan(x, config)
+        out, lse = _attend(x, selection, config)
         return AttentionRun(out, lse, decision, selection)
     out = None
-    if window is not None and q.device.type == "cuda":
-        out = window_attention(q, k, v, scale, window, config.block_size)
+    if x.window is not None and x.q.device.type == "cuda":
+        out = window_attention(x.q, x.k, x.v, x.scale, x.window, config.block_size)
     if out is None:
-        out = _dense(q, k, v, attn_mask, is_causal, scale, window)
-    return AttentionRun(out, q.new_zeros(q.shape[:3], dtype=torch.float32), decision, None)
+        out = _dense(x, x.q, x.k, x.v)
+    return AttentionRun(out, x.q.new_zeros(x.q.shape[:3], dtype=torch.float32), decision, None)
 
 
 def omnisparse_attention_backward(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    is_causal: bool,
-    scale: float | None,
-    config: OmniSparseConfig,
-    window: int | None = None,
+    grad_out: torch.Tensor, x: AttentionInputs, out: torch.Tensor, lse: torch.Tensor, config: OmniSparseConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of `omnisparse_attention` for the cotangent grad_out [B, H, Sq, Dv].
+    """(dq, dk, dv) of `omnisparse_attention` for the cotangent grad_out [B, H, Sq, Dv], given its
+    ``out`` and ``lse``.
 
     The same `decide`, then exactly the attention that ran: dense attention through `_vjp`, or the
     recomputed (deterministic) selection with the Triton backward on CUDA (it reuses ``out`` and
     ``lse``), else the reference through `_vjp`.
     """
-    if decide(q, k, v, attn_mask, config, window).path == "dense":
-        return _vjp(
-            lambda q_, k_, v_: _dense(q_, k_, v_, attn_mask, is_causal, scale, window), (q, k, v), grad_out
-        )
-    selection = plan(q, k, attn_mask, is_causal, scale, config, window)
-    scale = resolve_scale(scale, q.shape[-1])
-    if q.device.type == "cuda" and triton_bwd.supported(q, k, v, attn_mask) is None:
+    primals = (x.q, x.k, x.v)
+    if _decide(x, config).path == "dense":
+        return _vjp(lambda q_, k_, v_: _dense(x, q_, k_, v_), primals, grad_out)
+    selection = plan(x, config)
+    scale = resolve_scale(x.scale, x.q.shape[-1])
+    if x.q.device.type == "cuda" and triton_bwd.supported(*primals, x.attn_mask) is None:
         return triton_bwd.sparse_attention_bwd(
-            grad_out, q, k, v, out, lse, selection, attn_mask, is_causal, scale, window=window
+            grad_out, *primals, out, lse, selection, x.attn_mask, x.is_causal, scale, window=x.window
         )
 
     def attention_out(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor) -> torch.Tensor:
-        return sparse_attention_reference(
-            q_, k_, v_, selection, attn_mask, is_causal, scale, config.query_chunk, window=window
+        return sparse_attention_unchecked(
+            q_, k_, v_, selection, x.attn_mask, x.is_causal, scale, config.query_chunk, window=x.window
         )[0]
 
-    return _vjp(attention_out, (q, k, v), grad_out)
+    return _vjp(attention_out, primals, grad_out)
 
 
 def selection_stats(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    scale: float | None,
-    config: OmniSparseConfig,
-    selection: BlockSelection,
-    out: torch.Tensor,
-    window: int | None = None,
+    x: AttentionInputs, config: OmniSparseConfig, selection: BlockSelection, out: torch.Tensor
 ) -> dict[str, float]:
     """`metrics.SelectionStats` of the selection plus ``rel_error`` of ``out`` against dense SDPA.
 
     Costs an exact pass (chunked by ``config.query_chunk``) and a dense attention: for explain/benchmarks.
     A window is measured as its materialised mask.
     """
-    mask, causal = with_window(q, k, attn_mask, is_causal, window)
-    stats = measure_selection(q, k, mask, causal, scale, selection, config.query_chunk).as_dict()
-    return {**stats, "rel_error": relative_error(out, _dense(q, k, v, attn_mask, is_causal, scale, window))}
+    mask, causal = with_window(x.q, x.k, x.attn_mask, x.is_causal, x.window)
+    stats = measure_selection(x.q, x.k, mask, causal, x.scale, selection, config.query_chunk).as_dict()
+    return {**stats, "rel_error": relative_error(out, _dense(x, x.q, x.k, x.v))}

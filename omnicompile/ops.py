@@ -41,7 +41,13 @@ from torch import Tensor
 from .config import OmniSparseConfig
 from .dense import with_window
 from .kernels.masks import causal_if_equivalent, check_window
-from .method import AttentionRun, omnisparse_attention, omnisparse_attention_backward, selection_stats
+from .method import (
+    AttentionInputs,
+    AttentionRun,
+    omnisparse_attention,
+    omnisparse_attention_backward,
+    selection_stats,
+)
 from .recording import SiteRun, active_recorders
 
 logger = logging.getLogger("omnicompile")
@@ -135,26 +141,25 @@ def _log_dense_once(site: str, reason: str) -> None:
         logger.info("omnisparse site %s runs dense attention: %s", site, reason)
 
 
-def _record(site: str, run: AttentionRun, inputs: tuple, window: int | None, cfg: OmniSparseConfig) -> None:
+def _record(site: str, run: AttentionRun, x: AttentionInputs, cfg: OmniSparseConfig) -> None:
     """Append a `SiteRun` to the active recorders (none in normal runs: nothing is measured or copied).
 
-    ``inputs`` = (q, k, v, attn_mask, is_causal, scale). A recorder that measures gets the sparse
-    run's `method.selection_stats` (synchronising: the user asked). A kept run holds copies of q, k
-    and the mask (a window materialised as its mask): a compiled graph reuses the op's input buffers.
+    A recorder that measures gets the sparse run's `method.selection_stats` (synchronising: the user
+    asked). A kept run holds copies of q, k and the mask (a window materialised as its mask): a
+    compiled graph reuses the op's input buffers.
     """
     recorders = active_recorders()
     if not recorders:
         return
-    q, k, v, attn_mask, is_causal, scale = inputs
     stats = {}
     if run.selection is not None and any(r.measure for r in recorders):
-        stats = selection_stats(q, k, v, attn_mask, is_causal, scale, cfg, run.selection, run.out, window)
-    shapes = (tuple(q.shape), tuple(k.shape), tuple(v.shape))
+        stats = selection_stats(x, cfg, run.selection, run.out)
+    shapes = (tuple(x.q.shape), tuple(x.k.shape), tuple(x.v.shape))
     for recorder in recorders:
         kept = None
         if recorder.keep_run == len(recorder.runs):
-            mask, causal = with_window(q, k, attn_mask, is_causal, window)
-            kept = (q.clone(), k.clone(), None if mask is None else mask.clone(), causal, scale)
+            mask, causal = with_window(x.q, x.k, x.attn_mask, x.is_causal, x.window)
+            kept = (x.q.clone(), x.k.clone(), None if mask is None else mask.clone(), causal, x.scale)
         recorder.runs.append(SiteRun(site, run.decision.path, run.decision.reason, shapes, stats, kept))
 
 
@@ -178,11 +183,11 @@ def attention(
     check_window(window, is_causal, attn_mask)
     cfg = OmniSparseConfig.from_json(config)
     attn_mask, is_causal = resolve_mask(attn_mask, is_causal, mask_check)
-    window = effective_window(window, q.shape[2])
-    run = omnisparse_attention(q, k, v, attn_mask, is_causal, scale, cfg, window)
+    x = AttentionInputs(q, k, v, attn_mask, is_causal, scale, effective_window(window, q.shape[2]))
+    run = omnisparse_attention(x, cfg)
     if run.decision.path == "dense":
         _log_dense_once(site, run.decision.reason)
-    _record(site, run, (q, k, v, attn_mask, is_causal, scale), window, cfg)
+    _record(site, run, x, cfg)
     return run.out.contiguous(), run.lse.contiguous()
 
 
@@ -214,10 +219,8 @@ def attention_backward(
     """Gradients (dq, dk, dv) of `attention` with respect to q, k, v (shaped like them)."""
     cfg = OmniSparseConfig.from_json(config)
     attn_mask, is_causal = resolve_mask(attn_mask, is_causal, mask_check)
-    window = effective_window(window, q.shape[2])
-    grads = omnisparse_attention_backward(
-        grad_out, q, k, v, attn_mask, out, lse, is_causal, scale, cfg, window
-    )
+    x = AttentionInputs(q, k, v, attn_mask, is_causal, scale, effective_window(window, q.shape[2]))
+    grads = omnisparse_attention_backward(grad_out, x, out, lse, cfg)
     return tuple(g.contiguous() for g in grads)
 
 

@@ -15,6 +15,7 @@ from omnicompile.kernels.estimation import (
     pooled_estimate,
 )
 from omnicompile.kernels.masks import allowed_blocks
+from omnicompile.method import estimation_params
 from tests.attention_cases import Case, cases, dense_bias, make_mask, make_qkv
 
 BLOCK = 16
@@ -95,7 +96,7 @@ def test_estimate_is_a_distribution_over_allowed_blocks(case: Case, estimator: s
     cfg = OmniSparseConfig(
         block_size=BLOCK, granularity=4, antidiagonal_stride=4, estimator=estimator, query_chunk=query_chunk
     )
-    ahat = estimate_blocks(q, k, attn_mask, is_causal, case.dim**-0.5, cfg)
+    ahat = estimate_blocks(q, k, attn_mask, is_causal, case.dim**-0.5, estimation_params(cfg))
     allowed = allowed_blocks(
         attn_mask, is_causal, case.batch, case.heads, case.q_len, case.kv_len, BLOCK, "cpu"
     )
@@ -135,7 +136,7 @@ def test_estimate_blocks_dispatches_on_config(estimator):
         "pooled": lambda: pooled_estimate(q, k, None, False, 0.3, BLOCK, 16),
         "antidiagonal": lambda: antidiagonal_estimate(q, k, None, False, 0.3, BLOCK, 8, 16),
     }[estimator]()
-    assert torch.equal(estimate_blocks(q, k, None, False, 0.3, cfg), expected)
+    assert torch.equal(estimate_blocks(q, k, None, False, 0.3, estimation_params(cfg)), expected)
 
 
 def test_composite_sees_a_needle_that_pooling_smears_out():
@@ -171,5 +172,5 @@ def test_estimate_rejects_bad_inputs(q_shape, k_shape, mask, message):
             mask,
             False,
             0.3,
-            OmniSparseConfig(block_size=BLOCK, granularity=4),
+            estimation_params(OmniSparseConfig(block_size=BLOCK, granularity=4)),
         )

@@ -102,7 +102,7 @@ def test_import_graph_has_no_cycle_and_kernels_stay_the_ground_floor():
     for name in sorted(graph):
         if name not in state:
             visit(name, [name])
-    # kernels/ imports only kernels/ and, until its stages take explicit parameters (issue 17), the config.
+    # kernels/ imports only kernels/ (its stages take explicit parameters, issue 17).
     above = {
         dep
         for name, deps in graph.items()
@@ -110,7 +110,7 @@ def test_import_graph_has_no_cycle_and_kernels_stay_the_ground_floor():
         for dep in deps
         if not dep.startswith("omnicompile.kernels")
     }
-    assert above <= {"omnicompile.config"}, above
+    assert not above, above
 
 
 def test_the_core_imports_the_demos_only_from_the_cli():
@@ -122,3 +122,18 @@ def test_the_core_imports_the_demos_only_from_the_cli():
         if not name.startswith("omnicompile.demos") and any(d.startswith("omnicompile.demos") for d in deps)
     }
     assert importers == {"omnicompile.cli"}, importers
+
+
+def test_kernels_import_only_kernels_torch_triton_and_the_standard_library():
+    allowed = {"torch", "triton", *sys.stdlib_module_names}
+    outside = set()
+    for path in (ROOT / "kernels").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module]
+            else:
+                continue
+            outside.update(f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] not in allowed)
+    assert not outside, sorted(outside)

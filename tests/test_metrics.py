@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from omnicompile import OmniSparseConfig
 from omnicompile.kernels.masks import allowed_blocks
 from omnicompile.kernels.selection.transpose import selection_from_block_mask
-from omnicompile.method import plan
+from omnicompile.method import AttentionInputs, plan
 from omnicompile.metrics import (
     dense_heads,
     density,
@@ -86,7 +86,7 @@ def test_density_lazy_fraction_and_stats():
     )
     assert dense_heads(one_head, allowed) == 0.5
     cfg = OmniSparseConfig(tau=0.9, block_size=BLOCK, granularity=4)
-    selection = plan(q, k, None, True, None, cfg)
+    selection = plan(AttentionInputs(q, k, None, None, True, None), cfg)
     stats = selection_stats(q, k, None, True, None, selection)
     recall = exact_recall(q, k, None, True, None, selection)
     assert stats.density == pytest.approx(density(selection, allowed))

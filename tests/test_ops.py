@@ -197,3 +197,39 @@ def test_nearly_dense_heads_run_exact_attention_without_a_dense_decision():
     assert sparse.stats["dense_heads"] < 1.0 and 0.9 < sparse.stats["density"] < 1.0
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     assert rel_error(out, ref) < REL_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("mask_kind", ["causal", "bool"])
+def test_each_op_call_checks_its_inputs_once(monkeypatch, mask_kind):
+    """One forward op call (sparse path) runs `masks.check_qkv` and `masks.validate_mask` once each (the
+    op's `AttentionInputs` and `masks.allowed_blocks`), wherever they are imported; so does its backward."""
+    import sys
+
+    from omnicompile.kernels import masks
+
+    calls = []
+    for name in ("check_qkv", "validate_mask"):
+        original = getattr(masks, name)
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        for module in list(sys.modules.values()):
+            if (
+                getattr(module, "__name__", "").startswith("omnicompile")
+                and getattr(module, name, None) is original
+            ):
+                monkeypatch.setattr(module, name, counted)
+    q, k, v = _qkv(sq=96, skv=96, d=16)
+    mask = (
+        torch.rand(1, 1, 96, 96, generator=torch.Generator().manual_seed(3)) > 0.2
+        if mask_kind == "bool"
+        else None
+    )
+    cfg = OmniSparseConfig(tau=0.9, block_size=16, granularity=4, min_seq_len=64).to_json()
+    out, _ = _op(q, k, v, mask=mask, causal=mask is None, config=cfg)
+    assert sorted(calls) == ["check_qkv", "validate_mask"]
+    calls.clear()
+    torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    assert sorted(calls) == ["check_qkv", "validate_mask"]

@@ -10,6 +10,7 @@ from omnicompile.kernels.estimation import estimate_blocks
 from omnicompile.kernels.estimation.probe import probe_block_mass, with_row_probe
 from omnicompile.kernels.estimation.reference import composite_estimate
 from omnicompile.kernels.masks import allowed_blocks, window_mask
+from omnicompile.method import estimation_params
 
 BLOCK = 16
 
@@ -56,5 +57,7 @@ def test_mixed_estimate_is_a_distribution_over_allowed_blocks():
     probe = probe_block_mass(q, k, mask, False, 0.35, BLOCK, chunk_elements=1)
     torch.testing.assert_close(mixed, (ahat + probe) / 2)
     cfg = OmniSparseConfig(block_size=BLOCK, granularity=4, query_chunk=2)
-    torch.testing.assert_close(estimate_blocks(q, k, mask, False, 0.35, cfg), mixed)
-    torch.testing.assert_close(estimate_blocks(q, k, mask, False, 0.35, cfg.replace(row_probe=False)), ahat)
+    torch.testing.assert_close(estimate_blocks(q, k, mask, False, 0.35, estimation_params(cfg)), mixed)
+    torch.testing.assert_close(
+        estimate_blocks(q, k, mask, False, 0.35, estimation_params(cfg.replace(row_probe=False))), ahat
+    )

@@ -12,6 +12,7 @@ from omnicompile.demos.structured import structured_qkv
 from omnicompile.kernels.estimation import estimate_blocks
 from omnicompile.kernels.masks import allowed_blocks
 from omnicompile.kernels.selection import BlockSelection, forced_pattern, select_blocks
+from omnicompile.method import estimation_params, selection_params
 from tests.attention_cases import Case, cases, make_mask, make_qkv
 
 BLOCK = 16
@@ -56,9 +57,11 @@ def _select(case: Case, cfg: OmniSparseConfig, structured: bool):
         q, k, _ = make_qkv(case)
         attn_mask, is_causal = make_mask(case)
     batch, heads, q_len, kv_len = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
-    ahat = estimate_blocks(q, k, attn_mask, is_causal, q.shape[-1] ** -0.5, cfg)
+    ahat = estimate_blocks(q, k, attn_mask, is_causal, q.shape[-1] ** -0.5, estimation_params(cfg))
     allowed = allowed_blocks(attn_mask, is_causal, batch, heads, q_len, kv_len, BLOCK, "cpu").expand_as(ahat)
-    selection = select_blocks(ahat, allowed, cfg, k.shape[1], is_causal=is_causal, q_len=q_len, kv_len=kv_len)
+    selection = select_blocks(
+        ahat, allowed, selection_params(cfg), k.shape[1], is_causal=is_causal, q_len=q_len, kv_len=kv_len
+    )
     forced = allowed & forced_pattern(ahat.shape[2], ahat.shape[3], cfg.n_sink, cfg.n_local, is_causal, "cpu")
     return ahat, allowed, forced, selection
 
@@ -151,7 +154,7 @@ def test_tau_one_without_query_selection_takes_every_allowed_block(case: Case):
     selection = select_blocks(
         ahat,
         allowed,
-        cfg,
+        selection_params(cfg),
         case.kv_heads,
         is_causal=case.mask_kind == "causal",
         q_len=case.q_len,
@@ -193,10 +196,10 @@ def test_budget_scopes_on_a_flat_head():
             query_selection=False,
             dense_fallback_density=1.0,
         )
-        ahat = estimate_blocks(q, k, None, True, 32**-0.5, cfg)
+        ahat = estimate_blocks(q, k, None, True, 32**-0.5, estimation_params(cfg))
         allowed = allowed_blocks(None, True, 1, 4, 512, 512, BLOCK, "cpu")
         budgets[scope] = (
-            select_blocks(ahat, allowed, cfg, 2, is_causal=True, q_len=512, kv_len=512)
+            select_blocks(ahat, allowed, selection_params(cfg), 2, is_causal=True, q_len=512, kv_len=512)
             .budget.float()
             .mean(-1)[0]
         )
@@ -219,8 +222,8 @@ def test_select_blocks_traces_without_host_synchronisation():
     allowed = torch.ones(1, 1, 6, 6, dtype=torch.bool).tril()
     cfg = OmniSparseConfig(block_size=BLOCK, budget_scope="kv_group")
     compiled = torch.compile(select_blocks, backend="eager", fullgraph=True)
-    got = compiled(ahat, allowed, cfg, 2, is_causal=True, q_len=90, kv_len=90)
-    want = select_blocks(ahat, allowed, cfg, 2, is_causal=True, q_len=90, kv_len=90)
+    got = compiled(ahat, allowed, selection_params(cfg), 2, is_causal=True, q_len=90, kv_len=90)
+    want = select_blocks(ahat, allowed, selection_params(cfg), 2, is_causal=True, q_len=90, kv_len=90)
     assert torch.equal(got.kv_indices, want.kv_indices) and torch.equal(got.budget, want.budget)
 
 
@@ -233,7 +236,7 @@ def test_select_blocks_rejects_bad_inputs(heads, kv_heads, q_len, message):
         select_blocks(
             ahat,
             torch.ones(1, 1, 6, 6, dtype=torch.bool),
-            OmniSparseConfig(block_size=BLOCK),
+            selection_params(OmniSparseConfig(block_size=BLOCK)),
             kv_heads,
             is_causal=False,
             q_len=q_len,
@@ -264,11 +267,11 @@ def test_final_blocks_in_full(scope: str, n: int):
     base = OmniSparseConfig(
         block_size=BLOCK, granularity=4, tau=0.8, lazy_threshold=0.5, budget_scope=scope, dense_last_blocks=0
     )
-    ahat = estimate_blocks(q, k, None, True, q.shape[-1] ** -0.5, base)
+    ahat = estimate_blocks(q, k, None, True, q.shape[-1] ** -0.5, estimation_params(base))
     allowed = allowed_blocks(None, True, 1, 4, 256, 256, BLOCK, "cpu")
     args = dict(is_causal=True, q_len=256, kv_len=256)
-    off = select_blocks(ahat, allowed, base, 2, **args)
-    on = select_blocks(ahat, allowed, base.replace(dense_last_blocks=n), 2, **args)
+    off = select_blocks(ahat, allowed, selection_params(base), 2, **args)
+    on = select_blocks(ahat, allowed, selection_params(base.replace(dense_last_blocks=n)), 2, **args)
     assert off.lazy.any() and not torch.equal(off.dense_mask()[:, :, -n:], allowed.expand_as(ahat)[:, :, -n:])
     assert torch.equal(on.dense_mask()[:, :, -n:], allowed.expand_as(ahat)[:, :, -n:])
     assert not on.lazy[:, :, -n:].any()
@@ -286,15 +289,17 @@ def test_dense_heads_take_every_block(scope: str):
         "flat_head", 1, 4, 2, 512, 32, seed=0, window=16, slash_period=128, needle_len=16, stripe_width=8
     )
     base = OmniSparseConfig(block_size=BLOCK, granularity=4, budget_scope=scope, dense_fallback_density=1.0)
-    ahat = estimate_blocks(q, k, None, True, 32**-0.5, base)
+    ahat = estimate_blocks(q, k, None, True, 32**-0.5, estimation_params(base))
     allowed = allowed_blocks(None, True, 1, 4, 512, 512, BLOCK, "cpu").expand(1, 4, -1, -1)
     args = dict(is_causal=True, q_len=512, kv_len=512)
-    sparse = select_blocks(ahat, allowed, base, 2, **args)
+    sparse = select_blocks(ahat, allowed, selection_params(base), 2, **args)
     head_density = sparse.kv_num_blocks.sum(-1).double() / allowed.sum((-1, -2))
     threshold = head_density.median().item()
     dense_heads = head_density > threshold
     assert dense_heads.any() and not dense_heads.all()
-    got = select_blocks(ahat, allowed, base.replace(dense_fallback_density=threshold), 2, **args)
+    got = select_blocks(
+        ahat, allowed, selection_params(base.replace(dense_fallback_density=threshold)), 2, **args
+    )
     assert torch.equal(got.dense_mask()[dense_heads], allowed[dense_heads])
     assert not got.lazy[dense_heads].any()
     for name in ("kv_num_blocks", "kv_indices", "lazy", "budget"):

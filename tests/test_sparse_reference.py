@@ -15,7 +15,7 @@ from omnicompile import OmniSparseConfig
 from omnicompile.kernels.selection.flex import to_block_mask
 from omnicompile.kernels.selection.transpose import selection_from_block_mask
 from omnicompile.kernels.sparse_attention.reference import sparse_attention_reference
-from omnicompile.method import omnisparse_attention, omnisparse_attention_backward
+from omnicompile.method import AttentionInputs, omnisparse_attention, omnisparse_attention_backward
 from tests.attention_cases import Case, cases, dense_bias, make_mask, make_qkv
 from tests.helpers import GRAD_REL_TOL, REL_TOL, rel_error
 
@@ -75,7 +75,7 @@ def test_tau_one_equals_dense_sdpa(dtype: torch.dtype, mask_kind: str):
     cfg = OmniSparseConfig(
         tau=1.0, query_selection=False, block_size=BLOCK, granularity=4, query_chunk=2, min_seq_len=0
     )
-    result = omnisparse_attention(q, k, v, attn_mask, is_causal, None, cfg)
+    result = omnisparse_attention(AttentionInputs(q, k, v, attn_mask, is_causal, None), cfg)
     out, lse = result.out, result.lse
     assert out.dtype == dtype and lse.dtype == torch.float32
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
@@ -96,15 +96,14 @@ def test_backward_by_recomputation_equals_autograd():
     case = Case(1, 4, 2, 96, 96, 16, "causal", 4)
     q, k, v = (t.requires_grad_() for t in make_qkv(case))
     cfg = OmniSparseConfig(tau=0.8, block_size=BLOCK, granularity=4, min_seq_len=0)
-    result = omnisparse_attention(q, k, v, None, True, None, cfg)
+    result = omnisparse_attention(AttentionInputs(q, k, v, None, True, None), cfg)
     assert result.decision.path == "sparse"
     out, lse, selection = result.out, result.lse, result.selection
     assert selection.kv_num_blocks.sum() < selection.dense_mask().numel()  # genuinely sparse
     cotangent = torch.randn_like(out)
     want = torch.autograd.grad(out, (q, k, v), cotangent)
-    got = omnisparse_attention_backward(
-        cotangent, q.detach(), k.detach(), v.detach(), None, out, lse, True, None, cfg
-    )
+    x = AttentionInputs(q.detach(), k.detach(), v.detach(), None, True, None)
+    got = omnisparse_attention_backward(cotangent, x, out, lse, cfg)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from omnicompile import OmniSparseConfig
 from omnicompile.demos.structured import structured_qkv
-from omnicompile.method import plan
+from omnicompile.method import AttentionInputs, plan
 from omnicompile.metrics import exact_block_mass, selection_stats
 from tests.attention_cases import dense_probs
 
@@ -111,7 +111,7 @@ def test_method_recall_on_structured_inputs(estimator: str, structure: str, is_c
     shape = SMALL if structure == "all" else {**SMALL, "stripes": 0, "needles": 0}
     q, k, _ = structured_qkv("structured", 1, 4, 2, 2048, 32, seed=1, **shape)
     cfg = OmniSparseConfig(block_size=16, granularity=4, estimator=estimator)
-    selection = plan(q, k, None, is_causal, None, cfg)
+    selection = plan(AttentionInputs(q, k, None, None, is_causal, None), cfg)
     stats = selection_stats(q, k, None, is_causal, None, selection, query_chunk=16)
     assert stats.recall_mean >= cfg.tau - 0.05
     assert stats.density < 0.2

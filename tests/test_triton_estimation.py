@@ -22,6 +22,7 @@ from omnicompile.kernels.estimation.triton_composite import (
     supported,
 )
 from omnicompile.kernels.masks import allowed_blocks
+from omnicompile.method import estimation_params
 from tests.helpers import rel_error, stable_seed
 
 pytestmark = pytest.mark.interpreter
@@ -40,7 +41,9 @@ def _qk(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, gen, std=2.0):
 
 def _check(q, k, is_causal, config, launch=None, window=None):
     scale = q.shape[-1] ** -0.5
-    ahat = estimate_blocks(q, k, None, is_causal, scale, config, window=window, launch=launch)
+    ahat = estimate_blocks(
+        q, k, None, is_causal, scale, estimation_params(config), window=window, launch=launch
+    )
     ref = reference_estimate(q, k, None, is_causal, scale, config, window=window)
     assert ahat.shape == ref.shape and ahat.dtype == torch.float32
     assert rel_error(ahat, ref) < AHAT_REL_TOL[q.dtype]
@@ -112,7 +115,8 @@ def test_default_scale():
     q, k = _qk(1, 2, 1, 64, 64, 32, torch.float32, gen)
     config = OmniSparseConfig(block_size=16, granularity=4)
     assert torch.equal(
-        estimate_blocks(q, k, None, True, None, config), estimate_blocks(q, k, None, True, 32**-0.5, config)
+        estimate_blocks(q, k, None, True, None, estimation_params(config)),
+        estimate_blocks(q, k, None, True, 32**-0.5, estimation_params(config)),
     )
 
 
@@ -128,17 +132,24 @@ def test_composite_means():
 def test_supported_reasons(monkeypatch):
     q, k = torch.zeros(1, 4, 8, 64), torch.zeros(1, 2, 8, 64)
     config = OmniSparseConfig()
-    assert supported(q, k, None, config) is None
-    assert "antidiagonal" in supported(q, k, None, config.replace(estimator="antidiagonal"))
-    assert "attn_mask" in supported(q, k, torch.ones(8, 8, dtype=torch.bool), config)
-    assert "head dim" in supported(q[..., :40], k[..., :40], None, config)
-    assert supported(torch.zeros(1, 4, 8, 256), torch.zeros(1, 2, 8, 256), None, config) is None
-    assert "head dim" in supported(torch.zeros(1, 4, 8, 272), torch.zeros(1, 2, 8, 272), None, config)
-    assert "dtypes" in supported(q, k.half(), None, config)
+    assert supported(q, k, None, estimation_params(config)) is None
+    assert "antidiagonal" in supported(
+        q, k, None, estimation_params(config.replace(estimator="antidiagonal"))
+    )
+    assert "attn_mask" in supported(q, k, torch.ones(8, 8, dtype=torch.bool), estimation_params(config))
+    assert "head dim" in supported(q[..., :40], k[..., :40], None, estimation_params(config))
+    assert (
+        supported(torch.zeros(1, 4, 8, 256), torch.zeros(1, 2, 8, 256), None, estimation_params(config))
+        is None
+    )
+    assert "head dim" in supported(
+        torch.zeros(1, 4, 8, 272), torch.zeros(1, 2, 8, 272), None, estimation_params(config)
+    )
+    assert "dtypes" in supported(q, k.half(), None, estimation_params(config))
     with pytest.raises(ValueError, match="antidiagonal"):
-        estimate_blocks(q, k, None, True, 0.125, config.replace(estimator="antidiagonal"))
+        estimate_blocks(q, k, None, True, 0.125, estimation_params(config.replace(estimator="antidiagonal")))
     monkeypatch.delenv("TRITON_INTERPRET")
-    assert "CUDA" in supported(q, k, None, config)
+    assert "CUDA" in supported(q, k, None, estimation_params(config))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -25,6 +25,7 @@ from omnicompile.kernels.sparse_attention.triton_fwd import (
     supported,
     unit_order,
 )
+from omnicompile.method import estimation_params, selection_params
 from tests.helpers import REL_TOL, rel_error, stable_seed
 
 pytestmark = pytest.mark.interpreter
@@ -156,9 +157,11 @@ def test_real_selection(is_causal):
     gen = torch.Generator().manual_seed(5)
     q, k, v = _inputs(1, 4, 2, 200, 200, 32, torch.float16, gen)
     config = OmniSparseConfig(tau=0.6, block_size=16, granularity=4)
-    ahat = estimate_blocks(q, k, None, is_causal, 32**-0.5, config)
+    ahat = estimate_blocks(q, k, None, is_causal, 32**-0.5, estimation_params(config))
     allowed = allowed_blocks(None, is_causal, 1, 4, 200, 200, 16, q.device)
-    selection = select_blocks(ahat, allowed, config, 2, is_causal=is_causal, q_len=200, kv_len=200)
+    selection = select_blocks(
+        ahat, allowed, selection_params(config), 2, is_causal=is_causal, q_len=200, kv_len=200
+    )
     assert selection.kv_num_blocks.sum() < allowed.expand_as(ahat).sum()
     _check(q, k, v, selection, None, is_causal)
 
@@ -173,9 +176,11 @@ def test_heaviest_first_schedule_changes_no_result(scope):
         "flat_head", 1, 4, 2, 200, 32, seed=2, window=16, slash_period=96, needle_len=16, stripe_width=8
     )
     config = OmniSparseConfig(tau=0.8, block_size=16, granularity=4, budget_scope=scope)
-    ahat = estimate_blocks(q, k, None, True, 32**-0.5, config)
+    ahat = estimate_blocks(q, k, None, True, 32**-0.5, estimation_params(config))
     allowed = allowed_blocks(None, True, 1, 4, 200, 200, 16, q.device)
-    selection = select_blocks(ahat, allowed, config, 2, is_causal=True, q_len=200, kv_len=200)
+    selection = select_blocks(
+        ahat, allowed, selection_params(config), 2, is_causal=True, q_len=200, kv_len=200
+    )
     heaviest, causal = LaunchConfig(16, 16, 4, 1), LaunchConfig(16, 16, 4, 1, schedule="causal")
     order = unit_order(selection.kv_num_blocks, 2, "heaviest_first")
     assert not torch.equal(order, unit_order(selection.kv_num_blocks, 2, "causal"))

@@ -12,6 +12,7 @@ from omnicompile.kernels.estimation.reference import estimate_blocks
 from omnicompile.kernels.masks import allowed_blocks, mask_bias, window_mask
 from omnicompile.kernels.selection.transpose import selection_from_block_mask
 from omnicompile.kernels.sparse_attention.reference import sparse_attention_reference
+from omnicompile.method import estimation_params
 
 BLOCK = 16
 # (q_len, kv_len, window): windows that are and are not multiples of the block, partial blocks,
@@ -72,8 +73,10 @@ def test_estimate_window_equals_window_mask(estimator, q_len, kv_len, window):
     q = torch.randn(1, 4, q_len, 16, generator=gen)
     k = torch.randn(1, 2, kv_len, 16, generator=gen)
     cfg = OmniSparseConfig(block_size=BLOCK, granularity=2, antidiagonal_stride=4, estimator=estimator)
-    got = estimate_blocks(q, k, None, True, None, cfg, window=window)
-    expected = estimate_blocks(q, k, window_mask(q_len, kv_len, window, "cpu"), False, None, cfg)
+    got = estimate_blocks(q, k, None, True, None, estimation_params(cfg), window=window)
+    expected = estimate_blocks(
+        q, k, window_mask(q_len, kv_len, window, "cpu"), False, None, estimation_params(cfg)
+    )
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     allowed = allowed_blocks(None, True, 1, 4, q_len, kv_len, BLOCK, "cpu", window=window)
     assert torch.all(got[~allowed.expand_as(got)] == 0)

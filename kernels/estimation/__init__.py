@@ -1,15 +1,19 @@
 """Block estimators: Ahat, the estimated attention mass per (query block, key block)."""
 
+from .params import EstimationParams
 from .reference import (
     antidiagonal_estimate,
     composite_estimate,
     estimate_blocks,
+    estimate_blocks_unchecked,
     pooled_estimate,
 )
 
 __all__ = [
+    "EstimationParams",
     "antidiagonal_estimate",
     "composite_estimate",
     "estimate_blocks",
+    "estimate_blocks_unchecked",
     "pooled_estimate",
 ]

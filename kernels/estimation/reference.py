@@ -36,8 +36,8 @@ from collections.abc import Callable
 
 import torch
 
-from ...config import OmniSparseConfig
 from ..masks import check_qkv, check_window, mask_bias, resolve_scale, validate_mask
+from .params import EstimationParams
 from .probe import with_row_probe
 
 # (padded fp32 chunk [B, H, P, D], position of its first row) -> group summaries [B, H, P / group, D'].
@@ -117,9 +117,8 @@ def _grouped_block_mass(
 ) -> torch.Tensor:
     """The common scheme of the module docstring: float32 [B, H, nq, nk]; ``window``: causal
     sliding window (``masks``), applied through the counts c(u, w)."""
-    batch, heads, kv_heads, q_len, kv_len = check_qkv(q, k)
-    validate_mask(attn_mask, is_causal, batch, heads, q_len, kv_len)
-    check_window(window, is_causal, attn_mask)
+    batch, heads, q_len = q.shape[:3]
+    kv_heads, kv_len = k.shape[1], k.shape[2]
     if block_size % group:
         raise ValueError(f"group size {group} does not divide block_size {block_size}")
     if query_chunk < 1:
@@ -173,7 +172,8 @@ def composite_estimate(
 
     q: [B, H, Sq, D], k: [B, Hkv, Skv, D] (GQA by h // (H // Hkv)); any float dtype; attn_mask bool
     or additive, broadcastable to [B, H, Sq, Skv]; granularity g divides block_size; ``window``: causal
-    sliding window (``masks`` module docstring).
+    sliding window (``masks`` module docstring). Inputs unchecked here, as in every estimator of this
+    module (`estimate_blocks` checks them).
     """
     return _grouped_block_mass(
         q,
@@ -241,26 +241,44 @@ def estimate_blocks(
     attn_mask: torch.Tensor | None,
     is_causal: bool,
     scale: float | None,
-    config: OmniSparseConfig,
+    params: EstimationParams,
     *,
     window: int | None = None,
 ) -> torch.Tensor:
-    """Ahat float32 [B, H, nq, nk] by ``config.estimator`` at ``config.block_size``, chunked by
-    ``config.query_chunk``, mixed with the exact row probe when ``config.row_probe`` (`probe`);
+    """Ahat float32 [B, H, nq, nk] by ``params.estimator`` at ``params.block_size``, chunked by
+    ``params.query_chunk``, mixed with the exact row probe when ``params.row_probe`` (`probe`);
     scale ``None`` = 1 / sqrt(D) (as SDPA); ``window``: causal sliding window (``masks`` module
-    docstring), zero mass on blocks wholly outside the band."""
-    b, chunk = config.block_size, config.query_chunk
+    docstring), zero mass on blocks wholly outside the band. Checks q, k, the mask and the window
+    (``ValueError``), then runs `estimate_blocks_unchecked`."""
+    batch, heads, _, q_len, kv_len = check_qkv(q, k)
+    validate_mask(attn_mask, is_causal, batch, heads, q_len, kv_len)
+    check_window(window, is_causal, attn_mask)
+    return estimate_blocks_unchecked(q, k, attn_mask, is_causal, scale, params, window=window)
+
+
+def estimate_blocks_unchecked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    params: EstimationParams,
+    *,
+    window: int | None = None,
+) -> torch.Tensor:
+    """`estimate_blocks` for inputs its caller has checked (``method.AttentionInputs``)."""
+    b, chunk = params.block_size, params.query_chunk
     scale = resolve_scale(scale, q.shape[-1])
-    if config.estimator == "composite":
+    if params.estimator == "composite":
         ahat = composite_estimate(
-            q, k, attn_mask, is_causal, scale, b, config.granularity, chunk, window=window
+            q, k, attn_mask, is_causal, scale, b, params.granularity, chunk, window=window
         )
-    elif config.estimator == "pooled":
+    elif params.estimator == "pooled":
         ahat = pooled_estimate(q, k, attn_mask, is_causal, scale, b, chunk, window=window)
     else:
         ahat = antidiagonal_estimate(
-            q, k, attn_mask, is_causal, scale, b, config.antidiagonal_stride, chunk, window=window
+            q, k, attn_mask, is_causal, scale, b, params.antidiagonal_stride, chunk, window=window
         )
-    if not config.row_probe:
+    if not params.row_probe:
         return ahat
     return with_row_probe(ahat, q, k, attn_mask, is_causal, scale, b, window=window)

@@ -40,7 +40,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...config import OmniSparseConfig
 from ..masks import check_window, resolve_scale
 from ..triton_utils import (
     LOG2E,
@@ -51,6 +50,7 @@ from ..triton_utils import (
     qk_reason,
     tile_dot,
 )
+from .params import EstimationParams
 from .probe import with_row_probe
 
 
@@ -75,10 +75,10 @@ def default_launch(head_dim: int, windowed: bool) -> EstimateLaunch:
     return EstimateLaunch()
 
 
-def supported(q: Tensor, k: Tensor, attn_mask: Tensor | None, config: OmniSparseConfig) -> str | None:
+def supported(q: Tensor, k: Tensor, attn_mask: Tensor | None, params: EstimationParams) -> str | None:
     """None when `estimate_blocks` can run these inputs, else the reason it cannot."""
-    if config.estimator not in ("composite", "pooled"):
-        return f"estimator {config.estimator!r}: the fused kernel computes 'composite' and 'pooled'"
+    if params.estimator not in ("composite", "pooled"):
+        return f"estimator {params.estimator!r}: the fused kernel computes 'composite' and 'pooled'"
     if attn_mask is not None:
         return "attn_mask: the fused estimator takes causal or unmasked attention only"
     return qk_reason(q, k)
@@ -101,24 +101,24 @@ def estimate_blocks(
     attn_mask: Tensor | None,
     is_causal: bool,
     scale: float | None,
-    config: OmniSparseConfig,
+    params: EstimationParams,
     *,
     window: int | None = None,
     launch: EstimateLaunch | None = None,
 ) -> Tensor:
-    """Ahat float32 [B, H, nq, nk] of ``config.estimator`` (composite or pooled), as the reference.
+    """Ahat float32 [B, H, nq, nk] of ``params.estimator`` (composite or pooled), as the reference.
 
     q: [B, H, Sq, D], k: [B, Hkv, Skv, D] (GQA: head h reads h // (H // Hkv)), one of bf16 / fp16 /
     fp32 (fp32 under the interpreter only); attn_mask must be None (see `supported`); scale None =
     1 / sqrt(D); ``window``: causal sliding window (``masks``). ``launch`` overrides the tiles
     (benchmarks); None = `default_launch`.
     """
-    reason = supported(q, k, attn_mask, config)
+    reason = supported(q, k, attn_mask, params)
     if reason is not None:
         raise ValueError(f"triton estimate_blocks: {reason}")
     check_window(window, is_causal, attn_mask)
-    b = config.block_size
-    group = config.granularity if config.estimator == "composite" else b
+    b = params.block_size
+    group = params.granularity if params.estimator == "composite" else b
     per_block = b // group
     cfg = launch or default_launch(q.shape[-1], window is not None)
     block_u, block_w = max(cfg.block_u, per_block), max(cfg.block_w, per_block)
@@ -160,7 +160,7 @@ def estimate_blocks(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    if config.row_probe:
+    if params.row_probe:
         return with_row_probe(ahat, q, k, attn_mask, is_causal, scale, b, window=window)
     return ahat
 

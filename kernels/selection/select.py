@@ -1,15 +1,15 @@
 """Query selection and KV selection with a head-level shared budget (METHOD.md sections 2-3).
 
 All on Ahat's device with vectorised torch ops and no host synchronisation: shapes depend only on
-(B, H, nq, nk) and the config, never on data.
+(B, H, nq, nk) and the parameters, never on data.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ...config import OmniSparseConfig
 from .block_selection import BlockSelection
+from .params import SelectionParams
 from .transpose import block_mask_to_indices
 
 # The selection stops once the float32 estimated mass reaches tau + MASS_SLACK, so the exact mass of
@@ -92,7 +92,7 @@ def take_counts(
     lazy: torch.Tensor,
     num_forced: torch.Tensor,
     num_available: torch.Tensor,
-    config: OmniSparseConfig,
+    params: SelectionParams,
     num_kv_heads: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(lazy bool, take int32) [B, H, nq]: how many available blocks each (b, h, i) takes (`select_blocks`).
@@ -102,18 +102,30 @@ def take_counts(
     max_blocks]; lazy blocks take none; the final query blocks (`full_final_blocks`) and the heads
     denser than ``dense_fallback_density`` (`full_dense_heads`) take every available block.
     """
-    budget = shared_budget(need, config.budget_scope, num_kv_heads)
-    budget = budget.clamp(config.min_blocks, config.max_blocks)
+    budget = shared_budget(need, params.budget_scope, num_kv_heads)
+    budget = budget.clamp(params.min_blocks, params.max_blocks)
     take = torch.where(lazy, 0, torch.minimum(budget, num_available))
-    lazy, take = full_final_blocks(lazy, take, num_available, config.dense_last_blocks)
-    lazy, take = full_dense_heads(lazy, take, num_forced, num_available, config.dense_fallback_density)
+    lazy, take = full_final_blocks(lazy, take, num_available, params.dense_last_blocks)
+    lazy, take = full_dense_heads(lazy, take, num_forced, num_available, params.dense_fallback_density)
     return lazy, take.to(torch.int32)
+
+
+def check_estimate(ahat: torch.Tensor, block_size: int, num_kv_heads: int, q_len: int, kv_len: int) -> None:
+    """Raise ``ValueError`` unless ahat [B, H, nq, nk] has H a multiple of ``num_kv_heads`` and
+    (nq, nk) = (ceil(q_len / b), ceil(kv_len / b))."""
+    _, heads, nq, nk = ahat.shape
+    if heads % num_kv_heads:
+        raise ValueError(f"query heads {heads} are not a multiple of kv heads {num_kv_heads}")
+    if (nq, nk) != (-(-q_len // block_size), -(-kv_len // block_size)):
+        raise ValueError(
+            f"ahat blocks {(nq, nk)} do not match q_len {q_len}, kv_len {kv_len}, b {block_size}"
+        )
 
 
 def select_blocks(
     ahat: torch.Tensor,
     allowed: torch.Tensor,
-    config: OmniSparseConfig,
+    params: SelectionParams,
     num_kv_heads: int,
     *,
     is_causal: bool,
@@ -125,8 +137,7 @@ def select_blocks(
     Args:
         ahat: float32 [B, H, nq, nk], the block estimate (a distribution over allowed blocks).
         allowed: bool, broadcastable to [B, H, nq, nk] (``masks.allowed_blocks``).
-        config: tau, n_sink, n_local, query_selection, effective_lazy_threshold, min_blocks, max_blocks,
-            budget_scope, dense_last_blocks, dense_fallback_density and block_size are read.
+        params: the selection's parameters (`SelectionParams`).
         num_kv_heads: Hkv; ``"kv_group"`` shares the budget among the H // Hkv heads of a KV head.
         is_causal: picks the local window (ending at i, or centred on i; ``forced_pattern``).
         q_len, kv_len: Sq and Skv, recorded in the selection.
@@ -143,35 +154,30 @@ def select_blocks(
     ``budget`` records that count (equal across the heads sharing K unless a per-head mask leaves a
     head fewer available blocks). Masses are summed in float32 with a slack of `MASS_SLACK`.
     """
+    check_estimate(ahat, params.block_size, num_kv_heads, q_len, kv_len)
     batch, heads, nq, nk = ahat.shape
-    if heads % num_kv_heads:
-        raise ValueError(f"query heads {heads} are not a multiple of kv heads {num_kv_heads}")
-    if (nq, nk) != (-(-q_len // config.block_size), -(-kv_len // config.block_size)):
-        raise ValueError(
-            f"ahat blocks {(nq, nk)} do not match q_len {q_len}, kv_len {kv_len}, b {config.block_size}"
-        )
-    pattern = forced_pattern(nq, nk, config.n_sink, config.n_local, is_causal, ahat.device)
+    pattern = forced_pattern(nq, nk, params.n_sink, params.n_local, is_causal, ahat.device)
     forced = allowed & pattern  # broadcast shape of `allowed`: [1, 1, nq, nk] for causal / no mask
     available = allowed & ~pattern
     local_mass = (ahat * forced).sum(-1)
-    if config.query_selection:
-        lazy = local_mass >= config.effective_lazy_threshold
+    if params.query_selection:
+        lazy = local_mass >= params.lazy_threshold
     else:
         lazy = torch.zeros_like(local_mass, dtype=torch.bool)
     num_available = available.sum(-1).expand(batch, heads, nq)
     ranked, order = torch.sort(torch.where(available, ahat, -1.0), dim=-1, descending=True, stable=True)
-    if config.tau >= 1.0:
+    if params.tau >= 1.0:
         need = num_available
     else:
         # need = 1 + the first rank at which the mass taken so far reaches tau (cumulative mass is
         # non-decreasing, so a binary search finds it); `MASS_SLACK` absorbs float32 rounding.
         cumulative = ranked.clamp(min=0.0).cumsum(-1)
-        target = (config.tau + MASS_SLACK - local_mass).unsqueeze(-1)
+        target = (params.tau + MASS_SLACK - local_mass).unsqueeze(-1)
         reached = torch.searchsorted(cumulative, target).squeeze(-1)
         need = torch.where(target.squeeze(-1) <= 0, 0, torch.minimum(reached + 1, num_available))
     num_forced = forced.sum(-1).expand(batch, heads, nq)
     need = torch.where(lazy, 0, need)
-    lazy, take = take_counts(need, lazy, num_forced, num_available, config, num_kv_heads)
+    lazy, take = take_counts(need, lazy, num_forced, num_available, params, num_kv_heads)
     # The first `take` entries of each ranked row are available blocks (take <= num_available and
     # unavailable blocks rank last), so scattering "rank < take" back through `order` marks them.
     taken_ranks = torch.arange(nk, device=ahat.device) < take.unsqueeze(-1)
@@ -183,7 +189,7 @@ def select_blocks(
         kv_indices=kv_indices,
         lazy=lazy,
         budget=take,
-        block_size=config.block_size,
+        block_size=params.block_size,
         q_len=q_len,
         kv_len=kv_len,
     )

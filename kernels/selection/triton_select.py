@@ -38,10 +38,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...config import OmniSparseConfig
 from ..triton_utils import interpreting
 from .block_selection import BlockSelection
-from .select import MASS_SLACK, take_counts
+from .params import SelectionParams
+from .select import MASS_SLACK, check_estimate, take_counts
 
 # Widest row one program holds: 8192 key blocks (512K tokens at b = 64), 16 warps x 16 values per thread.
 MAX_KV_BLOCKS = 8192
@@ -72,7 +72,7 @@ def supported(ahat: Tensor, allowed: Tensor) -> str | None:
 def select_blocks_triton(
     ahat: Tensor,
     allowed: Tensor,
-    config: OmniSparseConfig,
+    params: SelectionParams,
     num_kv_heads: int,
     *,
     is_causal: bool,
@@ -84,7 +84,7 @@ def select_blocks_triton(
     Args:
         ahat: float32 [B, H, nq, nk], the block estimate (any strides).
         allowed: bool, broadcastable to [B, H, nq, nk] (read at stride 0 along broadcast dims).
-        config, num_kv_heads, is_causal, q_len, kv_len: as `select_blocks`.
+        params, num_kv_heads, is_causal, q_len, kv_len: as `select_blocks`.
 
     Returns:
         kv_num_blocks, budget int32 [B, H, nq]; kv_indices int32 [B, H, nq, nk] (padded with nk);
@@ -93,18 +93,13 @@ def select_blocks_triton(
     reason = supported(ahat, allowed)
     if reason is not None:
         raise ValueError(f"triton select_blocks: {reason}")
+    check_estimate(ahat, params.block_size, num_kv_heads, q_len, kv_len)
     batch, heads, nq, nk = ahat.shape
-    if heads % num_kv_heads:
-        raise ValueError(f"query heads {heads} are not a multiple of kv heads {num_kv_heads}")
-    if (nq, nk) != (triton.cdiv(q_len, config.block_size), triton.cdiv(kv_len, config.block_size)):
-        raise ValueError(
-            f"ahat blocks {(nq, nk)} do not match q_len {q_len}, kv_len {kv_len}, b {config.block_size}"
-        )
     allowed = allowed.expand(batch, heads, nq, nk)
     rows = batch * heads * nq
     block_n = triton.next_power_of_2(nk)
     num_warps = min(16, max(1, block_n // 512))
-    row_args = (*ahat.stride(), *allowed.stride(), heads, nq, nk, config.n_sink, config.n_local)
+    row_args = (*ahat.stride(), *allowed.stride(), heads, nq, nk, params.n_sink, params.n_local)
 
     need = torch.empty(batch, heads, nq, dtype=torch.int32, device=ahat.device)
     lazy = torch.empty(batch, heads, nq, dtype=torch.bool, device=ahat.device)
@@ -118,15 +113,15 @@ def select_blocks_triton(
         num_forced,
         num_available,
         *row_args,
-        config.tau + MASS_SLACK,
-        config.effective_lazy_threshold,
+        params.tau + MASS_SLACK,
+        params.lazy_threshold,
         IS_CAUSAL=is_causal,
-        QUERY_SELECTION=config.query_selection,
-        TAKE_ALL=config.tau >= 1.0,
+        QUERY_SELECTION=params.query_selection,
+        TAKE_ALL=params.tau >= 1.0,
         BLOCK_N=block_n,
         num_warps=num_warps,
     )
-    lazy, take = take_counts(need, lazy, num_forced, num_available, config, num_kv_heads)
+    lazy, take = take_counts(need, lazy, num_forced, num_available, params, num_kv_heads)
 
     kv_indices = torch.empty(batch, heads, nq, nk, dtype=torch.int32, device=ahat.device)
     kv_num_blocks = torch.empty_like(need)
@@ -146,7 +141,7 @@ def select_blocks_triton(
         kv_indices=kv_indices,
         lazy=lazy,
         budget=take,
-        block_size=config.block_size,
+        block_size=params.block_size,
         q_len=q_len,
         kv_len=kv_len,
     )

@@ -43,10 +43,32 @@ def sparse_attention_reference(
         out: [B, H, Sq, Dv] in q.dtype; softmax over the selected keys (inside the mask, causal and
             sequence bounds) of scale * q . k + bias, times v.
         lse: float32 [B, H, Sq], log-sum-exp of those scores. Rows with no such key: out 0, lse -inf.
+
+    Checks q, k, v, the mask and the window (``ValueError``), then runs `sparse_attention_unchecked`.
     """
-    batch, heads, kv_heads, q_len, kv_len = check_qkv(q, k, v)
+    batch, heads, _, q_len, kv_len = check_qkv(q, k, v)
     validate_mask(attn_mask, is_causal, batch, heads, q_len, kv_len)
     check_window(window, is_causal, attn_mask)
+    return sparse_attention_unchecked(
+        q, k, v, selection, attn_mask, is_causal, scale, query_chunk, window=window
+    )
+
+
+def sparse_attention_unchecked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    selection: BlockSelection,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    query_chunk: int = 16,
+    *,
+    window: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sparse_attention_reference` for inputs its caller has checked (``method.AttentionInputs``)."""
+    batch, heads, q_len = q.shape[:3]
+    kv_heads, kv_len = k.shape[1], k.shape[2]
     b = selection.block_size
     nq, nk = -(-q_len // b), -(-kv_len // b)
     if (selection.q_len, selection.kv_len) != (q_len, kv_len) or selection.kv_indices.shape != (

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..config import OmniSparseConfig
-from ..method import plan
+from ..method import AttentionInputs, plan
 from ..metrics import exact_block_mass
 from ..recording import SiteRun
 
@@ -36,7 +36,7 @@ def plot_selection(run: SiteRun, config: OmniSparseConfig, heads: Sequence[int],
     if bad:
         raise ValueError(f"heads {bad} out of range: the site has {q.shape[1]} query heads")
     with torch.no_grad():
-        selection = plan(q, k, attn_mask, is_causal, scale, config)
+        selection = plan(AttentionInputs(q, k, None, attn_mask, is_causal, scale), config)
         mass = exact_block_mass(q, k, attn_mask, is_causal, scale, config.block_size)
     selected = selection.dense_mask()[0].float().cpu()
     lazy = selection.lazy[0].cpu()

@@ -25,7 +25,7 @@ from omnicompile.kernels.selection.block_selection import BlockSelection
 from omnicompile.kernels.selection.transpose import selection_from_block_mask
 from omnicompile.kernels.sparse_attention.reference import sparse_attention_reference
 from omnicompile.kernels.sparse_attention.triton_fwd import sparse_attention_fwd
-from omnicompile.method import select_on_device
+from omnicompile.method import AttentionInputs, estimation_params, select_on_device, selection_params
 from tests.gpu import ON_CUDA
 from tests.helpers import REL_TOL, rel_error
 
@@ -59,8 +59,9 @@ def case(request) -> Case:
         "structured", 1, heads, kv_heads, seq, head_dim, dtype=torch.bfloat16, device="cuda"
     )
     allowed = allowed_blocks(None, True, 1, heads, seq, seq, config.block_size, q.device, window=window)
-    ahat = estimate_blocks(q, k, None, True, None, config, window=window)
-    selection = select_on_device(ahat, allowed, config, kv_heads, is_causal=True, q_len=seq, kv_len=seq)
+    ahat = estimate_blocks(q, k, None, True, None, estimation_params(config), window=window)
+    x = AttentionInputs(q, k, v, None, True, None, window)
+    selection = select_on_device(ahat, allowed, selection_params(config), x)
     return Case(q, k, v, window, allowed, selection)
 
 

@@ -29,6 +29,7 @@ from omnicompile.kernels.selection.transpose import selection_from_block_mask
 from omnicompile.kernels.selection.triton_select import select_blocks_triton
 from omnicompile.kernels.sparse_attention.reference import sparse_attention_reference
 from omnicompile.kernels.sparse_attention.triton_fwd import sparse_attention_fwd
+from omnicompile.method import estimation_params, selection_params
 from tests.gpu import ON_CUDA
 from tests.helpers import REL_TOL, rel_error
 
@@ -45,7 +46,13 @@ def _select(q, k, is_causal: bool, config: OmniSparseConfig, ahat: torch.Tensor)
     batch, heads, q_len, _ = q.shape
     allowed = allowed_blocks(None, is_causal, batch, heads, q_len, k.shape[2], config.block_size, q.device)
     return select_blocks(
-        ahat, allowed, config, k.shape[1], is_causal=is_causal, q_len=q_len, kv_len=k.shape[2]
+        ahat,
+        allowed,
+        selection_params(config),
+        k.shape[1],
+        is_causal=is_causal,
+        q_len=q_len,
+        kv_len=k.shape[2],
     )
 
 
@@ -79,7 +86,9 @@ def _check_forward(q, k, v, selection: BlockSelection, attn_mask, is_causal: boo
 def test_forward_on_a_real_selection(seq, heads, kv_heads):
     config = OmniSparseConfig()
     q, k, v = structured_qkv("structured", 1, heads, kv_heads, seq, 128, dtype=torch.bfloat16, device="cuda")
-    selection = _select(q, k, True, config, estimate_blocks(q, k, None, True, 128**-0.5, config))
+    selection = _select(
+        q, k, True, config, estimate_blocks(q, k, None, True, 128**-0.5, estimation_params(config))
+    )
     _check_forward(q, k, v, selection, None, True)
 
 
@@ -121,7 +130,7 @@ def test_forward_with_a_mask(kind):
 def test_tau_1_selects_every_allowed_block_and_equals_sdpa(seq, heads, kv_heads):
     config = OmniSparseConfig(tau=1.0, query_selection=False)
     q, k, v = structured_qkv("structured", 1, heads, kv_heads, seq, 128, dtype=torch.bfloat16, device="cuda")
-    ahat = estimate_blocks(q, k, None, True, 128**-0.5, config)
+    ahat = estimate_blocks(q, k, None, True, 128**-0.5, estimation_params(config))
     selection = _select(q, k, True, config, ahat)
     allowed = allowed_blocks(None, True, 1, heads, seq, seq, 64, q.device)
     assert torch.equal(selection.dense_mask(), allowed.expand_as(ahat))
@@ -143,8 +152,8 @@ def test_fused_estimator_matches_the_reference(estimator, seq, is_causal, preset
     """Ahat (float32) of the fused estimator on bf16 inputs within the bf16 REL_TOL of the reference's."""
     config = OmniSparseConfig(estimator=estimator)
     q, k, _ = structured_qkv(preset, 1, 8, 2, seq, 128, dtype=torch.bfloat16, device="cuda", seed=1)
-    ahat = estimate_blocks(q, k, None, is_causal, 128**-0.5, config)
-    ref = reference_estimate(q, k, None, is_causal, 128**-0.5, config)
+    ahat = estimate_blocks(q, k, None, is_causal, 128**-0.5, estimation_params(config))
+    ref = reference_estimate(q, k, None, is_causal, 128**-0.5, estimation_params(config))
     assert rel_error(ahat, ref) < REL_TOL[torch.bfloat16]
 
 
@@ -154,11 +163,15 @@ def test_fused_estimator_matches_the_reference(estimator, seq, is_causal, preset
 def test_fused_selection_matches_select_blocks(seq, is_causal, scope):
     config = OmniSparseConfig(budget_scope=scope)
     q, k, _ = structured_qkv("structured", 1, 32, 8, seq, 128, dtype=torch.bfloat16, device="cuda", seed=2)
-    ahat = estimate_blocks(q, k, None, is_causal, None, config)
+    ahat = estimate_blocks(q, k, None, is_causal, None, estimation_params(config))
     allowed = allowed_blocks(None, is_causal, 1, 32, seq, seq, config.block_size, q.device)
-    ref = select_blocks(ahat, allowed, config, 8, is_causal=is_causal, q_len=seq, kv_len=seq)
+    ref = select_blocks(
+        ahat, allowed, selection_params(config), 8, is_causal=is_causal, q_len=seq, kv_len=seq
+    )
     _poison()
-    fused = select_blocks_triton(ahat, allowed, config, 8, is_causal=is_causal, q_len=seq, kv_len=seq)
+    fused = select_blocks_triton(
+        ahat, allowed, selection_params(config), 8, is_causal=is_causal, q_len=seq, kv_len=seq
+    )
     same_rows = (fused.dense_mask() == ref.dense_mask()).all(-1).float().mean().item()
     assert same_rows > SAME_ROWS
     assert (fused.kv_num_blocks - ref.kv_num_blocks).abs().max().item() <= COUNT_SLACK

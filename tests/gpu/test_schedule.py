@@ -16,7 +16,7 @@ import torch
 from omnicompile.config import OmniSparseConfig
 from omnicompile.demos.structured import structured_qkv
 from omnicompile.kernels.sparse_attention.triton_fwd import default_launch_config, sparse_attention_fwd
-from omnicompile.method import plan
+from omnicompile.method import AttentionInputs, plan
 from tests.gpu import ON_CUDA
 
 pytestmark = ON_CUDA
@@ -38,7 +38,7 @@ def inputs(request) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def test_both_schedules_give_bitwise_equal_results(inputs, scope):
     q, k, v = inputs
     config = OmniSparseConfig(budget_scope=scope)
-    selection = plan(q, k, None, True, None, config)
+    selection = plan(AttentionInputs(q, k, v, None, True, None), config)
     launch = default_launch_config(config.block_size, q.dtype, False, DIM)
     out_a, lse_a = sparse_attention_fwd(
         q, k, v, selection, None, True, None, launch=dataclasses.replace(launch, schedule="heaviest_first")
