@@ -25,9 +25,10 @@ The kernels take the config as per-stage parameters (`estimation_params`, `selec
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 
@@ -43,6 +44,7 @@ from .metrics import relative_error
 from .metrics import selection_stats as measure_selection
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_Params = TypeVar("_Params", EstimationParams, SelectionParams)
 
 
 @dataclass(frozen=True)
@@ -73,33 +75,19 @@ class AttentionInputs:
         check_window(self.window, self.is_causal, self.attn_mask)
 
 
+def _stage_params(cls: type[_Params], config: OmniSparseConfig, **values: object) -> _Params:
+    """``cls`` with every field the config field of its name, unless given in ``values``."""
+    return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)} | values)
+
+
 def estimation_params(config: OmniSparseConfig) -> EstimationParams:
     """The estimation stage's parameters from the config."""
-    return EstimationParams(
-        estimator=config.estimator,
-        block_size=config.block_size,
-        granularity=config.granularity,
-        antidiagonal_stride=config.antidiagonal_stride,
-        row_probe=config.row_probe,
-        query_chunk=config.query_chunk,
-    )
+    return _stage_params(EstimationParams, config)
 
 
 def selection_params(config: OmniSparseConfig) -> SelectionParams:
     """The selection stage's parameters from the config (the lazy threshold in force)."""
-    return SelectionParams(
-        block_size=config.block_size,
-        tau=config.tau,
-        n_sink=config.n_sink,
-        n_local=config.n_local,
-        query_selection=config.query_selection,
-        lazy_threshold=config.effective_lazy_threshold,
-        min_blocks=config.min_blocks,
-        max_blocks=config.max_blocks,
-        budget_scope=config.budget_scope,
-        dense_last_blocks=config.dense_last_blocks,
-        dense_fallback_density=config.dense_fallback_density,
-    )
+    return _stage_params(SelectionParams, config, lazy_threshold=config.effective_lazy_threshold)
 
 
 @dataclass(frozen=True)

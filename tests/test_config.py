@@ -120,3 +120,24 @@ def test_float_fields_are_the_method_thresholds():
         "tau_decode",
         "dense_fallback_density",
     }
+
+
+def test_stage_params_take_their_fields_from_the_config():
+    """`estimation_params` / `selection_params` copy the config fields of their names (the lazy
+    threshold in force for the selection)."""
+    from omnicompile.method import estimation_params, selection_params
+
+    config = OmniSparseConfig(
+        estimator="pooled", block_size=32, granularity=8, row_probe=False, query_chunk=3
+    )
+    config = config.replace(tau=0.8, n_sink=2, n_local=3, query_selection=False, min_blocks=1, max_blocks=5)
+    config = config.replace(budget_scope="kv_group", dense_last_blocks=2, dense_fallback_density=0.7)
+    for params in (estimation_params(config), selection_params(config)):
+        for field in dataclasses.fields(params):
+            want = (
+                config.effective_lazy_threshold
+                if field.name == "lazy_threshold"
+                else getattr(config, field.name)
+            )
+            assert getattr(params, field.name) == want, field.name
+    assert selection_params(config.replace(lazy_threshold=0.5)).lazy_threshold == 0.5
