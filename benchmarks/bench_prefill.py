@@ -46,7 +46,7 @@ from omnicompile.kernels.masks import allowed_blocks
 from omnicompile.kernels.selection.block_selection import BlockSelection
 from omnicompile.kernels.sparse_attention.triton_fwd import LaunchConfig, sparse_attention_fwd
 from omnicompile.method import AttentionInputs, estimation_params, select_on_device, selection_params
-from omnicompile.metrics import density, exact_recall, relative_error
+from omnicompile.metrics import density, exact_block_mass, exact_recall, relative_error
 
 DENSE_BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -131,7 +131,8 @@ def _recall(q, k, selection: BlockSelection, scale: float, num_heads: int) -> tu
     heads = sorted({round(i * (q.shape[1] - 1) / max(num_heads - 1, 1)) for i in range(num_heads)})
     group = q.shape[1] // k.shape[1]
     sub_k = k[:, [h // group for h in heads]]  # one KV head per sampled query head
-    recall = exact_recall(q[:, heads], sub_k, None, True, scale, _head_subset(selection, heads))
+    mass = exact_block_mass(q[:, heads], sub_k, None, True, scale, selection.block_size)
+    recall = exact_recall(mass, _head_subset(selection, heads))
     return recall.mean().item(), recall.min().item()
 
 

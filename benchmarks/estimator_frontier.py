@@ -31,7 +31,7 @@ from omnicompile.kernels.estimation import estimate_blocks
 from omnicompile.kernels.masks import allowed_blocks
 from omnicompile.kernels.selection import select_blocks
 from omnicompile.method import estimation_params, selection_params
-from omnicompile.metrics import exact_block_mass
+from omnicompile.metrics import exact_block_mass, exact_recall
 
 VARIANTS: dict[str, dict] = {
     "composite": {"row_probe": False},
@@ -125,7 +125,7 @@ def evaluate_input(label: str, q, k, scale, args: argparse.Namespace) -> list[di
                     ahat, allowed, selection_params(config), kv_heads, is_causal=True, q_len=seq, kv_len=seq
                 )
                 chosen = selection.dense_mask()
-                recall = torch.where(mass.sum(-1) > 0, (mass * chosen).sum(-1), 1.0)
+                recall = exact_recall(mass, selection)
                 dens = (chosen.sum() / allowed.expand(chosen.shape).sum()).item()
                 oracle, _ = oracle_density(mass, allowed, recall.mean().item())
                 rows.append(

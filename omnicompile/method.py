@@ -40,7 +40,7 @@ from .kernels.selection import BlockSelection, SelectionParams, select_blocks, t
 from .kernels.selection.transpose import selection_from_block_mask
 from .kernels.sparse_attention import triton_bwd, triton_fwd
 from .kernels.sparse_attention.reference import sparse_attention_unchecked
-from .metrics import relative_error
+from .metrics import exact_block_mass, relative_error
 from .metrics import selection_stats as measure_selection
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -292,6 +292,10 @@ def selection_stats(
     Costs an exact pass (chunked by ``config.query_chunk``) and a dense attention: for explain/benchmarks.
     A window is measured as its materialised mask.
     """
-    mask, causal = with_window(x.q, x.k, x.attn_mask, x.is_causal, x.window)
-    stats = measure_selection(x.q, x.k, mask, causal, x.scale, selection, config.query_chunk).as_dict()
+    q, k = x.q, x.k
+    mask, causal = with_window(q, k, x.attn_mask, x.is_causal, x.window)
+    mass = exact_block_mass(q, k, mask, causal, x.scale, selection.block_size, config.query_chunk)
+    batch, heads, q_len, _ = q.shape
+    allowed = allowed_blocks(mask, causal, batch, heads, q_len, k.shape[2], selection.block_size, q.device)
+    stats = measure_selection(selection, mass, allowed).as_dict()
     return {**stats, "rel_error": relative_error(out, _dense(x, x.q, x.k, x.v))}

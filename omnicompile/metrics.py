@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .kernels.estimation import composite_estimate
-from .kernels.masks import allowed_blocks, check_qkv, resolve_scale
+from .kernels.masks import resolve_scale
 from .kernels.selection import BlockSelection
 
 
@@ -35,20 +35,12 @@ def exact_block_mass(
     return composite_estimate(q, k, attn_mask, is_causal, scale, block_size, 1, query_chunk)
 
 
-def exact_recall(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    scale: float | None,
-    selection: BlockSelection,
-    query_chunk: int = 4,
-) -> torch.Tensor:
-    """float32 [B, H, nq]: true attention mass on the selected blocks, averaged over each block's rows.
+def exact_recall(mass: torch.Tensor, selection: BlockSelection) -> torch.Tensor:
+    """float32 [B, H, nq]: true attention mass on the selected blocks, averaged over each block's rows,
+    from the exact block mass float32 [B, H, nq, nk] (`exact_block_mass`).
 
     A query block none of whose rows sees any key has nothing to recall and gets 1.
     """
-    mass = exact_block_mass(q, k, attn_mask, is_causal, scale, selection.block_size, query_chunk)
     recall = (mass * selection.dense_mask()).sum(-1)
     return torch.where(mass.sum(-1) > 0, recall, 1.0)
 
@@ -101,21 +93,10 @@ class SelectionStats:
         return asdict(self)
 
 
-def selection_stats(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    scale: float | None,
-    selection: BlockSelection,
-    query_chunk: int = 4,
-) -> SelectionStats:
-    """`SelectionStats` of a selection made for q [B, H, Sq, D], k [B, Hkv, Skv, D] and the mask."""
-    batch, heads, _, q_len, kv_len = check_qkv(q, k)
-    allowed = allowed_blocks(
-        attn_mask, is_causal, batch, heads, q_len, kv_len, selection.block_size, q.device
-    )
-    recall = exact_recall(q, k, attn_mask, is_causal, scale, selection, query_chunk)
+def selection_stats(selection: BlockSelection, mass: torch.Tensor, allowed: torch.Tensor) -> SelectionStats:
+    """`SelectionStats` of a selection, given the exact block mass float32 [B, H, nq, nk]
+    (`exact_block_mass`) and the allowed blocks, bool broadcastable to it (`masks.allowed_blocks`)."""
+    recall = exact_recall(mass, selection)
     active = ~selection.lazy
     budget_mean = (selection.budget * active).sum() / active.sum().clamp(min=1)
     return SelectionStats(

@@ -66,7 +66,7 @@ def test_exact_recall_is_the_mean_row_mass_on_selected_tokens(case: Case, densit
     attends, rows = _rows_per_block(case, probs)
     want = (row_recall.view_as(attends) * attends).sum(-1) / rows.clamp(min=1)
     want = torch.where(rows > 0, want, 1.0)
-    got = exact_recall(q, k, attn_mask, is_causal, None, selection)
+    got = exact_recall(exact_block_mass(q, k, attn_mask, is_causal, None, BLOCK), selection)
     assert got.shape == (case.batch, case.heads, nq)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
@@ -87,8 +87,9 @@ def test_density_lazy_fraction_and_stats():
     assert dense_heads(one_head, allowed) == 0.5
     cfg = OmniSparseConfig(tau=0.9, block_size=BLOCK, granularity=4)
     selection = plan(AttentionInputs(q, k, None, None, True, None), cfg)
-    stats = selection_stats(q, k, None, True, None, selection)
-    recall = exact_recall(q, k, None, True, None, selection)
+    mass = exact_block_mass(q, k, None, True, None, BLOCK)
+    stats = selection_stats(selection, mass, allowed)
+    recall = exact_recall(mass, selection)
     assert stats.density == pytest.approx(density(selection, allowed))
     assert stats.recall_mean == pytest.approx(recall.mean().item())
     assert stats.recall_min == pytest.approx(recall.min().item())

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from omnicompile import OmniSparseConfig
 from omnicompile.demos.structured import structured_qkv
+from omnicompile.kernels.masks import allowed_blocks
 from omnicompile.method import AttentionInputs, plan
 from omnicompile.metrics import exact_block_mass, selection_stats
 from tests.attention_cases import dense_probs
@@ -112,7 +113,8 @@ def test_method_recall_on_structured_inputs(estimator: str, structure: str, is_c
     q, k, _ = structured_qkv("structured", 1, 4, 2, 2048, 32, seed=1, **shape)
     cfg = OmniSparseConfig(block_size=16, granularity=4, estimator=estimator)
     selection = plan(AttentionInputs(q, k, None, None, is_causal, None), cfg)
-    stats = selection_stats(q, k, None, is_causal, None, selection, query_chunk=16)
+    mass = exact_block_mass(q, k, None, is_causal, None, 16, query_chunk=16)
+    stats = selection_stats(selection, mass, allowed_blocks(None, is_causal, 1, 4, 2048, 2048, 16, "cpu"))
     assert stats.recall_mean >= cfg.tau - 0.05
     assert stats.density < 0.2
 
