@@ -39,8 +39,8 @@ from omnicompile.config import OmniSparseConfig
 from omnicompile.demos.structured import structured_qkv
 from omnicompile.kernels.estimation.triton_composite import estimate_blocks
 from omnicompile.kernels.masks import allowed_blocks
+from omnicompile.kernels.selection import SelectionCall, select_blocks
 from omnicompile.kernels.selection.block_selection import BlockSelection
-from omnicompile.kernels.selection.select import select_blocks
 from omnicompile.kernels.selection.transpose import block_mask_to_indices, selection_from_block_mask
 from omnicompile.kernels.sparse_attention.reference import sparse_attention_reference
 from omnicompile.kernels.sparse_attention.triton_bwd import BackwardTiles, sparse_attention_bwd
@@ -64,9 +64,7 @@ def make_selection(q, k, config: OmniSparseConfig) -> BlockSelection:
     batch, heads, seq, dim = q.shape
     ahat = estimate_blocks(q, k, None, True, dim**-0.5, estimation_params(config))
     allowed = allowed_blocks(None, True, batch, heads, seq, seq, config.block_size, q.device)
-    return select_blocks(
-        ahat, allowed, selection_params(config), k.shape[1], is_causal=True, q_len=seq, kv_len=seq
-    )
+    return select_blocks(ahat, allowed, selection_params(config), SelectionCall(k.shape[1], True, seq, seq))
 
 
 def flex_block_mask(selection: BlockSelection):

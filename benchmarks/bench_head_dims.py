@@ -30,9 +30,10 @@ from omnicompile.kernels.estimation.probe import probe_block_mass
 from omnicompile.kernels.estimation.triton_composite import estimate_blocks
 from omnicompile.kernels.estimation.triton_probe import probe_block_mass_triton
 from omnicompile.kernels.masks import allowed_blocks, window_mask
+from omnicompile.kernels.selection import SelectionCall
 from omnicompile.kernels.selection.transpose import selection_from_block_mask
 from omnicompile.kernels.sparse_attention.triton_fwd import sparse_attention_fwd
-from omnicompile.method import AttentionInputs, estimation_params, select_on_device, selection_params
+from omnicompile.method import estimation_params, select_on_device, selection_params
 from omnicompile.metrics import density
 
 SHAPES = [(64, 9, 3), (128, 9, 3), (256, 4, 1)]  # head dim, query heads, KV heads
@@ -74,7 +75,7 @@ def run_case(
     def pipeline():
         ahat = estimate_blocks(q, k, None, True, None, estimation_params(config), window=window)
         return select_on_device(
-            ahat, allowed, selection_params(config), AttentionInputs(q, k, v, None, True, None, window)
+            ahat, allowed, selection_params(config), SelectionCall(kv_heads, True, seq, seq)
         )
 
     selection = pipeline()

@@ -43,9 +43,9 @@ from omnicompile.config import OmniSparseConfig
 from omnicompile.demos.structured import PRESETS, structured_qkv
 from omnicompile.kernels.estimation.triton_composite import EstimateLaunch, estimate_blocks
 from omnicompile.kernels.masks import allowed_blocks
-from omnicompile.kernels.selection.block_selection import BlockSelection
+from omnicompile.kernels.selection import BlockSelection, SelectionCall
 from omnicompile.kernels.sparse_attention.triton_fwd import LaunchConfig, sparse_attention_fwd
-from omnicompile.method import AttentionInputs, estimation_params, select_on_device, selection_params
+from omnicompile.method import estimation_params, select_on_device, selection_params
 from omnicompile.metrics import density, exact_block_mass, exact_recall, relative_error
 
 DENSE_BACKENDS = {
@@ -167,11 +167,8 @@ def _pipeline(q, k, v, config: OmniSparseConfig, scale: float):
     """The parts of our prefill, each a zero-argument callable, and their results."""
     batch, heads, seq, _ = q.shape
     allowed = allowed_blocks(None, True, batch, heads, seq, seq, config.block_size, q.device)
-    x, estimation, selecting = (
-        AttentionInputs(q, k, v, None, True, scale),
-        estimation_params(config),
-        selection_params(config),
-    )
+    estimation, selecting = estimation_params(config), selection_params(config)
+    call = SelectionCall(k.shape[1], True, seq, seq)
 
     def estimate() -> torch.Tensor:
         return estimate_blocks(q, k, None, True, scale, estimation)
@@ -179,7 +176,7 @@ def _pipeline(q, k, v, config: OmniSparseConfig, scale: float):
     ahat = estimate()
 
     def select() -> BlockSelection:
-        return select_on_device(ahat, allowed, selecting, x)
+        return select_on_device(ahat, allowed, selecting, call)
 
     selection = select()
 
@@ -188,7 +185,7 @@ def _pipeline(q, k, v, config: OmniSparseConfig, scale: float):
 
     def total() -> tuple[torch.Tensor, torch.Tensor]:
         a = estimate_blocks(q, k, None, True, scale, estimation)
-        s = select_on_device(a, allowed, selecting, x)
+        s = select_on_device(a, allowed, selecting, call)
         return sparse_attention_fwd(q, k, v, s, None, True, scale)
 
     return {"estimate": estimate, "select": select, "attend": attend, "total": total}, selection, allowed

@@ -29,7 +29,7 @@ from omnicompile.config import OmniSparseConfig
 from omnicompile.demos.structured import PRESETS, structured_qkv
 from omnicompile.kernels.estimation import estimate_blocks
 from omnicompile.kernels.masks import allowed_blocks
-from omnicompile.kernels.selection import select_blocks
+from omnicompile.kernels.selection import SelectionCall, select_blocks
 from omnicompile.method import estimation_params, selection_params
 from omnicompile.metrics import exact_block_mass, exact_recall
 
@@ -122,7 +122,7 @@ def evaluate_input(label: str, q, k, scale, args: argparse.Namespace) -> list[di
             for scope in args.scopes:
                 config = base.replace(tau=tau, budget_scope=scope, **VARIANTS[variant])
                 selection = select_blocks(
-                    ahat, allowed, selection_params(config), kv_heads, is_causal=True, q_len=seq, kv_len=seq
+                    ahat, allowed, selection_params(config), SelectionCall(kv_heads, True, seq, seq)
                 )
                 chosen = selection.dense_mask()
                 recall = exact_recall(mass, selection)

@@ -36,7 +36,7 @@ from .config import OmniSparseConfig
 from .dense import dense_attention, with_window
 from .kernels.estimation import EstimationParams, estimate_blocks_unchecked, triton_composite
 from .kernels.masks import allowed_blocks, check_qkv, check_window, resolve_scale
-from .kernels.selection import BlockSelection, SelectionParams, select_blocks, triton_select
+from .kernels.selection import BlockSelection, SelectionCall, SelectionParams, select_blocks, triton_select
 from .kernels.selection.transpose import selection_from_block_mask
 from .kernels.sparse_attention import triton_bwd, triton_fwd
 from .kernels.sparse_attention.reference import sparse_attention_unchecked
@@ -171,16 +171,12 @@ def window_attention(
 
 
 def select_on_device(
-    ahat: torch.Tensor, allowed: torch.Tensor, params: SelectionParams, x: AttentionInputs
+    ahat: torch.Tensor, allowed: torch.Tensor, params: SelectionParams, call: SelectionCall
 ) -> BlockSelection:
-    """The selection of `select_blocks` for the call ``x`` (the one selection call): the fused Triton
-    kernel on CUDA. ahat float32 [B, H, nq, nk]; allowed bool, broadcastable to it."""
-    select = select_blocks
+    """The selection of `select_blocks` (the one selection call): the fused Triton kernel on CUDA."""
     if ahat.device.type == "cuda" and triton_select.supported(ahat, allowed) is None:
-        select = triton_select.select_blocks_triton
-    return select(
-        ahat, allowed, params, x.k.shape[1], is_causal=x.is_causal, q_len=x.q.shape[2], kv_len=x.k.shape[2]
-    )
+        return triton_select.select_blocks_triton(ahat, allowed, params, call)
+    return select_blocks(ahat, allowed, params, call)
 
 
 def plan(x: AttentionInputs, config: OmniSparseConfig) -> BlockSelection:
@@ -202,7 +198,8 @@ def plan(x: AttentionInputs, config: OmniSparseConfig) -> BlockSelection:
             window=x.window,
         )
         ahat = _estimate(x, estimation_params(config))
-        return select_on_device(ahat, allowed, selection_params(config), x)
+        call = SelectionCall(x.k.shape[1], x.is_causal, q_len, x.k.shape[2])
+        return select_on_device(ahat, allowed, selection_params(config), call)
 
 
 @dataclass

@@ -11,7 +11,7 @@ from omnicompile import OmniSparseConfig
 from omnicompile.demos.structured import structured_qkv
 from omnicompile.kernels.estimation import estimate_blocks
 from omnicompile.kernels.masks import allowed_blocks
-from omnicompile.kernels.selection import BlockSelection, forced_pattern, select_blocks
+from omnicompile.kernels.selection import BlockSelection, SelectionCall, forced_pattern, select_blocks
 from omnicompile.method import estimation_params, selection_params
 from tests.attention_cases import Case, cases, make_mask, make_qkv
 
@@ -60,7 +60,7 @@ def _select(case: Case, cfg: OmniSparseConfig, structured: bool):
     ahat = estimate_blocks(q, k, attn_mask, is_causal, q.shape[-1] ** -0.5, estimation_params(cfg))
     allowed = allowed_blocks(attn_mask, is_causal, batch, heads, q_len, kv_len, BLOCK, "cpu").expand_as(ahat)
     selection = select_blocks(
-        ahat, allowed, selection_params(cfg), k.shape[1], is_causal=is_causal, q_len=q_len, kv_len=kv_len
+        ahat, allowed, selection_params(cfg), SelectionCall(k.shape[1], is_causal, q_len, kv_len)
     )
     forced = allowed & forced_pattern(ahat.shape[2], ahat.shape[3], cfg.n_sink, cfg.n_local, is_causal, "cpu")
     return ahat, allowed, forced, selection
@@ -155,10 +155,7 @@ def test_tau_one_without_query_selection_takes_every_allowed_block(case: Case):
         ahat,
         allowed,
         selection_params(cfg),
-        case.kv_heads,
-        is_causal=case.mask_kind == "causal",
-        q_len=case.q_len,
-        kv_len=case.kv_len,
+        SelectionCall(case.kv_heads, case.mask_kind == "causal", case.q_len, case.kv_len),
     )
     assert torch.equal(selection.dense_mask(), allowed)
 
@@ -199,7 +196,7 @@ def test_budget_scopes_on_a_flat_head():
         ahat = estimate_blocks(q, k, None, True, 32**-0.5, estimation_params(cfg))
         allowed = allowed_blocks(None, True, 1, 4, 512, 512, BLOCK, "cpu")
         budgets[scope] = (
-            select_blocks(ahat, allowed, selection_params(cfg), 2, is_causal=True, q_len=512, kv_len=512)
+            select_blocks(ahat, allowed, selection_params(cfg), SelectionCall(2, True, 512, 512))
             .budget.float()
             .mean(-1)[0]
         )
@@ -222,8 +219,8 @@ def test_select_blocks_traces_without_host_synchronisation():
     allowed = torch.ones(1, 1, 6, 6, dtype=torch.bool).tril()
     cfg = OmniSparseConfig(block_size=BLOCK, budget_scope="kv_group")
     compiled = torch.compile(select_blocks, backend="eager", fullgraph=True)
-    got = compiled(ahat, allowed, selection_params(cfg), 2, is_causal=True, q_len=90, kv_len=90)
-    want = select_blocks(ahat, allowed, selection_params(cfg), 2, is_causal=True, q_len=90, kv_len=90)
+    got = compiled(ahat, allowed, selection_params(cfg), SelectionCall(2, True, 90, 90))
+    want = select_blocks(ahat, allowed, selection_params(cfg), SelectionCall(2, True, 90, 90))
     assert torch.equal(got.kv_indices, want.kv_indices) and torch.equal(got.budget, want.budget)
 
 
@@ -237,10 +234,7 @@ def test_select_blocks_rejects_bad_inputs(heads, kv_heads, q_len, message):
             ahat,
             torch.ones(1, 1, 6, 6, dtype=torch.bool),
             selection_params(OmniSparseConfig(block_size=BLOCK)),
-            kv_heads,
-            is_causal=False,
-            q_len=q_len,
-            kv_len=96,
+            SelectionCall(kv_heads, False, q_len, 96),
         )
 
 
@@ -269,9 +263,9 @@ def test_final_blocks_in_full(scope: str, n: int):
     )
     ahat = estimate_blocks(q, k, None, True, q.shape[-1] ** -0.5, estimation_params(base))
     allowed = allowed_blocks(None, True, 1, 4, 256, 256, BLOCK, "cpu")
-    args = dict(is_causal=True, q_len=256, kv_len=256)
-    off = select_blocks(ahat, allowed, selection_params(base), 2, **args)
-    on = select_blocks(ahat, allowed, selection_params(base.replace(dense_last_blocks=n)), 2, **args)
+    call = SelectionCall(2, True, 256, 256)
+    off = select_blocks(ahat, allowed, selection_params(base), call)
+    on = select_blocks(ahat, allowed, selection_params(base.replace(dense_last_blocks=n)), call)
     assert off.lazy.any() and not torch.equal(off.dense_mask()[:, :, -n:], allowed.expand_as(ahat)[:, :, -n:])
     assert torch.equal(on.dense_mask()[:, :, -n:], allowed.expand_as(ahat)[:, :, -n:])
     assert not on.lazy[:, :, -n:].any()
@@ -291,15 +285,13 @@ def test_dense_heads_take_every_block(scope: str):
     base = OmniSparseConfig(block_size=BLOCK, granularity=4, budget_scope=scope, dense_fallback_density=1.0)
     ahat = estimate_blocks(q, k, None, True, 32**-0.5, estimation_params(base))
     allowed = allowed_blocks(None, True, 1, 4, 512, 512, BLOCK, "cpu").expand(1, 4, -1, -1)
-    args = dict(is_causal=True, q_len=512, kv_len=512)
-    sparse = select_blocks(ahat, allowed, selection_params(base), 2, **args)
+    call = SelectionCall(2, True, 512, 512)
+    sparse = select_blocks(ahat, allowed, selection_params(base), call)
     head_density = sparse.kv_num_blocks.sum(-1).double() / allowed.sum((-1, -2))
     threshold = head_density.median().item()
     dense_heads = head_density > threshold
     assert dense_heads.any() and not dense_heads.all()
-    got = select_blocks(
-        ahat, allowed, selection_params(base.replace(dense_fallback_density=threshold)), 2, **args
-    )
+    got = select_blocks(ahat, allowed, selection_params(base.replace(dense_fallback_density=threshold)), call)
     assert torch.equal(got.dense_mask()[dense_heads], allowed[dense_heads])
     assert not got.lazy[dense_heads].any()
     for name in ("kv_num_blocks", "kv_indices", "lazy", "budget"):

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from omnicompile.config import OmniSparseConfig
 from omnicompile.kernels.estimation.reference import estimate_blocks
 from omnicompile.kernels.masks import allowed_blocks, window_mask
-from omnicompile.kernels.selection.select import select_blocks
+from omnicompile.kernels.selection import SelectionCall, select_blocks
 from omnicompile.kernels.selection.transpose import selection_from_block_mask
 from omnicompile.kernels.sparse_attention.reference import sparse_attention_reference
 from omnicompile.kernels.sparse_attention.triton_fwd import (
@@ -159,9 +159,7 @@ def test_real_selection(is_causal):
     config = OmniSparseConfig(tau=0.6, block_size=16, granularity=4)
     ahat = estimate_blocks(q, k, None, is_causal, 32**-0.5, estimation_params(config))
     allowed = allowed_blocks(None, is_causal, 1, 4, 200, 200, 16, q.device)
-    selection = select_blocks(
-        ahat, allowed, selection_params(config), 2, is_causal=is_causal, q_len=200, kv_len=200
-    )
+    selection = select_blocks(ahat, allowed, selection_params(config), SelectionCall(2, is_causal, 200, 200))
     assert selection.kv_num_blocks.sum() < allowed.expand_as(ahat).sum()
     _check(q, k, v, selection, None, is_causal)
 
@@ -178,9 +176,7 @@ def test_heaviest_first_schedule_changes_no_result(scope):
     config = OmniSparseConfig(tau=0.8, block_size=16, granularity=4, budget_scope=scope)
     ahat = estimate_blocks(q, k, None, True, 32**-0.5, estimation_params(config))
     allowed = allowed_blocks(None, True, 1, 4, 200, 200, 16, q.device)
-    selection = select_blocks(
-        ahat, allowed, selection_params(config), 2, is_causal=True, q_len=200, kv_len=200
-    )
+    selection = select_blocks(ahat, allowed, selection_params(config), SelectionCall(2, True, 200, 200))
     heaviest, causal = LaunchConfig(16, 16, 4, 1), LaunchConfig(16, 16, 4, 1, schedule="causal")
     order = unit_order(selection.kv_num_blocks, 2, "heaviest_first")
     assert not torch.equal(order, unit_order(selection.kv_num_blocks, 2, "causal"))

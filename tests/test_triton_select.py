@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from omnicompile import OmniSparseConfig
 from omnicompile.kernels.masks import allowed_blocks
-from omnicompile.kernels.selection import BlockSelection, forced_pattern, select_blocks
+from omnicompile.kernels.selection import BlockSelection, SelectionCall, forced_pattern, select_blocks
 from omnicompile.kernels.selection.triton_select import MAX_KV_BLOCKS, select_blocks_triton, supported
 from omnicompile.method import selection_params
 
@@ -50,9 +50,8 @@ def _softmax_estimate(allowed, batch, heads, config, is_causal, sharpness, gen) 
 
 
 def _assert_same(ahat, allowed, config, kv_heads, is_causal, q_len, kv_len) -> BlockSelection:
-    args = (ahat, allowed, selection_params(config), kv_heads)
-    kwargs = {"is_causal": is_causal, "q_len": q_len, "kv_len": kv_len}
-    got, ref = select_blocks_triton(*args, **kwargs), select_blocks(*args, **kwargs)
+    args = (ahat, allowed, selection_params(config), SelectionCall(kv_heads, is_causal, q_len, kv_len))
+    got, ref = select_blocks_triton(*args), select_blocks(*args)
     for name in ("kv_num_blocks", "kv_indices", "lazy", "budget"):
         a, b = getattr(got, name), getattr(ref, name)
         assert a.dtype == b.dtype and a.shape == b.shape, name
@@ -176,13 +175,11 @@ def test_supported_reasons(monkeypatch):
     )
     config = OmniSparseConfig(block_size=BLOCK)
     with pytest.raises(ValueError, match="float32"):
-        select_blocks_triton(
-            ahat.double(), allowed, selection_params(config), 1, is_causal=True, q_len=48, kv_len=64
-        )
+        select_blocks_triton(ahat.double(), allowed, selection_params(config), SelectionCall(1, True, 48, 64))
     with pytest.raises(ValueError, match="multiple of kv heads"):
-        select_blocks_triton(ahat, allowed, selection_params(config), 3, is_causal=True, q_len=48, kv_len=64)
+        select_blocks_triton(ahat, allowed, selection_params(config), SelectionCall(3, True, 48, 64))
     with pytest.raises(ValueError, match="do not match"):
-        select_blocks_triton(ahat, allowed, selection_params(config), 1, is_causal=True, q_len=48, kv_len=65)
+        select_blocks_triton(ahat, allowed, selection_params(config), SelectionCall(1, True, 48, 65))
     monkeypatch.delenv("TRITON_INTERPRET")
     assert "CUDA" in supported(ahat, allowed)
 

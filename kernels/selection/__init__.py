@@ -1,7 +1,7 @@
 """KV-block selection: lazy/active query blocks and the head-level shared budget."""
 
 from .block_selection import BlockSelection
-from .params import SelectionParams
+from .params import SelectionCall, SelectionParams
 from .select import forced_pattern, select_blocks
 
-__all__ = ["BlockSelection", "SelectionParams", "forced_pattern", "select_blocks"]
+__all__ = ["BlockSelection", "SelectionCall", "SelectionParams", "forced_pattern", "select_blocks"]

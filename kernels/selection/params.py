@@ -1,10 +1,10 @@
-"""`SelectionParams`: what the KV selection reads (METHOD.md sections 2-3), built by
-``omnicompile.method.selection_params`` from the config."""
+"""`SelectionParams`: what the KV selection reads of the config (METHOD.md sections 2-3), built by
+``omnicompile.method.selection_params``; `SelectionCall`: what it reads of the attention call."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 BudgetScope = Literal["heads", "kv_group", "head"]
 
@@ -36,3 +36,18 @@ class SelectionParams:
     budget_scope: BudgetScope
     dense_last_blocks: int
     dense_fallback_density: float
+
+
+class SelectionCall(NamedTuple):
+    """The attention call a selection is made for.
+
+    Attributes:
+        num_kv_heads: Hkv; ``"kv_group"`` shares the budget among the H // Hkv heads of a KV head.
+        is_causal: picks the local window (ending at i, or centred on i; `select.forced_pattern`).
+        q_len, kv_len: Sq and Skv, recorded in the selection.
+    """
+
+    num_kv_heads: int
+    is_causal: bool
+    q_len: int
+    kv_len: int

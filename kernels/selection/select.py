@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .block_selection import BlockSelection
-from .params import SelectionParams
+from .params import SelectionCall, SelectionParams
 from .transpose import block_mask_to_indices
 
 # The selection stops once the float32 estimated mass reaches tau + MASS_SLACK, so the exact mass of
@@ -110,9 +110,10 @@ def take_counts(
     return lazy, take.to(torch.int32)
 
 
-def check_estimate(ahat: torch.Tensor, block_size: int, num_kv_heads: int, q_len: int, kv_len: int) -> None:
-    """Raise ``ValueError`` unless ahat [B, H, nq, nk] has H a multiple of ``num_kv_heads`` and
-    (nq, nk) = (ceil(q_len / b), ceil(kv_len / b))."""
+def check_estimate(ahat: torch.Tensor, block_size: int, call: SelectionCall) -> None:
+    """Raise ``ValueError`` unless ahat [B, H, nq, nk] has H a multiple of ``call.num_kv_heads`` and
+    (nq, nk) = (ceil(Sq / b), ceil(Skv / b))."""
+    num_kv_heads, _, q_len, kv_len = call
     _, heads, nq, nk = ahat.shape
     if heads % num_kv_heads:
         raise ValueError(f"query heads {heads} are not a multiple of kv heads {num_kv_heads}")
@@ -123,14 +124,7 @@ def check_estimate(ahat: torch.Tensor, block_size: int, num_kv_heads: int, q_len
 
 
 def select_blocks(
-    ahat: torch.Tensor,
-    allowed: torch.Tensor,
-    params: SelectionParams,
-    num_kv_heads: int,
-    *,
-    is_causal: bool,
-    q_len: int,
-    kv_len: int,
+    ahat: torch.Tensor, allowed: torch.Tensor, params: SelectionParams, call: SelectionCall
 ) -> BlockSelection:
     """Select key blocks per (b, h, i) from the estimate (METHOD.md sections 2-3).
 
@@ -138,9 +132,7 @@ def select_blocks(
         ahat: float32 [B, H, nq, nk], the block estimate (a distribution over allowed blocks).
         allowed: bool, broadcastable to [B, H, nq, nk] (``masks.allowed_blocks``).
         params: the selection's parameters (`SelectionParams`).
-        num_kv_heads: Hkv; ``"kv_group"`` shares the budget among the H // Hkv heads of a KV head.
-        is_causal: picks the local window (ending at i, or centred on i; ``forced_pattern``).
-        q_len, kv_len: Sq and Skv, recorded in the selection.
+        call: Hkv, causality, Sq and Skv of the attention call (`SelectionCall`).
 
     Rule: F(i) = forced & allowed. A (b, h, i) is lazy when query selection is on and its mass on F(i)
     is >= the lazy threshold; lazy blocks take F(i) only. An active block's need k_h is the smallest
@@ -154,7 +146,8 @@ def select_blocks(
     ``budget`` records that count (equal across the heads sharing K unless a per-head mask leaves a
     head fewer available blocks). Masses are summed in float32 with a slack of `MASS_SLACK`.
     """
-    check_estimate(ahat, params.block_size, num_kv_heads, q_len, kv_len)
+    check_estimate(ahat, params.block_size, call)
+    num_kv_heads, is_causal, q_len, kv_len = call
     batch, heads, nq, nk = ahat.shape
     pattern = forced_pattern(nq, nk, params.n_sink, params.n_local, is_causal, ahat.device)
     forced = allowed & pattern  # broadcast shape of `allowed`: [1, 1, nq, nk] for causal / no mask

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ..triton_utils import interpreting
 from .block_selection import BlockSelection
-from .params import SelectionParams
+from .params import SelectionCall, SelectionParams
 from .select import MASS_SLACK, check_estimate, take_counts
 
 # Widest row one program holds: 8192 key blocks (512K tokens at b = 64), 16 warps x 16 values per thread.
@@ -70,21 +70,14 @@ def supported(ahat: Tensor, allowed: Tensor) -> str | None:
 
 
 def select_blocks_triton(
-    ahat: Tensor,
-    allowed: Tensor,
-    params: SelectionParams,
-    num_kv_heads: int,
-    *,
-    is_causal: bool,
-    q_len: int,
-    kv_len: int,
+    ahat: Tensor, allowed: Tensor, params: SelectionParams, call: SelectionCall
 ) -> BlockSelection:
     """`select_blocks` in Triton: same arguments, same rule, same `BlockSelection` (module docstring).
 
     Args:
         ahat: float32 [B, H, nq, nk], the block estimate (any strides).
         allowed: bool, broadcastable to [B, H, nq, nk] (read at stride 0 along broadcast dims).
-        params, num_kv_heads, is_causal, q_len, kv_len: as `select_blocks`.
+        params, call: as `select_blocks`.
 
     Returns:
         kv_num_blocks, budget int32 [B, H, nq]; kv_indices int32 [B, H, nq, nk] (padded with nk);
@@ -93,7 +86,8 @@ def select_blocks_triton(
     reason = supported(ahat, allowed)
     if reason is not None:
         raise ValueError(f"triton select_blocks: {reason}")
-    check_estimate(ahat, params.block_size, num_kv_heads, q_len, kv_len)
+    check_estimate(ahat, params.block_size, call)
+    num_kv_heads, is_causal, q_len, kv_len = call
     batch, heads, nq, nk = ahat.shape
     allowed = allowed.expand(batch, heads, nq, nk)
     rows = batch * heads * nq

@@ -21,11 +21,11 @@ from omnicompile.kernels.estimation.probe import probe_block_mass
 from omnicompile.kernels.estimation.triton_composite import estimate_blocks
 from omnicompile.kernels.estimation.triton_probe import probe_block_mass_triton
 from omnicompile.kernels.masks import allowed_blocks, window_mask
-from omnicompile.kernels.selection.block_selection import BlockSelection
+from omnicompile.kernels.selection import BlockSelection, SelectionCall
 from omnicompile.kernels.selection.transpose import selection_from_block_mask
 from omnicompile.kernels.sparse_attention.reference import sparse_attention_reference
 from omnicompile.kernels.sparse_attention.triton_fwd import sparse_attention_fwd
-from omnicompile.method import AttentionInputs, estimation_params, select_on_device, selection_params
+from omnicompile.method import estimation_params, select_on_device, selection_params
 from tests.gpu import ON_CUDA
 from tests.helpers import REL_TOL, rel_error
 
@@ -60,8 +60,9 @@ def case(request) -> Case:
     )
     allowed = allowed_blocks(None, True, 1, heads, seq, seq, config.block_size, q.device, window=window)
     ahat = estimate_blocks(q, k, None, True, None, estimation_params(config), window=window)
-    x = AttentionInputs(q, k, v, None, True, None, window)
-    selection = select_on_device(ahat, allowed, selection_params(config), x)
+    selection = select_on_device(
+        ahat, allowed, selection_params(config), SelectionCall(kv_heads, True, seq, seq)
+    )
     return Case(q, k, v, window, allowed, selection)
 
 

@@ -23,8 +23,8 @@ from omnicompile.demos.structured import structured_qkv
 from omnicompile.kernels.estimation.reference import estimate_blocks as reference_estimate
 from omnicompile.kernels.estimation.triton_composite import estimate_blocks
 from omnicompile.kernels.masks import allowed_blocks
+from omnicompile.kernels.selection import SelectionCall, select_blocks
 from omnicompile.kernels.selection.block_selection import BlockSelection
-from omnicompile.kernels.selection.select import select_blocks
 from omnicompile.kernels.selection.transpose import selection_from_block_mask
 from omnicompile.kernels.selection.triton_select import select_blocks_triton
 from omnicompile.kernels.sparse_attention.reference import sparse_attention_reference
@@ -49,10 +49,7 @@ def _select(q, k, is_causal: bool, config: OmniSparseConfig, ahat: torch.Tensor)
         ahat,
         allowed,
         selection_params(config),
-        k.shape[1],
-        is_causal=is_causal,
-        q_len=q_len,
-        kv_len=k.shape[2],
+        SelectionCall(k.shape[1], is_causal, q_len, k.shape[2]),
     )
 
 
@@ -165,12 +162,10 @@ def test_fused_selection_matches_select_blocks(seq, is_causal, scope):
     q, k, _ = structured_qkv("structured", 1, 32, 8, seq, 128, dtype=torch.bfloat16, device="cuda", seed=2)
     ahat = estimate_blocks(q, k, None, is_causal, None, estimation_params(config))
     allowed = allowed_blocks(None, is_causal, 1, 32, seq, seq, config.block_size, q.device)
-    ref = select_blocks(
-        ahat, allowed, selection_params(config), 8, is_causal=is_causal, q_len=seq, kv_len=seq
-    )
+    ref = select_blocks(ahat, allowed, selection_params(config), SelectionCall(8, is_causal, seq, seq))
     _poison()
     fused = select_blocks_triton(
-        ahat, allowed, selection_params(config), 8, is_causal=is_causal, q_len=seq, kv_len=seq
+        ahat, allowed, selection_params(config), SelectionCall(8, is_causal, seq, seq)
     )
     same_rows = (fused.dense_mask() == ref.dense_mask()).all(-1).float().mean().item()
     assert same_rows > SAME_ROWS
