@@ -109,6 +109,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .serving import serve
+
+    serve(
+        args.model,
+        args.attn_implementation,
+        _config_from_args(args),
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        log_level=args.log_level,
+    )
+    return 0
+
+
 def _cmd_train_demo(args: argparse.Namespace) -> int:
     from .demos.train_demo import run
 
@@ -173,6 +190,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="accuracy.json", help="results JSON path")
     ev.add_argument("--plot", default=None, metavar="FILE.png", help="density and recall per layer")
     ev.set_defaults(func=_cmd_eval)
+
+    srv = sub.add_parser(
+        "serve", help="transformers' OpenAI-compatible server with omnisparse attention (docs/SERVING.md)"
+    )
+    srv.add_argument("model", help="a local checkpoint folder, FOLDER:FILE.gguf, smollm2-135m or gemma3-270m")
+    srv.add_argument("--attn-implementation", default="omnisparse", choices=["omnisparse", "sdpa", "eager"])
+    srv.add_argument("--config", default=None, help="OmniSparseConfig fields as JSON (omnisparse only)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:0, ...")
+    srv.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    srv.add_argument("--max-model-len", type=int, default=None, help="longest prompt + answer, in tokens")
+    srv.add_argument("--log-level", default="info")
+    srv.set_defaults(func=_cmd_serve)
 
     from .demos.train_demo import add_arguments
 

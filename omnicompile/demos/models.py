@@ -105,6 +105,40 @@ def build_model(
     return model.to(device).eval()
 
 
+def save_builtin(name: str, folder: str | Path, seed: int = 0) -> Path:
+    """Save built-in config ``name`` (random weights, seeded) as a transformers checkpoint in ``folder``,
+    with a byte-level BPE tokenizer of the config's vocabulary size trained on document text (Python's
+    help topics), whose one special token ``<|endoftext|>`` (id 0) is BOS and EOS: a model that
+    ``from_pretrained``, ``transformers serve`` and `omnicompile serve` load without downloads."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from ..evaluate import document_text
+
+    if name not in BUILTIN_CONFIGS:
+        raise ValueError(f"unknown built-in config {name!r}: one of {sorted(BUILTIN_CONFIGS)}")
+    model = build_model(name, seed=seed)
+    special = "<|endoftext|>"
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=model.config.vocab_size,
+        special_tokens=[special],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator([document_text()[:200_000]], trainer)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(model.config, key, 0)
+        setattr(model.generation_config, key, 0)
+    model.save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=special, eos_token=special).save_pretrained(
+        folder
+    )
+    return Path(folder)
+
+
 def gguf_path(name: str, cache_dir: str | Path | None = None) -> Path:
     """The GGUF file of pretrained model ``name`` (`PRETRAINED`), joined from its pieces when it
     ships in several (once, into ``cache_dir``: default ``$OMNICOMPILE_CACHE`` or
