@@ -110,10 +110,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from .demos.models import served_model
     from .serving import serve
 
     serve(
-        args.model,
+        served_model(args.model),
         args.attn_implementation,
         _config_from_args(args),
         host=args.host,

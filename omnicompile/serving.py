@@ -80,16 +80,10 @@ class OmniSparseServe(Serve):
 
 
 def model_id(model: str) -> str:
-    """The server's model id of ``model``: a pretrained name of `omnicompile.demos.models.PRETRAINED`
-    becomes ``folder:file.gguf``; a local folder (or ``folder:file.gguf``) stays as it is."""
-    from .demos.models import PRETRAINED, gguf_path
-
-    if model in PRETRAINED:
-        path = gguf_path(model)
-        return f"{path.parent}:{path.name}"
+    """``model`` as the server takes it: a local checkpoint folder or ``folder:file.gguf``."""
     folder = model.rpartition(":")[0] if model.endswith(".gguf") else model
     if not Path(folder).is_dir():
-        raise ValueError(f"model {model!r}: a local folder, folder:file.gguf, or one of {sorted(PRETRAINED)}")
+        raise ValueError(f"model {model!r}: not a local folder or folder:file.gguf")
     return model
 
 

@@ -139,6 +139,15 @@ def save_builtin(name: str, folder: str | Path, seed: int = 0) -> Path:
     return Path(folder)
 
 
+def served_model(name: str) -> str:
+    """What ``omnicompile serve`` serves for ``name``: ``folder:file.gguf`` for a pretrained name of
+    `PRETRAINED` (`gguf_path`), anything else as it is (a local folder, ``folder:file.gguf``)."""
+    if name not in PRETRAINED:
+        return name
+    path = gguf_path(name)
+    return f"{path.parent}:{path.name}"
+
+
 def gguf_path(name: str, cache_dir: str | Path | None = None) -> Path:
     """The GGUF file of pretrained model ``name`` (`PRETRAINED`), joined from its pieces when it
     ships in several (once, into ``cache_dir``: default ``$OMNICOMPILE_CACHE`` or
