@@ -293,38 +293,10 @@ def _register_autocast(device_type: str) -> None:
     key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
     excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
 
-    def kernel(
-        q,
-        k,
-        v,
-        attn_mask,
-        dropout_p,
-        is_causal,
-        scale,
-        enable_gqa,
-        config,
-        site,
-        window=None,
-        mask_check=None,
-        softcap=None,
-    ):
+    def kernel(q, k, v, attn_mask, *args, **kwargs):
         q, k, v, attn_mask = autocast_inputs(q, k, v, attn_mask)
         with torch._C._ExcludeDispatchKeyGuard(excluded):
-            return attention(
-                q,
-                k,
-                v,
-                attn_mask,
-                dropout_p,
-                is_causal,
-                scale,
-                enable_gqa,
-                config,
-                site,
-                window,
-                mask_check,
-                softcap,
-            )
+            return attention(q, k, v, attn_mask, *args, **kwargs)
 
     _LIB.impl("attention", kernel, key)
 
