@@ -81,6 +81,16 @@ def tile_dot(a, b, acc, FP32_DOT: tl.constexpr):
 
 
 @triton.jit
+def soft_cap(s, cap):
+    """``(cap * t, t)`` with t = tanh(s / cap), elementwise, for finite scores s and cap > 0 in one unit
+    (base 2: the cap times log2(e); tanh(s / cap) is the same in either unit). t comes from one exp2:
+    1 - 2 / (exp2(2 log2(e) s / cap) + 1), exact to ~1e-7 absolute, and +-1 where exp2 saturates.
+    (libdevice's tanh does not run under the interpreter.)"""
+    t = 1.0 - 2.0 / (tl.math.exp2(s * (2.0 * LOG2E_JIT / cap)) + 1.0)
+    return cap * t, t
+
+
+@triton.jit
 def softmax_step(m_i, s, s_scale, MASKED: tl.constexpr):
     """One online-softmax step of the rows' running base-2 max ``m_i`` [rows] over the scores
     ``s * s_scale`` [rows, keys] (log2 units): ``(m_new, p, alpha)``, the new max, p = exp2(s * s_scale -

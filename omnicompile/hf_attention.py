@@ -18,7 +18,8 @@ Prefill and decode (`attention_forward`, wrapped by `hf_cache.with_slim_cache`):
 - the prefill of a layer and every forward of a layer that is not slimmed call the op; a sliding-window
   layer (Gemma 3's local layers) passes ``window=sliding_window``;
 - a decode step of a layer slimmed by a `SlimKVCache` reads only its kept KV (`hf_cache.slim_decode`);
-  with any other cache a decode step is the op's dense path (SDPA: query shorter than a block).
+  with any other cache a decode step is the op's dense path (SDPA: query shorter than a block);
+- logit soft-capping (Gemma 2's ``softcap``) goes to the op as its ``softcap`` (a `SlimKVCache` rejects it).
 
 Masks (`omnisparse_mask`, the mask function of the implementation), for a plain causal or sliding-window
 mask (no extra mask functions, no packed sequences) of a prefill from an empty cache (q_len == kv_len)
@@ -33,7 +34,7 @@ or a one-token decode step:
   bidirectional masks), and every mask while Dynamo traces (the padding cannot be read there): the
   bool 4-D mask of transformers' SDPA mask function, which the op takes as a mask (the omnisparse
   backend's ``mask_from_positions`` then proves it causal or checks it at run time).
-Not supported (errors): logit soft-capping, a position bias, attention sinks, dropout > 0.
+Not supported (errors): a position bias, attention sinks, dropout > 0.
 """
 
 from __future__ import annotations
@@ -58,7 +59,6 @@ ATTN_IMPLEMENTATION = "omnisparse"
 CONFIG_ATTRIBUTE = "omnisparse_config"
 _DEFAULT_CONFIG = OmniSparseConfig().to_json()
 _UNSUPPORTED = {
-    "softcap": "logit soft-capping",
     "position_bias": "a position bias",
     "s_aux": "attention sinks",
 }
@@ -143,8 +143,10 @@ def _op(
     is_causal: bool,
     scaling: float | None,
     window: int | None,
+    softcap: float | None,
 ) -> Tensor:
-    """The op's output [B, H, n, Dv] (query [B, H, n, D], key, value [B, Hkv, S, D])."""
+    """The op's output [B, H, n, Dv] (query [B, H, n, D], key, value [B, Hkv, S, D]); ``softcap``: the
+    logit soft-cap, or None."""
     config = getattr(module.config, CONFIG_ATTRIBUTE, None) or _DEFAULT_CONFIG
     site = f"hf.layer{getattr(module, 'layer_idx', '')}"
     out, _ = torch.ops.omnisparse.attention(
@@ -159,6 +161,8 @@ def _op(
         config,
         site,
         window if is_causal and attn_mask is None else None,
+        None,
+        softcap,
     )
     return out
 
@@ -172,6 +176,7 @@ def _per_row(
     causal: bool,
     scaling: float | None,
     window: int | None,
+    softcap: float | None,
 ) -> Tensor:
     """The op run once per row on that row's tokens only; [B, H, n, Dv], zeros at padding positions.
 
@@ -194,6 +199,7 @@ def _per_row(
             causal and query.shape[2] > 1,
             scaling,
             window,
+            softcap,
         )[0]
     return out
 
@@ -216,6 +222,8 @@ def attention_forward(
         query: [B, H, n, D]; key, value: [B, Hkv, S, D]; attention_mask: what `omnisparse_mask` returned
             (None, a bool [B, S] padding mask, a 4-D mask) or a 4-D mask the caller made.
         sliding_window: the layer's window (None for full attention).
+        kwargs: ``softcap`` (Gemma 2's logit soft-cap) is passed to the op; the features of
+            ``_UNSUPPORTED`` raise ``ValueError``; the rest is ignored.
 
     Returns:
         attn_output [B, n, H, Dv] and no attention weights.
@@ -226,11 +234,12 @@ def attention_forward(
     if dropout:
         raise ValueError(f"{ATTN_IMPLEMENTATION} attention does not support dropout ({dropout}); use 'sdpa'")
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    softcap = kwargs.get("softcap")
     if attention_mask is not None and attention_mask.dim() == 2:
-        out = _per_row(module, query, key, value, attention_mask, causal, scaling, sliding_window)
+        out = _per_row(module, query, key, value, attention_mask, causal, scaling, sliding_window, softcap)
     else:
         causal = causal and attention_mask is None and query.shape[2] > 1
-        out = _op(module, query, key, value, attention_mask, causal, scaling, sliding_window)
+        out = _op(module, query, key, value, attention_mask, causal, scaling, sliding_window, softcap)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -395,6 +395,8 @@ def with_slim_cache(attend: AttentionFunction) -> AttentionFunction:
         [B, Hkv, S, D]). Returns attn_output [B, n, H, D] and no attention weights."""
         # A DynamicSlidingWindowLayer's window: never slimmed.
         layer = None if sliding_window is not None else slim_layer(module, key)
+        if layer is not None and kwargs.get("softcap") is not None:
+            raise ValueError("SlimKVCache: logit soft-capping is not supported (slim decode does not cap)")
         if layer is None or layer.slim is None:
             out, _ = attend(
                 module,

@@ -15,7 +15,8 @@ exact attention through the same sparse kernel, on every device alike. The fract
 is measured lazily, when a recorder asks (`selection_stats`: ``dense_heads``).
 
 ``window`` (TEAM.md "Sliding windows": only with ``is_causal=True`` and no mask) goes to every
-estimator, mask, reference and kernel call as ``window=``.
+estimator, mask, reference and kernel call as ``window=``; the logit soft-cap ``softcap`` (Gemma 2,
+`kernels.softcap`) to every estimator, reference, kernel and dense call as ``softcap=``.
 
 An op call's inputs are checked once: q, k, v and the window when its `AttentionInputs` is built, the
 mask (on the sparse path) by `masks.allowed_blocks`; the pipeline runs the kernels' unchecked
@@ -38,6 +39,7 @@ from .kernels.estimation import EstimationParams, estimate_blocks_unchecked, tri
 from .kernels.masks import allowed_blocks, check_qkv, check_window, resolve_scale
 from .kernels.selection import BlockSelection, SelectionCall, SelectionParams, select_blocks, triton_select
 from .kernels.selection.transpose import selection_from_block_mask
+from .kernels.softcap import check_softcap
 from .kernels.sparse_attention import triton_bwd, triton_fwd
 from .kernels.sparse_attention.reference import sparse_attention_unchecked
 from .metrics import exact_block_mass, relative_error
@@ -49,9 +51,9 @@ _Params = TypeVar("_Params", EstimationParams, SelectionParams)
 
 @dataclass(frozen=True)
 class AttentionInputs:
-    """One attention call, SDPA semantics; q, k, v and the window are checked when it is built
-    (`masks.check_qkv`, `masks.check_window`: ``ValueError`` naming what is wrong), the mask by
-    `plan` (`masks.allowed_blocks`) or by dense attention.
+    """One attention call, SDPA semantics; q, k, v, the window and the cap are checked when it is built
+    (`masks.check_qkv`, `masks.check_window`, `softcap.check_softcap`: ``ValueError`` naming what is
+    wrong), the mask by `plan` (`masks.allowed_blocks`) or by dense attention.
 
     Attributes:
         q: [B, H, Sq, D]; k: [B, Hkv, Skv, D]; v: [B, Hkv, Skv, Dv], or None where only the selection
@@ -60,6 +62,7 @@ class AttentionInputs:
         is_causal: top-left causal; exclusive with attn_mask.
         scale: score scale, ``None`` = 1 / sqrt(D).
         window: causal sliding window (module docstring), or None.
+        softcap: logit soft-cap (scores s -> softcap * tanh(s / softcap) before the mask), or None.
     """
 
     q: torch.Tensor
@@ -69,10 +72,12 @@ class AttentionInputs:
     is_causal: bool
     scale: float | None
     window: int | None = None
+    softcap: float | None = None
 
     def __post_init__(self) -> None:
         check_qkv(self.q, self.k, self.v)
         check_window(self.window, self.is_causal, self.attn_mask)
+        check_softcap(self.softcap)
 
 
 def _stage_params(cls: type[_Params], config: OmniSparseConfig, **values: object) -> _Params:
@@ -139,9 +144,10 @@ def _decide(x: AttentionInputs, config: OmniSparseConfig) -> Decision:
 def _estimate(x: AttentionInputs, params: EstimationParams) -> torch.Tensor:
     """Ahat float32 [B, H, nq, nk] (the one estimator call)."""
     q, k, mask, causal, scale = x.q, x.k, x.attn_mask, x.is_causal, resolve_scale(x.scale, x.q.shape[-1])
+    options = {"window": x.window, "softcap": x.softcap}
     if q.device.type == "cuda" and triton_composite.supported(q, k, mask, params) is None:
-        return triton_composite.estimate_blocks(q, k, mask, causal, scale, params, window=x.window)
-    return estimate_blocks_unchecked(q, k, mask, causal, scale, params, window=x.window)
+        return triton_composite.estimate_blocks(q, k, mask, causal, scale, params, **options)
+    return estimate_blocks_unchecked(q, k, mask, causal, scale, params, **options)
 
 
 def _attend(
@@ -150,16 +156,23 @@ def _attend(
     """(out [B, H, Sq, Dv] in q.dtype, lse float32 [B, H, Sq]) over the selection (the one attention call)."""
     args = (x.q, x.k, x.v, selection, x.attn_mask, x.is_causal, resolve_scale(x.scale, x.q.shape[-1]))
     if x.q.device.type == "cuda":
-        return triton_fwd.sparse_attention_fwd(*args, window=x.window)
-    return sparse_attention_unchecked(*args, config.query_chunk, window=x.window)
+        return triton_fwd.sparse_attention_fwd(*args, window=x.window, softcap=x.softcap)
+    return sparse_attention_unchecked(*args, config.query_chunk, window=x.window, softcap=x.softcap)
 
 
 def window_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, window: int, block_size: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None,
+    window: int,
+    block_size: int,
+    softcap: float | None = None,
 ) -> torch.Tensor | None:
-    """Exact causal sliding-window attention [B, H, Sq, Dv] (q.dtype): the Triton kernel over every block
-    the band touches, O(Sq * window) work where SDPA with the materialised mask does O(Sq * Skv) and
-    allocates the [Sq, Skv] mask. None where the kernel cannot take the inputs (`triton_fwd.supported`)."""
+    """Exact causal sliding-window attention [B, H, Sq, Dv] (q.dtype), soft-capped at ``softcap`` if
+    given: the Triton kernel over every block the band touches, O(Sq * window) work where SDPA with the
+    materialised mask does O(Sq * Skv) and allocates the [Sq, Skv] mask. None where the kernel cannot
+    take the inputs (`triton_fwd.supported`)."""
     if triton_fwd.supported(q, k, v, None) is not None:
         return None
     batch, heads, q_len, _ = q.shape
@@ -167,7 +180,9 @@ def window_attention(
     band = allowed_blocks(None, True, batch, heads, q_len, kv_len, block_size, q.device, window=window)
     selection = selection_from_block_mask(band.expand(batch, heads, -1, -1), block_size, q_len, kv_len)
     scale = resolve_scale(scale, q.shape[-1])
-    return triton_fwd.sparse_attention_fwd(q, k, v, selection, None, True, scale, window=window)[0]
+    return triton_fwd.sparse_attention_fwd(
+        q, k, v, selection, None, True, scale, window=window, softcap=softcap
+    )[0]
 
 
 def select_on_device(
@@ -221,7 +236,8 @@ class AttentionRun:
 
 def _dense(x: AttentionInputs, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Dense attention of q, k, v (``x``'s tensors or their vjp primals) with ``x``'s mask, scale, window."""
-    return dense_attention(q, k, v, x.attn_mask, x.is_causal, x.scale, q.shape[1] != k.shape[1], x.window)
+    gqa = q.shape[1] != k.shape[1]
+    return dense_attention(q, k, v, x.attn_mask, x.is_causal, x.scale, gqa, x.window, x.softcap)
 
 
 def _vjp(fn: Callable[..., torch.Tensor], primals: tuple[torch.Tensor, ...], grad_out: torch.Tensor):
@@ -235,8 +251,9 @@ def omnisparse_attention(x: AttentionInputs, config: OmniSparseConfig) -> Attent
     """The op's forward, SDPA semantics: `decide`, then the sparse method (`plan`, then `_attend`) or
     dense attention.
 
-    Dense attention is SDPA (`dense.dense_attention`); a window site on CUDA runs exactly over the
-    blocks its band touches with the Triton kernel (`window_attention`) where that takes the inputs.
+    Dense attention is SDPA (`dense.dense_attention`; soft-capped: `dense.capped_attention`); a window
+    site on CUDA runs exactly over the blocks its band touches with the Triton kernel
+    (`window_attention`) where that takes the inputs.
     On the CPU, differentiable by autograd with respect to q, k, v with the selection held constant
     (METHOD.md section 5); the op's registered backward is `omnisparse_attention_backward`.
     """
@@ -247,7 +264,7 @@ def omnisparse_attention(x: AttentionInputs, config: OmniSparseConfig) -> Attent
         return AttentionRun(out, lse, decision, selection)
     out = None
     if x.window is not None and x.q.device.type == "cuda":
-        out = window_attention(x.q, x.k, x.v, x.scale, x.window, config.block_size)
+        out = window_attention(x.q, x.k, x.v, x.scale, x.window, config.block_size, x.softcap)
     if out is None:
         out = _dense(x, x.q, x.k, x.v)
     return AttentionRun(out, x.q.new_zeros(x.q.shape[:3], dtype=torch.float32), decision, None)
@@ -270,13 +287,15 @@ def omnisparse_attention_backward(
     scale = resolve_scale(x.scale, x.q.shape[-1])
     if x.q.device.type == "cuda" and triton_bwd.supported(*primals, x.attn_mask) is None:
         return triton_bwd.sparse_attention_bwd(
-            grad_out, *primals, out, lse, selection, x.attn_mask, x.is_causal, scale, window=x.window
-        )
+            grad_out, *primals, out, lse, selection, x.attn_mask, x.is_causal, scale,
+            window=x.window, softcap=x.softcap,
+        )  # fmt: skip
 
     def attention_out(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor) -> torch.Tensor:
         return sparse_attention_unchecked(
-            q_, k_, v_, selection, x.attn_mask, x.is_causal, scale, config.query_chunk, window=x.window
-        )[0]
+            q_, k_, v_, selection, x.attn_mask, x.is_causal, scale, config.query_chunk,
+            window=x.window, softcap=x.softcap,
+        )[0]  # fmt: skip
 
     return _vjp(attention_out, primals, grad_out)
 
@@ -291,7 +310,9 @@ def selection_stats(
     """
     q, k = x.q, x.k
     mask, causal = with_window(q, k, x.attn_mask, x.is_causal, x.window)
-    mass = exact_block_mass(q, k, mask, causal, x.scale, selection.block_size, config.query_chunk)
+    mass = exact_block_mass(
+        q, k, mask, causal, x.scale, selection.block_size, config.query_chunk, softcap=x.softcap
+    )
     batch, heads, q_len, _ = q.shape
     allowed = allowed_blocks(mask, causal, batch, heads, q_len, k.shape[2], selection.block_size, q.device)
     stats = measure_selection(selection, mass, allowed).as_dict()

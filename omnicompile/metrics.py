@@ -24,15 +24,18 @@ def exact_block_mass(
     scale: float | None,
     block_size: int,
     query_chunk: int = 4,
+    *,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Exact attention mass of query block i on key block j, averaged over i's attending rows.
 
     float32 [B, H, nq, nk]. It is the composite estimate at granularity 1: composite tokens of one
-    token are the tokens, so the score is exact. Memory per chunk: B * H * query_chunk * block_size *
-    Skv floats. Rows with no unmasked key take no part in the average.
+    token are the tokens, so the score (soft-capped at ``softcap`` if given) is exact. Memory per
+    chunk: B * H * query_chunk * block_size * Skv floats. Rows with no unmasked key take no part in
+    the average.
     """
     scale = resolve_scale(scale, q.shape[-1])
-    return composite_estimate(q, k, attn_mask, is_causal, scale, block_size, 1, query_chunk)
+    return composite_estimate(q, k, attn_mask, is_causal, scale, block_size, 1, query_chunk, softcap=softcap)
 
 
 def exact_recall(mass: torch.Tensor, selection: BlockSelection) -> torch.Tensor:

@@ -1,10 +1,12 @@
 """The custom op ``torch.ops.omnisparse.attention`` that the passes put in place of attention.
 
-Schema (SDPA's arguments, plus the config, the site name, a sliding window and a mask check)::
+Schema (SDPA's arguments, plus the config, the site name, a sliding window, a mask check and a logit
+soft-cap)::
 
     omnisparse::attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float dropout_p,
                           bool is_causal, float? scale, bool enable_gqa, str config, str site,
-                          int? window=None, Tensor? mask_check=None) -> (Tensor out, Tensor lse)
+                          int? window=None, Tensor? mask_check=None, float? softcap=None)
+                          -> (Tensor out, Tensor lse)
 
 q: [B, H, Sq, D]; k: [B, Hkv, Skv, D]; v: [B, Hkv, Skv, Dv]; attn_mask: None, bool (True = keep) or
 additive float, broadcastable to [B, H, Sq, Skv]. ``out`` [B, H, Sq, Dv] (q.dtype, contiguous) equals
@@ -14,7 +16,10 @@ dense attention ran. ``window`` (only with ``is_causal=True`` and no mask): quer
 ``r - window < c <= r``. ``mask_check``: the 0-d bool that ``omnisparse::causal_mask_check``
 computed for ``attn_mask`` (the passes insert one per distinct mask per graph, where the mask is
 not known at compile time); when True the call runs as ``is_causal=True`` without the mask. The op
-never reads a mask to find out whether it is causal.
+never reads a mask to find out whether it is causal. ``softcap`` (Gemma 2's logit soft-capping; None
+or a finite number > 0, else ``ValueError``): the scaled scores s = scale * q . k become
+``softcap * tanh(s / softcap)`` before the mask is added and the softmax taken, as transformers' eager
+Gemma 2 attention; ``lse`` is then that of the capped scores.
 
 This module only registers the op (schema, fake, autograd, autocast), validates its arguments and
 logs and records what ran. What runs is `method.omnisparse_attention`: `method.decide` chooses between
@@ -145,8 +150,8 @@ def _record(site: str, run: AttentionRun, x: AttentionInputs, cfg: OmniSparseCon
     """Append a `SiteRun` to the active recorders (none in normal runs: nothing is measured or copied).
 
     A recorder that measures gets the sparse run's `method.selection_stats` (synchronising: the user
-    asked). A kept run holds copies of q, k and the mask (a window materialised as its mask): a
-    compiled graph reuses the op's input buffers.
+    asked). A kept run holds copies of q, k and the mask (a window materialised as its mask), the
+    causality, scale and soft-cap: a compiled graph reuses the op's input buffers.
     """
     recorders = active_recorders()
     if not recorders:
@@ -159,7 +164,8 @@ def _record(site: str, run: AttentionRun, x: AttentionInputs, cfg: OmniSparseCon
         kept = None
         if recorder.keep_run == len(recorder.runs):
             mask, causal = with_window(x.q, x.k, x.attn_mask, x.is_causal, x.window)
-            kept = (x.q.clone(), x.k.clone(), None if mask is None else mask.clone(), causal, x.scale)
+            mask = None if mask is None else mask.clone()
+            kept = (x.q.clone(), x.k.clone(), mask, causal, x.scale, x.softcap)
         recorder.runs.append(SiteRun(site, run.decision.path, run.decision.reason, shapes, stats, kept))
 
 
@@ -177,13 +183,15 @@ def attention(
     site: str,
     window: int | None = None,
     mask_check: Tensor | None = None,
+    softcap: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """OmniSparse attention with SDPA semantics; see the module docstring."""
     check_inputs(q, k, v, attn_mask, dropout_p, enable_gqa)
     check_window(window, is_causal, attn_mask)
     cfg = OmniSparseConfig.from_json(config)
     attn_mask, is_causal = resolve_mask(attn_mask, is_causal, mask_check)
-    x = AttentionInputs(q, k, v, attn_mask, is_causal, scale, effective_window(window, q.shape[2]))
+    window = effective_window(window, q.shape[2])
+    x = AttentionInputs(q, k, v, attn_mask, is_causal, scale, window, softcap)
     run = omnisparse_attention(x, cfg)
     if run.decision.path == "dense":
         _log_dense_once(site, run.decision.reason)
@@ -192,9 +200,7 @@ def attention(
 
 
 @attention.register_fake
-def _attention_fake(
-    q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, config, site, window=None, mask_check=None
-):
+def _attention_fake(q, k, v, *_args, **_kwargs):
     batch, heads, q_len, _ = q.shape
     out = q.new_empty((batch, heads, q_len, v.shape[-1]))
     return out, q.new_empty((batch, heads, q_len), dtype=torch.float32)
@@ -215,33 +221,34 @@ def attention_backward(
     config: str,
     window: int | None = None,
     mask_check: Tensor | None = None,
+    softcap: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of `attention` with respect to q, k, v (shaped like them)."""
     cfg = OmniSparseConfig.from_json(config)
     attn_mask, is_causal = resolve_mask(attn_mask, is_causal, mask_check)
-    x = AttentionInputs(q, k, v, attn_mask, is_causal, scale, effective_window(window, q.shape[2]))
+    x = AttentionInputs(q, k, v, attn_mask, is_causal, scale, effective_window(window, q.shape[2]), softcap)
     grads = omnisparse_attention_backward(grad_out, x, out, lse, cfg)
     return tuple(g.contiguous() for g in grads)
 
 
 @attention_backward.register_fake
-def _attention_backward_fake(
-    grad_out, q, k, v, attn_mask, out, lse, is_causal, scale, enable_gqa, config, window=None, mask_check=None
-):
+def _attention_backward_fake(grad_out, q, k, v, *_args, **_kwargs):
     # Contiguous, as the real implementation returns them (whatever the strides of q, k, v).
     return tuple(t.new_empty(t.shape) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, attn_mask, _dropout_p, is_causal, scale, enable_gqa, config, _site, window, mask_check = inputs
+    q, k, v, attn_mask, _dropout, is_causal, scale, enable_gqa, config, _site, window, mask_check, softcap = (
+        inputs
+    )
     out, lse = output
     ctx.save_for_backward(q, k, v, attn_mask, out, lse, mask_check)
-    ctx.args = (is_causal, scale, enable_gqa, config, window)
+    ctx.args = (is_causal, scale, enable_gqa, config, window, softcap)
 
 
 def _backward(ctx, grad_out: Tensor, _grad_lse: Tensor):
     q, k, v, attn_mask, out, lse, mask_check = ctx.saved_tensors
-    is_causal, scale, enable_gqa, config, window = ctx.args
+    is_causal, scale, enable_gqa, config, window, softcap = ctx.args
     dq, dk, dv = attention_backward(
         grad_out.contiguous(),
         q,
@@ -256,8 +263,9 @@ def _backward(ctx, grad_out: Tensor, _grad_lse: Tensor):
         config,
         window,
         mask_check,
+        softcap,
     )
-    return dq, dk, dv, *(None,) * 9
+    return dq, dk, dv, *(None,) * 10
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
@@ -285,25 +293,10 @@ def _register_autocast(device_type: str) -> None:
     key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
     excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
 
-    def kernel(
-        q,
-        k,
-        v,
-        attn_mask,
-        dropout_p,
-        is_causal,
-        scale,
-        enable_gqa,
-        config,
-        site,
-        window=None,
-        mask_check=None,
-    ):
+    def kernel(q, k, v, attn_mask, *args, **kwargs):
         q, k, v, attn_mask = autocast_inputs(q, k, v, attn_mask)
         with torch._C._ExcludeDispatchKeyGuard(excluded):
-            return attention(
-                q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, config, site, window, mask_check
-            )
+            return attention(q, k, v, attn_mask, *args, **kwargs)
 
     _LIB.impl("attention", kernel, key)
 

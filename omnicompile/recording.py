@@ -26,7 +26,8 @@ class SiteRun:
         reason: why dense ran (empty for sparse).
         shapes: (q, k, v) shapes.
         stats: selection statistics (density, recall, lazy fraction, ...) when measured.
-        inputs: (q, k, attn_mask, is_causal, scale) when the recorder asked to keep this run's inputs.
+        inputs: (q, k, attn_mask, is_causal, scale, softcap) when the recorder asked to keep this run's
+            inputs.
     """
 
     site: str

@@ -6,7 +6,8 @@ call (constant flags, example values present, the op's own `check_inputs` on the
 appends a `SiteRecord` and, when supported, inserts::
 
     attention = torch.ops.omnisparse.attention.default(q, k, v, attn_mask, dropout_p, is_causal,
-                                                       scale, enable_gqa, config_json, site, None, None)
+                                                       scale, enable_gqa, config_json, site, None, None,
+                                                       softcap)
     out = operator.getitem(attention, 0)
 
 before the site's node (`insert_call`: every inserted node gets its example value) and moves every
@@ -58,7 +59,9 @@ def set_attention_args(node: Node, **changes: Any) -> None:
 
 @dataclass(frozen=True)
 class AttentionCall:
-    """An attention site's arguments in SDPA's order: graph nodes, or constants as the graph holds them."""
+    """An attention site's arguments in SDPA's order: graph nodes, or constants as the graph holds them;
+    ``softcap``: the logit soft-cap the site applies to its scaled scores (a number or a symbolic
+    float's node), or None."""
 
     query: Node
     key: Node
@@ -68,6 +71,7 @@ class AttentionCall:
     is_causal: Any
     scale: Any
     enable_gqa: Any
+    softcap: Any = None
 
     def tensors(self) -> tuple[Node, ...]:
         """The tensor operands: q, k, v and the mask when there is one."""
@@ -89,6 +93,7 @@ def unsupported_reason(call: AttentionCall) -> str | None:
         ("is_causal", call.is_causal, isinstance(call.is_causal, bool)),
         ("scale", call.scale, call.scale is None or is_scalar_value(call.scale)),
         ("enable_gqa", call.enable_gqa, isinstance(call.enable_gqa, bool)),
+        ("softcap", call.softcap, call.softcap is None or is_scalar_value(call.softcap)),
     )
     for name, value, ok in constants:
         if not ok:
@@ -160,6 +165,7 @@ def _insert_op(
         name,
         None,
         None,
+        call.softcap,
     )
     out = insert_call(gm, site, operator.getitem, (insert_call(gm, site, ATTENTION, args), 0))
     if flatten_heads:

@@ -12,10 +12,10 @@ and ``float? scale`` have no plugin form, and the plugin's outputs all take the 
 
 each calling ``torch.ops.omnisparse.attention``. `use_plugin_attention` rewrites
 ``getitem(attention(...), 0)`` into them, with ``scale=None`` resolved to ``1/sqrt(head_dim)``; a site
-whose ``lse`` is used, whose scale is symbolic, or that has a sliding ``window`` (no plugin attribute
-holds an optional int) stays as it is; a ``mask_check`` is dropped (the masked plugin computes the
-same attention from the mask). It works on Dynamo graphs (``meta["example_value"]``) and on
-``torch.export`` graphs (``meta["val"]``).
+whose ``lse`` is used, whose scale is symbolic, or that has a sliding ``window`` or a ``softcap`` (no
+plugin attribute holds an optional int or float) stays as it is; a ``mask_check`` is dropped (the
+masked plugin computes the same attention from the mask). It works on Dynamo graphs
+(``meta["example_value"]``) and on ``torch.export`` graphs (``meta["val"]``).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def _rewrite(gm: GraphModule, node: Node) -> bool:
     outputs = [user for user in node.users if user.users]  # export graphs keep an unused getitem(., 1)
     if not outputs or not all(user.target is operator.getitem and user.args[1] == 0 for user in outputs):
         return False
-    if args["window"] is not None:
+    if args["window"] is not None or args["softcap"] is not None:
         return False
     if scale is None:
         scale = 1.0 / math.sqrt(_value(q).shape[-1])

@@ -7,6 +7,9 @@ value product::
                                          # baddbmm(bias, q, kT, beta, alpha), einsum
     scores = scores * s  |  scores / d   # zero or more scalings: numbers, a symbolic float, or a
                                          # 0-d tensor proven constant (`constant_scalars`)
+    scores = tanh(scores / cap) * cap    # at most one logit soft-cap (Gemma 2), after the scalings:
+                                         # the same cap both times: a number > 0, a 0-d tensor proven
+                                         # constant, or one symbolic float's node (dynamic=True)
     scores = scores + term               # zero or more mask terms (`score_masks`): float tensors
     scores = scores.masked_fill(m, low)  # added, masked_fill / where with -inf or finfo.min;
     scores = torch.where(c, scores, low) # all after the scalings (a scaled mask is not SDPA's)
@@ -23,8 +26,9 @@ The site is ``out``. A site is recorded but left untouched, with the reason, whe
 (scores, weights) is used elsewhere (the op does not produce them), for a dropout in training, a bool
 tensor added as a mask, a masked_fill / where value that does not mask, a scaling by a tensor not
 proven constant or a division by a symbolic value, views whose head count is symbolic or differs,
-and logit soft-capping (``tanh(scores / cap) * cap``: the op has no soft-cap yet). Shapes the op
-cannot take are left with `attention_site.unsupported_reason`. Anything else (a softmax over another
+a scaling after the soft-cap, and a tanh on the scores that is not a soft-cap (another factor after
+it, none, or a cap not proven constant). Shapes the op cannot take are left with
+`attention_site.unsupported_reason`. Anything else (a softmax over another
 dim, products that are not q·kᵀ then ·v, a mask after the softmax) is not a site.
 
 Why an explicit matcher and not Inductor's pattern matcher: ``register_replacement`` traces its
@@ -37,6 +41,7 @@ reused intermediate silently, where this pass must record why.
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 from dataclasses import dataclass
 
@@ -69,7 +74,7 @@ from .node_patterns import (
 from .score_masks import ScoreTerm, TermKind, fold_terms
 from .site_record import PassContext
 
-SOFT_CAP_REASON = "logit soft-capping: not supported by the op yet"
+NOT_SOFT_CAP_REASON = "a tanh on the scores that is not a logit soft-cap tanh(scores / cap) * cap"
 
 
 @dataclass(frozen=True)
@@ -77,13 +82,15 @@ class _Scores:
     """The score half of a site: the product, its scale, the mask terms, the nodes up to the softmax.
 
     ``scale`` is a number, a symbolic float's node, or None for scalings the op cannot express;
-    ``heads`` holds H of every view between 3-D and 4-D scores (None for a symbolic H); ``blocker``
-    says why a recognised step keeps the site from becoming the op.
+    ``softcap`` the logit soft-cap on the scaled scores (None: none); ``heads`` holds H of every view
+    between 3-D and 4-D scores (None for a symbolic H); ``blocker`` says why a recognised step keeps
+    the site from becoming the op.
     """
 
     product: ScoreProduct
     node: Node  # the product's
     scale: float | Node | None = 1.0
+    softcap: float | Node | None = None
     terms: tuple[ScoreTerm, ...] = ()
     heads: frozenset[int | None] = frozenset()
     nodes: tuple[Node, ...] = ()
@@ -138,7 +145,7 @@ def _rewrite(gm: GraphModule, ctx: PassContext, scores: _Scores, weights: _Weigh
     if len(site_shape) == 3:
         value = to_heads(gm, before, value, heads, site_shape[0])
     mask = fold_terms(gm, before, scores.terms, heads)
-    call = AttentionCall(query, key, value, mask, 0.0, False, scores.scale, False)
+    call = AttentionCall(query, key, value, mask, 0.0, False, scores.scale, False, scores.softcap)
     if rewrite_site(gm, ctx, site, "eager", call, flatten_heads=len(site_shape) == 3):
         for node in scores.nodes:
             if IADD.matches(node):
@@ -187,6 +194,27 @@ def _scale_source(node: Node) -> tuple[float | Node | None, Node, str | None] | 
     return value, x, blocker
 
 
+def _soft_cap_source(node: Node) -> tuple[float | Node, Node, tuple[Node, Node]] | None:
+    """``(cap, x, (x / cap, tanh))`` when ``node`` is ``tanh(x / cap) * cap`` (either factor order) with
+    the same cap at both places: a finite number > 0 or a 0-d tensor proven constant (the cap is that
+    number), or one graph value holding a symbolic float (the cap is its node; the op checks it)."""
+    bound = MUL.bind(node)
+    if bound is None:
+        return None
+    for capped, factor in ((bound["input"], bound["other"]), (bound["other"], bound["input"])):
+        tanh = TANH.bind(capped) if isinstance(capped, Node) else None
+        divided = DIV.bind(tanh["input"]) if tanh is not None and isinstance(tanh["input"], Node) else None
+        if divided is None or divided["rounding_mode"] is not None or not _is_scores(divided["input"]):
+            continue
+        steps = (tanh["input"], capped)
+        if isinstance(factor, Node) and factor is divided["other"] and is_scalar_value(factor):
+            return factor, divided["input"], steps
+        cap = constant_scalar(factor)
+        if cap is not None and math.isfinite(cap) and cap > 0 and cap == constant_scalar(divided["other"]):
+            return cap, divided["input"], steps
+    return None
+
+
 def _constant_factor(tensor: Node, invert: bool) -> tuple[float | None, str | None]:
     """A 0-d tensor scaling as ``(factor, None)``, or ``(None, reason)`` when it is not proven constant."""
     value = constant_scalar(tensor)
@@ -217,21 +245,29 @@ def _scores(node: object, mask_allowed: bool) -> _Scores | None:
         return _from_product(node, product, mask_allowed)
     inner: _Scores | None = None
     source = float_cast_source(node) or (node.args[0] if COPY.matches(node) and node.args else None)
-    view, scaled = head_view(node), _scale_source(node)
+    view, capped, scaled = head_view(node), _soft_cap_source(node), _scale_source(node)
     if source is not None:
         inner = _scores(source, mask_allowed)
     elif view is not None:
         inner = _scores(view.source, mask_allowed)
         inner = inner and dataclasses.replace(inner, heads=inner.heads | {view.heads})
+    elif capped is not None:
+        cap, x, steps = capped
+        inner = _scores(x, mask_allowed=False)
+        if inner is not None:
+            blocker = inner.blocker or (None if inner.softcap is None else "the scores are soft-capped twice")
+            inner = dataclasses.replace(inner, softcap=cap, blocker=blocker, nodes=(*inner.nodes, *steps))
     elif scaled is not None:
         factor, x, blocker = scaled
         inner = _scores(x, mask_allowed=False)
         if inner is not None:
             scale = None if factor is None else _combined_scale(inner.scale, factor)
+            if inner.softcap is not None:
+                blocker = "the scores are scaled after the soft-cap (the op caps the scaled scores)"
             inner = dataclasses.replace(inner, scale=scale, blocker=inner.blocker or blocker)
     elif TANH.matches(node) and node.args:
         inner = _scores(node.args[0], mask_allowed=False)
-        inner = inner and dataclasses.replace(inner, blocker=SOFT_CAP_REASON)
+        inner = inner and dataclasses.replace(inner, blocker=NOT_SOFT_CAP_REASON)
     elif mask_allowed:
         inner = _masked_scores(node)
     if inner is None:

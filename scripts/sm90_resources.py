@@ -29,7 +29,7 @@ from omnicompile.kernels.sparse_attention import triton_bwd, triton_fwd  # noqa:
 from omnicompile.kernels.triton_utils import head_dim_pad  # noqa: E402
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-FP32_SCALARS = {"qk_scale", "scale", "mask_floor"}
+FP32_SCALARS = {"qk_scale", "scale", "mask_floor", "softcap"}
 FP32_POINTERS = {"LSE", "LSE2", "DELTA", "DK32", "DV32", "AHAT", "STATS", "OUT", "MID_O", "MID_LSE"}
 INT_POINTERS = {"KV_NUM", "KV_IDX", "FREE_LO", "FREE_HI", "ORDER", "Q_NUM", "Q_IDX", "OFFSETS", "LENGTHS"}
 INT_SCALARS = {"KV_HEADS", "BATCH_KV_HEADS"}
@@ -79,6 +79,7 @@ def main() -> None:
                 IS_CAUSAL=True,
                 WINDOWED=windowed,
                 MASK_KIND=0,
+                SOFTCAP=False,
                 FP32_DOT=False,
             )
             print(
@@ -96,6 +97,7 @@ def main() -> None:
                 HEAD_DIM_PAD=pad,
                 IS_CAUSAL=True,
                 WINDOWED=windowed,
+                SOFTCAP=False,
                 FP32_DOT=False,
             )
             print(
@@ -112,6 +114,7 @@ def main() -> None:
                 HEAD_DIM_PAD=pad,
                 IS_CAUSAL=True,
                 WINDOWED=windowed,
+                SOFTCAP=False,
                 FP32_DOT=False,
             )
             for mass in (False, True):
@@ -138,6 +141,7 @@ def main() -> None:
                 HEAD_DIM_PAD=pad,
                 IS_CAUSAL=True,
                 MASK_KIND=0,
+                SOFTCAP=False,
                 FP32_DOT=False,
             )
             print(

@@ -1,8 +1,9 @@
 """``attn_implementation="omnisparse"`` (omnicompile.hf_attention) on small random-weight models (fp32, CPU).
 
 Dense mode equals SDPA (Llama, Qwen2, Gemma 3 with a sliding-window layer; unpadded, left- and
-right-padded); each row of a padded batch in sparse mode equals the row run alone; generate, with and
-without a SlimKVCache; torch.compile with the eager and the omnisparse backends.
+right-padded); Gemma 2 (logit soft-capping, eager only) equals eager in dense mode and at tau = 1;
+each row of a padded batch in sparse mode equals the row run alone; generate, with and without a
+SlimKVCache (which rejects a soft-cap); torch.compile with the eager and the omnisparse backends.
 """
 
 from __future__ import annotations
@@ -49,8 +50,14 @@ DENSE = OmniSparseConfig(mode="dense")
 SPARSE = OmniSparseConfig(block_size=16, granularity=4, min_seq_len=32, tau=0.9)
 
 
+# Gemma 2: layer 0 slides over 8 tokens, layer 1 is global; scores soft-capped at 1 (scale 1: the
+# cap bends these small scores; its effect on the logits is about 14x the tolerance).
+GEMMA2 = {"head_dim": 16, "sliding_window": 8, "attn_logit_softcapping": 1.0, "query_pre_attn_scalar": 1}
+
+
 def _model(model_type: str, config: OmniSparseConfig = DENSE) -> torch.nn.Module:
-    model_config = AutoConfig.for_model(model_type, **SMALL, **MODELS[model_type])
+    extra = GEMMA2 if model_type == "gemma2" else MODELS[model_type]
+    model_config = AutoConfig.for_model(model_type, **SMALL, **extra)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(model_config, attn_implementation=ATTN_IMPLEMENTATION).eval()
     set_config(model, config)
@@ -93,6 +100,36 @@ def test_dense_mode_equals_sdpa(model_type: str, padding: str) -> None:
     # Unpadded: one op call per layer over the batch; padded: one per row and layer, on the row's tokens.
     expected = [(2, 20)] * 2 if padding == "none" else [(1, 14), (1, 20)] * 2
     assert [(run.shapes[0][0], run.shapes[0][2]) for run in recorder.runs] == expected
+
+
+@pytest.mark.parametrize("padding", ["none", "left"])
+@pytest.mark.parametrize(
+    "config",
+    [DENSE, OmniSparseConfig(block_size=16, granularity=4, min_seq_len=32, tau=1.0, query_selection=False)],
+    ids=["dense", "sparse_tau_1"],
+)
+def test_gemma2_soft_capping_equals_eager(config: OmniSparseConfig, padding: str) -> None:
+    """The soft-cap reaches the op (every call carries it); dense mode, and the sparse path over every
+    allowed block (48 tokens >= min_seq_len 32), equal eager at the unpadded positions."""
+    model = _model("gemma2", config)
+    ids, mask, positions = _padded([48, 48] if padding == "none" else [40, 48], left=padding == "left")
+    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+    with recording(measure=False, keep_run=1) as recorder:
+        out = _logits(model, ATTN_IMPLEMENTATION, **inputs)
+    reference = _logits(model, "eager", **inputs)
+    keep = mask.bool()
+    assert rel_error(out[keep], reference[keep]) <= REL_TOL[torch.float32]
+    assert recorder.runs[1].inputs[5] == 1.0
+    if config is not DENSE:  # the global layer (the sliding one's window 8 < min_seq_len runs dense)
+        assert "sparse" in {run.decision for run in recorder.runs}
+
+
+def test_slim_cache_rejects_soft_capping() -> None:
+    config = OmniSparseConfig(block_size=16, granularity=4, min_seq_len=32)
+    model = _model("gemma2", config)
+    ids = torch.randint(0, SMALL["vocab_size"], (1, 40), generator=torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match="soft-capping"):
+        _generate(model, ATTN_IMPLEMENTATION, ids, past_key_values=SlimKVCache(model.config, config))
 
 
 def test_mask_function_builds_no_mask_for_causal_batches() -> None:
@@ -195,8 +232,8 @@ def test_unsupported_features_raise() -> None:
     layer = model.model.layers[0].self_attn
     q = torch.randn(1, 4, 3, 16)
     k = torch.randn(1, 2, 3, 16)
-    with pytest.raises(ValueError, match="soft-capping"):
-        hf_attention.attention_forward(layer, q, k, k, None, softcap=30.0)
+    with pytest.raises(ValueError, match="a position bias"):
+        hf_attention.attention_forward(layer, q, k, k, None, position_bias=torch.zeros(1, 4, 3, 3))
     with pytest.raises(ValueError, match="dropout"):
         hf_attention.attention_forward(layer, q, k, k, None, dropout=0.1)
     with pytest.raises(TypeError, match="OmniSparseConfig"):

@@ -154,7 +154,7 @@ def test_checked_causal_mask_runs_as_is_causal():
         out_mask, lse_mask = _op(q, k, v, mask=mask, config=cfg, mask_check=check)
     out_causal, lse_causal = _op(q, k, v, causal=True, config=cfg)
     assert torch.equal(out_mask, out_causal) and torch.equal(lse_mask, lse_causal)
-    _, _, kept_mask, kept_causal, _ = masked.runs[0].inputs
+    _, _, kept_mask, kept_causal, _, _ = masked.runs[0].inputs
     assert kept_mask is None and kept_causal is True
     grads = torch.autograd.grad(out_mask, (q, k, v), torch.ones_like(out_mask))
     for g, w in zip(grads, torch.autograd.grad(out_causal, (q, k, v), torch.ones_like(out_causal))):

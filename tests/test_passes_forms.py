@@ -20,6 +20,8 @@ import torch.nn.functional as F
 import omnicompile
 from omnicompile.config import OmniSparseConfig
 from omnicompile.passes import PassReport, SiteRecord
+from omnicompile.passes.attention_site import attention_args
+from omnicompile.passes.replace_eager_attention import NOT_SOFT_CAP_REASON
 from tests.attention_cases import Case, make_qkv
 from tests.helpers import check_numerics, targets
 
@@ -181,6 +183,23 @@ def tensor_scale_after_product(q, k, v):
     return torch.matmul(scores.softmax(-1), v)
 
 
+def soft_capped(q, k, v):
+    """Gemma 2: ``tanh(scores / cap) * cap`` before the mask."""
+    scores = torch.matmul(q, k.transpose(2, 3)) * D**-0.5
+    scores = torch.tanh(scores / 50.0) * 50.0
+    return torch.matmul(F.softmax(scores + additive_padding(), dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
+def soft_capped_by_tensor(q, k, v):
+    """Gemma 2's three lines, the cap a 0-d tensor (proven constant) and the product first."""
+    cap = torch.tensor(2.0)
+    scores = torch.matmul(q, k.transpose(2, 3)) * 0.5
+    scores = scores / cap
+    scores = torch.tanh(scores)
+    scores = cap * scores
+    return scores.masked_fill(~causal_keep(), float("-inf")).softmax(-1) @ v
+
+
 FORMS: dict[str, tuple[Callable[..., Any], Callable[[], tuple[torch.Tensor, ...]], str]] = {
     # name: (function or module, inputs, the mask kind the op gets)
     "bart_bmm_views": (bart, qkv, "additive"),
@@ -245,7 +264,16 @@ FORMS: dict[str, tuple[Callable[..., Any], Callable[[], tuple[torch.Tensor, ...]
         lambda: qkv(q_len=5, kv_len=12),
         "bool",
     ),
+    "soft_cap_gemma2": (soft_capped, qkv, "additive"),
+    "soft_cap_tensor_cap_lines": (soft_capped_by_tensor, qkv, "bool"),
+    "soft_cap_tanh_method_no_mask": (
+        lambda q, k, v: ((q @ k.mT / 3.0).tanh() * 3.0).softmax(-1) @ v,
+        qkv,
+        "none",
+    ),
 }
+# The soft-cap each form's op call must carry (every other form: None).
+SOFT_CAPS = {"soft_cap_gemma2": 50.0, "soft_cap_tensor_cap_lines": 2.0, "soft_cap_tanh_method_no_mask": 3.0}
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -259,6 +287,10 @@ def test_form_becomes_the_op(form: str) -> None:
     (site,) = compiled.sites()
     assert (site.status, site.pattern, site.reason) == ("replaced", "eager", "")
     assert site.mask == mask_kind
+    (op,) = [
+        node for report in compiled.reports for node in report.graph_module.graph.nodes if node.target is OP
+    ]
+    assert attention_args(op)["softcap"] == SOFT_CAPS.get(form)
     (batch, heads, _, _), key_shape = site.shapes[0], site.shapes[1]
     assert batch * heads == B * H and len(key_shape) == 4  # 3-D products without views: heads 1
     with torch.no_grad():
@@ -268,15 +300,22 @@ def test_form_becomes_the_op(form: str) -> None:
 # ---- forms left untouched, with the reason --------------------------------------------------
 
 
-def soft_capped(q, k, v):
-    """Gemma 2: ``tanh(scores / cap) * cap`` before the mask."""
-    scores = torch.matmul(q, k.transpose(2, 3)) * D**-0.5
-    scores = torch.tanh(scores / 50.0) * 50.0
-    return torch.matmul(F.softmax(scores + additive_padding(), dim=-1, dtype=torch.float32).to(q.dtype), v)
-
-
 UNTOUCHED: dict[str, tuple[Callable[..., Any], Callable[[], tuple[torch.Tensor, ...]], str]] = {
-    "soft_capping": (soft_capped, qkv, "logit soft-capping: not supported by the op yet"),
+    "soft_cap_lookalike_caps_differ": (
+        lambda q, k, v: (torch.tanh(q @ k.mT / 50.0) * 30.0).softmax(-1) @ v,
+        qkv,
+        NOT_SOFT_CAP_REASON,
+    ),
+    "soft_cap_lookalike_tanh_alone": (
+        lambda q, k, v: torch.tanh(q @ k.mT / 50.0).softmax(-1) @ v,
+        qkv,
+        NOT_SOFT_CAP_REASON,
+    ),
+    "scaled_after_the_soft_cap": (
+        lambda q, k, v: (torch.tanh(q @ k.mT / 50.0) * 50.0 * 0.25).softmax(-1) @ v,
+        qkv,
+        "the scores are scaled after the soft-cap",
+    ),
     "tensor_scale_not_constant": (
         lambda q, k, v, scale: ((q @ k.mT) / scale).softmax(-1) @ v,
         lambda: (*qkv(), torch.tensor(4.0)),
@@ -306,12 +345,13 @@ def test_unsupported_form_stays_with_reason(form: str, caplog: pytest.LogCapture
         check_numerics(compiled.output, fn(*args))
 
 
-def test_explain_shows_the_soft_capping_reason() -> None:
+def test_explain_shows_the_not_a_soft_cap_reason() -> None:
+    fn = UNTOUCHED["soft_cap_lookalike_caps_differ"][0]
     torch._dynamo.reset()
-    report = omnicompile.explain(soft_capped, *qkv(), config=DENSE, measure=False)
+    report = omnicompile.explain(fn, *qkv(), config=DENSE, measure=False)
     (site,) = report.sites
-    assert site.decision == "untouched" and site.reason == "logit soft-capping: not supported by the op yet"
-    assert "logit soft-capping" in str(report)
+    assert site.decision == "untouched" and site.reason == NOT_SOFT_CAP_REASON
+    assert "not a logit soft-cap" in str(report)
 
 
 # ---- graphs that only resemble attention ------------------------------------------------------

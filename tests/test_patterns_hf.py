@@ -1,5 +1,5 @@
 """The passes on the Dynamo graphs of small transformers models (Llama, Qwen2: SDPA and eager
-attention; GPT-2, BLOOM, T5, DeBERTa-v2: their own eager attention forms).
+attention; GPT-2, BLOOM, T5, DeBERTa-v2, Gemma 2: their own eager attention forms).
 
 Every attention layer must become one ``omnisparse.attention`` call (GQA folded into ``enable_gqa``),
 and the rewritten graph, run with the op in mode="dense", must give the model's output.
@@ -150,13 +150,26 @@ OLDER_FORMS: dict[str, tuple[Any, Any, int, str]] = {
         LAYERS,
         "last_hidden_state",
     ),
+    # logit soft-capping tanh(scores / cap) * cap (a cap of 1 bends these small scores), sliding and
+    # global layers
+    "gemma2": (
+        transformers.Gemma2ForCausalLM,
+        transformers.Gemma2Config(
+            vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=LAYERS,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+            max_position_embeddings=64, attn_logit_softcapping=1.0, query_pre_attn_scalar=1,
+        ),
+        LAYERS,
+        "logits",
+    ),
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 @pytest.mark.parametrize("family", sorted(OLDER_FORMS))
 def test_older_attention_forms_become_the_op(family: str, dynamic: bool) -> None:
-    """Every attention layer of eager GPT-2, BLOOM, T5 and DeBERTa-v2 becomes the op; dense equals eager."""
+    """Every attention layer of eager GPT-2, BLOOM, T5, DeBERTa-v2 and Gemma 2 becomes the op (Gemma 2's
+    with its soft-cap); dense equals eager."""
     model_class, config, layers, field_name = OLDER_FORMS[family]
     torch.manual_seed(0)
     model = model_class._from_config(config, attn_implementation="eager").eval()
@@ -169,6 +182,14 @@ def test_older_attention_forms_become_the_op(family: str, dynamic: bool) -> None
     for site in sites:
         assert (site.status, site.pattern) == ("replaced", "eager"), site.reason
     assert compiled.rewritten_targets().count(OP) == layers
+    caps = [
+        node.args[12] if len(node.args) > 12 else None
+        for report in compiled.reports
+        for node in report.graph_module.graph.nodes
+        if node.target is OP
+    ]
+    expected = getattr(config, "attn_logit_softcapping", None)  # dynamic: the graph's symbolic float
+    assert all((cap is None) == (expected is None) and (dynamic or cap == expected) for cap in caps)
     with torch.no_grad():
         reference = getattr(model(**kwargs), field_name)
     output = getattr(compiled.output, field_name)

@@ -104,6 +104,19 @@ def test_site_whose_lse_is_used_stays():
     assert gm.code == before
 
 
+def test_soft_capped_site_stays():
+    """No plugin attribute holds an optional float: a site with a softcap keeps the op (and its cap)."""
+    config = CONFIGS["dense"].to_json()
+
+    def capped(q, k, v):
+        return ATTENTION(q, k, v, None, 0.0, True, 0.5, False, config, "site", None, None, 30.0)[0]
+
+    gm = torch.fx.symbolic_trace(capped)
+    before = gm.code
+    assert not use_plugin_attention(gm)
+    assert gm.code == before
+
+
 def test_missing_extra_is_a_clear_import_error(monkeypatch):
     model, inputs = _Attention(), _inputs(40, masked=False)
     gm, _ = torch._dynamo.export(model)(**inputs)

@@ -56,7 +56,7 @@ def _inputs(
     return rand(heads, q_len), rand(kv_heads, kv_len), rand(kv_heads, kv_len)
 
 
-def _reference_grads(q, k, v, selection, attn_mask, is_causal, scale, grad_out, window=None):
+def _reference_grads(q, k, v, selection, attn_mask, is_causal, scale, grad_out, window=None, softcap=None):
     """(out, lse, dq, dk, dv) of the float32 reference on the (upcast) inputs.
 
     The kernel, like FlashAttention's backward, takes D = rowsum(dO * O) from the output it is handed,
@@ -68,7 +68,7 @@ def _reference_grads(q, k, v, selection, attn_mask, is_causal, scale, grad_out, 
     """
     q32, k32, v32 = (t.float().requires_grad_() for t in (q, k, v))
     out, lse = sparse_attention_reference(
-        q32, k32, v32, selection, attn_mask, is_causal, scale, window=window
+        q32, k32, v32, selection, attn_mask, is_causal, scale, window=window, softcap=softcap
     )
     grad_out = grad_out.float()
     d_shift = (grad_out * (out - out.to(q.dtype).float())).sum(-1).detach()
@@ -89,13 +89,17 @@ def _check_against_reference(
     gen,
     tiles: BackwardTiles | None = None,
     window: int | None = None,
+    softcap: float | None = None,
 ):
     """Assert the kernel's gradients match the reference's; return (lse, (dq, dk, dv)) of the kernel run."""
     grad_out = torch.randn(q.shape, generator=gen).to(DEVICE, q.dtype)
-    out, lse, *expected = _reference_grads(q, k, v, selection, attn_mask, is_causal, scale, grad_out, window)
-    grads = sparse_attention_bwd(
-        grad_out, q, k, v, out.to(q.dtype), lse, selection, attn_mask, is_causal, scale, tiles, window=window
+    out, lse, *expected = _reference_grads(
+        q, k, v, selection, attn_mask, is_causal, scale, grad_out, window, softcap
     )
+    grads = sparse_attention_bwd(
+        grad_out, q, k, v, out.to(q.dtype), lse, selection, attn_mask, is_causal, scale, tiles,
+        window=window, softcap=softcap,
+    )  # fmt: skip
     for name, got, want, like in zip("qkv", grads, expected, (q, k, v)):
         assert got.shape == like.shape and got.dtype == like.dtype
         err = _rel_err(got, want)
@@ -240,6 +244,21 @@ def test_reference_with_full_selection_has_dense_sdpa_gradients(masking: str, dt
     for g, w, like in zip(got, want, (q, k, v)):
         assert g.dtype == like.dtype
         assert _rel_err(g, w) < TOLERANCE[dtype]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("masking", ["none", "causal", "window", "bool", "float"])
+def test_softcap_gradients_equal_the_reference(dtype: torch.dtype, masking: str) -> None:
+    """Scores spread over +-8 capped at 2: d tanh vanishes where it saturates; chunked dk/dv lists."""
+    gen = torch.Generator().manual_seed(len(masking) + DTYPES.index(dtype))
+    q, k, v = _inputs(1, 4, 2, 40, 50, 32, dtype, gen)
+    selection = _random_selection(1, 4, 40, 50, 16, 0.7, gen)
+    causal, window = masking in ("causal", "window"), 12 if masking == "window" else None
+    attn_mask = None if causal else _attn_mask(masking, 4, 40, 50, gen)
+    _check_against_reference(
+        q, k, v, selection, attn_mask, causal, 1.5, gen, BackwardTiles(dkdv_chunk=2), window, softcap=2.0
+    )
 
 
 def test_supported_names_what_it_cannot_run() -> None:

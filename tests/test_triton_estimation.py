@@ -2,7 +2,7 @@
 
 Runs under the Triton interpreter on the CPU (tests/conftest.py), tiny shapes: causal and not, GQA,
 partial last blocks and groups, Sq != Skv, small tiles (several query tiles, interior and boundary
-key tiles), random and structured inputs.
+key tiles), random and structured inputs, a logit soft-cap.
 """
 
 from __future__ import annotations
@@ -39,12 +39,13 @@ def _qk(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, gen, std=2.0):
     return q, k
 
 
-def _check(q, k, is_causal, config, launch=None, window=None):
+def _check(q, k, is_causal, config, launch=None, window=None, softcap=None):
     scale = q.shape[-1] ** -0.5
+    params = estimation_params(config)
     ahat = estimate_blocks(
-        q, k, None, is_causal, scale, estimation_params(config), window=window, launch=launch
+        q, k, None, is_causal, scale, params, window=window, softcap=softcap, launch=launch
     )
-    ref = reference_estimate(q, k, None, is_causal, scale, config, window=window)
+    ref = reference_estimate(q, k, None, is_causal, scale, params, window=window, softcap=softcap)
     assert ahat.shape == ref.shape and ahat.dtype == torch.float32
     assert rel_error(ahat, ref) < AHAT_REL_TOL[q.dtype]
     batch, heads, q_len, _ = q.shape
@@ -166,6 +167,17 @@ def test_window_matches_reference(dtype, estimator, q_len, kv_len, window):
     q, k = _qk(1, 2, 1, q_len, kv_len, 16, dtype, gen)
     config = OmniSparseConfig(block_size=16, granularity=4, estimator=estimator)
     _check(q, k, True, config, launch=SMALL_TILES, window=window)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("estimator", ["composite", "pooled"])
+@pytest.mark.parametrize(("is_causal", "window"), [(False, None), (True, None), (True, 37)])
+def test_softcap_matches_reference(dtype, estimator, is_causal, window):
+    """Composite scores capped at 1 (they spread over about +-6 here); small tiles, row probe on."""
+    gen = torch.Generator().manual_seed(stable_seed(str(dtype), estimator, window))
+    q, k = _qk(1, 2, 1, 150, 130, 16, dtype, gen, std=4.0)
+    config = OmniSparseConfig(block_size=16, granularity=4, estimator=estimator, row_probe=True)
+    _check(q, k, is_causal, config, launch=SMALL_TILES, window=window, softcap=1.0)
 
 
 @pytest.mark.parametrize("head_dim, window", [(80, None), (256, None), (256, 40)])

@@ -2,7 +2,8 @@
 
 Runs under the Triton interpreter on the CPU (tests/conftest.py sets TRITON_INTERPRET=1 without a
 GPU), at tiny shapes: causal and not, GQA, partial last blocks, Sq != Skv, bool and additive masks,
-split tiles (BLOCK_M, BLOCK_N < b), random and real selections; a full selection equals dense SDPA.
+split tiles (BLOCK_M, BLOCK_N < b), random and real selections, a logit soft-cap with every mask
+kind; a full selection equals dense SDPA.
 """
 
 from __future__ import annotations
@@ -49,12 +50,12 @@ def _random_selection(batch, heads, q_len, kv_len, block, density, gen):
     return selection_from_block_mask(mask, block, q_len, kv_len)
 
 
-def _check(q, k, v, selection, attn_mask, is_causal, scale=None, launch=None, window=None):
+def _check(q, k, v, selection, attn_mask, is_causal, scale=None, launch=None, window=None, softcap=None):
     out, lse = sparse_attention_fwd(
-        q, k, v, selection, attn_mask, is_causal, scale, window=window, launch=launch
+        q, k, v, selection, attn_mask, is_causal, scale, window=window, softcap=softcap, launch=launch
     )
     ref_out, ref_lse = sparse_attention_reference(
-        q, k, v, selection, attn_mask, is_causal, scale, window=window
+        q, k, v, selection, attn_mask, is_causal, scale, window=window, softcap=softcap
     )
     assert out.dtype == q.dtype and out.shape == q.shape and lse.dtype == torch.float32
     assert rel_error(out, ref_out) < REL_TOL[q.dtype]
@@ -97,6 +98,28 @@ def test_attn_mask(dtype, kind):
         mask[..., 5, :] = float("-inf")
     empty = _check(q, k, v, selection, mask, False)
     assert empty.any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("masking", ["none", "causal", "window", "bool", "additive"])
+def test_softcap_matches_reference(dtype, masking):
+    """Scores spread over +-8 capped at 2 (tanh saturates): both loops (mask-free run and masked)."""
+    gen = torch.Generator().manual_seed(stable_seed(str(dtype), masking))
+    q, k, v = _inputs(1, 4, 2, 50, 60, 32, dtype, gen)
+    selection = _random_selection(1, 4, 50, 60, 16, 0.7, gen)
+    mask = None
+    if masking == "bool":
+        mask = torch.rand(50, 60, generator=gen) < 0.7
+    if masking == "additive":
+        mask = torch.randn(1, 4, 50, 60, generator=gen).to(dtype)
+    causal, window = masking in ("causal", "window"), 20 if masking == "window" else None
+    _check(q, k, v, selection, mask, causal, scale=1.5, window=window, softcap=2.0)
+
+
+def test_softcap_with_negative_scale():
+    gen = torch.Generator().manual_seed(17)
+    q, k, v = _inputs(1, 2, 1, 48, 48, 32, torch.float32, gen)
+    _check(q, k, v, _random_selection(1, 2, 48, 48, 16, 0.8, gen), None, True, scale=-1.0, softcap=3.0)
 
 
 def test_negative_scale():

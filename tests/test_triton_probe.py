@@ -3,7 +3,7 @@
 Runs under the Triton interpreter on the CPU (tests/conftest.py), tiny shapes, the kernel called
 directly (`with_row_probe` takes it on CUDA only): causal and not, sliding windows (narrow and
 >= S), GQA, partial last blocks, padded head dims, Sq != Skv (causal top-left aligned, as SDPA),
-several row tiles with skipped key tiles, rows that see no key.
+several row tiles with skipped key tiles, rows that see no key, a logit soft-cap.
 """
 
 from __future__ import annotations
@@ -24,13 +24,15 @@ SMALL_TILES = ProbeLaunch(block_r=16, block_n=16, num_warps=4, num_stages=1)
 SPLIT_TILES = ProbeLaunch(block_r=16, block_n=16, split_n=32, num_warps=4, num_stages=1)
 
 
-def _check(q_len, kv_len, dim, is_causal, dtype, window=None, block=BLOCK, launch=None, seed=0):
+def _check(q_len, kv_len, dim, is_causal, dtype, window=None, block=BLOCK, launch=None, seed=0, softcap=None):
     gen = torch.Generator().manual_seed(seed)
     q = (2 * torch.randn(2, 4, q_len, dim, generator=gen)).to(dtype)
     k = (2 * torch.randn(2, 2, kv_len, dim, generator=gen)).to(dtype)
     scale = dim**-0.5
-    got = probe_block_mass_triton(q, k, is_causal, scale, block, window=window, launch=launch)
-    ref = probe_block_mass(q, k, None, is_causal, scale, block, window=window)
+    got = probe_block_mass_triton(
+        q, k, is_causal, scale, block, window=window, softcap=softcap, launch=launch
+    )
+    ref = probe_block_mass(q, k, None, is_causal, scale, block, window=window, softcap=softcap)
     assert got.shape == ref.shape and got.dtype == torch.float32
     torch.testing.assert_close(got, ref, rtol=TOL[dtype], atol=TOL[dtype])
     assert torch.all(got[ref == 0] == 0)  # exactly zero on keys the row cannot see
@@ -43,6 +45,13 @@ def _check(q_len, kv_len, dim, is_causal, dtype, window=None, block=BLOCK, launc
 @pytest.mark.parametrize(("is_causal", "window"), [(False, None), (True, None), (True, 20), (True, 200)])
 def test_matches_reference(dtype, dim, seq, is_causal, window):
     _check(seq, seq, dim, is_causal, dtype, window)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("is_causal", "window"), [(False, None), (True, None), (True, 20)])
+def test_softcap_matches_reference(dtype, is_causal, window):
+    """Scores spread over about +-8 capped at 2, over 32-key splits."""
+    _check(128, 100, 16, is_causal, dtype, window, launch=SPLIT_TILES, softcap=2.0)
 
 
 @pytest.mark.parametrize("launch", [None, SMALL_TILES, SPLIT_TILES])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..masks import mask_bias
+from ..softcap import soft_cap
 from . import triton_probe
 
 
@@ -33,12 +34,13 @@ def probe_block_mass(
     chunk_elements: int = 1 << 26,
     *,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """float32 [B, H, nq, nk]: exact attention mass on each key block of query block i's last real row.
 
     q: [B, H, Sq, D]; k: [B, Hkv, Skv, D] (GQA by h // (H // Hkv)); attn_mask None, bool or additive,
-    broadcastable to [B, H, Sq, Skv] (checked by the caller); ``window``: causal sliding window (``masks``).
-    A row that sees no key gets zeros.
+    broadcastable to [B, H, Sq, Skv] (checked by the caller); ``window``: causal sliding window (``masks``);
+    ``softcap``: logit soft-cap of the scores (`softcap` module; exact). A row that sees no key gets zeros.
     Rows are scored in chunks of at most ``chunk_elements`` scores (B * H * rows * Skv; 256 MiB fp32
     by default: three chunks at 32K tokens and 9 heads), so the probe costs a few launches.
     """
@@ -53,7 +55,7 @@ def probe_block_mass(
     for i0 in range(0, nq, query_chunk):
         chunk_rows = rows[i0 : i0 + query_chunk]
         q_rows = q[:, :, chunk_rows].float().view(batch, kv_heads, heads // kv_heads, -1, dim)
-        scores = torch.matmul(q_rows, keys).view(batch, heads, -1, kv_len) * scale
+        scores = soft_cap(torch.matmul(q_rows, keys).view(batch, heads, -1, kv_len) * scale, softcap)
         scores = torch.nn.functional.pad(scores, (0, nk * block_size - kv_len))
         scores = scores + mask_bias(
             attn_mask, is_causal, q_len, kv_len, chunk_rows.view(1, 1, -1, 1), k_pos, window=window
@@ -76,6 +78,7 @@ def with_row_probe(
     block_size: int,
     *,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """(ahat + probe) / 2 where the probe row sees a key, else ahat: float32 [B, H, nq, nk], a
     distribution over the allowed blocks wherever ahat is one (the probe row's keys are allowed).
@@ -83,8 +86,8 @@ def with_row_probe(
     result into a contiguous ``ahat`` (the callers' fresh estimate); elsewhere `probe_block_mass`."""
     if q.is_cuda and triton_probe.supported(q, k, attn_mask) is None:
         return triton_probe.probe_block_mass_triton(
-            q, k, is_causal, scale, block_size, window=window, ahat=ahat.contiguous()
+            q, k, is_causal, scale, block_size, window=window, softcap=softcap, ahat=ahat.contiguous()
         )
-    probe = probe_block_mass(q, k, attn_mask, is_causal, scale, block_size, window=window)
+    probe = probe_block_mass(q, k, attn_mask, is_causal, scale, block_size, window=window, softcap=softcap)
     seen = probe.sum(-1, keepdim=True) > 0
     return torch.where(seen, (ahat + probe) * 0.5, ahat)

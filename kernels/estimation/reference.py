@@ -27,6 +27,11 @@ Estimators (g = ``granularity``, s = ``antidiagonal_stride``):
   ksum its s key rows, concatenated to s*D vectors, so qsum . ksum is the sum of the s anti-diagonal
   products of the s x s tile; group = s, score_scale = scale / s (the anti-diagonal mean).
 - composite at g = 1 is exact attention (``omnicompile.metrics.exact_block_mass``).
+
+``softcap`` (the logit soft-cap, `softcap` module): the similarity term score_scale * qsum . ksum is
+capped before c(u, w) is added, as attention caps its scores before the mask. Exact at g = 1 (and so
+for the row probe); for larger groups it caps the summary score, not each score of the tile: an
+approximation (METHOD.md section 1).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from collections.abc import Callable
 import torch
 
 from ..masks import check_qkv, check_window, mask_bias, resolve_scale, validate_mask
+from ..softcap import check_softcap, soft_cap
 from .params import EstimationParams
 from .probe import with_row_probe
 
@@ -114,9 +120,11 @@ def _grouped_block_mass(
     summarise_q: Summary,
     summarise_k: Summary,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """The common scheme of the module docstring: float32 [B, H, nq, nk]; ``window``: causal
-    sliding window (``masks``), applied through the counts c(u, w)."""
+    sliding window (``masks``), applied through the counts c(u, w); ``softcap``: the similarity
+    term capped."""
     batch, heads, q_len = q.shape[:3]
     kv_heads, kv_len = k.shape[1], k.shape[2]
     if block_size % group:
@@ -133,6 +141,7 @@ def _grouped_block_mass(
         q_sum = summarise_q(_padded_rows(q, i0 * block_size, i1 * block_size), i0 * block_size)
         q_sum = q_sum.view(batch, kv_heads, heads // kv_heads, q_sum.shape[2], q_sum.shape[3])
         scores = torch.matmul(q_sum, k_sum).view(batch, heads, -1, nk * per_block) * score_scale
+        scores = soft_cap(scores, softcap)
         scores = scores + _log_counts(
             attn_mask,
             is_causal,
@@ -167,13 +176,14 @@ def composite_estimate(
     query_chunk: int,
     *,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """UniSparse composite-token estimate, float32 [B, H, nq, nk] (module docstring).
 
     q: [B, H, Sq, D], k: [B, Hkv, Skv, D] (GQA by h // (H // Hkv)); any float dtype; attn_mask bool
     or additive, broadcastable to [B, H, Sq, Skv]; granularity g divides block_size; ``window``: causal
-    sliding window (``masks`` module docstring). Inputs unchecked here, as in every estimator of this
-    module (`estimate_blocks` checks them).
+    sliding window (``masks`` module docstring); ``softcap``: logit soft-cap (module docstring).
+    Inputs unchecked here, as in every estimator of this module (`estimate_blocks` checks them).
     """
     return _grouped_block_mass(
         q,
@@ -187,6 +197,7 @@ def composite_estimate(
         functools.partial(_group_mean, seq_len=q.shape[2], group=granularity),
         functools.partial(_group_mean, seq_len=k.shape[2], group=granularity),
         window,
+        softcap,
     )
 
 
@@ -200,10 +211,11 @@ def pooled_estimate(
     query_chunk: int,
     *,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Block-mean estimate: ``composite_estimate`` at granularity = block_size."""
     return composite_estimate(
-        q, k, attn_mask, is_causal, scale, block_size, block_size, query_chunk, window=window
+        q, k, attn_mask, is_causal, scale, block_size, block_size, query_chunk, window=window, softcap=softcap
     )
 
 
@@ -218,6 +230,7 @@ def antidiagonal_estimate(
     query_chunk: int,
     *,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """XAttention-style strided anti-diagonal estimate, float32 [B, H, nq, nk] (module docstring)."""
     return _grouped_block_mass(
@@ -232,6 +245,7 @@ def antidiagonal_estimate(
         functools.partial(_stride_rows, stride=stride, reverse=True),
         functools.partial(_stride_rows, stride=stride, reverse=False),
         window,
+        softcap,
     )
 
 
@@ -244,16 +258,21 @@ def estimate_blocks(
     params: EstimationParams,
     *,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Ahat float32 [B, H, nq, nk] by ``params.estimator`` at ``params.block_size``, chunked by
     ``params.query_chunk``, mixed with the exact row probe when ``params.row_probe`` (`probe`);
     scale ``None`` = 1 / sqrt(D) (as SDPA); ``window``: causal sliding window (``masks`` module
-    docstring), zero mass on blocks wholly outside the band. Checks q, k, the mask and the window
-    (``ValueError``), then runs `estimate_blocks_unchecked`."""
+    docstring), zero mass on blocks wholly outside the band; ``softcap``: logit soft-cap (module
+    docstring). Checks q, k, the mask, the window and the cap (``ValueError``), then runs
+    `estimate_blocks_unchecked`."""
     batch, heads, _, q_len, kv_len = check_qkv(q, k)
     validate_mask(attn_mask, is_causal, batch, heads, q_len, kv_len)
     check_window(window, is_causal, attn_mask)
-    return estimate_blocks_unchecked(q, k, attn_mask, is_causal, scale, params, window=window)
+    check_softcap(softcap)
+    return estimate_blocks_unchecked(
+        q, k, attn_mask, is_causal, scale, params, window=window, softcap=softcap
+    )
 
 
 def estimate_blocks_unchecked(
@@ -265,20 +284,20 @@ def estimate_blocks_unchecked(
     params: EstimationParams,
     *,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """`estimate_blocks` for inputs its caller has checked (``method.AttentionInputs``)."""
     b, chunk = params.block_size, params.query_chunk
     scale = resolve_scale(scale, q.shape[-1])
+    options = {"window": window, "softcap": softcap}
     if params.estimator == "composite":
-        ahat = composite_estimate(
-            q, k, attn_mask, is_causal, scale, b, params.granularity, chunk, window=window
-        )
+        ahat = composite_estimate(q, k, attn_mask, is_causal, scale, b, params.granularity, chunk, **options)
     elif params.estimator == "pooled":
-        ahat = pooled_estimate(q, k, attn_mask, is_causal, scale, b, chunk, window=window)
+        ahat = pooled_estimate(q, k, attn_mask, is_causal, scale, b, chunk, **options)
     else:
         ahat = antidiagonal_estimate(
-            q, k, attn_mask, is_causal, scale, b, params.antidiagonal_stride, chunk, window=window
+            q, k, attn_mask, is_causal, scale, b, params.antidiagonal_stride, chunk, **options
         )
     if not params.row_probe:
         return ahat
-    return with_row_probe(ahat, q, k, attn_mask, is_causal, scale, b, window=window)
+    return with_row_probe(ahat, q, k, attn_mask, is_causal, scale, b, **options)

@@ -14,7 +14,9 @@ count(u, w) is the number of unmasked (row, key) pairs of the g x g tile (refere
 rows(u) * keys(w) below the diagonal, the triangle count on it, 0 above it or past the keys; with a
 causal sliding ``window`` (row r sees keys (r - window, r]) the pairs inside the band, in closed
 form (`_band_count`). Key tiles strictly below the diagonal, wholly inside the band and with full
-key groups ("interior") skip that arithmetic. Key blocks a tile never visits (above the diagonal,
+key groups ("interior") skip that arithmetic. A logit soft-cap (``softcap``) caps the similarity
+term before log2 count is added, as the reference does (``SOFTCAP``, a constexpr: without it the
+kernel is unchanged). Key blocks a tile never visits (above the diagonal,
 below the band) are written as zeros, so Ahat needs no memset. Only the [B, H, nq, nk] output is
 written; no score matrix is materialised. Head dims up to 256 (non-powers of two padded).
 
@@ -41,6 +43,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..masks import check_window, resolve_scale
+from ..softcap import check_softcap
 from ..triton_utils import (
     LOG2E,
     head_dim_pad,
@@ -48,6 +51,7 @@ from ..triton_utils import (
     normaliser,
     online_stats,
     qk_reason,
+    soft_cap,
     tile_dot,
 )
 from .params import EstimationParams
@@ -104,19 +108,21 @@ def estimate_blocks(
     params: EstimationParams,
     *,
     window: int | None = None,
+    softcap: float | None = None,
     launch: EstimateLaunch | None = None,
 ) -> Tensor:
     """Ahat float32 [B, H, nq, nk] of ``params.estimator`` (composite or pooled), as the reference.
 
     q: [B, H, Sq, D], k: [B, Hkv, Skv, D] (GQA: head h reads h // (H // Hkv)), one of bf16 / fp16 /
     fp32 (fp32 under the interpreter only); attn_mask must be None (see `supported`); scale None =
-    1 / sqrt(D); ``window``: causal sliding window (``masks``). ``launch`` overrides the tiles
-    (benchmarks); None = `default_launch`.
+    1 / sqrt(D); ``window``: causal sliding window (``masks``); ``softcap``: logit soft-cap (`softcap`
+    module). ``launch`` overrides the tiles (benchmarks); None = `default_launch`.
     """
     reason = supported(q, k, attn_mask, params)
     if reason is not None:
         raise ValueError(f"triton estimate_blocks: {reason}")
     check_window(window, is_causal, attn_mask)
+    check_softcap(softcap)
     b = params.block_size
     group = params.granularity if params.estimator == "composite" else b
     per_block = b // group
@@ -146,6 +152,7 @@ def estimate_blocks(
         nk,
         u_tiles,
         scale * LOG2E,
+        (softcap or 1.0) * LOG2E,  # base 2; read only when SOFTCAP
         q_len + kv_len if window is None else window,
         GQA=heads // kv_heads,
         GROUP=group,
@@ -156,12 +163,13 @@ def estimate_blocks(
         HEAD_DIM_PAD=head_dim_pad(head_dim),
         IS_CAUSAL=is_causal,
         WINDOWED=window is not None,
+        SOFTCAP=softcap is not None,
         FP32_DOT=needs_fp32_dot(q.dtype),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     if params.row_probe:
-        return with_row_probe(ahat, q, k, attn_mask, is_causal, scale, b, window=window)
+        return with_row_probe(ahat, q, k, attn_mask, is_causal, scale, b, window=window, softcap=softcap)
     return ahat
 
 
@@ -178,6 +186,7 @@ def _scores(
     n_w,
     kv_len,
     qk_scale,
+    softcap,
     window,
     GROUP: tl.constexpr,
     BLOCK_W: tl.constexpr,
@@ -185,11 +194,12 @@ def _scores(
     HEAD_DIM_PAD: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     WINDOWED: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     FP32_DOT: tl.constexpr,
     BOUNDARY: tl.constexpr,
 ):
-    """[BLOCK_U, BLOCK_W] base-2 scores log2e * scale * qtilde . ktilde + log2 count of key
-    composites [w0, w0 + BLOCK_W); -inf where the count is 0."""
+    """[BLOCK_U, BLOCK_W] base-2 scores log2e * scale * qtilde . ktilde (SOFTCAP: capped at the
+    base-2 ``softcap``) + log2 count of key composites [w0, w0 + BLOCK_W); -inf where the count is 0."""
     offs_w = w0 + tl.arange(0, BLOCK_W)
     ptrs = kc_base + offs_w[:, None] * stride_kw
     if BOUNDARY:
@@ -199,6 +209,8 @@ def _scores(
     else:
         kc = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
     s = tile_dot(qc, tl.trans(kc), None, FP32_DOT) * qk_scale
+    if SOFTCAP:
+        s, _ = soft_cap(s, softcap)
     if BOUNDARY:
         keys = tl.minimum(tl.maximum(kv_len - offs_w * GROUP, 0), GROUP)[None, :]
         rows = rows_u[:, None]
@@ -282,6 +294,7 @@ def _run(
     nk,
     kv_len,
     qk_scale,
+    softcap,
     window,
     GROUP: tl.constexpr,
     PER_BLOCK: tl.constexpr,
@@ -291,6 +304,7 @@ def _run(
     HEAD_DIM_PAD: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     WINDOWED: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     FP32_DOT: tl.constexpr,
     BOUNDARY: tl.constexpr,
     STORE: tl.constexpr,
@@ -308,7 +322,8 @@ def _run(
         t = it + gap * (it >= gap_at)
         s = _scores(
             qc, kc_base, t * BLOCK_W, offs_u, offs_d, row_log2_count, rows_u, stride_kw, n_w, kv_len,
-            qk_scale, window, GROUP, BLOCK_W, HEAD_DIM, HEAD_DIM_PAD, IS_CAUSAL, WINDOWED, FP32_DOT, BOUNDARY,
+            qk_scale, softcap, window, GROUP, BLOCK_W, HEAD_DIM, HEAD_DIM_PAD, IS_CAUSAL, WINDOWED,
+            SOFTCAP, FP32_DOT, BOUNDARY,
         )  # fmt: skip
         if STORE:
             _store_mass(
@@ -355,6 +370,7 @@ def _composite_kernel(
     nk,
     u_tiles,
     qk_scale,
+    softcap,
     window,
     GQA: tl.constexpr,
     GROUP: tl.constexpr,
@@ -365,6 +381,7 @@ def _composite_kernel(
     HEAD_DIM_PAD: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     WINDOWED: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     FP32_DOT: tl.constexpr,
 ):
     # Program order, fastest first: head (heads of a KV group share key tiles in L2), query tile
@@ -430,8 +447,8 @@ def _composite_kernel(
             m_i, l_i = _run(
                 m_i, l_i, m_shift, inv_l, inv_rows, qc, kc_base, a_base, row_ok, offs_u, offs_d,
                 row_log2_count, rows_u, first, free0, free1, n_boundary, stride_kw, stride_aj, n_w, nk,
-                kv_len, qk_scale, window, GROUP, PER_BLOCK, BLOCK_U, BLOCK_W, HEAD_DIM, HEAD_DIM_PAD,
-                IS_CAUSAL, WINDOWED, FP32_DOT, BOUNDARY == 1, STORE == 1,
+                kv_len, qk_scale, softcap, window, GROUP, PER_BLOCK, BLOCK_U, BLOCK_W, HEAD_DIM, HEAD_DIM_PAD,
+                IS_CAUSAL, WINDOWED, SOFTCAP, FP32_DOT, BOUNDARY == 1, STORE == 1,
             )  # fmt: skip
     _zero_blocks(a_base, row_ok, 0, tl.minimum(first * BLOCKS_J, nk), BLOCKS_I, BLOCKS_J, stride_aj)
     _zero_blocks(a_base, row_ok, visited * BLOCKS_J, nk, BLOCKS_I, BLOCKS_J, stride_aj)

@@ -17,8 +17,10 @@ Splitting the keys keeps every program's loop short: one program per row tile ov
 was a 1024-step serial chain (0.85 ms a layer at 32K on an H100, 2026-12-06, nearly as long as the
 sparse attention it serves). Key tiles a row tile never sees (past its last row when causal; before
 its first row's window) are stored as zero mass without being scored, so the output needs no
-memset. Operands are the inputs' dtype (bf16/fp16 tensor cores, fp32 accumulation); fp32 inputs
-use exact fp32 dots (interpreter). Head dims up to 256 (non-powers of two padded with masked loads).
+memset. A logit soft-cap (``softcap``) caps the scores before the causal and window masks
+(``SOFTCAP``, a constexpr: without it the kernel is unchanged). Operands are the inputs' dtype
+(bf16/fp16 tensor cores, fp32 accumulation); fp32 inputs use exact fp32 dots (interpreter). Head dims
+up to 256 (non-powers of two padded with masked loads).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..masks import check_window
+from ..softcap import check_softcap
 from ..triton_utils import (
     LOG2E,
     head_dim_pad,
@@ -38,6 +41,7 @@ from ..triton_utils import (
     normaliser,
     online_stats,
     qk_reason,
+    soft_cap,
     tile_dot,
 )
 
@@ -74,6 +78,7 @@ def probe_block_mass_triton(
     block_size: int,
     *,
     window: int | None = None,
+    softcap: float | None = None,
     ahat: Tensor | None = None,
     launch: ProbeLaunch | None = None,
 ) -> Tensor:
@@ -83,13 +88,15 @@ def probe_block_mass_triton(
 
     q: [B, H, Sq, D], k: [B, Hkv, Skv, D] (GQA: head h reads h // (H // Hkv)), one of bf16 / fp16 /
     fp32 (fp32 under the interpreter only, see `supported`); ``block_size``: a power of two >= 16;
-    ``window``: causal sliding window (``masks``); ``ahat``: float32 [B, H, nq, nk], contiguous.
+    ``window``: causal sliding window (``masks``); ``softcap``: logit soft-cap (`softcap` module);
+    ``ahat``: float32 [B, H, nq, nk], contiguous.
     ``launch`` overrides the tiles; None = defaults.
     """
     reason = supported(q, k, None)
     if reason is not None:
         raise ValueError(f"triton probe_block_mass: {reason}")
     check_window(window, is_causal, None)
+    check_softcap(softcap)
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"triton probe_block_mass: block size {block_size} is not a power of two >= 16")
     cfg = launch or ProbeLaunch()
@@ -117,11 +124,13 @@ def probe_block_mass_triton(
         HEAD_DIM_PAD=head_dim_pad(head_dim),
         IS_CAUSAL=is_causal,
         WINDOWED=window is not None,
+        SOFTCAP=softcap is not None,
         FP32_DOT=needs_fp32_dot(q.dtype),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    rows = (q, k, *q.stride(), *k.stride(), heads, q_len, kv_len, nq, r_tiles, scale * LOG2E)
+    cap = (softcap or 1.0) * LOG2E  # base 2; read only when SOFTCAP
+    rows = (q, k, *q.stride(), *k.stride(), heads, q_len, kv_len, nq, r_tiles, scale * LOG2E, cap)
     # window: read only when WINDOWED
     split_args = (0 if window is None else window, splits, tiles_per_split)
     # The statistics of every split, then the masses (they need every split's statistics).
@@ -150,16 +159,18 @@ def _scores(
     stride_kn,
     kv_len,
     qk_scale,
+    softcap,
     window,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     WINDOWED: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     FP32_DOT: tl.constexpr,
 ):
-    """[BLOCK_R, BLOCK_N] base-2 scores log2e * scale * q[r] . k[c] of keys [n0, n0 + BLOCK_N);
-    -inf where key c is not allowed for row r."""
+    """[BLOCK_R, BLOCK_N] base-2 scores log2e * scale * q[r] . k[c] of keys [n0, n0 + BLOCK_N)
+    (SOFTCAP: capped at the base-2 ``softcap``); -inf where key c is not allowed for row r."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     kt = tl.load(
@@ -168,6 +179,8 @@ def _scores(
         other=0.0,
     )
     s = tile_dot(q_rows, tl.trans(kt), None, FP32_DOT) * qk_scale
+    if SOFTCAP:
+        s, _ = soft_cap(s, softcap)
     keep = offs_n[None, :] < kv_len
     if IS_CAUSAL:
         keep = keep & (offs_n[None, :] <= rows[:, None])
@@ -263,6 +276,7 @@ def _probe_kernel(
     nq,
     r_tiles,
     qk_scale,
+    softcap,
     window,
     splits,
     tiles_per_split,
@@ -278,6 +292,7 @@ def _probe_kernel(
     HEAD_DIM_PAD: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     WINDOWED: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     FP32_DOT: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
     MIX: tl.constexpr,
@@ -309,8 +324,8 @@ def _probe_kernel(
         for t in tl.range(split_first, split_first + tiles_per_split):
             if (t >= lo) & (t < hi):
                 s = _scores(
-                    q_rows, k_base, t * BLOCK_N, rows, stride_kn, kv_len, qk_scale, window,
-                    BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, IS_CAUSAL, WINDOWED, FP32_DOT,
+                    q_rows, k_base, t * BLOCK_N, rows, stride_kn, kv_len, qk_scale, softcap, window,
+                    BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, IS_CAUSAL, WINDOWED, SOFTCAP, FP32_DOT,
                 )  # fmt: skip
                 p = tl.math.exp2(s - m_shift[:, None]) * inv_l[:, None]
                 mass = tl.sum(tl.reshape(p, [BLOCK_R, BLOCKS_J, BLOCK_SIZE]), 2)
@@ -328,8 +343,8 @@ def _probe_kernel(
         l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
         for t in tl.range(lo, hi):
             s = _scores(
-                q_rows, k_base, t * BLOCK_N, rows, stride_kn, kv_len, qk_scale, window,
-                BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, IS_CAUSAL, WINDOWED, FP32_DOT,
+                q_rows, k_base, t * BLOCK_N, rows, stride_kn, kv_len, qk_scale, softcap, window,
+                BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, IS_CAUSAL, WINDOWED, SOFTCAP, FP32_DOT,
             )  # fmt: skip
             m_i, l_i = online_stats(m_i, l_i, s)
         stat = STATS + row_index * splits + tl.program_id(1)

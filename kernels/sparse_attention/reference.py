@@ -13,6 +13,7 @@ import torch
 
 from ..masks import check_qkv, check_window, mask_bias, resolve_scale, validate_mask
 from ..selection.block_selection import BlockSelection
+from ..softcap import check_softcap, soft_cap
 
 
 def sparse_attention_reference(
@@ -26,6 +27,7 @@ def sparse_attention_reference(
     query_chunk: int = 16,
     *,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of each query block restricted to its selected key blocks.
 
@@ -38,19 +40,23 @@ def sparse_attention_reference(
         scale: score scale, ``None`` = 1 / sqrt(D).
         query_chunk: query blocks processed at once.
         window: causal sliding window (`masks` module docstring): row r sees keys (r - window, r].
+        softcap: logit soft-cap (`softcap` module): s = scale * q . k becomes softcap * tanh(s / softcap)
+            before the bias is added; None: no cap.
 
     Returns:
         out: [B, H, Sq, Dv] in q.dtype; softmax over the selected keys (inside the mask, causal and
-            sequence bounds) of scale * q . k + bias, times v.
+            sequence bounds) of the (capped) scores scale * q . k plus the bias, times v.
         lse: float32 [B, H, Sq], log-sum-exp of those scores. Rows with no such key: out 0, lse -inf.
 
-    Checks q, k, v, the mask and the window (``ValueError``), then runs `sparse_attention_unchecked`.
+    Checks q, k, v, the mask, the window and the cap (``ValueError``), then runs
+    `sparse_attention_unchecked`.
     """
     batch, heads, _, q_len, kv_len = check_qkv(q, k, v)
     validate_mask(attn_mask, is_causal, batch, heads, q_len, kv_len)
     check_window(window, is_causal, attn_mask)
+    check_softcap(softcap)
     return sparse_attention_unchecked(
-        q, k, v, selection, attn_mask, is_causal, scale, query_chunk, window=window
+        q, k, v, selection, attn_mask, is_causal, scale, query_chunk, window=window, softcap=softcap
     )
 
 
@@ -65,6 +71,7 @@ def sparse_attention_unchecked(
     query_chunk: int = 16,
     *,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`sparse_attention_reference` for inputs its caller has checked (``method.AttentionInputs``)."""
     batch, heads, q_len = q.shape[:3]
@@ -102,7 +109,7 @@ def sparse_attention_unchecked(
         values = v_blocks[batch_index, kv_head_index, index].flatten(3, 4)
         q_pos = (i0 * b + torch.arange((i1 - i0) * b, device=q.device)).view(1, 1, i1 - i0, b, 1)
         k_pos = (index.unsqueeze(-1) * b + torch.arange(b, device=q.device)).flatten(3, 4).unsqueeze(3)
-        scores = torch.matmul(q_blocks[:, :, i0:i1], keys.transpose(-1, -2)) * scale
+        scores = soft_cap(torch.matmul(q_blocks[:, :, i0:i1], keys.transpose(-1, -2)) * scale, softcap)
         scores = scores + mask_bias(attn_mask, is_causal, q_len, kv_len, q_pos, k_pos, window=window)
         row_max = scores.detach().amax(dim=-1, keepdim=True)
         row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)

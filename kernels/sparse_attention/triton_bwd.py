@@ -19,8 +19,11 @@ FlashAttention-2 style launches, reusing the forward's log-sum-exp:
 With P = exp(scale * Q K^T + bias - lse), dP = dO V^T, dS = P * (dP - delta). Causal masking
 (top-left aligned) is applied only on tiles that cross the diagonal or, with a sliding ``window``,
 the band's lower edge; the key bound only on tiles past the last key. Additive masks: values
-<= finfo.min / 2 count as -inf (`masks.masked_floor`). Head dims: multiples of 16 up to 256,
-non-powers of two on a padded, masked head-dim range. All accumulation is float32.
+<= finfo.min / 2 count as -inf (`masks.masked_floor`). A logit soft-cap (``SOFTCAP``, a constexpr:
+without it the kernels are the uncapped ones) caps the scaled scores x into c = cap * tanh(x / cap)
+before the mask, so dS is taken with respect to c and multiplied by dc/dx = 1 - tanh^2(x / cap).
+Head dims: multiples of 16 up to 256, non-powers of two on a padded, masked head-dim range.
+All accumulation is float32.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import triton.language as tl
 from ..masks import check_window, masked_floor
 from ..selection.block_selection import BlockSelection
 from ..selection.transpose import transpose_selection
+from ..softcap import check_softcap
 from ..triton_utils import (
     LOG2E,
     LOG2E_JIT,
@@ -42,6 +46,7 @@ from ..triton_utils import (
     head_dim_reason,
     interpreting,
     needs_fp32_dot,
+    soft_cap,
     tile_dot,
 )
 
@@ -171,6 +176,7 @@ def _scores(
     a,
     b_t,
     qk_scale,
+    softcap,
     mask_base,
     s_mq,
     s_mk,
@@ -180,15 +186,21 @@ def _scores(
     kv_len,
     mask_floor,
     MASK_KIND: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     FP32_DOT: tl.constexpr,
 ):
-    """Base-2 scores (a @ b_t) * scale * log2(e) plus the tile's attn_mask (additive values
-    <= ``mask_floor`` give -inf).
+    """``(s, d_cap)``: base-2 scores (a @ b_t) * scale * log2(e) (SOFTCAP: capped at the base-2
+    ``softcap``) plus the tile's attn_mask (additive values <= ``mask_floor`` give -inf), and the
+    cap's derivative 1 - tanh^2 per score (SOFTCAP only; 1.0 without).
 
     ``q_offs`` / ``k_offs`` are the query / key positions broadcast to the tile's shape (either may
     run along the rows); ``mask_base`` points at this (batch, head)'s attn_mask.
     """
     s = tile_dot(a, b_t, None, FP32_DOT) * qk_scale
+    d_cap = 1.0
+    if SOFTCAP:
+        s, t = soft_cap(s, softcap)
+        d_cap = 1.0 - t * t
     if MASK_KIND != 0:
         in_bounds = (q_offs < q_len) & (k_offs < kv_len)
         m = tl.load(mask_base + q_offs * s_mq + k_offs * s_mk, mask=in_bounds, other=0)
@@ -197,7 +209,7 @@ def _scores(
         else:
             m = m.to(tl.float32)
             s = tl.where(m > mask_floor, s + m * LOG2E_JIT, float("-inf"))
-    return s
+    return s, d_cap
 
 
 @triton.jit
@@ -249,6 +261,7 @@ def _dq_kernel(
     n_tiles,
     scale,
     qk_scale,
+    softcap,
     window,
     mask_floor,
     GROUP: tl.constexpr,
@@ -259,6 +272,7 @@ def _dq_kernel(
     HEAD_DIM_PAD: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     MASK_KIND: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     FP32_DOT: tl.constexpr,
 ):
     # Program order, fastest first: head within its GQA group (the group shares K/V blocks, read
@@ -293,10 +307,11 @@ def _dq_kernel(
             offs_n = n0 + tl.arange(0, BLOCK_N)
             k = _load_tile(k_base, offs_n, s_ks, offs_d, s_kd, kv_len, HEAD_DIM)
             v = _load_tile(v_base, offs_n, s_vs, offs_d, s_vd, kv_len, HEAD_DIM)
-            s = _scores(
+            s, d_cap = _scores(
                 q,
                 tl.trans(k),
                 qk_scale,
+                softcap,
                 mask_base,
                 s_mq,
                 s_mk,
@@ -306,6 +321,7 @@ def _dq_kernel(
                 kv_len,
                 mask_floor,
                 MASK_KIND,
+                SOFTCAP,
                 FP32_DOT,
             )
             needs_mask = n0 + BLOCK_N > kv_len
@@ -320,6 +336,8 @@ def _dq_kernel(
             p = tl.math.exp2(s - lse2[:, None])
             dp = tile_dot(do, tl.trans(v), None, FP32_DOT)
             ds = p * (dp - delta[:, None])
+            if SOFTCAP:
+                ds = ds * d_cap
             dq = tile_dot(ds.to(k.dtype), k, dq, FP32_DOT)
     dq *= scale
     tl.store(
@@ -388,6 +406,7 @@ def _dkdv_kernel(
     chunk,
     scale,
     qk_scale,
+    softcap,
     window,
     mask_floor,
     GROUP: tl.constexpr,
@@ -398,6 +417,7 @@ def _dkdv_kernel(
     HEAD_DIM_PAD: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     MASK_KIND: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     FP32_DOT: tl.constexpr,
 ):
     """dk, dv (DK, DV, like k and v: contiguous [B, Hkv, Skv, D]) of one key tile and one chunk.
@@ -449,10 +469,11 @@ def _dkdv_kernel(
                     lse2 = tl.load(LSE2 + row_base + offs_m, mask=offs_m < q_len, other=float("inf"))
                     delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < q_len, other=0.0)
                     # Transposed tile: rows are this program's keys, columns the block's queries.
-                    s_t = _scores(
+                    s_t, d_cap_t = _scores(
                         k,
                         tl.trans(q),
                         qk_scale,
+                        softcap,
                         mask_base,
                         s_mq,
                         s_mk,
@@ -462,6 +483,7 @@ def _dkdv_kernel(
                         kv_len,
                         mask_floor,
                         MASK_KIND,
+                        SOFTCAP,
                         FP32_DOT,
                     )
                     if IS_CAUSAL:  # noqa: SIM102 (a compile-time test around a run-time one)
@@ -474,6 +496,8 @@ def _dkdv_kernel(
                     dv = tile_dot(p_t.to(do.dtype), do, dv, FP32_DOT)
                     dp_t = tile_dot(v, tl.trans(do), None, FP32_DOT)
                     ds_t = p_t * (dp_t - delta[None, :])
+                    if SOFTCAP:
+                        ds_t = ds_t * d_cap_t
                     dk = tile_dot(ds_t.to(q.dtype), q, dk, FP32_DOT)
         dk *= scale
         out_ok = (offs_n[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM)
@@ -545,6 +569,7 @@ def sparse_attention_bwd(
     tiles: BackwardTiles | None = None,
     *,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of sparse attention over exactly ``selection``'s blocks.
 
@@ -560,6 +585,7 @@ def sparse_attention_bwd(
         scale: score scale (None = 1 / sqrt(D)).
         tiles: tile shapes and chunking (benchmarks); None = `default_tiles(D)`.
         window: the forward's causal sliding window (``masks``): row r sees keys (r - window, r].
+        softcap: the forward's logit soft-cap (`softcap` module), None: no cap.
 
     Returns:
         dq [B, H, Sq, D] like q; dk, dv [B, Hkv, Skv, D] like k, v (GQA heads summed).
@@ -568,6 +594,7 @@ def sparse_attention_bwd(
     if reason is not None:
         raise ValueError(f"sparse_attention_bwd: {reason}")
     check_window(window, is_causal, attn_mask)
+    check_softcap(softcap)
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     block = selection.block_size
@@ -582,8 +609,10 @@ def sparse_attention_bwd(
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     group = heads // kv_heads
     mask, mask_strides, mask_kind = _mask_operand(attn_mask, (batch, heads, q_len, kv_len), q)
-    # (window, additive floor) scalars of both kernels; no window = one wider than any distance.
+    # (base-2 cap, window, additive floor) scalars of both kernels; the cap is read only when SOFTCAP;
+    # no window = one wider than any distance.
     band = (
+        (softcap or 1.0) * LOG2E,
         q_len + kv_len if window is None else window,
         masked_floor(mask.dtype) if mask_kind == _ADDITIVE_MASK else 0.0,
     )
@@ -594,6 +623,7 @@ def sparse_attention_bwd(
         "HEAD_DIM_PAD": head_dim_pad(head_dim),
         "IS_CAUSAL": is_causal,
         "MASK_KIND": mask_kind,
+        "SOFTCAP": softcap is not None,
         "FP32_DOT": needs_fp32_dot(q.dtype),
         "num_warps": tiles.num_warps,
         "num_stages": tiles.num_stages,

@@ -7,7 +7,10 @@ need no mask at all (strictly below the diagonal, wholly inside a sliding window
 window's lower-edge blocks before that run; the diagonal block, a partial last block after it;
 every block when an ``attn_mask`` is given). The run's bounds come from two ``searchsorted`` per
 call on the sorted indices, so arbitrary selections stay correct. Online softmax in base 2, fp32
-accumulation. Additive masks: values <= finfo.min / 2 count as -inf (`masks.masked_floor`).
+accumulation. Additive masks: values <= finfo.min / 2 count as -inf (`masks.masked_floor`). A logit
+soft-cap (``softcap``, `softcap` module) caps the base-2 scores before the mask (``SOFTCAP``, a
+constexpr: without it the kernel is the uncapped one; with it the mask-free run no longer folds the
+scale into the row max).
 
 Head dims: multiples of 16 up to 256 (`triton_utils.MAX_HEAD_DIM`); non-powers of two (80, 96) run
 on a padded ``tl.arange`` with masked loads and stores on the head dim.
@@ -38,6 +41,7 @@ from torch import Tensor
 
 from ..masks import check_window, masked_floor
 from ..selection.block_selection import BlockSelection
+from ..softcap import check_softcap
 from ..triton_utils import (
     LOG2E,
     LOG2E_JIT,
@@ -45,6 +49,7 @@ from ..triton_utils import (
     head_dim_reason,
     interpreting,
     needs_fp32_dot,
+    soft_cap,
     softmax_finish,
     softmax_step,
     tile_dot,
@@ -178,6 +183,7 @@ def sparse_attention_fwd(
     scale: float | None,
     *,
     window: int | None = None,
+    softcap: float | None = None,
     launch: LaunchConfig | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Attention of each query block over its selected key blocks only.
@@ -190,6 +196,8 @@ def sparse_attention_fwd(
         scale: score scale; None = 1/sqrt(D).
         window: causal sliding window (``masks``): row r sees keys (r - window, r]; needs
             is_causal=True and no attn_mask.
+        softcap: logit soft-cap (`softcap` module): scores s = scale * q . k become
+            softcap * tanh(s / softcap) before the mask; None: no cap.
         launch: tile/schedule override (benchmarks); None = `default_launch_config`.
 
     Returns:
@@ -200,6 +208,7 @@ def sparse_attention_fwd(
     if reason is not None:
         raise ValueError(f"sparse_attention_fwd: {reason}")
     check_window(window, is_causal, attn_mask)
+    check_softcap(softcap)
     _check_selection(q, k, selection)
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
@@ -251,6 +260,7 @@ def sparse_attention_fwd(
         nq,
         selection.num_kv_blocks,
         scale * LOG2E,
+        (softcap or 1.0) * LOG2E,  # base 2; read only when SOFTCAP
         0 if window is None else window,
         mask_floor,
         GROUP=heads // kv_heads,
@@ -262,6 +272,7 @@ def sparse_attention_fwd(
         IS_CAUSAL=is_causal,
         WINDOWED=window is not None,
         MASK_KIND=mask_kind,
+        SOFTCAP=softcap is not None,
         FP32_DOT=needs_fp32_dot(q.dtype),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
@@ -311,6 +322,7 @@ def _attend_block(
     stride_mn,
     kv_len,
     qk_scale,
+    softcap,
     window,
     mask_floor,
     HEAD_DIM: tl.constexpr,
@@ -320,6 +332,7 @@ def _attend_block(
     IS_CAUSAL: tl.constexpr,
     WINDOWED: tl.constexpr,
     MASK_KIND: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     FP32_DOT: tl.constexpr,
     MASKED: tl.constexpr,
 ):
@@ -328,7 +341,7 @@ def _attend_block(
 
     ``k_base``/``v_base`` already hold the head's base plus the [1, HEAD_DIM_PAD] column offsets.
     MASKED: per-element masks (key range, causal with its ``window``, attn_mask with additive values
-    <= ``mask_floor`` as -inf).
+    <= ``mask_floor`` as -inf). SOFTCAP: the scaled scores capped at the base-2 ``softcap`` first.
     """
     offs_n = block * SPARSE_BLOCK + part * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
@@ -337,6 +350,8 @@ def _attend_block(
     s = tile_dot(q, tl.trans(k), None, FP32_DOT)
     if MASKED:
         s = s * qk_scale
+        if SOFTCAP:
+            s, _ = soft_cap(s, softcap)
         keep = offs_n[None, :] < kv_len
         if IS_CAUSAL:
             keep = keep & (offs_m[:, None] >= offs_n[None, :])
@@ -349,6 +364,9 @@ def _attend_block(
             keep = keep & (bias > mask_floor)
             s = s + tl.where(keep, bias, 0.0) * LOG2E_JIT
         m_i, p, alpha = softmax_step(m_i, tl.where(keep, s, float("-inf")), 1.0, True)
+    elif SOFTCAP:
+        s, _ = soft_cap(s * qk_scale, softcap)
+        m_i, p, alpha = softmax_step(m_i, s, 1.0, False)
     else:
         # qk_scale >= 0 (the wrapper flips the sign of q otherwise): scale the row max, then one
         # fused multiply-add per score.
@@ -378,6 +396,7 @@ def _attend_run(
     kv_len,
     nk,
     qk_scale,
+    softcap,
     window,
     mask_floor,
     HEAD_DIM: tl.constexpr,
@@ -387,6 +406,7 @@ def _attend_run(
     IS_CAUSAL: tl.constexpr,
     WINDOWED: tl.constexpr,
     MASK_KIND: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     FP32_DOT: tl.constexpr,
     MASKED: tl.constexpr,
 ):
@@ -410,8 +430,9 @@ def _attend_run(
         nxt = tl.load(idx_ptr + tl.minimum(pos + gap * (pos >= gap_at), nk - 1))
         acc, l_i, m_i = _attend_block(
             acc, l_i, m_i, q, k_base, v_base, mask_base, block, it % n_split, offs_m,
-            stride_kn, stride_vn, stride_mn, kv_len, qk_scale, window, mask_floor,
-            HEAD_DIM, HEAD_DIM_PAD, SPARSE_BLOCK, BLOCK_N, IS_CAUSAL, WINDOWED, MASK_KIND, FP32_DOT, MASKED,
+            stride_kn, stride_vn, stride_mn, kv_len, qk_scale, softcap, window, mask_floor,
+            HEAD_DIM, HEAD_DIM_PAD, SPARSE_BLOCK, BLOCK_N, IS_CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, FP32_DOT,
+            MASKED,
         )  # fmt: skip
         block = nxt
     return acc, l_i, m_i
@@ -456,6 +477,7 @@ def _sparse_fwd_kernel(
     nq,
     nk,
     qk_scale,
+    softcap,
     window,
     mask_floor,
     GROUP: tl.constexpr,
@@ -467,6 +489,7 @@ def _sparse_fwd_kernel(
     IS_CAUSAL: tl.constexpr,
     WINDOWED: tl.constexpr,
     MASK_KIND: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     FP32_DOT: tl.constexpr,
 ):
     # Program order, fastest first: head within its KV group, query tile, then the work list ORDER
@@ -507,8 +530,9 @@ def _sparse_fwd_kernel(
     for run in tl.static_range(2):
         acc, l_i, m_i = _attend_run(
             acc, l_i, m_i, q, k_base, v_base, mask_base, idx_ptr, lo, hi, n_blocks, offs_m,
-            stride_kn, stride_vn, stride_mn, kv_len, nk, qk_scale, window, mask_floor,
-            HEAD_DIM, HEAD_DIM_PAD, SPARSE_BLOCK, BLOCK_N, IS_CAUSAL, WINDOWED, MASK_KIND, FP32_DOT, run == 1,
+            stride_kn, stride_vn, stride_mn, kv_len, nk, qk_scale, softcap, window, mask_floor,
+            HEAD_DIM, HEAD_DIM_PAD, SPARSE_BLOCK, BLOCK_N, IS_CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, FP32_DOT,
+            run == 1,
         )  # fmt: skip
     out, lse = softmax_finish(acc, m_i, l_i)
     o_ptrs = (

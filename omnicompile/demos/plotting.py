@@ -31,13 +31,13 @@ def plot_selection(run: SiteRun, config: OmniSparseConfig, heads: Sequence[int],
         raise ImportError("plotting needs matplotlib: pip install 'omnicompile[plot]'") from exc
     if run.inputs is None:
         raise ValueError(f"site {run.site}: the run kept no inputs (record it with recording(keep_run=...))")
-    q, k, attn_mask, is_causal, scale = run.inputs
+    q, k, attn_mask, is_causal, scale, softcap = run.inputs
     bad = [h for h in heads if not 0 <= h < q.shape[1]]
     if bad:
         raise ValueError(f"heads {bad} out of range: the site has {q.shape[1]} query heads")
     with torch.no_grad():
-        selection = plan(AttentionInputs(q, k, None, attn_mask, is_causal, scale), config)
-        mass = exact_block_mass(q, k, attn_mask, is_causal, scale, config.block_size)
+        selection = plan(AttentionInputs(q, k, None, attn_mask, is_causal, scale, softcap=softcap), config)
+        mass = exact_block_mass(q, k, attn_mask, is_causal, scale, config.block_size, softcap=softcap)
     selected = selection.dense_mask()[0].float().cpu()
     lazy = selection.lazy[0].cpu()
     mass = mass[0].clamp_min(1e-6).log10().cpu()
