@@ -349,16 +349,10 @@ def _sdpa_forward(
     key: Tensor,
     value: Tensor,
     attention_mask: Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    sliding_window: int | None = None,
     **kwargs,
 ) -> tuple[Tensor, None]:
     """transformers' SDPA attention (a sliding window is in the SDPA mask already)."""
-    out, _ = sdpa_attention_forward(
-        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-    )
-    return out, None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)[0], None
 
 
 def slim_layer(module: torch.nn.Module, key: Tensor) -> SlimKVLayer | None:
