@@ -41,9 +41,9 @@ def _position_bias(
 ) -> Callable[[Tensor], Tensor]:
     """``bias(rows)`` for `score_chunks`: the mask, causality and window as `masks.mask_bias` of the
     query rows ``rows`` (int64 [n]) against every key."""
-    k_pos = torch.arange(k.shape[2], device=q.device).view(1, 1, 1, -1)
 
     def bias(rows: Tensor) -> Tensor:
+        k_pos = torch.arange(k.shape[2], device=q.device).view(1, 1, 1, -1)
         return mask_bias(
             attn_mask, is_causal, q.shape[2], k.shape[2], rows.view(1, 1, -1, 1), k_pos, window=window
         )
@@ -74,7 +74,7 @@ def dense_attention(
     resolved = resolve_scale(scale, q.shape[-1])
     if softcap is not None:
         return capped_attention(q, k, v, resolved, softcap, bias)
-    lse = dense_lse(q, k, resolved, None, bias) if need_lse else None
+    lse = dense_lse(q, k, resolved, bias) if need_lse else None
     attn_mask, is_causal = with_window(q, k, attn_mask, is_causal, window)
     if q.device.type != "cuda":
         out = F.scaled_dot_product_attention(
@@ -119,10 +119,9 @@ def score_chunks(
         yield safe, torch.where(seen, torch.logsumexp(safe, -1, keepdim=True), float("-inf"))
 
 
-def dense_lse(
-    q: Tensor, k: Tensor, scale: float, softcap: float | None, bias: Callable[[Tensor], Tensor]
-) -> Tensor:
-    """float32 [B, H, Sq]: the log-sum-exp of `score_chunks` per query row (-inf: the row sees no key).
+def dense_lse(q: Tensor, k: Tensor, scale: float, bias: Callable[[Tensor], Tensor]) -> Tensor:
+    """float32 [B, H, Sq]: the log-sum-exp of `score_chunks` (no cap) per query row (-inf: the row sees
+    no key).
 
     Why not the fused kernels' own: SDPA returns no lse; the aten ops that do
     (``_scaled_dot_product_flash_attention[_for_cpu]``, ``_efficient_attention``, cuDNN) each take a
@@ -131,7 +130,7 @@ def dense_lse(
     <= ``finfo.min / 2`` count as masked) for every input the op takes, costs about one score product
     more than attention, and runs only where the caller reads the lse.
     """
-    return torch.cat([lse.squeeze(-1) for _, lse in score_chunks(q, k, scale, softcap, bias)], 2)
+    return torch.cat([lse.squeeze(-1) for _, lse in score_chunks(q, k, scale, None, bias)], 2)
 
 
 def capped_attention(
