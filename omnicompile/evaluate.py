@@ -156,6 +156,7 @@ def _eval_attention(
         config_json,
         f"layer{getattr(module, 'layer_idx', '?')}",
         window,
+        need_lse=False,
     )
     return out.transpose(1, 2).contiguous(), None
 

@@ -163,6 +163,7 @@ def _op(
         window if is_causal and attn_mask is None else None,
         None,
         softcap,
+        need_lse=False,
     )
     return out
 

@@ -168,11 +168,11 @@ def window_attention(
     window: int,
     block_size: int,
     softcap: float | None = None,
-) -> torch.Tensor | None:
-    """Exact causal sliding-window attention [B, H, Sq, Dv] (q.dtype), soft-capped at ``softcap`` if
-    given: the Triton kernel over every block the band touches, O(Sq * window) work where SDPA with the
-    materialised mask does O(Sq * Skv) and allocates the [Sq, Skv] mask. None where the kernel cannot
-    take the inputs (`triton_fwd.supported`)."""
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Exact causal sliding-window attention (out [B, H, Sq, Dv] in q.dtype, lse float32 [B, H, Sq]),
+    soft-capped at ``softcap`` if given: the Triton kernel over every block the band touches,
+    O(Sq * window) work where SDPA with the materialised mask does O(Sq * Skv) and allocates the
+    [Sq, Skv] mask. None where the kernel cannot take the inputs (`triton_fwd.supported`)."""
     if triton_fwd.supported(q, k, v, None) is not None:
         return None
     batch, heads, q_len, _ = q.shape
@@ -182,7 +182,7 @@ def window_attention(
     scale = resolve_scale(scale, q.shape[-1])
     return triton_fwd.sparse_attention_fwd(
         q, k, v, selection, None, True, scale, window=window, softcap=softcap
-    )[0]
+    )
 
 
 def select_on_device(
@@ -223,7 +223,9 @@ class AttentionRun:
 
     Attributes:
         out: [B, H, Sq, Dv] in q.dtype.
-        lse: float32 [B, H, Sq] (natural log) when the sparse path ran; zeros when dense ran.
+        lse: float32 [B, H, Sq]: the natural-log log-sum-exp of the scaled (soft-capped) masked scores over
+            the attended keys, -inf for a row that sees no key; on the dense path only when asked
+            (``need_lse``), else zeros.
         decision: `decide`'s decision.
         selection: the block selection when the sparse path ran, else None.
     """
@@ -234,10 +236,13 @@ class AttentionRun:
     selection: BlockSelection | None
 
 
-def _dense(x: AttentionInputs, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Dense attention of q, k, v (``x``'s tensors or their vjp primals) with ``x``'s mask, scale, window."""
+def _dense(
+    x: AttentionInputs, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_lse: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`dense.dense_attention` (out, lse or None) of q, k, v (``x``'s tensors or their vjp primals) with
+    ``x``'s mask, scale, window and cap."""
     gqa = q.shape[1] != k.shape[1]
-    return dense_attention(q, k, v, x.attn_mask, x.is_causal, x.scale, gqa, x.window, x.softcap)
+    return dense_attention(q, k, v, x.attn_mask, x.is_causal, x.scale, gqa, x.window, x.softcap, need_lse)
 
 
 def _vjp(fn: Callable[..., torch.Tensor], primals: tuple[torch.Tensor, ...], grad_out: torch.Tensor):
@@ -247,13 +252,15 @@ def _vjp(fn: Callable[..., torch.Tensor], primals: tuple[torch.Tensor, ...], gra
     return vjp_fn(grad_out)
 
 
-def omnisparse_attention(x: AttentionInputs, config: OmniSparseConfig) -> AttentionRun:
+def omnisparse_attention(x: AttentionInputs, config: OmniSparseConfig, need_lse: bool = True) -> AttentionRun:
     """The op's forward, SDPA semantics: `decide`, then the sparse method (`plan`, then `_attend`) or
     dense attention.
 
     Dense attention is SDPA (`dense.dense_attention`; soft-capped: `dense.capped_attention`); a window
     site on CUDA runs exactly over the blocks its band touches with the Triton kernel
-    (`window_attention`) where that takes the inputs.
+    (`window_attention`) where that takes the inputs. The sparse kernels, the band kernel and the
+    capped path compute the lse anyway; SDPA does not, so there it costs `dense.dense_lse`'s pass over
+    the scores, run only when ``need_lse`` (else the lse is zeros).
     On the CPU, differentiable by autograd with respect to q, k, v with the selection held constant
     (METHOD.md section 5); the op's registered backward is `omnisparse_attention_backward`.
     """
@@ -262,12 +269,13 @@ def omnisparse_attention(x: AttentionInputs, config: OmniSparseConfig) -> Attent
         selection = plan(x, config)
         out, lse = _attend(x, selection, config)
         return AttentionRun(out, lse, decision, selection)
-    out = None
+    band = None
     if x.window is not None and x.q.device.type == "cuda":
-        out = window_attention(x.q, x.k, x.v, x.scale, x.window, config.block_size, x.softcap)
-    if out is None:
-        out = _dense(x, x.q, x.k, x.v)
-    return AttentionRun(out, x.q.new_zeros(x.q.shape[:3], dtype=torch.float32), decision, None)
+        band = window_attention(x.q, x.k, x.v, x.scale, x.window, config.block_size, x.softcap)
+    out, lse = band or _dense(x, x.q, x.k, x.v, need_lse)
+    if lse is None:
+        lse = x.q.new_zeros(x.q.shape[:3], dtype=torch.float32)
+    return AttentionRun(out, lse, decision, None)
 
 
 def omnisparse_attention_backward(
@@ -282,7 +290,7 @@ def omnisparse_attention_backward(
     """
     primals = (x.q, x.k, x.v)
     if _decide(x, config).path == "dense":
-        return _vjp(lambda q_, k_, v_: _dense(x, q_, k_, v_), primals, grad_out)
+        return _vjp(lambda q_, k_, v_: _dense(x, q_, k_, v_)[0], primals, grad_out)
     selection = plan(x, config)
     scale = resolve_scale(x.scale, x.q.shape[-1])
     if x.q.device.type == "cuda" and triton_bwd.supported(*primals, x.attn_mask) is None:
@@ -316,4 +324,4 @@ def selection_stats(
     batch, heads, q_len, _ = q.shape
     allowed = allowed_blocks(mask, causal, batch, heads, q_len, k.shape[2], selection.block_size, q.device)
     stats = measure_selection(selection, mass, allowed).as_dict()
-    return {**stats, "rel_error": relative_error(out, _dense(x, x.q, x.k, x.v))}
+    return {**stats, "rel_error": relative_error(out, _dense(x, x.q, x.k, x.v)[0])}

@@ -1,19 +1,23 @@
 """The custom op ``torch.ops.omnisparse.attention`` that the passes put in place of attention.
 
-Schema (SDPA's arguments, plus the config, the site name, a sliding window, a mask check and a logit
-soft-cap)::
+Schema (SDPA's arguments, plus the config, the site name, a sliding window, a mask check, a logit
+soft-cap and whether the lse is read)::
 
     omnisparse::attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float dropout_p,
                           bool is_causal, float? scale, bool enable_gqa, str config, str site,
-                          int? window=None, Tensor? mask_check=None, float? softcap=None)
-                          -> (Tensor out, Tensor lse)
+                          int? window=None, Tensor? mask_check=None, float? softcap=None,
+                          bool need_lse=True) -> (Tensor out, Tensor lse)
 
 q: [B, H, Sq, D]; k: [B, Hkv, Skv, D]; v: [B, Hkv, Skv, Dv]; attn_mask: None, bool (True = keep) or
 additive float, broadcastable to [B, H, Sq, Skv]. ``out`` [B, H, Sq, Dv] (q.dtype, contiguous) equals
-SDPA semantics when nothing is skipped; ``lse`` float32 [B, H, Sq] is the log-sum-exp of the scaled
-scores over the attended keys when the sparse path ran; zeros (unused by the backward) when
-dense attention ran. ``window`` (only with ``is_causal=True`` and no mask): query row r sees keys
-``r - window < c <= r``. ``mask_check``: the 0-d bool that ``omnisparse::causal_mask_check``
+SDPA semantics when nothing is skipped; ``lse`` float32 [B, H, Sq] is the natural-log log-sum-exp of the
+scaled (soft-capped) masked scores over the attended keys, on every path, and -inf for a row that sees
+no key (additive values <= ``finfo.min / 2`` count as masked, as in `kernels.masks`), so that partial
+attentions over disjoint keys merge exactly (`merge.merge_attention`). It is not differentiable (the
+backward ignores it). ``need_lse=False`` (the passes' and the transformers integration's calls, which
+never read it) lets dense attention skip computing it (SDPA returns none; `dense.dense_lse`): the lse
+is then zeros where dense attention ran. ``window`` (only with ``is_causal=True`` and no mask): query
+row r sees keys ``r - window < c <= r``. ``mask_check``: the 0-d bool that ``omnisparse::causal_mask_check``
 computed for ``attn_mask`` (the passes insert one per distinct mask per graph, where the mask is
 not known at compile time); when True the call runs as ``is_causal=True`` without the mask. The op
 never reads a mask to find out whether it is causal. ``softcap`` (Gemma 2's logit soft-capping; None
@@ -184,6 +188,7 @@ def attention(
     window: int | None = None,
     mask_check: Tensor | None = None,
     softcap: float | None = None,
+    need_lse: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """OmniSparse attention with SDPA semantics; see the module docstring."""
     check_inputs(q, k, v, attn_mask, dropout_p, enable_gqa)
@@ -192,7 +197,7 @@ def attention(
     attn_mask, is_causal = resolve_mask(attn_mask, is_causal, mask_check)
     window = effective_window(window, q.shape[2])
     x = AttentionInputs(q, k, v, attn_mask, is_causal, scale, window, softcap)
-    run = omnisparse_attention(x, cfg)
+    run = omnisparse_attention(x, cfg, need_lse)
     if run.decision.path == "dense":
         _log_dense_once(site, run.decision.reason)
     _record(site, run, x, cfg)
@@ -238,10 +243,24 @@ def _attention_backward_fake(grad_out, q, k, v, *_args, **_kwargs):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, attn_mask, _dropout, is_causal, scale, enable_gqa, config, _site, window, mask_check, softcap = (
-        inputs
-    )
+    (
+        q,
+        k,
+        v,
+        attn_mask,
+        _dropout,
+        is_causal,
+        scale,
+        enable_gqa,
+        config,
+        _site,
+        window,
+        mask_check,
+        softcap,
+        _,
+    ) = inputs
     out, lse = output
+    ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, attn_mask, out, lse, mask_check)
     ctx.args = (is_causal, scale, enable_gqa, config, window, softcap)
 
@@ -265,7 +284,7 @@ def _backward(ctx, grad_out: Tensor, _grad_lse: Tensor):
         mask_check,
         softcap,
     )
-    return dq, dk, dv, *(None,) * 10
+    return dq, dk, dv, *(None,) * 11
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

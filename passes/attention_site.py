@@ -7,7 +7,7 @@ appends a `SiteRecord` and, when supported, inserts::
 
     attention = torch.ops.omnisparse.attention.default(q, k, v, attn_mask, dropout_p, is_causal,
                                                        scale, enable_gqa, config_json, site, None, None,
-                                                       softcap)
+                                                       softcap, False)
     out = operator.getitem(attention, 0)
 
 before the site's node (`insert_call`: every inserted node gets its example value) and moves every
@@ -166,6 +166,7 @@ def _insert_op(
         None,
         None,
         call.softcap,
+        False,  # need_lse: the site's attention has no lse, so no use of it
     )
     out = insert_call(gm, site, operator.getitem, (insert_call(gm, site, ATTENTION, args), 0))
     if flatten_heads:

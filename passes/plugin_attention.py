@@ -35,7 +35,7 @@ def attention_plugin(
     q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float, enable_gqa: bool, config: str, site: str
 ) -> Tensor:
     """``omnisparse.attention`` without a mask, its output only."""
-    return ATTENTION(q, k, v, None, 0.0, is_causal, scale, enable_gqa, config, site)[0]
+    return ATTENTION(q, k, v, None, 0.0, is_causal, scale, enable_gqa, config, site, need_lse=False)[0]
 
 
 @torch.library.custom_op("omnisparse::attention_plugin_masked", mutates_args=())
@@ -43,7 +43,7 @@ def attention_plugin_masked(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor, scale: float, enable_gqa: bool, config: str, site: str
 ) -> Tensor:
     """``omnisparse.attention`` with a mask (bool or additive), its output only."""
-    return ATTENTION(q, k, v, attn_mask, 0.0, False, scale, enable_gqa, config, site)[0]
+    return ATTENTION(q, k, v, attn_mask, 0.0, False, scale, enable_gqa, config, site, need_lse=False)[0]
 
 
 @attention_plugin.register_fake

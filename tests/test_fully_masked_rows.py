@@ -3,8 +3,9 @@
 Pinned on the CPU: a bool mask all False and an additive mask all -inf give zeros in dense and sparse
 mode (as SDPA here; eager softmax attention gives NaN); an additive mask all ``finfo.min`` gives the
 uniform average of the values in dense mode (as SDPA and eager attention: the row's scores are all
-equal) and zeros in sparse mode (the kernels count values <= finfo.min / 2 as masked). Other rows equal
-SDPA in both modes.
+equal) and zeros in sparse mode (the kernels count values <= finfo.min / 2 as masked). The lse of such a
+row is -inf in every case and mode (values <= finfo.min / 2 count as masked). Other rows equal SDPA in
+both modes.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def test_fully_masked_row(kind: str, mode: str) -> None:
         assert torch.isnan(eager[:, :, ROW]).all()
     expected = uniform if (mode, kind) == ("dense", "finfo.min") else torch.zeros_like(uniform)
     assert torch.allclose(out[:, :, ROW], expected, atol=1e-5)
-    if mode == "sparse":
-        assert torch.isneginf(lse[:, :, ROW]).all()
+    assert torch.isneginf(lse[:, :, ROW]).all()
     others = torch.arange(S) != ROW
     assert rel_error(out[:, :, others], sdpa[:, :, others]) <= REL_TOL[torch.float32]
+    assert torch.isfinite(lse[:, :, others]).all()

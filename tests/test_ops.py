@@ -168,17 +168,21 @@ def test_checked_causal_mask_runs_as_is_causal():
 @pytest.mark.parametrize("window, q_len", [(24, 80), (16, 64), (100, 70)])
 def test_window_attention_equals_sdpa_with_the_window_mask(window, q_len):
     """The dense path of a window site on CUDA: the Triton kernel over the band's blocks (here under
-    the interpreter) equals SDPA with the materialised mask (b = 16, GQA, windows on and off block edges)."""
+    the interpreter) equals SDPA with the materialised mask (b = 16, GQA, windows on and off block edges),
+    its lse the log-sum-exp of the band's scores."""
     from omnicompile.kernels.masks import window_mask
     from omnicompile.method import window_attention
 
     torch.manual_seed(0)
     q = torch.randn(1, 4, q_len, 16, dtype=torch.bfloat16)
     k, v = (torch.randn(1, 2, q_len, 16, dtype=torch.bfloat16) for _ in range(2))
-    out = window_attention(q, k, v, None, window, 16)
+    out, lse = window_attention(q, k, v, None, window, 16)
     mask = window_mask(q_len, q_len, window, q.device)
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
     assert rel_error(out, ref) < REL_TOL[torch.bfloat16]
+    scores = q.float() @ k.float().repeat_interleave(2, 1).transpose(-1, -2) / 4  # scale 1 / sqrt(16)
+    want = torch.logsumexp(scores.masked_fill(~mask, float("-inf")), -1)
+    torch.testing.assert_close(lse, want, atol=1e-3, rtol=1e-3)
 
 
 def test_nearly_dense_heads_run_exact_attention_without_a_dense_decision():

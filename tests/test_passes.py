@@ -22,6 +22,7 @@ from torch.fx import GraphModule
 import omnicompile.ops  # noqa: F401  (registers torch.ops.omnisparse.attention)
 from omnicompile.config import OmniSparseConfig
 from omnicompile.passes import PassReport, run_passes
+from omnicompile.passes.attention_site import attention_args
 from tests.helpers import check_numerics, targets
 
 DENSE = OmniSparseConfig(mode="dense")
@@ -71,6 +72,7 @@ def check_graph(captured: Captured, *, replaced: int, absent: tuple[Any, ...] = 
     ops = [node for node in gm.graph.nodes if node.target is OP]
     assert sorted(op.args[9] for op in ops) == sorted(s.site for s in sites if s.status == "replaced")
     assert all(op.args[8] == DENSE.to_json() for op in ops)
+    assert all(attention_args(op)["need_lse"] is False for op in ops)  # no site reads the lse
     assert captured.report.changed == (replaced > 0)
     assert captured.original.code == captured.original_code, "run_passes modified its input graph"
     assert OP not in targets(captured.original)

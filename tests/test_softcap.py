@@ -122,12 +122,12 @@ def test_sparse_reference_with_every_block_equals_capped_math(masking, softcap):
 @pytest.mark.parametrize("masking", MASKINGS)
 def test_dense_capped_attention_equals_capped_math(masking, monkeypatch):
     """Query chunks of 3 rows (the chunk budget made small); Sq != Skv."""
-    monkeypatch.setattr(dense, "_CAPPED_CHUNK_ELEMENTS", 3 * 2 * 4 * 50)
+    monkeypatch.setattr(dense, "_SCORE_CHUNK_ELEMENTS", 3 * 2 * 4 * 50)
     q, k, v, mask, causal, window = case = _case(masking)
     primals = tuple(t.requires_grad_() for t in (q, k, v))
-    out = dense.dense_attention(*primals, mask, causal, SCALE, True, window, softcap=CAP)
+    out, lse = dense.dense_attention(*primals, mask, causal, SCALE, True, window, softcap=CAP)
     assert out.dtype == q.dtype and out.is_contiguous()
-    _check_against_math(out, None, primals, *case, softcap=CAP)
+    _check_against_math(out, lse, primals, *case, softcap=CAP)
 
 
 @pytest.mark.parametrize("masking", MASKINGS)

@@ -79,7 +79,7 @@ def test_op_equals_dense_capped_attention(seq, window, cap, mode):
             q, k, v, None, 0.0, True, None, True, config.to_json(), "gemma2", window, None, cap
         )
     assert recorder.runs[0].decision == ("dense" if mode == "dense" else "sparse")
-    ref = dense_attention(q, k, v, None, True, None, True, window, softcap=cap)
+    ref, _ = dense_attention(q, k, v, None, True, None, True, window, softcap=cap)
     assert rel_error(out, ref) < REL_TOL[torch.bfloat16]
     grad_out = _cotangent(out)
     got = torch.autograd.grad(out, (q, k, v), grad_out)
