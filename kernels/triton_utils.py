@@ -1,7 +1,7 @@
 """Pieces shared by the Triton kernels: interpreter detection, the fp32-dot rule, the tile dot, the
-base-2 constants, the head-dim support check and the online-softmax primitives (one step, the
-normaliser, the finish), in base 2 as FlashAttention and FlashInfer's ``state_merge`` /
-``state_normalize``."""
+base-2 constants, the head-dim support check, the score constexprs of a launch and the online-softmax
+primitives (one step, the normaliser, the finish), in base 2 as FlashAttention and FlashInfer's
+``state_merge`` / ``state_normalize``."""
 
 from __future__ import annotations
 
@@ -68,6 +68,22 @@ def qk_reason(q: torch.Tensor, k: torch.Tensor) -> str | None:
 def head_dim_pad(head_dim: int) -> int:
     """The power-of-two width of a kernel's head-dim ``tl.arange`` (>= 16)."""
     return max(16, triton.next_power_of_2(head_dim))
+
+
+def score_constexprs(
+    q: torch.Tensor, is_causal: bool, window: int | None, softcap: float | None
+) -> dict[str, int | bool]:
+    """The constexprs of a kernel's scores of queries ``q`` [..., D]: HEAD_DIM, HEAD_DIM_PAD,
+    IS_CAUSAL, WINDOWED, SOFTCAP and FP32_DOT (the estimation kernels' launch arguments)."""
+    head_dim = q.shape[-1]
+    return {
+        "HEAD_DIM": head_dim,
+        "HEAD_DIM_PAD": head_dim_pad(head_dim),
+        "IS_CAUSAL": is_causal,
+        "WINDOWED": window is not None,
+        "SOFTCAP": softcap is not None,
+        "FP32_DOT": needs_fp32_dot(q.dtype),
+    }
 
 
 @triton.jit

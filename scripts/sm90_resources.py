@@ -33,12 +33,27 @@ FP32_SCALARS = {"qk_scale", "scale", "mask_floor", "softcap"}
 FP32_POINTERS = {"LSE", "LSE2", "DELTA", "DK32", "DV32", "AHAT", "STATS", "OUT", "MID_O", "MID_LSE"}
 INT_POINTERS = {"KV_NUM", "KV_IDX", "FREE_LO", "FREE_HI", "ORDER", "Q_NUM", "Q_IDX", "OFFSETS", "LENGTHS"}
 INT_SCALARS = {"KV_HEADS", "BATCH_KV_HEADS"}
+# Stride tuples (`*_strides`: 4 strides, `num_strides` 3) whose last stride is 1 (the head dim).
+UNIT_LAST_STRIDE = {"q_strides", "k_strides", "v_strides", "do_strides", "dq_strides"}
 
 
 def resources(fn, constexprs: dict, num_warps: int, num_stages: int) -> str:
     """'REG r, spill s B, smem m KB' of ``fn`` compiled for sm_90."""
     signature, attrs = {}, {}
     for index, name in enumerate(fn.arg_names):
+        if name == "sizes":  # a Triton tuple of the row probe's 5 sizes
+            signature[name] = ("i32",) * 5
+            continue
+        if name.endswith("_strides"):  # a Triton tuple of strides
+            size = 3 if name == "num_strides" else 4
+            unit = name in UNIT_LAST_STRIDE
+            signature[name] = tuple("constexpr" if unit and j == size - 1 else "i32" for j in range(size))
+            for j in range(size):
+                if unit and j == size - 1:
+                    constexprs[(index, j)] = 1
+                else:
+                    attrs[(index, j)] = [["tt.divisibility", 16]]
+            continue
         is_stride = name.startswith("s") and "_" in name and name != "split_len"
         unit_stride = is_stride and (name.endswith("d") or name in ("stride_aj", "stride_mj"))
         if name in constexprs or unit_stride:

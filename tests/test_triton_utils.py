@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from omnicompile.kernels.triton_utils import LOG2E, softmax_finish, softmax_step
+from omnicompile.kernels.triton_utils import LOG2E, score_constexprs, softmax_finish, softmax_step
 
 pytestmark = pytest.mark.interpreter
 
@@ -61,3 +61,16 @@ def test_softmax_step_and_finish_match_torch(masked: bool) -> None:
     torch.testing.assert_close(lse, lse_ref, rtol=1e-5, atol=1e-5)
     if masked:
         assert lse[3] == float("-inf") and out[3].eq(0).all()
+
+
+def test_score_constexprs() -> None:
+    q = torch.zeros(1, 2, 3, 80, dtype=torch.float16)
+    assert score_constexprs(q, True, 16, None) == {
+        "HEAD_DIM": 80,
+        "HEAD_DIM_PAD": 128,
+        "IS_CAUSAL": True,
+        "WINDOWED": True,
+        "SOFTCAP": False,
+        "FP32_DOT": False,
+    }
+    assert score_constexprs(q.float(), False, None, 30.0)["FP32_DOT"] is True

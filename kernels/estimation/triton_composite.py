@@ -47,10 +47,10 @@ from ..softcap import check_softcap
 from ..triton_utils import (
     LOG2E,
     head_dim_pad,
-    needs_fp32_dot,
     normaliser,
     online_stats,
     qk_reason,
+    score_constexprs,
     soft_cap,
     tile_dot,
 )
@@ -159,12 +159,7 @@ def estimate_blocks(
         PER_BLOCK=per_block,
         BLOCK_U=block_u,
         BLOCK_W=block_w,
-        HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=head_dim_pad(head_dim),
-        IS_CAUSAL=is_causal,
-        WINDOWED=window is not None,
-        SOFTCAP=softcap is not None,
-        FP32_DOT=needs_fp32_dot(q.dtype),
+        **score_constexprs(q, is_causal, window, softcap),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

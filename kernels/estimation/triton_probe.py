@@ -36,11 +36,10 @@ from ..masks import check_window
 from ..softcap import check_softcap
 from ..triton_utils import (
     LOG2E,
-    head_dim_pad,
-    needs_fp32_dot,
     normaliser,
     online_stats,
     qk_reason,
+    score_constexprs,
     soft_cap,
     tile_dot,
 )
@@ -120,17 +119,12 @@ def probe_block_mass_triton(
         BLOCK_SIZE=block_size,
         BLOCK_R=cfg.block_r,
         BLOCK_N=block_n,
-        HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=head_dim_pad(head_dim),
-        IS_CAUSAL=is_causal,
-        WINDOWED=window is not None,
-        SOFTCAP=softcap is not None,
-        FP32_DOT=needs_fp32_dot(q.dtype),
+        **score_constexprs(q, is_causal, window, softcap),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     cap = (softcap or 1.0) * LOG2E  # base 2; read only when SOFTCAP
-    rows = (q, k, *q.stride(), *k.stride(), heads, q_len, kv_len, nq, r_tiles, scale * LOG2E, cap)
+    rows = (q, k, q.stride(), k.stride(), (heads, q_len, kv_len, nq, r_tiles), scale * LOG2E, cap)
     # window: read only when WINDOWED
     split_args = (0 if window is None else window, splits, tiles_per_split)
     # The statistics of every split, then the masses (they need every split's statistics).
@@ -193,19 +187,9 @@ def _scores(
 def _probe_rows(
     Q,
     K,
-    stride_qb,
-    stride_qh,
-    stride_qs,
-    stride_qd,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    heads,
-    q_len,
-    kv_len,
-    nq,
-    r_tiles,
+    q_strides,
+    k_strides,
+    sizes,
     window,
     tiles_per_split,
     GQA: tl.constexpr,
@@ -220,7 +204,8 @@ def _probe_rows(
     """This program's probe rows (query blocks ``offs_i``, rows ``rows``, their q [BLOCK_R,
     HEAD_DIM_PAD]), its key head's base pointer, the row index of (batch, head, offs_i) in a
     [B, H, nq] layout, its split's key tiles [split_first, split_first + tiles_per_split) and the
-    part [lo, hi) of them the rows may see."""
+    part [lo, hi) of them the rows may see. ``sizes``: (heads, q_len, kv_len, nq, r_tiles)."""
+    heads, q_len, kv_len, nq, r_tiles = sizes
     # Program order, fastest first: head (heads of a KV group share key tiles in L2), row tile
     # (last first: causal tiles near the end are the longest), batch; then the key split.
     pid = tl.program_id(0)
@@ -233,12 +218,13 @@ def _probe_rows(
     row_ok = offs_i < nq
     rows = tl.minimum((offs_i + 1) * BLOCK_SIZE, q_len) - 1  # rows past nq clamp to the last row
     offs_d = tl.arange(0, HEAD_DIM_PAD)
+    q_base = Q + batch * q_strides[0] + head * q_strides[1]
     q_rows = tl.load(
-        Q + batch * stride_qb + head * stride_qh + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+        q_base + rows[:, None] * q_strides[2] + offs_d[None, :] * q_strides[3],
         mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
         other=0.0,
     )
-    k_base = K + batch * stride_kb + (head // GQA) * stride_kh + offs_d[None, :] * stride_kd
+    k_base = K + batch * k_strides[0] + (head // GQA) * k_strides[1] + offs_d[None, :] * k_strides[3]
     row_index = (batch * heads + head) * nq + offs_i
 
     # Key tiles the row tile sees: [first, visited). Causal: up to its last row; window: from the
@@ -262,19 +248,9 @@ def _probe_rows(
 def _probe_kernel(
     Q,
     K,
-    stride_qb,
-    stride_qh,
-    stride_qs,
-    stride_qd,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    heads,
-    q_len,
-    kv_len,
-    nq,
-    r_tiles,
+    q_strides,
+    k_strides,
+    sizes,
     qk_scale,
     softcap,
     window,
@@ -303,10 +279,10 @@ def _probe_kernel(
     OUT [B, H, nq, nk] (mixed into it with MIX)."""
     BLOCKS_J: tl.constexpr = BLOCK_N // BLOCK_SIZE
     offs_i, row_ok, rows, q_rows, k_base, row_index, split_first, lo, hi = _probe_rows(
-        Q, K, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-        heads, q_len, kv_len, nq, r_tiles, window, tiles_per_split,
+        Q, K, q_strides, k_strides, sizes, window, tiles_per_split,
         GQA, BLOCK_SIZE, BLOCK_R, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, IS_CAUSAL, WINDOWED,
     )  # fmt: skip
+    stride_kn, kv_len = k_strides[2], sizes[2]
     if MASS:
         # The rows' max and sum over every split (a split that saw nothing holds -inf, 0).
         offs_s = tl.arange(0, SPLITS_PAD)

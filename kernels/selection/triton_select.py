@@ -93,7 +93,7 @@ def select_blocks_triton(
     rows = batch * heads * nq
     block_n = triton.next_power_of_2(nk)
     num_warps = min(16, max(1, block_n // 512))
-    row_args = (*ahat.stride(), *allowed.stride(), heads, nq, nk, params.n_sink, params.n_local)
+    row_args = (ahat.stride(), allowed.stride(), heads, nq, nk, params.n_sink, params.n_local)
 
     need = torch.empty(batch, heads, nq, dtype=torch.int32, device=ahat.device)
     lazy = torch.empty(batch, heads, nq, dtype=torch.bool, device=ahat.device)
@@ -106,7 +106,7 @@ def select_blocks_triton(
         lazy,
         num_forced,
         num_available,
-        *row_args,
+        row_args,
         params.tau + MASS_SLACK,
         params.lazy_threshold,
         IS_CAUSAL=is_causal,
@@ -125,7 +125,7 @@ def select_blocks_triton(
         take,
         kv_indices,
         kv_num_blocks,
-        *row_args,
+        row_args,
         IS_CAUSAL=is_causal,
         BLOCK_N=block_n,
         num_warps=num_warps,
@@ -142,42 +142,25 @@ def select_blocks_triton(
 
 
 @triton.jit
-def _load_row(
-    AHAT,
-    ALLOWED,
-    stride_ab,
-    stride_ah,
-    stride_ai,
-    stride_aj,
-    stride_mb,
-    stride_mh,
-    stride_mi,
-    stride_mj,
-    heads,
-    nq,
-    nk,
-    n_sink,
-    n_local,
-    IS_CAUSAL: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+def _row_ptrs(base, strides, batch, head, i, offs):
+    """Pointers to entries ``offs`` of row (batch, head, i) of a [B, H, nq, nk] tensor of ``strides``."""
+    return base + batch * strides[0] + head * strides[1] + i.to(tl.int64) * strides[2] + offs * strides[3]
+
+
+@triton.jit
+def _load_row(AHAT, ALLOWED, row_args, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
     """Row index and [BLOCK_N] block index, Ahat (0 past nk), forced (allowed & F pattern) and
-    available (allowed & not F pattern) of this program's (b, h, i) row."""
+    available (allowed & not F pattern) of this program's (b, h, i) row. ``row_args``: (Ahat's
+    strides, allowed's strides, heads, nq, nk, n_sink, n_local), the kernels' shared arguments."""
+    ahat_strides, allowed_strides, heads, nq, nk, n_sink, n_local = row_args
     row = tl.program_id(0)
     i = row % nq
     head = ((row // nq) % heads).to(tl.int64)
     batch = (row // (nq * heads)).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
     in_row = offs < nk
-    value = tl.load(
-        AHAT + batch * stride_ab + head * stride_ah + i.to(tl.int64) * stride_ai + offs * stride_aj,
-        mask=in_row,
-        other=0.0,
-    )
-    allowed_ptrs = (
-        ALLOWED + batch * stride_mb + head * stride_mh + i.to(tl.int64) * stride_mi + offs * stride_mj
-    )
-    allowed = tl.load(allowed_ptrs, mask=in_row, other=0) != 0
+    value = tl.load(_row_ptrs(AHAT, ahat_strides, batch, head, i, offs), mask=in_row, other=0.0)
+    allowed = tl.load(_row_ptrs(ALLOWED, allowed_strides, batch, head, i, offs), mask=in_row, other=0) != 0
     # forced_pattern: sinks 0 .. n_sink-1 and n_local blocks ending at i (causal) or centred on i.
     if IS_CAUSAL:
         first = i - n_local + 1
@@ -195,19 +178,7 @@ def _need_kernel(
     LAZY,
     NUM_FORCED,
     NUM_AVAILABLE,
-    stride_ab,
-    stride_ah,
-    stride_ai,
-    stride_aj,
-    stride_mb,
-    stride_mh,
-    stride_mi,
-    stride_mj,
-    heads,
-    nq,
-    nk,
-    n_sink,
-    n_local,
+    row_args,
     mass_target,
     lazy_threshold,
     IS_CAUSAL: tl.constexpr,
@@ -215,10 +186,7 @@ def _need_kernel(
     TAKE_ALL: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    row, _, value, forced, available = _load_row(
-        AHAT, ALLOWED, stride_ab, stride_ah, stride_ai, stride_aj, stride_mb, stride_mh, stride_mi,
-        stride_mj, heads, nq, nk, n_sink, n_local, IS_CAUSAL, BLOCK_N,
-    )  # fmt: skip
+    row, _, value, forced, available = _load_row(AHAT, ALLOWED, row_args, IS_CAUSAL, BLOCK_N)
     local = tl.sum(tl.where(forced, value, 0.0))
     lazy = (local >= lazy_threshold) & QUERY_SELECTION
     num_available = tl.sum(available.to(tl.int32))
@@ -257,26 +225,12 @@ def _select_kernel(
     TAKE,
     KV_INDICES,
     KV_NUM_BLOCKS,
-    stride_ab,
-    stride_ah,
-    stride_ai,
-    stride_aj,
-    stride_mb,
-    stride_mh,
-    stride_mi,
-    stride_mj,
-    heads,
-    nq,
-    nk,
-    n_sink,
-    n_local,
+    row_args,
     IS_CAUSAL: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    row, offs, value, forced, available = _load_row(
-        AHAT, ALLOWED, stride_ab, stride_ah, stride_ai, stride_aj, stride_mb, stride_mh, stride_mi,
-        stride_mj, heads, nq, nk, n_sink, n_local, IS_CAUSAL, BLOCK_N,
-    )  # fmt: skip
+    row, offs, value, forced, available = _load_row(AHAT, ALLOWED, row_args, IS_CAUSAL, BLOCK_N)
+    nk = row_args[4]
     take = tl.load(TAKE + row)
     # Order-preserving int32 key of any float (negatives: flip the magnitude bits), -0.0 as +0.0.
     bits = tl.where(value == 0.0, 0.0, value).to(tl.int32, bitcast=True)

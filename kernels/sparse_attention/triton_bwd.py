@@ -162,10 +162,11 @@ def _preprocess(
 
 
 @triton.jit
-def _load_tile(base, offs_s, s_s, offs_d, s_d, seq_len, HEAD_DIM: tl.constexpr):
-    """[len(offs_s), HEAD_DIM_PAD] rows ``offs_s`` of a [seq_len, HEAD_DIM] matrix, zero outside."""
+def _load_tile(base, offs_s, strides, offs_d, seq_len, HEAD_DIM: tl.constexpr):
+    """[len(offs_s), HEAD_DIM_PAD] rows ``offs_s`` of a [seq_len, HEAD_DIM] matrix at ``base``, zero
+    outside; ``strides``: the [B, H, S, D] tensor's."""
     return tl.load(
-        base + offs_s[:, None] * s_s + offs_d[None, :] * s_d,
+        base + offs_s[:, None] * strides[2] + offs_d[None, :] * strides[3],
         mask=(offs_s[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM),
         other=0.0,
     )
@@ -178,8 +179,7 @@ def _scores(
     qk_scale,
     softcap,
     mask_base,
-    s_mq,
-    s_mk,
+    mask_strides,
     q_offs,
     k_offs,
     q_len,
@@ -194,7 +194,8 @@ def _scores(
     cap's derivative 1 - tanh^2 per score (SOFTCAP only; 1.0 without).
 
     ``q_offs`` / ``k_offs`` are the query / key positions broadcast to the tile's shape (either may
-    run along the rows); ``mask_base`` points at this (batch, head)'s attn_mask.
+    run along the rows); ``mask_base`` points at this (batch, head)'s attn_mask [B, H, Sq, Skv] of
+    ``mask_strides``.
     """
     s = tile_dot(a, b_t, None, FP32_DOT) * qk_scale
     d_cap = 1.0
@@ -203,7 +204,7 @@ def _scores(
         d_cap = 1.0 - t * t
     if MASK_KIND != 0:
         in_bounds = (q_offs < q_len) & (k_offs < kv_len)
-        m = tl.load(mask_base + q_offs * s_mq + k_offs * s_mk, mask=in_bounds, other=0)
+        m = tl.load(mask_base + q_offs * mask_strides[2] + k_offs * mask_strides[3], mask=in_bounds, other=0)
         if MASK_KIND == 1:
             s = tl.where(m != 0, s, float("-inf"))
         else:
@@ -224,37 +225,14 @@ def _dq_kernel(
     DELTA,
     KV_NUM,
     KV_IDX,
-    s_qb,
-    s_qh,
-    s_qs,
-    s_qd,
-    s_kb,
-    s_kh,
-    s_ks,
-    s_kd,
-    s_vb,
-    s_vh,
-    s_vs,
-    s_vd,
-    s_dob,
-    s_doh,
-    s_dos,
-    s_dod,
-    s_dqb,
-    s_dqh,
-    s_dqs,
-    s_dqd,
-    s_mb,
-    s_mh,
-    s_mq,
-    s_mk,
-    s_nb,
-    s_nh,
-    s_ni,
-    s_ib,
-    s_ih,
-    s_ii,
-    s_it,
+    q_strides,
+    k_strides,
+    v_strides,
+    do_strides,
+    dq_strides,
+    mask_strides,
+    num_strides,
+    idx_strides,
     KV_HEADS,
     q_len,
     kv_len,
@@ -289,32 +267,31 @@ def _dq_kernel(
     block_i = m0 // BLOCK
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    q = _load_tile(Q + b * s_qb + h * s_qh, offs_m, s_qs, offs_d, s_qd, q_len, HEAD_DIM)
-    do = _load_tile(DO + b * s_dob + h * s_doh, offs_m, s_dos, offs_d, s_dod, q_len, HEAD_DIM)
+    q = _load_tile(Q + b * q_strides[0] + h * q_strides[1], offs_m, q_strides, offs_d, q_len, HEAD_DIM)
+    do = _load_tile(DO + b * do_strides[0] + h * do_strides[1], offs_m, do_strides, offs_d, q_len, HEAD_DIM)
     row = (b * KV_HEADS * GROUP + h) * q_len + offs_m
     lse2 = tl.load(LSE2 + row, mask=offs_m < q_len, other=float("inf"))
     delta = tl.load(DELTA + row, mask=offs_m < q_len, other=0.0)
-    k_base = K + b * s_kb + hk * s_kh
-    v_base = V + b * s_vb + hk * s_vh
-    mask_base = MASK + b * s_mb + h * s_mh
-    idx_base = KV_IDX + b * s_ib + h * s_ih + block_i * s_ii
+    k_base = K + b * k_strides[0] + hk * k_strides[1]
+    v_base = V + b * v_strides[0] + hk * v_strides[1]
+    mask_base = MASK + b * mask_strides[0] + h * mask_strides[1]
+    idx_base = KV_IDX + b * idx_strides[0] + h * idx_strides[1] + block_i * idx_strides[2]
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    num_selected = tl.load(KV_NUM + b * s_nb + h * s_nh + block_i * s_ni)
+    num_selected = tl.load(KV_NUM + b * num_strides[0] + h * num_strides[1] + block_i * num_strides[2])
     for t in range(num_selected):
-        block_j = tl.load(idx_base + t * s_it)
+        block_j = tl.load(idx_base + t * idx_strides[3])
         for sub in tl.static_range(BLOCK // BLOCK_N):
             n0 = block_j * BLOCK + sub * BLOCK_N
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            k = _load_tile(k_base, offs_n, s_ks, offs_d, s_kd, kv_len, HEAD_DIM)
-            v = _load_tile(v_base, offs_n, s_vs, offs_d, s_vd, kv_len, HEAD_DIM)
+            k = _load_tile(k_base, offs_n, k_strides, offs_d, kv_len, HEAD_DIM)
+            v = _load_tile(v_base, offs_n, v_strides, offs_d, kv_len, HEAD_DIM)
             s, d_cap = _scores(
                 q,
                 tl.trans(k),
                 qk_scale,
                 softcap,
                 mask_base,
-                s_mq,
-                s_mk,
+                mask_strides,
                 offs_m[:, None],
                 offs_n[None, :],
                 q_len,
@@ -341,18 +318,24 @@ def _dq_kernel(
             dq = tile_dot(ds.to(k.dtype), k, dq, FP32_DOT)
     dq *= scale
     tl.store(
-        DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqs + offs_d[None, :] * s_dqd,
+        DQ
+        + b * dq_strides[0]
+        + h * dq_strides[1]
+        + offs_m[:, None] * dq_strides[2]
+        + offs_d[None, :] * dq_strides[3],
         dq.to(DQ.dtype.element_ty),
         mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM),
     )
 
 
 @triton.jit
-def _group_count(Q_NUM, b, hk, block_j, s_nb, s_nh, s_nj, GROUP: tl.constexpr):
+def _group_count(Q_NUM, num_strides, b, hk, block_j, GROUP: tl.constexpr):
     """Entries of key block ``block_j``'s list summed over the query heads of KV head ``hk``."""
-    total = tl.load(Q_NUM + b * s_nb + hk * GROUP * s_nh + block_j * s_nj)
+    total = tl.load(Q_NUM + b * num_strides[0] + hk * GROUP * num_strides[1] + block_j * num_strides[2])
     for g in range(1, GROUP):
-        total += tl.load(Q_NUM + b * s_nb + (hk * GROUP + g) * s_nh + block_j * s_nj)
+        total += tl.load(
+            Q_NUM + b * num_strides[0] + (hk * GROUP + g) * num_strides[1] + block_j * num_strides[2]
+        )
     return total
 
 
@@ -371,33 +354,13 @@ def _dkdv_kernel(
     DELTA,
     Q_NUM,
     Q_IDX,
-    s_qb,
-    s_qh,
-    s_qs,
-    s_qd,
-    s_kb,
-    s_kh,
-    s_ks,
-    s_kd,
-    s_vb,
-    s_vh,
-    s_vs,
-    s_vd,
-    s_dob,
-    s_doh,
-    s_dos,
-    s_dod,
-    s_mb,
-    s_mh,
-    s_mq,
-    s_mk,
-    s_nb,
-    s_nh,
-    s_nj,
-    s_ib,
-    s_ih,
-    s_ij,
-    s_it,
+    q_strides,
+    k_strides,
+    v_strides,
+    do_strides,
+    mask_strides,
+    num_strides,
+    idx_strides,
     KV_HEADS,
     BATCH_KV_HEADS,
     q_len,
@@ -437,12 +400,12 @@ def _dkdv_kernel(
     hk = (bhk % KV_HEADS).to(tl.int64)
     n0 = tile * BLOCK_N
     block_j = n0 // BLOCK
-    total = _group_count(Q_NUM, b, hk, block_j, s_nb, s_nh, s_nj, GROUP)
+    total = _group_count(Q_NUM, num_strides, b, hk, block_j, GROUP)
     if (first < total) | (first == 0):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM_PAD)
-        k = _load_tile(K + b * s_kb + hk * s_kh, offs_n, s_ks, offs_d, s_kd, kv_len, HEAD_DIM)
-        v = _load_tile(V + b * s_vb + hk * s_vh, offs_n, s_vs, offs_d, s_vd, kv_len, HEAD_DIM)
+        k = _load_tile(K + b * k_strides[0] + hk * k_strides[1], offs_n, k_strides, offs_d, kv_len, HEAD_DIM)
+        v = _load_tile(V + b * v_strides[0] + hk * v_strides[1], offs_n, v_strides, offs_d, kv_len, HEAD_DIM)
         dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
         # This program takes entries [first, first + chunk) of the group's list; head g's
@@ -450,22 +413,22 @@ def _dkdv_kernel(
         seen = total * 0
         for g in range(GROUP):
             h = hk * GROUP + g
-            q_base = Q + b * s_qb + h * s_qh
-            do_base = DO + b * s_dob + h * s_doh
+            q_base = Q + b * q_strides[0] + h * q_strides[1]
+            do_base = DO + b * do_strides[0] + h * do_strides[1]
             row_base = (b * KV_HEADS * GROUP + h) * q_len
-            mask_base = MASK + b * s_mb + h * s_mh
-            idx_base = Q_IDX + b * s_ib + h * s_ih + block_j * s_ij
-            count = tl.load(Q_NUM + b * s_nb + h * s_nh + block_j * s_nj)
+            mask_base = MASK + b * mask_strides[0] + h * mask_strides[1]
+            idx_base = Q_IDX + b * idx_strides[0] + h * idx_strides[1] + block_j * idx_strides[2]
+            count = tl.load(Q_NUM + b * num_strides[0] + h * num_strides[1] + block_j * num_strides[2])
             lo = tl.maximum(first - seen, 0)
             hi = tl.minimum(first + chunk - seen, count)
             seen += count
             for t in range(lo, hi):
-                block_i = tl.load(idx_base + t * s_it)
+                block_i = tl.load(idx_base + t * idx_strides[3])
                 for sub in tl.static_range(BLOCK // BLOCK_M):
                     m0 = block_i * BLOCK + sub * BLOCK_M
                     offs_m = m0 + tl.arange(0, BLOCK_M)
-                    q = _load_tile(q_base, offs_m, s_qs, offs_d, s_qd, q_len, HEAD_DIM)
-                    do = _load_tile(do_base, offs_m, s_dos, offs_d, s_dod, q_len, HEAD_DIM)
+                    q = _load_tile(q_base, offs_m, q_strides, offs_d, q_len, HEAD_DIM)
+                    do = _load_tile(do_base, offs_m, do_strides, offs_d, q_len, HEAD_DIM)
                     lse2 = tl.load(LSE2 + row_base + offs_m, mask=offs_m < q_len, other=float("inf"))
                     delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < q_len, other=0.0)
                     # Transposed tile: rows are this program's keys, columns the block's queries.
@@ -475,8 +438,7 @@ def _dkdv_kernel(
                         qk_scale,
                         softcap,
                         mask_base,
-                        s_mq,
-                        s_mk,
+                        mask_strides,
                         offs_m[None, :],
                         offs_n[:, None],
                         q_len,
@@ -517,9 +479,7 @@ def _dkdv_finalize(
     DK32,
     DV32,
     Q_NUM,
-    s_nb,
-    s_nh,
-    s_nj,
+    num_strides,
     KV_HEADS,
     BATCH_KV_HEADS,
     kv_len,
@@ -537,7 +497,7 @@ def _dkdv_finalize(
     b = (bhk // KV_HEADS).to(tl.int64)
     hk = (bhk % KV_HEADS).to(tl.int64)
     n0 = tile * BLOCK_N
-    if _group_count(Q_NUM, b, hk, n0 // BLOCK, s_nb, s_nh, s_nj, GROUP) > chunk:
+    if _group_count(Q_NUM, num_strides, b, hk, n0 // BLOCK, GROUP) > chunk:
         offs_n = n0 + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM_PAD)
         ok = (offs_n[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM)
@@ -662,14 +622,14 @@ def sparse_attention_bwd(
         delta,
         selection.kv_num_blocks,
         selection.kv_indices,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *grad_out.stride(),
-        *dq.stride(),
-        *mask_strides,
-        *selection.kv_num_blocks.stride(),
-        *selection.kv_indices.stride(),
+        q.stride(),
+        k.stride(),
+        v.stride(),
+        grad_out.stride(),
+        dq.stride(),
+        mask_strides,
+        selection.kv_num_blocks.stride(),
+        selection.kv_indices.stride(),
         kv_heads,
         q_len,
         kv_len,
@@ -708,13 +668,13 @@ def sparse_attention_bwd(
         delta,
         q_num_blocks,
         q_indices,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *grad_out.stride(),
-        *mask_strides,
-        *q_num_blocks.stride(),
-        *q_indices.stride(),
+        q.stride(),
+        k.stride(),
+        v.stride(),
+        grad_out.stride(),
+        mask_strides,
+        q_num_blocks.stride(),
+        q_indices.stride(),
         kv_heads,
         batch * kv_heads,
         q_len,
@@ -735,7 +695,7 @@ def sparse_attention_bwd(
             dk32,
             dv32,
             q_num_blocks,
-            *q_num_blocks.stride(),
+            q_num_blocks.stride(),
             kv_heads,
             batch * kv_heads,
             kv_len,
