@@ -65,7 +65,7 @@ class LaunchConfig:
     ``block_m`` and ``block_n`` divide the selection's block size; ``block_m`` rows of one query
     block per program, ``block_n`` keys per inner step; ``schedule``: the order of the work list
     (`unit_order`). ``"causal"`` is the default: on an H100 (2026-12-06,
-    `scripts/gpu_check_schedule.py`, `mixed` presets, 32K and 128K, every budget scope) heaviest
+    `benchmarks/bench_schedule.py`, `mixed` presets, 32K and 128K, every budget scope) heaviest
     first was up to 41% slower (270-475 TFLOP/s on computed blocks against 440-490 in causal
     order): sorting scatters one KV head's query blocks across the launch, away from its K/V in L2.
     """
