@@ -19,8 +19,8 @@ estimator, mask, reference and kernel call as ``window=``; the logit soft-cap ``
 `kernels.softcap`) to every estimator, reference, kernel and dense call as ``softcap=``.
 
 An op call's inputs are checked once: q, k, v and the window when its `AttentionInputs` is built, the
-mask (on the sparse path) by `masks.allowed_blocks`; the pipeline runs the kernels' unchecked
-entries (``estimate_blocks_unchecked``, ``sparse_attention_unchecked``).
+mask (on the sparse path) by `masks.allowed_blocks`; the pipeline calls the references with
+``check=False``.
 The kernels take the config as per-stage parameters (`estimation_params`, `selection_params`).
 """
 
@@ -35,13 +35,13 @@ import torch
 
 from .config import OmniSparseConfig
 from .dense import dense_attention, with_window
-from .kernels.estimation import EstimationParams, estimate_blocks_unchecked, triton_composite
+from .kernels.estimation import EstimationParams, estimate_blocks, triton_composite
 from .kernels.masks import allowed_blocks, check_qkv, check_window, resolve_scale
 from .kernels.selection import BlockSelection, SelectionCall, SelectionParams, select_blocks, triton_select
 from .kernels.selection.transpose import selection_from_block_mask
 from .kernels.softcap import check_softcap
 from .kernels.sparse_attention import triton_bwd, triton_fwd
-from .kernels.sparse_attention.reference import sparse_attention_unchecked
+from .kernels.sparse_attention.reference import sparse_attention_reference
 from .metrics import exact_block_mass, relative_error
 from .metrics import selection_stats as measure_selection
 
@@ -147,7 +147,7 @@ def _estimate(x: AttentionInputs, params: EstimationParams) -> torch.Tensor:
     options = {"window": x.window, "softcap": x.softcap}
     if q.device.type == "cuda" and triton_composite.supported(q, k, mask, params) is None:
         return triton_composite.estimate_blocks(q, k, mask, causal, scale, params, **options)
-    return estimate_blocks_unchecked(q, k, mask, causal, scale, params, **options)
+    return estimate_blocks(q, k, mask, causal, scale, params, **options, check=False)
 
 
 def _attend(
@@ -157,7 +157,9 @@ def _attend(
     args = (x.q, x.k, x.v, selection, x.attn_mask, x.is_causal, resolve_scale(x.scale, x.q.shape[-1]))
     if x.q.device.type == "cuda":
         return triton_fwd.sparse_attention_fwd(*args, window=x.window, softcap=x.softcap)
-    return sparse_attention_unchecked(*args, config.query_chunk, window=x.window, softcap=x.softcap)
+    return sparse_attention_reference(
+        *args, config.query_chunk, window=x.window, softcap=x.softcap, check=False
+    )
 
 
 def window_attention(
@@ -300,9 +302,9 @@ def omnisparse_attention_backward(
         )  # fmt: skip
 
     def attention_out(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor) -> torch.Tensor:
-        return sparse_attention_unchecked(
+        return sparse_attention_reference(
             q_, k_, v_, selection, x.attn_mask, x.is_causal, scale, config.query_chunk,
-            window=x.window, softcap=x.softcap,
+            window=x.window, softcap=x.softcap, check=False,
         )[0]  # fmt: skip
 
     return _vjp(attention_out, primals, grad_out)

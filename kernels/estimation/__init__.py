@@ -5,7 +5,6 @@ from .reference import (
     antidiagonal_estimate,
     composite_estimate,
     estimate_blocks,
-    estimate_blocks_unchecked,
     pooled_estimate,
 )
 
@@ -14,6 +13,5 @@ __all__ = [
     "antidiagonal_estimate",
     "composite_estimate",
     "estimate_blocks",
-    "estimate_blocks_unchecked",
     "pooled_estimate",
 ]

@@ -259,34 +259,19 @@ def estimate_blocks(
     *,
     window: int | None = None,
     softcap: float | None = None,
+    check: bool = True,
 ) -> torch.Tensor:
     """Ahat float32 [B, H, nq, nk] by ``params.estimator`` at ``params.block_size``, chunked by
     ``params.query_chunk``, mixed with the exact row probe when ``params.row_probe`` (`probe`);
     scale ``None`` = 1 / sqrt(D) (as SDPA); ``window``: causal sliding window (``masks`` module
     docstring), zero mass on blocks wholly outside the band; ``softcap``: logit soft-cap (module
-    docstring). Checks q, k, the mask, the window and the cap (``ValueError``), then runs
-    `estimate_blocks_unchecked`."""
-    batch, heads, _, q_len, kv_len = check_qkv(q, k)
-    validate_mask(attn_mask, is_causal, batch, heads, q_len, kv_len)
-    check_window(window, is_causal, attn_mask)
-    check_softcap(softcap)
-    return estimate_blocks_unchecked(
-        q, k, attn_mask, is_causal, scale, params, window=window, softcap=softcap
-    )
-
-
-def estimate_blocks_unchecked(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    scale: float | None,
-    params: EstimationParams,
-    *,
-    window: int | None = None,
-    softcap: float | None = None,
-) -> torch.Tensor:
-    """`estimate_blocks` for inputs its caller has checked (``method.AttentionInputs``)."""
+    docstring). Checks q, k, the mask, the window and the cap (``ValueError``) unless ``check=False``
+    (inputs its caller has checked: ``method.AttentionInputs``)."""
+    if check:
+        batch, heads, _, q_len, kv_len = check_qkv(q, k)
+        validate_mask(attn_mask, is_causal, batch, heads, q_len, kv_len)
+        check_window(window, is_causal, attn_mask)
+        check_softcap(softcap)
     b, chunk = params.block_size, params.query_chunk
     scale = resolve_scale(scale, q.shape[-1])
     options = {"window": window, "softcap": softcap}

@@ -28,6 +28,7 @@ def sparse_attention_reference(
     *,
     window: int | None = None,
     softcap: float | None = None,
+    check: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of each query block restricted to its selected key blocks.
 
@@ -48,32 +49,14 @@ def sparse_attention_reference(
             sequence bounds) of the (capped) scores scale * q . k plus the bias, times v.
         lse: float32 [B, H, Sq], log-sum-exp of those scores. Rows with no such key: out 0, lse -inf.
 
-    Checks q, k, v, the mask, the window and the cap (``ValueError``), then runs
-    `sparse_attention_unchecked`.
+    Checks q, k, v, the mask, the window and the cap (``ValueError``) unless ``check=False`` (inputs
+    its caller has checked: ``method.AttentionInputs``).
     """
-    batch, heads, _, q_len, kv_len = check_qkv(q, k, v)
-    validate_mask(attn_mask, is_causal, batch, heads, q_len, kv_len)
-    check_window(window, is_causal, attn_mask)
-    check_softcap(softcap)
-    return sparse_attention_unchecked(
-        q, k, v, selection, attn_mask, is_causal, scale, query_chunk, window=window, softcap=softcap
-    )
-
-
-def sparse_attention_unchecked(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    selection: BlockSelection,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    scale: float | None,
-    query_chunk: int = 16,
-    *,
-    window: int | None = None,
-    softcap: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`sparse_attention_reference` for inputs its caller has checked (``method.AttentionInputs``)."""
+    if check:
+        batch, heads, _, q_len, kv_len = check_qkv(q, k, v)
+        validate_mask(attn_mask, is_causal, batch, heads, q_len, kv_len)
+        check_window(window, is_causal, attn_mask)
+        check_softcap(softcap)
     batch, heads, q_len = q.shape[:3]
     kv_heads, kv_len = k.shape[1], k.shape[2]
     b = selection.block_size
