@@ -39,3 +39,14 @@ def check_numerics(output: torch.Tensor, reference: torch.Tensor) -> None:
 def targets(gm: GraphModule) -> list[Any]:
     """The target of every call (function or method) in ``gm``'s graph, in graph order."""
     return [node.target for node in gm.graph.nodes if node.op in ("call_function", "call_method")]
+
+
+# A tiny decoder LM config (transformers keyword arguments): 2 layers, 4 query heads, 2 KV heads.
+SMALL_LM = {
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}

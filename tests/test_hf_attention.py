@@ -25,16 +25,8 @@ from omnicompile.hf_attention import ATTN_IMPLEMENTATION, omnisparse_mask, set_c
 from omnicompile.hf_cache import ATTN_IMPLEMENTATION as DECODE_IMPLEMENTATION
 from omnicompile.hf_cache import SlimKVCache
 from omnicompile.recording import recording
-from tests.helpers import REL_TOL, rel_error
+from tests.helpers import REL_TOL, SMALL_LM, rel_error
 
-SMALL = {
-    "vocab_size": 128,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-}
 MODELS = {
     "llama": {},
     "qwen2": {},
@@ -57,7 +49,7 @@ GEMMA2 = {"head_dim": 16, "sliding_window": 8, "attn_logit_softcapping": 1.0, "q
 
 def _model(model_type: str, config: OmniSparseConfig = DENSE) -> torch.nn.Module:
     extra = GEMMA2 if model_type == "gemma2" else MODELS[model_type]
-    model_config = AutoConfig.for_model(model_type, **SMALL, **extra)
+    model_config = AutoConfig.for_model(model_type, **SMALL_LM, **extra)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(model_config, attn_implementation=ATTN_IMPLEMENTATION).eval()
     set_config(model, config)
@@ -67,7 +59,7 @@ def _model(model_type: str, config: OmniSparseConfig = DENSE) -> torch.nn.Module
 def _padded(lengths: list[int], left: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Random ids [B, max(lengths)], the 0/1 attention mask and the position ids of each row's tokens."""
     ids = torch.randint(
-        0, SMALL["vocab_size"], (len(lengths), max(lengths)), generator=torch.Generator().manual_seed(2)
+        0, SMALL_LM["vocab_size"], (len(lengths), max(lengths)), generator=torch.Generator().manual_seed(2)
     )
     mask = torch.zeros_like(ids)
     for row, n in enumerate(lengths):
@@ -127,7 +119,7 @@ def test_gemma2_soft_capping_equals_eager(config: OmniSparseConfig, padding: str
 def test_slim_cache_rejects_soft_capping() -> None:
     config = OmniSparseConfig(block_size=16, granularity=4, min_seq_len=32)
     model = _model("gemma2", config)
-    ids = torch.randint(0, SMALL["vocab_size"], (1, 40), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, SMALL_LM["vocab_size"], (1, 40), generator=torch.Generator().manual_seed(3))
     with pytest.raises(ValueError, match="soft-capping"):
         _generate(model, ATTN_IMPLEMENTATION, ids, past_key_values=SlimKVCache(model.config, config))
 
@@ -199,7 +191,7 @@ def test_generate_with_a_slim_cache_prefills_sparse_and_decodes_slim() -> None:
         n_sink=1, recent_window=16, obs_window=8, head_mass_eps=1.0,
     )  # fmt: skip
     model = _model("llama", config)
-    ids = torch.randint(0, SMALL["vocab_size"], (1, 96), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, SMALL_LM["vocab_size"], (1, 96), generator=torch.Generator().manual_seed(3))
     cache = SlimKVCache(model.config, config)
     with recording(measure=False) as recorder:
         tokens = _generate(model, ATTN_IMPLEMENTATION, ids, past_key_values=cache)

@@ -11,24 +11,17 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from omnicompile.config import OmniSparseConfig
 from omnicompile.hf_cache import ATTN_IMPLEMENTATION, SlimKVCache
+from tests.helpers import SMALL_LM
 
 PROMPT, NEW = 96, 6
 # Sink: 1 block of 16 tokens; recent: the last 16; R is everything between.
 SLIM = OmniSparseConfig(block_size=16, n_sink=1, recent_window=16, obs_window=8, min_seq_len=64)
 KEEP_ALL = SLIM.replace(head_mass_eps=0.0, tau_decode=1.0)
 ALL_LOCAL = SLIM.replace(head_mass_eps=1.0)  # every head's mass on R is < 1: every head is local
-SMALL = {
-    "vocab_size": 128,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-}
 
 
 def _model(model_type: str, **overrides) -> torch.nn.Module:
-    config = AutoConfig.for_model(model_type, **{**SMALL, **overrides})
+    config = AutoConfig.for_model(model_type, **{**SMALL_LM, **overrides})
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
 
@@ -53,7 +46,7 @@ def _greedy(model, ids, cache, attn_implementation: str):
 def test_slimming_off_equals_dynamic_cache(model_type, config):
     """A prompt below min_seq_len (dense path) or a rule that keeps everything (ragged path): same tokens."""
     model = _model(model_type)
-    ids = torch.randint(0, SMALL["vocab_size"], (1, PROMPT))
+    ids = torch.randint(0, SMALL_LM["vocab_size"], (1, PROMPT))
     ref_tokens, ref_scores = _greedy(model, ids, DynamicCache(), "eager")
     cache = SlimKVCache(model.config, config)
     tokens, scores = _greedy(model, ids, cache, ATTN_IMPLEMENTATION)
@@ -67,7 +60,7 @@ def test_slimming_off_equals_dynamic_cache(model_type, config):
 def test_local_heads_decode_over_sink_and_recent_only():
     """All heads local: decode must equal dense decode with the long-range region masked out."""
     model = _model("llama")
-    ids = torch.randint(0, SMALL["vocab_size"], (1, PROMPT))
+    ids = torch.randint(0, SMALL_LM["vocab_size"], (1, PROMPT))
     cache = SlimKVCache(model.config, ALL_LOCAL)
     tokens, scores = _greedy(model, ids, cache, ATTN_IMPLEMENTATION)
 
@@ -90,14 +83,14 @@ def test_local_heads_decode_over_sink_and_recent_only():
     kept = 16 + 16 + NEW - 1
     assert all(lengths.tolist() == [[kept, kept]] for lengths in cache.kept_lengths())
     assert all(layer.local_heads.all() for layer in cache.slimming())
-    head_dim = SMALL["hidden_size"] // SMALL["num_attention_heads"]
+    head_dim = SMALL_LM["hidden_size"] // SMALL_LM["num_attention_heads"]
     per_layer = 2 * kept * 2 * head_dim * 4 + 2 * 2 * 4  # K and V of 2 heads, fp32; int32 offsets and lengths
-    assert cache.stored_bytes() == SMALL["num_hidden_layers"] * per_layer
+    assert cache.stored_bytes() == SMALL_LM["num_hidden_layers"] * per_layer
 
 
 def test_token_mask_makes_the_region_the_marked_tokens():
     model = _model("qwen2")
-    ids = torch.randint(0, SMALL["vocab_size"], (1, PROMPT))
+    ids = torch.randint(0, SMALL_LM["vocab_size"], (1, PROMPT))
     visual = torch.zeros(PROMPT, dtype=torch.bool)
     visual[30:50] = True
     cache = SlimKVCache(model.config, ALL_LOCAL, token_mask=visual)
@@ -108,7 +101,7 @@ def test_token_mask_makes_the_region_the_marked_tokens():
 def test_dropping_the_cache_frees_its_tensors_without_garbage_collection():
     """The tag on returned keys must not form a reference cycle that keeps a dropped cache's memory alive."""
     model = _model("llama")
-    ids = torch.randint(0, SMALL["vocab_size"], (1, PROMPT))
+    ids = torch.randint(0, SMALL_LM["vocab_size"], (1, PROMPT))
     gc.disable()
     try:
         cache = SlimKVCache(model.config, SLIM)
@@ -122,7 +115,7 @@ def test_dropping_the_cache_frees_its_tensors_without_garbage_collection():
 
 def test_batch_rows_are_slimmed_independently():
     model = _model("qwen2")
-    ids = torch.randint(0, SMALL["vocab_size"], (2, PROMPT))
+    ids = torch.randint(0, SMALL_LM["vocab_size"], (2, PROMPT))
     both, _ = _greedy(model, ids, SlimKVCache(model.config, SLIM), ATTN_IMPLEMENTATION)
     for row in range(2):
         alone, _ = _greedy(model, ids[row : row + 1], SlimKVCache(model.config, SLIM), ATTN_IMPLEMENTATION)
@@ -131,7 +124,7 @@ def test_batch_rows_are_slimmed_independently():
 
 def test_misuse_raises_clear_errors():
     model = _model("llama")
-    ids = torch.randint(0, SMALL["vocab_size"], (1, PROMPT))
+    ids = torch.randint(0, SMALL_LM["vocab_size"], (1, PROMPT))
     with pytest.raises(RuntimeError, match="never observed"):
         _greedy(model, ids, SlimKVCache(model.config, SLIM), "sdpa")
     with pytest.raises(NotImplementedError, match="beam search"):
@@ -159,14 +152,14 @@ def test_misuse_raises_clear_errors():
         other.set_attn_implementation(ATTN_IMPLEMENTATION)
         other(ids, past_key_values=SlimKVCache(model.config, SLIM))
     with pytest.raises(ValueError, match="full and sliding-window attention layers are supported"):
-        SlimKVCache(AutoConfig.for_model("llama", layer_types=["chunked_attention"] * 2, **SMALL), SLIM)
+        SlimKVCache(AutoConfig.for_model("llama", layer_types=["chunked_attention"] * 2, **SMALL_LM), SLIM)
     with pytest.raises(TypeError, match="OmniSparseConfig"):
         SlimKVCache(model.config, SLIM.to_dict())
 
 
 def _gemma3(sliding_window: int = 24):
     """Gemma 3 (text): layer 0 sliding-window, layer 1 global, as the real model interleaves them."""
-    overrides = {**SMALL, "head_dim": 16, "sliding_window": sliding_window}
+    overrides = {**SMALL_LM, "head_dim": 16, "sliding_window": sliding_window}
     config = AutoConfig.for_model(
         "gemma3_text", layer_types=["sliding_attention", "full_attention"], **overrides
     )
@@ -179,7 +172,7 @@ def test_sliding_window_layers_keep_their_window(config):
     """Gemma 3: the sliding layer is transformers' window cache (window - 1 tokens, never slimmed), the
     global layer is slimmed; keeping everything decodes exactly as the dense cache does."""
     model = _gemma3()
-    ids = torch.randint(0, SMALL["vocab_size"], (1, PROMPT))
+    ids = torch.randint(0, SMALL_LM["vocab_size"], (1, PROMPT))
     ref_tokens, ref_scores = _greedy(model, ids, DynamicCache(config=model.config), "eager")
     cache = SlimKVCache(model.config, config)
     tokens, scores = _greedy(model, ids, cache, ATTN_IMPLEMENTATION)
@@ -198,7 +191,7 @@ def test_older_transformers_layer_api():
     """transformers < 5.3 passes cache_position to get_mask_sizes and asks get_max_cache_shape."""
     model = _model("llama")
     cache = SlimKVCache(model.config, KEEP_ALL)
-    _greedy(model, torch.randint(0, SMALL["vocab_size"], (1, PROMPT)), cache, ATTN_IMPLEMENTATION)
+    _greedy(model, torch.randint(0, SMALL_LM["vocab_size"], (1, PROMPT)), cache, ATTN_IMPLEMENTATION)
     layer = cache.layers[0]
     assert layer.slim is not None
     assert layer.get_mask_sizes(torch.arange(PROMPT + NEW - 1, PROMPT + NEW + 2)) == layer.get_mask_sizes(3)
