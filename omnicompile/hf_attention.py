@@ -22,18 +22,23 @@ Prefill and decode (`attention_forward`, wrapped by `hf_cache.with_slim_cache`):
 - logit soft-capping (Gemma 2's ``softcap``) goes to the op as its ``softcap`` (a `SlimKVCache` rejects it).
 
 Masks (`omnisparse_mask`, the mask function of the implementation), for a plain causal or sliding-window
-mask (no extra mask functions, no packed sequences) of a prefill from an empty cache (q_len == kv_len)
-or a one-token decode step:
-- no padding: ``None``, and the op runs ``is_causal=True`` (prefill) with no mask: no [S, S] mask is
-  built;
+mask (no extra mask functions) whose queries are the newest keys (a prefill, a chunk of a chunked
+prefill or a prefill against an existing cache, a decode step; a sliding layer's chunk or step only
+while the cache is within the window):
+- no padding: ``None``, and the attention runs bottom-right causal without a mask (`_attend_last`:
+  the op's ``is_causal=True`` for a prefill, `varlen.prefix_causal_attention` for a chunk after a
+  cached prefix, the unmasked op for one query): no [S, S] mask is built;
 - left or right padding (each row's tokens contiguous): the bool [B, kv_len] padding mask (True =
-  token); the attention function then runs the op once per row on that row's tokens only (selection
+  token); the attention function then runs once per row on that row's tokens only (selection
   and kernels per sequence, no work on padding), so each row equals the row run alone; output rows at
   padding positions are zeros (what SDPA gives for such fully masked rows on the CPU);
-- anything else (holes in a row's padding, chunked prefill against a cache, extra mask functions,
-  bidirectional masks), and every mask while Dynamo traces (the padding cannot be read there): the
-  bool 4-D mask of transformers' SDPA mask function, which the op takes as a mask (the omnisparse
-  backend's ``mask_from_positions`` then proves it causal or checks it at run time).
+- anything else (holes in a row's padding, a static cache without a padding mask, extra mask
+  functions, bidirectional masks), and every mask while Dynamo traces (the padding cannot be read
+  there): the bool 4-D mask of transformers' SDPA mask function, which the op takes as a mask (the
+  omnisparse backend's ``mask_from_positions`` then proves it causal or checks it at run time).
+Packed sequences (batch size 1; flash-attention's ``cu_seq_lens_q`` / ``cu_seq_lens_k`` kwargs, or
+position ids that restart, as transformers detects packing) run one by one (`varlen.varlen_attention`);
+the 4-D mask transformers builds for them is checked to be causal within each sequence.
 Not supported (errors): a position bias, attention sinks, dropout > 0.
 """
 
@@ -54,6 +59,7 @@ from transformers.masking_utils import (
 from . import ops  # noqa: F401  (registers torch.ops.omnisparse.attention)
 from .config import OmniSparseConfig
 from .hf_cache import with_slim_cache
+from .varlen import prefix_causal_attention, varlen_attention, varlen_mask
 
 ATTN_IMPLEMENTATION = "omnisparse"
 CONFIG_ATTRIBUTE = "omnisparse_config"
@@ -119,19 +125,38 @@ def omnisparse_mask(
     )
     if torch.compiler.is_compiling():
         return sdpa_mask(**sdpa_args)
-    prefill = isinstance(q_offset, int) and q_offset == 0 and q_length == kv_length
+    q_offset = int(q_offset)  # a cache may keep it as a tensor (one read, outside tracing)
+    prefill = q_offset == 0 and q_length == kv_length
     if local_size is None:
         plain = mask_function is causal_mask_function
-    else:  # a decode step must see the whole window: the cache holds at most the window
+    else:  # a chunk or decode step must see the whole window: the cache holds at most the window
         plain = _is_sliding(mask_function, local_size) and (prefill or kv_length <= local_size)
-    if not (allow_is_causal_skip and plain and (prefill or q_length == 1)):
+    if not (allow_is_causal_skip and plain):
         return sdpa_mask(**sdpa_args)
     padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)  # [B, >= kv_offset + kv_length]
     if padding is not None:
         padding = padding[:, kv_offset : kv_offset + kv_length]
+    if _tokens_end(padding, kv_length) != q_offset + q_length - kv_offset:  # e.g. a static cache's free slots
+        return sdpa_mask(**sdpa_args)
     if padding is None or bool(padding.all()):
         return None
     return padding if _contiguous_rows(padding) else sdpa_mask(**sdpa_args)
+
+
+def _tokens_end(padding: Tensor | None, kv_length: int) -> int:
+    """One past the last token of any row of the bool [B, kv_length] ``padding`` (None: no padding)."""
+    if padding is None:
+        return kv_length
+    last = kv_length - padding.flip(-1).int().argmax(-1)  # per row: one past its last True
+    return int(torch.where(padding.any(-1), last, 0).max())
+
+
+def _config(module: torch.nn.Module) -> str:
+    return getattr(module.config, CONFIG_ATTRIBUTE, None) or _DEFAULT_CONFIG
+
+
+def _site(module: torch.nn.Module) -> str:
+    return f"hf.layer{getattr(module, 'layer_idx', '')}"
 
 
 def _op(
@@ -147,8 +172,6 @@ def _op(
 ) -> Tensor:
     """The op's output [B, H, n, Dv] (query [B, H, n, D], key, value [B, Hkv, S, D]); ``softcap``: the
     logit soft-cap, or None."""
-    config = getattr(module.config, CONFIG_ATTRIBUTE, None) or _DEFAULT_CONFIG
-    site = f"hf.layer{getattr(module, 'layer_idx', '')}"
     out, _ = torch.ops.omnisparse.attention(
         query,
         key,
@@ -158,14 +181,40 @@ def _op(
         is_causal,
         scaling,
         query.shape[1] != key.shape[1],
-        config,
-        site,
+        _config(module),
+        _site(module),
         window if is_causal and attn_mask is None else None,
         None,
         softcap,
         need_lse=False,
     )
     return out
+
+
+def _attend_last(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    causal: bool,
+    scaling: float | None,
+    window: int | None,
+    softcap: float | None,
+) -> Tensor:
+    """[B, H, n, Dv]: queries [B, H, n, D] at the last n of the S positions of key, value [B, Hkv, S, D].
+
+    Causal: bottom-right (query i sees keys up to S - n + i): the op's causal path (n == S, with the
+    layer's ``window``), its unmasked path (n == 1) or `varlen.prefix_causal_attention` (a chunk after
+    a cached prefix; no window: the mask function sends a sliding layer here only when S <= window).
+    """
+    n, total = query.shape[2], key.shape[2]
+    if not causal or n == total or n == 1:
+        return _op(module, query, key, value, None, causal and n > 1, scaling, window, softcap)
+    if window is not None and total > window:
+        raise ValueError(
+            f"{ATTN_IMPLEMENTATION}: a {n}-query chunk over {total} keys with a {window}-token window"
+        )
+    return prefix_causal_attention(query, key, value, _config(module), scaling, softcap, _site(module))
 
 
 def _per_row(
@@ -179,30 +228,82 @@ def _per_row(
     window: int | None,
     softcap: float | None,
 ) -> Tensor:
-    """The op run once per row on that row's tokens only; [B, H, n, Dv], zeros at padding positions.
+    """The attention run once per row on that row's tokens only; [B, H, n, Dv], zeros at padding positions.
 
-    ``padding``: bool [B, S], each row's tokens contiguous. A prefill (n == S) takes the row's tokens as
-    queries too; a decode step (n == 1) attends from its one query to the row's tokens.
+    ``padding``: bool [B, S], each row's tokens contiguous. The n queries are the n positions before the
+    end of the last row's tokens (prefill: n == S; chunked prefill or decode: n < S; a static cache's
+    free slots after them); a row's queries at its token positions attend (`_attend_last`) to the
+    row's tokens up to its last one.
     """
     out = query.new_zeros(*query.shape[:3], value.shape[-1])
+    first = _tokens_end(padding, key.shape[2]) - query.shape[2]  # the position of query 0
     starts, counts = padding.int().argmax(-1).tolist(), padding.sum(-1).tolist()
     for row, (start, count) in enumerate(zip(starts, counts)):
-        if count == 0:
+        begin = max(start, first)
+        if start + count <= begin:
             continue
-        tokens = slice(start, start + count)
-        queries = tokens if query.shape[2] == key.shape[2] else slice(None)
-        out[row, :, queries] = _op(
+        queries, tokens = slice(begin - first, start + count - first), slice(start, start + count)
+        out[row, :, queries] = _attend_last(
             module,
             query[row : row + 1, :, queries],
             key[row : row + 1, :, tokens],
             value[row : row + 1, :, tokens],
-            None,
-            causal and query.shape[2] > 1,
+            causal,
             scaling,
             window,
             softcap,
         )[0]
     return out
+
+
+def _packed_bounds(position_ids: Tensor | None, kwargs: dict) -> tuple[Tensor, Tensor] | None:
+    """(cu_seqlens_q, cu_seqlens_k) of a packed batch: flash-attention's kwargs ``cu_seq_lens_q`` /
+    ``cu_seq_lens_k`` when given, else from ``position_ids`` [1, T] that restart (a new sequence where
+    the position does not rise by one, as transformers finds packed sequences), else None."""
+    if kwargs.get("cu_seq_lens_q") is not None:
+        return kwargs["cu_seq_lens_q"], kwargs.get("cu_seq_lens_k", kwargs["cu_seq_lens_q"])
+    if (
+        position_ids is None
+        or position_ids.dim() != 2
+        or position_ids.shape[0] != 1
+        or position_ids.shape[1] < 2
+    ):
+        return None
+    starts = (position_ids[0].diff() != 1).nonzero().flatten() + 1
+    if starts.numel() == 0:
+        return None
+    total = torch.tensor([0, position_ids.shape[1]], device=starts.device)
+    bounds = torch.cat([total[:1], starts, total[1:]])
+    return bounds, bounds
+
+
+def _packed(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    bounds: tuple[Tensor, Tensor],
+    causal: bool,
+    scaling: float | None,
+    softcap: float | None,
+) -> Tensor:
+    """[1, H, Tq, Dv]: the packed sequences of query [1, H, Tq, D], key, value [1, Hkv, Tk, D] run one by
+    one (`varlen.varlen_attention`). A 4-D mask (transformers builds one from packed position ids) must be
+    what the sequences imply (causal within each sequence, bottom-right), else ``ValueError``."""
+    if query.shape[0] != 1:
+        raise ValueError(f"{ATTN_IMPLEMENTATION}: packed sequences need batch size 1, got {query.shape[0]}")
+    cu_q, cu_k = bounds
+    if attention_mask is not None:
+        keep = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        if keep.dim() != 4 or not bool((keep == varlen_mask(cu_q, cu_k, causal, query.device)).all()):
+            raise ValueError(
+                f"{ATTN_IMPLEMENTATION}: packed sequences with a mask other than "
+                f"{'causal ' if causal else ''}attention within each sequence are not supported"
+            )
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
+    out = varlen_attention(q, k, v, cu_q, cu_k, _config(module), causal, scaling, softcap, _site(module))
+    return out.transpose(0, 1).unsqueeze(0)
 
 
 def attention_forward(
@@ -215,16 +316,20 @@ def attention_forward(
     scaling: float | None = None,
     sliding_window: int | None = None,
     is_causal: bool | None = None,
+    position_ids: Tensor | None = None,
     **kwargs,
 ) -> tuple[Tensor, None]:
     """Attention through the op (transformers' AttentionInterface signature).
 
     Args:
-        query: [B, H, n, D]; key, value: [B, Hkv, S, D]; attention_mask: what `omnisparse_mask` returned
-            (None, a bool [B, S] padding mask, a 4-D mask) or a 4-D mask the caller made.
+        query: [B, H, n, D], the last n positions of key, value: [B, Hkv, S, D]; attention_mask: what
+            `omnisparse_mask` returned (None, a bool [B, S] padding mask, a 4-D mask) or a 4-D mask the
+            caller made.
         sliding_window: the layer's window (None for full attention).
-        kwargs: ``softcap`` (Gemma 2's logit soft-cap) is passed to the op; the features of
-            ``_UNSUPPORTED`` raise ``ValueError``; the rest is ignored.
+        position_ids: [B, n]; packed sequences (B == 1, positions restarting) run one by one.
+        kwargs: ``softcap`` (Gemma 2's logit soft-cap) is passed to the op; flash-attention's
+            ``cu_seq_lens_q`` / ``cu_seq_lens_k`` give packed sequences; the features of ``_UNSUPPORTED``
+            raise ``ValueError``; the rest is ignored.
 
     Returns:
         attn_output [B, n, H, Dv] and no attention weights.
@@ -236,11 +341,15 @@ def attention_forward(
         raise ValueError(f"{ATTN_IMPLEMENTATION} attention does not support dropout ({dropout}); use 'sdpa'")
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     softcap = kwargs.get("softcap")
-    if attention_mask is not None and attention_mask.dim() == 2:
+    bounds = None if torch.compiler.is_compiling() else _packed_bounds(position_ids, kwargs)
+    if bounds is not None:
+        out = _packed(module, query, key, value, attention_mask, bounds, causal, scaling, softcap)
+    elif attention_mask is not None and attention_mask.dim() == 2:
         out = _per_row(module, query, key, value, attention_mask, causal, scaling, sliding_window, softcap)
+    elif attention_mask is None:
+        out = _attend_last(module, query, key, value, causal, scaling, sliding_window, softcap)
     else:
-        causal = causal and attention_mask is None and query.shape[2] > 1
-        out = _op(module, query, key, value, attention_mask, causal, scaling, sliding_window, softcap)
+        out = _op(module, query, key, value, attention_mask, False, scaling, sliding_window, softcap)
     return out.transpose(1, 2).contiguous(), None
 
 

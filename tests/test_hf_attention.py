@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 from transformers.masking_utils import (
     causal_mask_function,
     chunked_causal_mask_function,
@@ -40,6 +40,7 @@ MODELS = {
 DENSE = OmniSparseConfig(mode="dense")
 # Sparse on the CPU reference at small sizes: blocks of 16, 4-token composite tokens, from 32 keys on.
 SPARSE = OmniSparseConfig(block_size=16, granularity=4, min_seq_len=32, tau=0.9)
+EXACT = OmniSparseConfig(block_size=16, granularity=4, min_seq_len=16, tau=1.0, query_selection=False)
 
 
 # Gemma 2: layer 0 slides over 8 tokens, layer 1 is global; scores soft-capped at 1 (scale 1: the
@@ -134,8 +135,13 @@ def test_mask_function_builds_no_mask_for_causal_batches() -> None:
         assert torch.equal(omnisparse_mask(**args, attention_mask=padding), padding)
     holes = torch.tensor([[1, 0, 1, 1, 1, 1], [1] * 6], dtype=torch.bool)
     assert omnisparse_mask(**args, attention_mask=holes).shape == (2, 1, 6, 6)
-    chunk = {"batch_size": 1, "q_length": 3, "kv_length": 9, "q_offset": 6}  # chunked prefill on a cache
-    assert omnisparse_mask(**chunk).shape == (1, 1, 3, 9)
+    chunk = {"batch_size": 2, "q_length": 3, "kv_length": 9, "q_offset": 6}  # chunked prefill on a cache
+    assert omnisparse_mask(**chunk) is None
+    left = torch.tensor([[0, 0] + [1] * 7, [1] * 9], dtype=torch.bool)
+    assert torch.equal(omnisparse_mask(**chunk, attention_mask=left), left)
+    free_slots = {**chunk, "kv_length": 12}  # a static cache: 3 free slots after the chunk
+    assert omnisparse_mask(**free_slots).shape == (2, 1, 3, 12)
+    assert torch.equal(omnisparse_mask(**free_slots, attention_mask=left)[:, :9], left)
     sliding = sliding_window_causal_mask_function(4)
     assert omnisparse_mask(**args, mask_function=sliding, local_size=4) is None
     chunked = chunked_causal_mask_function(4, torch.zeros(2, dtype=torch.long))
@@ -162,6 +168,82 @@ def test_sparse_rows_of_a_padded_batch_equal_each_row_alone(lengths: list[int], 
         tokens = mask[row].bool()
         alone = _logits(model, ATTN_IMPLEMENTATION, input_ids=ids[row : row + 1, tokens])
         assert rel_error(batch[row, tokens], alone[0]) <= REL_TOL[torch.float32]
+
+
+def _chunked_logits(model, ids, mask, chunk: int) -> torch.Tensor:
+    """Logits [B, S, V] of ``ids`` prefilled ``chunk`` tokens at a time into one DynamicCache."""
+    cache, logits = DynamicCache(config=model.config), []
+    with torch.no_grad():
+        for start in range(0, ids.shape[1], chunk):
+            end = min(start + chunk, ids.shape[1])
+            out = model(
+                input_ids=ids[:, start:end],
+                attention_mask=mask[:, :end],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            logits.append(out.logits)
+    return torch.cat(logits, 1)
+
+
+@pytest.mark.parametrize("config", [DENSE, EXACT], ids=["dense", "exact"])
+@pytest.mark.parametrize("padding", ["none", "left"])
+def test_chunked_prefill_equals_one_shot(config: OmniSparseConfig, padding: str) -> None:
+    """Prefill in chunks of 24 into a DynamicCache (each chunk bottom-right causal over the cache, no 4-D
+    mask built) equals the one-shot SDPA prefill at every real token."""
+    model = _model("llama", config)
+    ids, mask, _ = _padded([70, 53 if padding == "left" else 70], left=True)
+    with recording(measure=False) as recorder:
+        chunked = _chunked_logits(model, ids, mask, 24)
+    if config is EXACT:
+        assert "sparse" in {run.decision for run in recorder.runs}
+        assert any(run.site.endswith(".prefix") for run in recorder.runs)
+    keep = mask.bool()
+    model.set_attn_implementation("sdpa")
+    reference = _logits(model, "sdpa", input_ids=ids, attention_mask=mask)
+    assert rel_error(chunked[keep], reference[keep]) <= REL_TOL[torch.float32]
+
+
+def _positions(lengths: list[int]) -> torch.Tensor:
+    return torch.cat([torch.arange(n) for n in lengths])[None]
+
+
+@pytest.mark.parametrize("config", [DENSE, SPARSE], ids=["dense", "sparse"])
+@pytest.mark.parametrize("how", ["position_ids", "cu_seq_lens"])
+def test_packed_sequences_equal_each_alone(config: OmniSparseConfig, how: str) -> None:
+    """Three sequences packed in one row (restarting position ids, or flash-attention's cu_seq_lens
+    kwargs) give each sequence's logits run alone."""
+    model = _model("llama", config)
+    lengths = [40, 9, 66]
+    ids = torch.randint(
+        0, SMALL_LM["vocab_size"], (1, sum(lengths)), generator=torch.Generator().manual_seed(4)
+    )
+    inputs = {"input_ids": ids, "position_ids": _positions(lengths)}
+    if how == "cu_seq_lens":
+        cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
+        inputs |= {
+            "cu_seq_lens_q": cu,
+            "cu_seq_lens_k": cu,
+            "max_length_q": max(lengths),
+            "max_length_k": max(lengths),
+        }
+    with recording(measure=False) as recorder:
+        packed = _logits(model, ATTN_IMPLEMENTATION, **inputs)
+    assert {run.site for run in recorder.runs} >= {"hf.layer0.seq0", "hf.layer0.seq2"}
+    start = 0
+    for n in lengths:
+        alone = _logits(model, ATTN_IMPLEMENTATION, input_ids=ids[:, start : start + n])
+        assert rel_error(packed[:, start : start + n], alone) <= REL_TOL[torch.float32]
+        start += n
+
+
+def test_packed_sequences_with_another_mask_raise() -> None:
+    model = _model("llama")
+    layer = model.model.layers[0].self_attn
+    q, k = torch.randn(1, 4, 6, 16), torch.randn(1, 2, 6, 16)
+    full = torch.ones(1, 1, 6, 6, dtype=torch.bool)  # not causal within each sequence
+    with pytest.raises(ValueError, match="packed sequences with a mask"):
+        hf_attention.attention_forward(layer, q, k, k, full, position_ids=_positions([3, 3]))
 
 
 def _generate(model, attn_implementation: str, ids, attention_mask=None, **kwargs) -> torch.Tensor:
