@@ -27,7 +27,8 @@ SDPA for ``"omnisparse_decode"`` registered here, the op for ``"omnisparse"`` in
   transformers' `DynamicSlidingWindowLayer`: it already keeps only the window; it runs the prefill
   attention with the sliding window and is never slimmed.
 The attention mask function of ``"omnisparse_decode"`` is transformers' SDPA one. Supported: batch
-size >= 1 without padding (a padding mask is an error, for a slimmed layer), greedy or sampled
+size >= 1, unpadded or left-padded (each row slimmed alone on its tokens, padding never kept; any
+other padding is an error for a slimmed layer), greedy or sampled
 decoding, chunks of several new tokens, `crop` of tokens generated after slimming. Not supported
 (clear errors): beam search and other batch reordering, layer types other than full and sliding
 attention, a batch size change, a model whose KV shapes differ from the config.
@@ -95,6 +96,7 @@ class SlimKVLayer(CacheLayerMixin):
         self.kv_shape = (num_kv_heads, head_dim)
         self.slim: SlimKV | None = None
         self.slimming: LayerSlimming | None = None
+        self.prompt_tokens: Tensor | None = None  # bool [B, S] of a padded prompt, None without padding
         self.awaits_observation = False
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -158,18 +160,55 @@ class SlimKVLayer(CacheLayerMixin):
         setattr(keys, _LAYER_TAG, weakref.ref(self))  # weak: no layer <-> tensor cycle delays freeing
         return keys, values
 
-    def observe(self, queries: Tensor, scale: float) -> None:
-        """Slim the layer from its prefill queries [B, H, S, D] (only the last ``obs_window`` are used)."""
-        plan = slim(queries, self.keys, self.config, scale, self.token_mask)
-        self.slim = SlimKV.pack(self.keys, self.values, plan.keep)
+    def observe(self, queries: Tensor, scale: float, tokens: Tensor | None = None) -> None:
+        """Slim the layer from its prefill queries [B, H, S, D] (only the last ``obs_window`` are used).
+
+        ``tokens``: bool [B, S], the prompt tokens of a left-padded batch (True = token; each row's
+        tokens end at S), or None without padding. A padded batch is slimmed row by row on the row's
+        tokens alone (as if it ran alone: a row shorter than ``min_seq_len`` keeps everything); padding
+        is never kept, so decode never reads it.
+        """
+        if tokens is None:
+            plan = slim(queries, self.keys, self.config, scale, self.token_mask)
+            keep, local_heads, mass_on_region = plan.keep, plan.local_heads, plan.mass_on_region
+        else:
+            keep, local_heads, mass_on_region = self._slim_rows(queries, scale, tokens)
+        self.slim = SlimKV.pack(self.keys, self.values, keep)
+        self.prompt_tokens = tokens
         self.slimming = LayerSlimming(
             prompt_len=self.keys.shape[2],
             kept_prompt_tokens=self.slim.lengths,
-            local_heads=plan.local_heads,
-            mass_on_region=plan.mass_on_region,
+            local_heads=local_heads,
+            mass_on_region=mass_on_region,
         )
         self.keys = self.values = None
         self.awaits_observation = False
+
+    def _slim_rows(self, queries: Tensor, scale: float, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(keep [B, Hkv, S], local_heads [B, Hkv], mass_on_region [B, Hkv]) of each row slimmed alone."""
+        batch, kv_heads, seq_len, _ = self.keys.shape
+        keep = torch.zeros(batch, kv_heads, seq_len, dtype=torch.bool, device=self.keys.device)
+        local_heads = torch.zeros(batch, kv_heads, dtype=torch.bool, device=keep.device)
+        mass_on_region = torch.zeros(batch, kv_heads, dtype=torch.float32, device=keep.device)
+        token_mask = self.token_mask
+        for row, count in enumerate(tokens.sum(-1).tolist()):
+            start = seq_len - count
+            if count < self.config.min_seq_len:  # alone, the row would not be slimmed
+                keep[row, :, start:] = True
+                continue
+            row_mask = None
+            if token_mask is not None:
+                row_mask = (token_mask if token_mask.dim() == 1 else token_mask[row])[start:]
+            plan = slim(
+                queries[row : row + 1, :, start:],
+                self.keys[row : row + 1, :, start:],
+                self.config,
+                scale,
+                row_mask,
+            )
+            keep[row, :, start:] = plan.keep[0]
+            local_heads[row], mass_on_region[row] = plan.local_heads[0], plan.mass_on_region[0]
+        return keep, local_heads, mass_on_region
 
     def get_seq_length(self) -> int:
         if self.slim is not None:
@@ -203,7 +242,7 @@ class SlimKVLayer(CacheLayerMixin):
         return storage_bytes(self.keys, self.values) if self.is_initialized else 0
 
     def reset(self) -> None:
-        self.keys = self.values = self.slim = self.slimming = None
+        self.keys = self.values = self.slim = self.slimming = self.prompt_tokens = None
         self.is_initialized = self.awaits_observation = False
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -326,18 +365,48 @@ def slim_decode(q: Tensor, kv: SlimKV, scale: float | None) -> tuple[Tensor, Ten
     return slim_decode_reference(q, kv, scale)
 
 
-def _check_no_padding(attention_mask: Tensor | None) -> None:
-    """Raise if the mask hides a key from the last query (padding), which the slim cache cannot honour.
+def _visible_keys(attention_mask: Tensor | None) -> Tensor | None:
+    """bool [B, S]: the keys the last query sees (True = seen), None where the mask hides none.
 
     ``attention_mask``: None, a 4-D mask (bool or additive), or a 2-D bool [B, S] padding mask (True =
     token), as the ``"omnisparse"`` mask function returns for padded batches.
     """
     if attention_mask is None:
-        return
-    last_row = attention_mask if attention_mask.dim() == 2 else attention_mask[..., -1, :]
+        return None
+    last_row = attention_mask if attention_mask.dim() == 2 else attention_mask[:, :, -1, :]  # [B, (h,) S]
     visible = last_row if last_row.dtype == torch.bool else last_row == 0
-    if not bool(visible.all()):
-        raise ValueError("SlimKVCache: padded batches are not supported (the attention mask hides keys)")
+    visible = visible if visible.dim() == 2 else visible.all(1)  # hidden from any head: hidden
+    return None if bool(visible.all()) else visible
+
+
+def _prompt_tokens(attention_mask: Tensor | None, prompt_len: int) -> Tensor | None:
+    """bool [B, S] prompt tokens of a left-padded prefill (None without padding); ``ValueError`` for any
+    other padding (right padding, holes), which decode could not honour."""
+    visible = _visible_keys(attention_mask)
+    if visible is None:
+        return None
+    visible = visible[:, -prompt_len:]
+    count = visible.sum(-1, keepdim=True)
+    if not bool((torch.arange(prompt_len, device=visible.device) >= prompt_len - count).eq(visible).all()):
+        raise ValueError(
+            "SlimKVCache: only left padding is supported (each row's tokens must end the prompt)"
+        )
+    return visible
+
+
+def _check_decode_mask(attention_mask: Tensor | None, layer: SlimKVLayer) -> None:
+    """Raise unless the mask of a decode step hides exactly the prompt padding that slimming dropped."""
+    visible, prompt = _visible_keys(attention_mask), layer.prompt_tokens
+    if prompt is None:
+        hidden = visible is not None
+    else:
+        expected = torch.cat([prompt, prompt.new_ones(prompt.shape[0], layer.slim.tail_len)], 1)
+        hidden = visible is None or visible.shape != expected.shape or not torch.equal(visible, expected)
+    if hidden:
+        raise ValueError(
+            "SlimKVCache: the attention mask hides keys other than the prompt's left padding "
+            "(the slim cache keeps no masked keys)"
+        )
 
 
 AttentionFunction = Callable[..., tuple[Tensor, Tensor | None]]
@@ -404,12 +473,12 @@ def with_slim_cache(attend: AttentionFunction) -> AttentionFunction:
                 **kwargs,
             )
             if layer is not None and layer.awaits_observation:
-                _check_no_padding(attention_mask)
-                layer.observe(query, query.shape[-1] ** -0.5 if scaling is None else scaling)
+                tokens = _prompt_tokens(attention_mask, key.shape[2])
+                layer.observe(query, query.shape[-1] ** -0.5 if scaling is None else scaling, tokens)
             return out, None
         if dropout:
             raise ValueError(f"{ATTN_IMPLEMENTATION}: dropout is not supported on a slimmed cache")
-        _check_no_padding(attention_mask)
+        _check_decode_mask(attention_mask, layer)
         out, _ = slim_decode(query, layer.slim, scaling)
         return out.transpose(1, 2).contiguous(), None
 

@@ -122,6 +122,40 @@ def test_batch_rows_are_slimmed_independently():
         assert torch.equal(both[row], alone[0])
 
 
+@pytest.mark.parametrize("attn_implementation", [ATTN_IMPLEMENTATION, "omnisparse"])
+def test_left_padded_rows_are_slimmed_alone(attn_implementation):
+    """A left-padded batch (rows of 96, 76 and 40 tokens; 40 < min_seq_len) decodes each row as the row
+    alone: each row slimmed on its own tokens (every head local: sink and recent window), padding
+    never kept."""
+    import omnicompile.hf_attention  # noqa: F401  (registers "omnisparse")
+
+    model = _model("llama")
+    model.config.omnisparse_config = ALL_LOCAL.to_json()
+    lengths = [PROMPT, PROMPT - 20, 40]
+    ids = torch.randint(1, SMALL_LM["vocab_size"], (3, PROMPT), generator=torch.Generator().manual_seed(2))
+    mask = torch.zeros(3, PROMPT, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        mask[row, PROMPT - n :] = 1
+        ids[row, : PROMPT - n] = 0
+    cache = SlimKVCache(model.config, ALL_LOCAL)
+    model.set_attn_implementation(attn_implementation)
+    out = model.generate(
+        ids, attention_mask=mask, past_key_values=cache, max_new_tokens=NEW, do_sample=False, pad_token_id=0,
+        output_scores=True, return_dict_in_generate=True,
+    )  # fmt: skip
+    tokens, scores = out.sequences[:, PROMPT:], torch.stack(out.scores)
+    kept = cache.kept_lengths()[0]
+    assert kept[2].tolist() == [40 + NEW - 1] * 2  # the short row keeps its tokens, not its padding
+    assert kept[:2].tolist() == [[16 + 16 + NEW - 1] * 2] * 2  # the long rows keep sink and recent
+    for row, n in enumerate(lengths):
+        alone, alone_scores = _greedy(
+            model, ids[row : row + 1, PROMPT - n :], SlimKVCache(model.config, ALL_LOCAL), attn_implementation
+        )
+        steps = alone.shape[1]  # alone may stop early at the end-of-sequence token
+        assert torch.equal(tokens[row, :steps], alone[0])
+        assert torch.allclose(scores[:steps, row], alone_scores[:, 0], atol=1e-4, rtol=1e-4)
+
+
 def test_misuse_raises_clear_errors():
     model = _model("llama")
     ids = torch.randint(0, SMALL_LM["vocab_size"], (1, PROMPT))
@@ -131,8 +165,8 @@ def test_misuse_raises_clear_errors():
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
         model.generate(ids, past_key_values=SlimKVCache(model.config, SLIM), max_new_tokens=3, num_beams=2)
     padded = torch.ones(2, PROMPT, dtype=torch.long)
-    padded[0, :5] = 0
-    with pytest.raises(ValueError, match="padded"):
+    padded[0, -5:] = 0  # right padding: decode would append after the padding
+    with pytest.raises(ValueError, match="only left padding"):
         model.generate(
             ids.repeat(2, 1),
             attention_mask=padded,
