@@ -41,10 +41,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from omnicompile.config import OmniSparseConfig
 from omnicompile.demos.structured import PRESETS, structured_qkv
-from omnicompile.kernels.estimation.triton_composite import EstimateLaunch, estimate_blocks
+from omnicompile.kernels.estimation import launch as estimation_launch
+from omnicompile.kernels.estimation.triton_composite import estimate_blocks
 from omnicompile.kernels.masks import allowed_blocks
 from omnicompile.kernels.selection import BlockSelection, SelectionCall
-from omnicompile.kernels.sparse_attention.triton_fwd import LaunchConfig, sparse_attention_fwd
+from omnicompile.kernels.sparse_attention.launch import LaunchConfig
+from omnicompile.kernels.sparse_attention.triton_fwd import sparse_attention
 from omnicompile.method import estimation_params, select_on_device, selection_params
 from omnicompile.metrics import density, exact_block_mass, exact_recall, relative_error
 
@@ -62,11 +64,11 @@ FWD_SWEEP = [
     LaunchConfig(64, 32, 4, 4),
 ]
 EST_SWEEP = [
-    EstimateLaunch(64, 64, 4, 2),
-    EstimateLaunch(64, 64, 4, 3),
-    EstimateLaunch(64, 64, 8, 2),
-    EstimateLaunch(128, 64, 8, 2),
-    EstimateLaunch(128, 64, 8, 3),
+    estimation_launch.LaunchConfig(64, 64, 4, 2),
+    estimation_launch.LaunchConfig(64, 64, 4, 3),
+    estimation_launch.LaunchConfig(64, 64, 8, 2),
+    estimation_launch.LaunchConfig(128, 64, 8, 2),
+    estimation_launch.LaunchConfig(128, 64, 8, 3),
 ]
 
 
@@ -181,12 +183,12 @@ def _pipeline(q, k, v, config: OmniSparseConfig, scale: float):
     selection = select()
 
     def attend() -> tuple[torch.Tensor, torch.Tensor]:
-        return sparse_attention_fwd(q, k, v, selection, None, True, scale)
+        return sparse_attention(q, k, v, selection, None, True, scale)
 
     def total() -> tuple[torch.Tensor, torch.Tensor]:
         a = estimate_blocks(q, k, None, True, scale, estimation)
         s = select_on_device(a, allowed, selecting, call)
-        return sparse_attention_fwd(q, k, v, s, None, True, scale)
+        return sparse_attention(q, k, v, s, None, True, scale)
 
     return {"estimate": estimate, "select": select, "attend": attend, "total": total}, selection, allowed
 
@@ -307,7 +309,7 @@ def sweep(args, log: Console) -> list[dict]:
     rows = []
     for launch in FWD_SWEEP:
         ms = time_ms(
-            functools.partial(sparse_attention_fwd, q, k, v, selection, None, True, scale, launch=launch)
+            functools.partial(sparse_attention, q, k, v, selection, None, True, scale, launch=launch)
         )
         rows.append(
             {

@@ -5,7 +5,7 @@ test: that both orders give bitwise equal results is tests/gpu/test_schedule.py)
 
 B = 1, H = 32, Hkv = 8, D = 128, bf16, causal; presets ``mixed`` and ``mixed_flat``
 (`omnicompile.demos.structured`); budget scopes heads, kv_group, head (default config otherwise). Per case:
-- the forward (`sparse_attention_fwd`) on one selection with ``schedule="heaviest_first"`` and
+- the forward (`triton_fwd.sparse_attention`) on one selection with ``schedule="heaviest_first"`` and
   ``"causal"``: ms and TFLOP/s on the computed blocks (4 * D * b^2 per block);
 - the op (`torch.ops.omnisparse.attention`) end to end: eager, eager plus one host synchronisation
   per call (what the removed per-call density read cost: ``.item()`` of a device scalar), and
@@ -26,10 +26,8 @@ from torch.nn.attention import SDPBackend
 
 from omnicompile.config import OmniSparseConfig
 from omnicompile.demos.structured import structured_qkv
-from omnicompile.kernels.sparse_attention.triton_fwd import (
-    default_launch_config,
-    sparse_attention_fwd,
-)
+from omnicompile.kernels.sparse_attention.launch import default_launch
+from omnicompile.kernels.sparse_attention.triton_fwd import sparse_attention
 from omnicompile.method import AttentionInputs, plan
 
 PRESETS = ("mixed", "mixed_flat")
@@ -47,11 +45,11 @@ def run_case(preset: str, seq: int, scope: str, inputs, cudnn_ms: float) -> dict
     row = {"preset": preset, "S": seq, "scope": scope, "density": blocks / allowed, "cudnn_ms": cudnn_ms}
     for schedule in ("heaviest_first", "causal"):
         launch = dataclasses.replace(
-            default_launch_config(config.block_size, q.dtype, False, DIM), schedule=schedule
+            default_launch(config.block_size, q.dtype, False, DIM), schedule=schedule
         )
 
         def forward(launch=launch):
-            return sparse_attention_fwd(q, k, v, selection, None, True, None, launch=launch)
+            return sparse_attention(q, k, v, selection, None, True, None, launch=launch)
 
         ms = time_ms(forward)
         row[f"fwd_{schedule}_ms"] = ms
