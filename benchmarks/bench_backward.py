@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_prefill import _write_csv, time_ms
+from bench_prefill import time_ms, write_csv
 from rich.console import Console
 from rich.table import Table
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -370,10 +370,10 @@ def main() -> None:
         except torch.OutOfMemoryError as err:
             log.print(f"S={seq}: out of memory ({str(err).splitlines()[0][:100]})")
         torch.cuda.empty_cache()
-        _write_csv(args.out / "backward.csv", rows)
-        _write_csv(args.out / "checks.csv", checks)
+        write_csv(args.out / "backward.csv", rows)
+        write_csv(args.out / "checks.csv", checks)
     if args.sweep and time.monotonic() - started < args.time_budget_s:
-        _write_csv(args.out / "sweep.csv", sweep(args, log))
+        write_csv(args.out / "sweep.csv", sweep(args, log))
     log.print(_table(rows))
 
 

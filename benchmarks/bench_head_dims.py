@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_prefill import _dense, time_ms
+from bench_prefill import dense_sdpa, time_ms
 from torch.nn.attention import SDPBackend
 
 from omnicompile.config import OmniSparseConfig
@@ -97,8 +97,8 @@ def run_case(
         "ours_fwd": time_ms(lambda: sparse_attention(q, k, v, selection, None, True, None, window=window)),
         "ours_total": time_ms(lambda: sparse_attention(q, k, v, pipeline(), None, True, None, window=window)),
         "band_fwd": time_ms(lambda: sparse_attention(q, k, v, band, None, True, None, window=window)),
-        "cudnn": _timed(lambda: _dense(q, k, v, SDPBackend.CUDNN_ATTENTION)[0]),
-        "flash": _timed(lambda: _dense(q, k, v, SDPBackend.FLASH_ATTENTION)[0]),
+        "cudnn": _timed(lambda: dense_sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION)[0]),
+        "flash": _timed(lambda: dense_sdpa(q, k, v, SDPBackend.FLASH_ATTENTION)[0]),
         "sdpa_mask": float("nan"),
         "flex": float("nan"),
     }

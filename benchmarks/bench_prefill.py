@@ -95,7 +95,7 @@ def time_ms(fn: Callable[[], object], target_ms: float = 200.0, max_reps: int = 
     return statistics.median(times)
 
 
-def _dense(q, k, v, backend: SDPBackend) -> tuple[Callable[[], torch.Tensor], str]:
+def dense_sdpa(q, k, v, backend: SDPBackend) -> tuple[Callable[[], torch.Tensor], str]:
     """A dense causal SDPA call pinned to ``backend``; K/V repeated if the backend refuses GQA."""
     group = q.shape[1] // k.shape[1]
 
@@ -152,7 +152,7 @@ def _flex_runner(q, k, v, selection: BlockSelection, scale: float) -> Callable[[
     )
 
 
-def _graphed(fn: Callable[[], object]) -> Callable[[], None]:
+def graphed(fn: Callable[[], object]) -> Callable[[], None]:
     """``fn`` captured in a CUDA graph (replay without Python or launch overhead)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -205,7 +205,7 @@ def run_case(args, seq: int, kv_heads: int, preset: str, dense_ms: dict, log: Co
     dense_out = None
     for name, backend in DENSE_BACKENDS.items():
         try:
-            fn, note = _dense(q, k, v, backend)
+            fn, note = dense_sdpa(q, k, v, backend)
             if dense_key + (name,) not in dense_ms:
                 dense_ms[dense_key + (name,)] = (time_ms(fn), note)
             if dense_out is None:
@@ -221,7 +221,7 @@ def run_case(args, seq: int, kv_heads: int, preset: str, dense_ms: dict, log: Co
             ms["total_graph"] = float("nan")
             if device.type == "cuda":
                 try:
-                    ms["total_graph"] = time_ms(_graphed(parts["total"]))
+                    ms["total_graph"] = time_ms(graphed(parts["total"]))
                 except RuntimeError as err:  # e.g. a host synchronisation inside the pipeline
                     log.print(f"CUDA graph capture at S={seq}: {str(err).splitlines()[0][:120]}")
             out, _ = parts["attend"]()
@@ -352,7 +352,7 @@ def print_rows(
     Console(width=width).print(table)
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
+def write_csv(path: Path, rows: list[dict]) -> None:
     if rows:
         with path.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
@@ -458,7 +458,7 @@ def main() -> None:
     if torch.cuda.is_available():
         log.print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__}")
     if args.sweep:
-        _write_csv(args.out / "sweep.csv", sweep(args, log))
+        write_csv(args.out / "sweep.csv", sweep(args, log))
     if args.profile:
         profile_pipeline(args, log)
     cases = [(s, h, p) for s in args.seq_lens for h in args.kv_heads for p in args.presets]
@@ -480,7 +480,7 @@ def main() -> None:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             progress.advance(task)
-            _write_csv(args.out / "prefill.csv", rows)
+            write_csv(args.out / "prefill.csv", rows)
     (args.out / "prefill.json").write_text(json.dumps(rows, indent=1))
     if rows:
         _plot(args.out / "prefill.png", rows)

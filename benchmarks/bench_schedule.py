@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 
 import torch
-from bench_prefill import _dense, _graphed, time_ms
+from bench_prefill import dense_sdpa, graphed, time_ms
 from torch.nn.attention import SDPBackend
 
 from omnicompile.config import OmniSparseConfig
@@ -67,7 +67,7 @@ def run_case(preset: str, seq: int, scope: str, inputs, cudnn_ms: float) -> dict
 
     row["op_eager_ms"] = time_ms(op)
     row["op_eager_sync_ms"] = time_ms(op_synced)
-    row["op_graph_ms"] = time_ms(_graphed(op))
+    row["op_graph_ms"] = time_ms(graphed(op))
     row["x_cudnn_graph"] = cudnn_ms / row["op_graph_ms"]
     return row
 
@@ -89,7 +89,7 @@ def main() -> None:
             inputs = structured_qkv(
                 preset, 1, HEADS, KV_HEADS, seq, DIM, dtype=torch.bfloat16, device="cuda", seed=0
             )
-            cudnn_ms = time_ms(_dense(*inputs, SDPBackend.CUDNN_ATTENTION)[0])
+            cudnn_ms = time_ms(dense_sdpa(*inputs, SDPBackend.CUDNN_ATTENTION)[0])
             for scope in SCOPES:
                 rows.append(run_case(preset, seq, scope, inputs, cudnn_ms))
                 print(json.dumps(rows[-1]), flush=True)
