@@ -15,7 +15,7 @@ Backward TFLOP/s counts 10 * D * b^2 per selected block (FlashAttention's 2.5 x 
 Checks (``--check``, relative Frobenius errors, printed and in the CSV): ours against the float32
 reference's autograd on one GQA group at the first S; ours against FlexAttention's gradients where
 Flex runs; ours with the full causal selection against SDPA flash gradients at the first S (METHOD
-invariant 4). ``--sweep`` times `BackwardTiles` variants at the first S.
+invariant 4). ``--sweep`` times backward `LaunchConfig` variants at the first S.
 
 Writes ``backward.csv`` (and ``sweep.csv``, ``checks.csv``) to ``--out``; prints a table last.
 """
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_prefill import _write_csv, time_ms
+from bench_prefill import time_ms, write_csv
 from rich.console import Console
 from rich.table import Table
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -42,20 +42,19 @@ from omnicompile.kernels.masks import allowed_blocks
 from omnicompile.kernels.selection import SelectionCall, select_blocks
 from omnicompile.kernels.selection.block_selection import BlockSelection
 from omnicompile.kernels.selection.transpose import block_mask_to_indices, selection_from_block_mask
-from omnicompile.kernels.sparse_attention.reference import sparse_attention_reference
-from omnicompile.kernels.sparse_attention.triton_bwd import BackwardTiles, sparse_attention_bwd
-from omnicompile.kernels.sparse_attention.triton_fwd import sparse_attention_fwd
+from omnicompile.kernels.sparse_attention import reference, triton_bwd, triton_fwd
+from omnicompile.kernels.sparse_attention.launch import LaunchConfig
 from omnicompile.method import estimation_params, selection_params
 from omnicompile.metrics import density, relative_error
 
 DENSE = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
 SWEEP = [
-    BackwardTiles(),
-    BackwardTiles(dkdv_chunk=None),
-    BackwardTiles(dkdv_chunk=32),
-    BackwardTiles(num_stages=2),
-    BackwardTiles(dq_block_n=64, dkdv_block_m=64, num_warps=8, num_stages=2),
-    BackwardTiles(dq_block_n=16, dkdv_block_m=16),
+    LaunchConfig(),
+    LaunchConfig(dkdv_chunk=None),
+    LaunchConfig(dkdv_chunk=32),
+    LaunchConfig(num_stages=2),
+    LaunchConfig(dq_block_n=64, dkdv_block_m=64, num_warps=8, num_stages=2),
+    LaunchConfig(dq_block_n=16, dkdv_block_m=16),
 ]
 
 
@@ -150,13 +149,13 @@ def ours_bwd_split(grad_out, q, k, v, out, lse, selection: BlockSelection) -> di
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        sparse_attention_bwd(grad_out, q, k, v, out, lse, selection, None, True, None)
+        triton_bwd.sparse_attention_backward(grad_out, q, k, v, out, lse, selection, None, True, None)
         torch.cuda.synchronize()
     split: dict[str, float] = {}
     for event in prof.key_averages():
         name = event.key
         family = next(
-            (f for f in ("_dq_kernel", "_dkdv_kernel", "_preprocess") if f in name),
+            (f for f in ("dkdv_kernel", "dq_kernel", "_preprocess") if f in name),
             "other (transpose, casts)",
         )
         split[family] = split.get(family, 0.0) + event.device_time_total / 1e3
@@ -176,14 +175,16 @@ def _group_reference_grads(q, k, v, grad_out, selection: BlockSelection):
         k[:, :1].float().requires_grad_(),
         v[:, :1].float().requires_grad_(),
     ]
-    out, _ = sparse_attention_reference(*leaves, sub, None, True, None)
+    out, _ = reference.sparse_attention(*leaves, sub, None, True, None)
     return torch.autograd.grad(out, leaves, grad_out[:, heads].float())
 
 
 def run_checks(q, k, v, grad_out, selection: BlockSelection, log: Console) -> list[dict]:
     """Gradient errors of ours against the reference (one group) and, full selection, dense flash."""
-    out, lse = sparse_attention_fwd(q, k, v, selection, None, True, None)
-    dq, dk, dv = sparse_attention_bwd(grad_out, q, k, v, out, lse, selection, None, True, None)
+    out, lse = triton_fwd.sparse_attention(q, k, v, selection, None, True, None)
+    dq, dk, dv = triton_bwd.sparse_attention_backward(
+        grad_out, q, k, v, out, lse, selection, None, True, None
+    )
     group = q.shape[1] // k.shape[1]
     want = _group_reference_grads(q, k, v, grad_out, selection)
     rows = [
@@ -201,8 +202,8 @@ def run_checks(q, k, v, grad_out, selection: BlockSelection, log: Console) -> li
         1, q.shape[1], -1, -1
     )
     full = selection_from_block_mask(allowed, block, seq, seq)
-    out, lse = sparse_attention_fwd(q, k, v, full, None, True, None)
-    grads = sparse_attention_bwd(grad_out, q, k, v, out, lse, full, None, True, None)
+    out, lse = triton_fwd.sparse_attention(q, k, v, full, None, True, None)
+    grads = triton_bwd.sparse_attention_backward(grad_out, q, k, v, out, lse, full, None, True, None)
     dense = dense_fwd_bwd(q, k, v, grad_out, SDPBackend.FLASH_ATTENTION)()
     rows.append(
         {
@@ -233,7 +234,7 @@ def run_case(args, seq: int, log: Console) -> tuple[dict, list[dict]]:
     config = OmniSparseConfig(tau=args.tau)
     selection = make_selection(q, k, config)
     allowed = allowed_blocks(None, True, 1, args.heads, seq, seq, config.block_size, q.device)
-    out, lse = sparse_attention_fwd(q, k, v, selection, None, True, None)
+    out, lse = triton_fwd.sparse_attention(q, k, v, selection, None, True, None)
     row = {
         "seq_len": seq,
         "heads": args.heads,
@@ -241,9 +242,9 @@ def run_case(args, seq: int, log: Console) -> tuple[dict, list[dict]]:
         "head_dim": args.head_dim,
         "density": density(selection, allowed),
     }
-    row["ours_fwd_ms"] = time_ms(lambda: sparse_attention_fwd(q, k, v, selection, None, True, None))
+    row["ours_fwd_ms"] = time_ms(lambda: triton_fwd.sparse_attention(q, k, v, selection, None, True, None))
     row["ours_bwd_ms"] = time_ms(
-        lambda: sparse_attention_bwd(grad_out, q, k, v, out, lse, selection, None, True, None)
+        lambda: triton_bwd.sparse_attention_backward(grad_out, q, k, v, out, lse, selection, None, True, None)
     )
     row["ours_fwd_bwd_ms"] = row["ours_fwd_ms"] + row["ours_bwd_ms"]
     blocks = selection.kv_num_blocks.sum().item()
@@ -265,7 +266,9 @@ def run_case(args, seq: int, log: Console) -> tuple[dict, list[dict]]:
             flex, flex_fwd = flex_runners(q, k, v, grad_out, selection)
             row["flex_fwd_bwd_ms"] = time_ms(flex)
             row["flex_bwd_ms"] = row["flex_fwd_bwd_ms"] - time_ms(flex_fwd)
-            ours = sparse_attention_bwd(grad_out, q, k, v, out, lse, selection, None, True, None)
+            ours = triton_bwd.sparse_attention_backward(
+                grad_out, q, k, v, out, lse, selection, None, True, None
+            )
             for n, g, w in zip("qkv", ours, flex()):
                 row[f"flex_d{n}_err"] = relative_error(g, w)
         except Exception as err:  # noqa: BLE001 - report, never fake, a missing baseline
@@ -279,7 +282,7 @@ def run_case(args, seq: int, log: Console) -> tuple[dict, list[dict]]:
 
 
 def sweep(args, log: Console) -> list[dict]:
-    """Backward ms of each `BackwardTiles` variant at the first S."""
+    """Backward ms of each backward `LaunchConfig` variant at the first S."""
     seq = args.seq_lens[0]
     q, k, v = structured_qkv(
         "structured",
@@ -294,11 +297,13 @@ def sweep(args, log: Console) -> list[dict]:
     )
     grad_out = torch.randn_like(q)
     selection = make_selection(q, k, OmniSparseConfig(tau=args.tau))
-    out, lse = sparse_attention_fwd(q, k, v, selection, None, True, None)
+    out, lse = triton_fwd.sparse_attention(q, k, v, selection, None, True, None)
     rows = []
     for tiles in SWEEP:
         ms = time_ms(
-            lambda t=tiles: sparse_attention_bwd(grad_out, q, k, v, out, lse, selection, None, True, None, t)
+            lambda t=tiles: triton_bwd.sparse_attention_backward(
+                grad_out, q, k, v, out, lse, selection, None, True, None, launch=t
+            )
         )
         rows.append({"seq_len": seq, **dataclasses.asdict(tiles), "bwd_ms": ms})
         log.print(rows[-1])
@@ -312,8 +317,8 @@ def _table(rows: list[dict]) -> Table:
         ("density", "density", "{:.3f}"),
         ("ours fwd", "ours_fwd_ms", "{:.2f}"),
         ("ours bwd", "ours_bwd_ms", "{:.2f}"),
-        ("dq", "ours_bwd__dq_kernel_ms", "{:.2f}"),
-        ("dkdv", "ours_bwd__dkdv_kernel_ms", "{:.2f}"),
+        ("dq", "ours_bwd_dq_kernel_ms", "{:.2f}"),
+        ("dkdv", "ours_bwd_dkdv_kernel_ms", "{:.2f}"),
         ("ours f+b", "ours_fwd_bwd_ms", "{:.2f}"),
         ("flash bwd", "flash_bwd_ms", "{:.2f}"),
         ("flash f+b", "flash_fwd_bwd_ms", "{:.2f}"),
@@ -342,7 +347,9 @@ def main() -> None:
     parser.add_argument("--tau", type=float, default=0.95)
     parser.add_argument("--flex-seq-lens", type=int, nargs="*", default=[16384, 32768, 65536])
     parser.add_argument("--check", action="store_true", help="gradient checks at the first S")
-    parser.add_argument("--sweep", action="store_true", help="time BackwardTiles variants at the first S")
+    parser.add_argument(
+        "--sweep", action="store_true", help="time backward LaunchConfig variants at the first S"
+    )
     parser.add_argument("--time-budget-s", type=float, default=480.0)
     parser.add_argument("--out", type=Path, default=Path("out/bench_backward"))
     args = parser.parse_args()
@@ -363,10 +370,10 @@ def main() -> None:
         except torch.OutOfMemoryError as err:
             log.print(f"S={seq}: out of memory ({str(err).splitlines()[0][:100]})")
         torch.cuda.empty_cache()
-        _write_csv(args.out / "backward.csv", rows)
-        _write_csv(args.out / "checks.csv", checks)
+        write_csv(args.out / "backward.csv", rows)
+        write_csv(args.out / "checks.csv", checks)
     if args.sweep and time.monotonic() - started < args.time_budget_s:
-        _write_csv(args.out / "sweep.csv", sweep(args, log))
+        write_csv(args.out / "sweep.csv", sweep(args, log))
     log.print(_table(rows))
 
 

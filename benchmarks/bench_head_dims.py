@@ -5,7 +5,7 @@ not a test: the same cases' correctness is tests/gpu/test_kernels.py).
 
 For D = 64 (H 9, Hkv 3: SmolLM2), 128 (9 / 3) and 256 (4 / 1: Gemma 3), window None and 512, bf16,
 B = 1, structured inputs, selection = fused estimator + `select_on_device` (default config): density,
-and ms of the fused row probe (`triton_probe`) and `probe.probe_block_mass`, the whole estimate (fused
+and ms of the fused row probe (`triton_probe`) and `reference.probe_block_mass`, the whole estimate (fused
 estimator + probe), our forward and estimate + select + forward, the band forward (every allowed
 block), cuDNN and flash SDPA (is_causal, no window: what eager runs for a global layer), and for a
 window SDPA with the materialised mask and FlexAttention with a sliding-window block mask.
@@ -21,18 +21,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_prefill import _dense, time_ms
+from bench_prefill import dense_sdpa, time_ms
 from torch.nn.attention import SDPBackend
 
 from omnicompile.config import OmniSparseConfig
 from omnicompile.demos.structured import structured_qkv
-from omnicompile.kernels.estimation.probe import probe_block_mass
+from omnicompile.kernels.estimation import reference as estimation_reference
+from omnicompile.kernels.estimation import triton_probe
 from omnicompile.kernels.estimation.triton_composite import estimate_blocks
-from omnicompile.kernels.estimation.triton_probe import probe_block_mass_triton
 from omnicompile.kernels.masks import allowed_blocks, window_mask
 from omnicompile.kernels.selection import SelectionCall
 from omnicompile.kernels.selection.transpose import selection_from_block_mask
-from omnicompile.kernels.sparse_attention.triton_fwd import sparse_attention_fwd
+from omnicompile.kernels.sparse_attention.triton_fwd import sparse_attention
 from omnicompile.method import estimation_params, select_on_device, selection_params
 from omnicompile.metrics import density
 
@@ -87,20 +87,18 @@ def run_case(
         "S": seq,
         "window": window or "-",
         "density": density(selection, allowed),
-        "probe_ms": time_ms(lambda: probe_block_mass_triton(q, k, True, scale, b, window=window)),
-        "probe_torch_ms": time_ms(lambda: probe_block_mass(q, k, None, True, scale, b, window=window)),
+        "probe_ms": time_ms(lambda: triton_probe.probe_block_mass(q, k, None, True, scale, b, window=window)),
+        "probe_torch_ms": time_ms(
+            lambda: estimation_reference.probe_block_mass(q, k, None, True, scale, b, window=window)
+        ),
         "estimate_ms": time_ms(
             lambda: estimate_blocks(q, k, None, True, None, estimation_params(config), window=window)
         ),
-        "ours_fwd": time_ms(
-            lambda: sparse_attention_fwd(q, k, v, selection, None, True, None, window=window)
-        ),
-        "ours_total": time_ms(
-            lambda: sparse_attention_fwd(q, k, v, pipeline(), None, True, None, window=window)
-        ),
-        "band_fwd": time_ms(lambda: sparse_attention_fwd(q, k, v, band, None, True, None, window=window)),
-        "cudnn": _timed(lambda: _dense(q, k, v, SDPBackend.CUDNN_ATTENTION)[0]),
-        "flash": _timed(lambda: _dense(q, k, v, SDPBackend.FLASH_ATTENTION)[0]),
+        "ours_fwd": time_ms(lambda: sparse_attention(q, k, v, selection, None, True, None, window=window)),
+        "ours_total": time_ms(lambda: sparse_attention(q, k, v, pipeline(), None, True, None, window=window)),
+        "band_fwd": time_ms(lambda: sparse_attention(q, k, v, band, None, True, None, window=window)),
+        "cudnn": _timed(lambda: dense_sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION)[0]),
+        "flash": _timed(lambda: dense_sdpa(q, k, v, SDPBackend.FLASH_ATTENTION)[0]),
         "sdpa_mask": float("nan"),
         "flex": float("nan"),
     }

@@ -28,7 +28,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from bench_prefill import _write_csv, print_rows, time_ms
+from bench_prefill import print_rows, time_ms, write_csv
 
 from omnicompile.backend import backend
 from omnicompile.config import OmniSparseConfig
@@ -224,7 +224,7 @@ def main() -> None:
     deadline = time.monotonic() + args.time_budget_s
     rows = [row for name in args.models for row in run_model(name, args, sparse, deadline)]
     (args.out / "models.json").write_text(json.dumps(rows, indent=1))
-    _write_csv(args.out / "models.csv", rows)
+    write_csv(args.out / "models.csv", rows)
     print_rows("end-to-end prefill (ms; quality against eager SDPA)", COLUMNS, rows)
 
 

@@ -41,10 +41,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from omnicompile.config import OmniSparseConfig
 from omnicompile.demos.structured import PRESETS, structured_qkv
-from omnicompile.kernels.estimation.triton_composite import EstimateLaunch, estimate_blocks
+from omnicompile.kernels.estimation import launch as estimation_launch
+from omnicompile.kernels.estimation.triton_composite import estimate_blocks
 from omnicompile.kernels.masks import allowed_blocks
 from omnicompile.kernels.selection import BlockSelection, SelectionCall
-from omnicompile.kernels.sparse_attention.triton_fwd import LaunchConfig, sparse_attention_fwd
+from omnicompile.kernels.sparse_attention.launch import LaunchConfig
+from omnicompile.kernels.sparse_attention.triton_fwd import sparse_attention
 from omnicompile.method import estimation_params, select_on_device, selection_params
 from omnicompile.metrics import density, exact_block_mass, exact_recall, relative_error
 
@@ -62,11 +64,11 @@ FWD_SWEEP = [
     LaunchConfig(64, 32, 4, 4),
 ]
 EST_SWEEP = [
-    EstimateLaunch(64, 64, 4, 2),
-    EstimateLaunch(64, 64, 4, 3),
-    EstimateLaunch(64, 64, 8, 2),
-    EstimateLaunch(128, 64, 8, 2),
-    EstimateLaunch(128, 64, 8, 3),
+    estimation_launch.LaunchConfig(64, 64, 4, 2),
+    estimation_launch.LaunchConfig(64, 64, 4, 3),
+    estimation_launch.LaunchConfig(64, 64, 8, 2),
+    estimation_launch.LaunchConfig(128, 64, 8, 2),
+    estimation_launch.LaunchConfig(128, 64, 8, 3),
 ]
 
 
@@ -93,7 +95,7 @@ def time_ms(fn: Callable[[], object], target_ms: float = 200.0, max_reps: int = 
     return statistics.median(times)
 
 
-def _dense(q, k, v, backend: SDPBackend) -> tuple[Callable[[], torch.Tensor], str]:
+def dense_sdpa(q, k, v, backend: SDPBackend) -> tuple[Callable[[], torch.Tensor], str]:
     """A dense causal SDPA call pinned to ``backend``; K/V repeated if the backend refuses GQA."""
     group = q.shape[1] // k.shape[1]
 
@@ -150,7 +152,7 @@ def _flex_runner(q, k, v, selection: BlockSelection, scale: float) -> Callable[[
     )
 
 
-def _graphed(fn: Callable[[], object]) -> Callable[[], None]:
+def graphed(fn: Callable[[], object]) -> Callable[[], None]:
     """``fn`` captured in a CUDA graph (replay without Python or launch overhead)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -181,12 +183,12 @@ def _pipeline(q, k, v, config: OmniSparseConfig, scale: float):
     selection = select()
 
     def attend() -> tuple[torch.Tensor, torch.Tensor]:
-        return sparse_attention_fwd(q, k, v, selection, None, True, scale)
+        return sparse_attention(q, k, v, selection, None, True, scale)
 
     def total() -> tuple[torch.Tensor, torch.Tensor]:
         a = estimate_blocks(q, k, None, True, scale, estimation)
         s = select_on_device(a, allowed, selecting, call)
-        return sparse_attention_fwd(q, k, v, s, None, True, scale)
+        return sparse_attention(q, k, v, s, None, True, scale)
 
     return {"estimate": estimate, "select": select, "attend": attend, "total": total}, selection, allowed
 
@@ -203,7 +205,7 @@ def run_case(args, seq: int, kv_heads: int, preset: str, dense_ms: dict, log: Co
     dense_out = None
     for name, backend in DENSE_BACKENDS.items():
         try:
-            fn, note = _dense(q, k, v, backend)
+            fn, note = dense_sdpa(q, k, v, backend)
             if dense_key + (name,) not in dense_ms:
                 dense_ms[dense_key + (name,)] = (time_ms(fn), note)
             if dense_out is None:
@@ -219,7 +221,7 @@ def run_case(args, seq: int, kv_heads: int, preset: str, dense_ms: dict, log: Co
             ms["total_graph"] = float("nan")
             if device.type == "cuda":
                 try:
-                    ms["total_graph"] = time_ms(_graphed(parts["total"]))
+                    ms["total_graph"] = time_ms(graphed(parts["total"]))
                 except RuntimeError as err:  # e.g. a host synchronisation inside the pipeline
                     log.print(f"CUDA graph capture at S={seq}: {str(err).splitlines()[0][:120]}")
             out, _ = parts["attend"]()
@@ -307,7 +309,7 @@ def sweep(args, log: Console) -> list[dict]:
     rows = []
     for launch in FWD_SWEEP:
         ms = time_ms(
-            functools.partial(sparse_attention_fwd, q, k, v, selection, None, True, scale, launch=launch)
+            functools.partial(sparse_attention, q, k, v, selection, None, True, scale, launch=launch)
         )
         rows.append(
             {
@@ -350,7 +352,7 @@ def print_rows(
     Console(width=width).print(table)
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
+def write_csv(path: Path, rows: list[dict]) -> None:
     if rows:
         with path.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
@@ -456,7 +458,7 @@ def main() -> None:
     if torch.cuda.is_available():
         log.print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__}")
     if args.sweep:
-        _write_csv(args.out / "sweep.csv", sweep(args, log))
+        write_csv(args.out / "sweep.csv", sweep(args, log))
     if args.profile:
         profile_pipeline(args, log)
     cases = [(s, h, p) for s in args.seq_lens for h in args.kv_heads for p in args.presets]
@@ -478,7 +480,7 @@ def main() -> None:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             progress.advance(task)
-            _write_csv(args.out / "prefill.csv", rows)
+            write_csv(args.out / "prefill.csv", rows)
     (args.out / "prefill.json").write_text(json.dumps(rows, indent=1))
     if rows:
         _plot(args.out / "prefill.png", rows)

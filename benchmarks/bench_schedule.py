@@ -5,7 +5,7 @@ test: that both orders give bitwise equal results is tests/gpu/test_schedule.py)
 
 B = 1, H = 32, Hkv = 8, D = 128, bf16, causal; presets ``mixed`` and ``mixed_flat``
 (`omnicompile.demos.structured`); budget scopes heads, kv_group, head (default config otherwise). Per case:
-- the forward (`sparse_attention_fwd`) on one selection with ``schedule="heaviest_first"`` and
+- the forward (`triton_fwd.sparse_attention`) on one selection with ``schedule="heaviest_first"`` and
   ``"causal"``: ms and TFLOP/s on the computed blocks (4 * D * b^2 per block);
 - the op (`torch.ops.omnisparse.attention`) end to end: eager, eager plus one host synchronisation
   per call (what the removed per-call density read cost: ``.item()`` of a device scalar), and
@@ -21,15 +21,13 @@ import json
 from pathlib import Path
 
 import torch
-from bench_prefill import _dense, _graphed, time_ms
+from bench_prefill import dense_sdpa, graphed, time_ms
 from torch.nn.attention import SDPBackend
 
 from omnicompile.config import OmniSparseConfig
 from omnicompile.demos.structured import structured_qkv
-from omnicompile.kernels.sparse_attention.triton_fwd import (
-    default_launch_config,
-    sparse_attention_fwd,
-)
+from omnicompile.kernels.sparse_attention.launch import default_launch
+from omnicompile.kernels.sparse_attention.triton_fwd import sparse_attention
 from omnicompile.method import AttentionInputs, plan
 
 PRESETS = ("mixed", "mixed_flat")
@@ -47,11 +45,11 @@ def run_case(preset: str, seq: int, scope: str, inputs, cudnn_ms: float) -> dict
     row = {"preset": preset, "S": seq, "scope": scope, "density": blocks / allowed, "cudnn_ms": cudnn_ms}
     for schedule in ("heaviest_first", "causal"):
         launch = dataclasses.replace(
-            default_launch_config(config.block_size, q.dtype, False, DIM), schedule=schedule
+            default_launch(config.block_size, q.dtype, False, DIM), schedule=schedule
         )
 
         def forward(launch=launch):
-            return sparse_attention_fwd(q, k, v, selection, None, True, None, launch=launch)
+            return sparse_attention(q, k, v, selection, None, True, None, launch=launch)
 
         ms = time_ms(forward)
         row[f"fwd_{schedule}_ms"] = ms
@@ -69,7 +67,7 @@ def run_case(preset: str, seq: int, scope: str, inputs, cudnn_ms: float) -> dict
 
     row["op_eager_ms"] = time_ms(op)
     row["op_eager_sync_ms"] = time_ms(op_synced)
-    row["op_graph_ms"] = time_ms(_graphed(op))
+    row["op_graph_ms"] = time_ms(graphed(op))
     row["x_cudnn_graph"] = cudnn_ms / row["op_graph_ms"]
     return row
 
@@ -91,7 +89,7 @@ def main() -> None:
             inputs = structured_qkv(
                 preset, 1, HEADS, KV_HEADS, seq, DIM, dtype=torch.bfloat16, device="cuda", seed=0
             )
-            cudnn_ms = time_ms(_dense(*inputs, SDPBackend.CUDNN_ATTENTION)[0])
+            cudnn_ms = time_ms(dense_sdpa(*inputs, SDPBackend.CUDNN_ATTENTION)[0])
             for scope in SCOPES:
                 rows.append(run_case(preset, seq, scope, inputs, cudnn_ms))
                 print(json.dumps(rows[-1]), flush=True)

@@ -24,7 +24,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from bench_prefill import _write_csv, print_rows, time_ms
+from bench_prefill import print_rows, time_ms, write_csv
 
 from omnicompile.config import OmniSparseConfig
 from omnicompile.demos.train_demo import FULL, RecallTask, evaluate, load_model, sparse_config
@@ -106,7 +106,7 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
             torch.cuda.empty_cache()
-    _write_csv(args.out / "trained_prefill.csv", rows)
+    write_csv(args.out / "trained_prefill.csv", rows)
     print_rows(
         f"trained demo model, end-to-end prefill (B = 1, tau {args.tau})",
         {

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import kvpress
 import torch
-from bench_prefill import _write_csv, print_rows
+from bench_prefill import print_rows, write_csv
 from transformers import DynamicCache, LlamaForCausalLM
 
 from omnicompile.config import OmniSparseConfig
@@ -161,7 +161,7 @@ def main() -> None:
         for name, result in results.items():
             rows.append({"tau_decode": tau_decode, **_scores(name, result, dense, batches, prompt_len)})
             print(rows[-1], flush=True)
-    _write_csv(args.out / "kvpress.csv", rows)
+    write_csv(args.out / "kvpress.csv", rows)
     print_rows(
         f"trained demo model, {args.sequences} sequences of {args.seq_len} tokens, prompt {prompt_len}; "
         "kvpress at the compression of the slim row above it",

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from bench_prefill import _write_csv, print_rows
+from bench_prefill import print_rows, write_csv
 
 from omnicompile.config import OmniSparseConfig
 from omnicompile.demos.structured import PRESETS, structured_qkv
@@ -181,7 +181,7 @@ def main() -> None:
             rows += evaluate_input(label, q, k, scale, args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "frontier.json").write_text(json.dumps(rows, indent=1))
-    _write_csv(args.out / "frontier.csv", rows)
+    write_csv(args.out / "frontier.csv", rows)
     print_rows("estimators against the per-head oracle (density at equal mean recall)", COLUMNS, rows)
 
 

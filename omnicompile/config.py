@@ -42,8 +42,8 @@ class OmniSparseConfig:
         granularity: tokens per composite token g (divides ``block_size``).
         antidiagonal_stride: stride s of the antidiagonal estimator (divides ``block_size``).
         row_probe: mix into the estimate the exact block distribution of each query block's last row
-            (``kernels/estimation/probe.py``: composite tokens overrate the local blocks of heads whose
-            scores spread widely inside a tile, which made the lazy rule fire wrongly).
+            (``kernels/estimation/reference.py``, `probe_block_mass`: composite tokens overrate the local
+            blocks of heads whose scores spread widely inside a tile, which made the lazy rule fire wrongly).
         n_sink, n_local: forced sink blocks and local-window blocks.
         query_selection: lazy/active classification of query blocks on or off.
         lazy_threshold: local mass at which a query block is lazy (``None`` = ``tau``).

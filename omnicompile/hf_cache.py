@@ -19,8 +19,8 @@ SDPA for ``"omnisparse_decode"`` registered here, the op for ``"omnisparse"`` in
   what `omnicompile.slimming` decides and repacks the layer into a ragged `SlimKV` (the dense K/V are
   released);
 - every later forward of a slimmed layer: `update` appends the new tokens to every head's tail and the
-  attention function runs slim decode attention (the split-K Triton kernel where `supported`, else the
-  fp32 reference), reading only the kept KV;
+  attention function runs slim decode attention (the split-K Triton kernel where
+  `triton_decode.supported`, else the fp32 reference), reading only the kept KV;
 - a layer that is not slimmed (short prompt, ``mode == "dense"``) stays a dense cache and runs the
   prefill attention.
 - a sliding-window layer (``layer_types`` entry ``"sliding_attention"``, Gemma 3's local layers) is
@@ -49,9 +49,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from .config import OmniSparseConfig
-from .kernels.decode.reference import slim_decode_reference
+from .kernels.decode import reference as decode_reference
+from .kernels.decode import triton_decode
 from .kernels.decode.slim_kv import SlimKV, storage_bytes
-from .kernels.decode.triton_decode import slim_decode_triton, supported
 from .slimming import slim
 
 ATTN_IMPLEMENTATION = "omnisparse_decode"
@@ -356,13 +356,13 @@ class SlimKVCache(Cache):
 
 def slim_decode(q: Tensor, kv: SlimKV, scale: float | None) -> tuple[Tensor, Tensor]:
     """Slim decode attention: the Triton kernel where it is supported, else the reference (logged once)."""
-    reason = supported(q, kv, scale)
+    reason = triton_decode.supported(q, kv, scale)
     if reason is None:
-        return slim_decode_triton(q, kv, scale)
+        return triton_decode.slim_decode(q, kv, scale)
     if reason not in _logged_fallbacks:
         _logged_fallbacks.add(reason)
         _logger.info("slim decode runs the PyTorch reference: %s", reason)
-    return slim_decode_reference(q, kv, scale)
+    return decode_reference.slim_decode(q, kv, scale)
 
 
 def _visible_keys(attention_mask: Tensor | None) -> Tensor | None:

@@ -10,8 +10,8 @@ every input the op accepts.
 `decide` reads only shapes, dtypes, the device and the config (what is known when tracing), never
 tensor data: the op has no host synchronisation and can be captured in a CUDA graph. Where the
 selection itself is nearly dense, the selection decides on the device: a (batch, head) denser than
-``config.dense_fallback_density`` takes every allowed block (`select.full_dense_heads`) and runs
-exact attention through the same sparse kernel, on every device alike. The fraction of such heads
+``config.dense_fallback_density`` takes every allowed block (`selection.reference.full_dense_heads`)
+and runs exact attention through the same sparse kernel, on every device alike. The fraction of such heads
 is measured lazily, when a recorder asks (`selection_stats`: ``dense_heads``).
 
 ``window`` (TEAM.md "Sliding windows": only with ``is_causal=True`` and no mask) goes to every
@@ -40,8 +40,7 @@ from .kernels.masks import allowed_blocks, check_qkv, check_window, resolve_scal
 from .kernels.selection import BlockSelection, SelectionCall, SelectionParams, select_blocks, triton_select
 from .kernels.selection.transpose import selection_from_block_mask
 from .kernels.softcap import check_softcap
-from .kernels.sparse_attention import triton_bwd, triton_fwd
-from .kernels.sparse_attention.reference import sparse_attention_reference
+from .kernels.sparse_attention import sparse_attention, triton_bwd, triton_fwd
 from .metrics import exact_block_mass, relative_error
 from .metrics import selection_stats as measure_selection
 
@@ -156,10 +155,8 @@ def _attend(
     """(out [B, H, Sq, Dv] in q.dtype, lse float32 [B, H, Sq]) over the selection (the one attention call)."""
     args = (x.q, x.k, x.v, selection, x.attn_mask, x.is_causal, resolve_scale(x.scale, x.q.shape[-1]))
     if x.q.device.type == "cuda":
-        return triton_fwd.sparse_attention_fwd(*args, window=x.window, softcap=x.softcap)
-    return sparse_attention_reference(
-        *args, config.query_chunk, window=x.window, softcap=x.softcap, check=False
-    )
+        return triton_fwd.sparse_attention(*args, window=x.window, softcap=x.softcap)
+    return sparse_attention(*args, config.query_chunk, window=x.window, softcap=x.softcap, check=False)
 
 
 def window_attention(
@@ -182,9 +179,7 @@ def window_attention(
     band = allowed_blocks(None, True, batch, heads, q_len, kv_len, block_size, q.device, window=window)
     selection = selection_from_block_mask(band.expand(batch, heads, -1, -1), block_size, q_len, kv_len)
     scale = resolve_scale(scale, q.shape[-1])
-    return triton_fwd.sparse_attention_fwd(
-        q, k, v, selection, None, True, scale, window=window, softcap=softcap
-    )
+    return triton_fwd.sparse_attention(q, k, v, selection, None, True, scale, window=window, softcap=softcap)
 
 
 def select_on_device(
@@ -192,7 +187,7 @@ def select_on_device(
 ) -> BlockSelection:
     """The selection of `select_blocks` (the one selection call): the fused Triton kernel on CUDA."""
     if ahat.device.type == "cuda" and triton_select.supported(ahat, allowed) is None:
-        return triton_select.select_blocks_triton(ahat, allowed, params, call)
+        return triton_select.select_blocks(ahat, allowed, params, call)
     return select_blocks(ahat, allowed, params, call)
 
 
@@ -296,13 +291,13 @@ def omnisparse_attention_backward(
     selection = plan(x, config)
     scale = resolve_scale(x.scale, x.q.shape[-1])
     if x.q.device.type == "cuda" and triton_bwd.supported(*primals, x.attn_mask) is None:
-        return triton_bwd.sparse_attention_bwd(
+        return triton_bwd.sparse_attention_backward(
             grad_out, *primals, out, lse, selection, x.attn_mask, x.is_causal, scale,
             window=x.window, softcap=x.softcap,
         )  # fmt: skip
 
     def attention_out(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor) -> torch.Tensor:
-        return sparse_attention_reference(
+        return sparse_attention(
             q_, k_, v_, selection, x.attn_mask, x.is_causal, scale, config.query_chunk,
             window=x.window, softcap=x.softcap, check=False,
         )[0]  # fmt: skip

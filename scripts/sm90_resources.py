@@ -24,7 +24,10 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from omnicompile.kernels.decode import triton_decode  # noqa: E402
+from omnicompile.kernels.decode.launch import row_tile  # noqa: E402
+from omnicompile.kernels.estimation import launch as estimation_launch  # noqa: E402
 from omnicompile.kernels.estimation import triton_composite, triton_probe  # noqa: E402
+from omnicompile.kernels.sparse_attention import launch as attention_launch  # noqa: E402
 from omnicompile.kernels.sparse_attention import triton_bwd, triton_fwd  # noqa: E402
 from omnicompile.kernels.triton_utils import head_dim_pad  # noqa: E402
 
@@ -83,7 +86,7 @@ def main() -> None:
     for dim in (64, 80, 96, 128, 256):
         pad = head_dim_pad(dim)
         for windowed in (False, True):
-            cfg = triton_fwd.default_launch_config(64, torch.bfloat16, False, dim)
+            cfg = attention_launch.default_launch(64, torch.bfloat16, False, dim)
             const = dict(
                 GROUP=3,
                 HEAD_DIM=dim,
@@ -99,9 +102,9 @@ def main() -> None:
             )
             print(
                 f"D {dim} fwd window={windowed} {cfg}:",
-                resources(triton_fwd._sparse_fwd_kernel, const, cfg.num_warps, cfg.num_stages),
+                resources(triton_fwd.sparse_fwd_kernel, const, cfg.num_warps, cfg.num_stages),
             )
-            est = triton_composite.default_launch(dim, windowed)
+            est = estimation_launch.default_launch(dim, windowed)
             const = dict(
                 GQA=3,
                 GROUP=16,
@@ -117,9 +120,9 @@ def main() -> None:
             )
             print(
                 f"D {dim} estimator window={windowed} {est}:",
-                resources(triton_composite._composite_kernel, const, est.num_warps, est.num_stages),
+                resources(triton_composite.composite_kernel, const, est.num_warps, est.num_stages),
             )
-            probe = triton_probe.ProbeLaunch()
+            probe = estimation_launch.default_launch(dim, windowed)
             const = dict(
                 GQA=3,
                 BLOCK_SIZE=64,
@@ -136,16 +139,16 @@ def main() -> None:
                 print(
                     f"D {dim} row probe mass={mass} window={windowed} {probe}:",
                     resources(
-                        triton_probe._probe_kernel,
+                        triton_probe.probe_kernel,
                         dict(const, SPLITS_PAD=32, MIX=True, MASS=mass),
                         probe.num_warps,
                         probe.num_stages,
                     ),
                 )
-        tiles = triton_bwd.default_tiles(dim)
+        tiles = attention_launch.default_backward_launch(dim)
         for fn, block_m, block_n in (
-            (triton_bwd._dq_kernel, tiles.dq_block_m, tiles.dq_block_n),
-            (triton_bwd._dkdv_kernel, tiles.dkdv_block_m, tiles.dkdv_block_n),
+            (triton_bwd.dq_kernel, tiles.dq_block_m, tiles.dq_block_n),
+            (triton_bwd.dkdv_kernel, tiles.dkdv_block_m, tiles.dkdv_block_n),
         ):
             const = dict(
                 GROUP=3,
@@ -163,9 +166,9 @@ def main() -> None:
                 f"D {dim} {fn.__name__} {block_m}x{block_n}:",
                 resources(fn, const, tiles.num_warps, tiles.num_stages),
             )
-        block_m = triton_decode.row_tile(64, dim)
+        block_m = row_tile(64, dim)
         const = dict(HEAD_DIM=dim, BLOCK_D=pad, BLOCK_M=block_m, BLOCK_N=64, FP32_DOT=False)
-        print(f"D {dim} decode {block_m} rows:", resources(triton_decode._split_kernel, const, 4, 3))
+        print(f"D {dim} decode {block_m} rows:", resources(triton_decode.split_kernel, const, 4, 3))
 
 
 if __name__ == "__main__":

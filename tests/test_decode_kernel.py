@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omnicompile.kernels.decode.reference import slim_decode_reference
+from omnicompile.kernels.decode.reference import slim_decode as reference_decode
 from omnicompile.kernels.decode.slim_kv import SlimKV
-from omnicompile.kernels.decode.triton_decode import slim_decode_triton, supported
+from omnicompile.kernels.decode.triton_decode import slim_decode, supported
 from tests.helpers import REL_TOL, rel_error
 
 pytestmark = pytest.mark.interpreter
@@ -38,8 +38,8 @@ def test_kernel_matches_reference(dtype, batch, kv_heads, group, n, dim):
     kv = _random_slim_kv(batch, kv_heads, prompt=150, tail=n + 2, dim=dim, dtype=dtype)
     q = torch.randn(batch, kv_heads * group, n, dim, dtype=dtype, device=DEVICE)
     assert supported(q, kv) is None
-    out, lse = slim_decode_triton(q, kv, scale=0.3)
-    ref_out, ref_lse = slim_decode_reference(q, kv, scale=0.3)
+    out, lse = slim_decode(q, kv, scale=0.3)
+    ref_out, ref_lse = reference_decode(q, kv, scale=0.3)
     assert out.dtype == dtype and lse.dtype == torch.float32
     assert rel_error(out, ref_out) < REL_TOL[dtype]
     assert torch.allclose(lse, ref_lse, atol=1e-3, rtol=1e-3)
@@ -56,7 +56,7 @@ def test_reference_equals_dense_attention_when_everything_is_kept():
     q = torch.randn(batch, kv_heads * group, n, dim)
     visible = torch.ones(n, prompt + tail, dtype=torch.bool).tril(diagonal=prompt + tail - n)
     dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=True)
-    out, _ = slim_decode_reference(q, kv)
+    out, _ = reference_decode(q, kv)
     assert rel_error(out, dense) < REL_TOL[torch.float32]
 
 
@@ -64,4 +64,4 @@ def test_supported_names_the_reason():
     kv = _random_slim_kv(1, 1, prompt=8, tail=1, dim=16, dtype=torch.float32)
     assert "dtypes" in supported(torch.randn(1, 1, 1, 16, dtype=torch.float16, device=DEVICE), kv)
     with pytest.raises(ValueError, match="queries need their own"):
-        slim_decode_reference(torch.randn(1, 1, 2, 16, device=DEVICE), kv)
+        reference_decode(torch.randn(1, 1, 2, 16, device=DEVICE), kv)

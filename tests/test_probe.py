@@ -1,4 +1,5 @@
-"""Row probe (kernels/estimation/probe.py): exact against dense softmax rows, and the mixed estimate."""
+"""Row probe (`probe_block_mass` of kernels/estimation/reference.py): exact against dense softmax rows,
+and the mixed estimate."""
 
 from __future__ import annotations
 
@@ -7,8 +8,7 @@ import torch
 
 from omnicompile import OmniSparseConfig
 from omnicompile.kernels.estimation import estimate_blocks
-from omnicompile.kernels.estimation.probe import probe_block_mass, with_row_probe
-from omnicompile.kernels.estimation.reference import composite_estimate
+from omnicompile.kernels.estimation.reference import composite_estimate, probe_block_mass, with_row_probe
 from omnicompile.kernels.masks import allowed_blocks, window_mask
 from omnicompile.method import estimation_params
 

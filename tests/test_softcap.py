@@ -12,12 +12,11 @@ import torch
 
 from omnicompile import dense
 from omnicompile.config import OmniSparseConfig
-from omnicompile.kernels.estimation.probe import probe_block_mass
-from omnicompile.kernels.estimation.reference import composite_estimate
+from omnicompile.kernels.estimation.reference import composite_estimate, probe_block_mass
 from omnicompile.kernels.masks import allowed_blocks, window_mask
 from omnicompile.kernels.selection.transpose import selection_from_block_mask
 from omnicompile.kernels.softcap import check_softcap
-from omnicompile.kernels.sparse_attention.reference import sparse_attention_reference
+from omnicompile.kernels.sparse_attention.reference import sparse_attention
 from omnicompile.metrics import exact_block_mass
 from omnicompile.recording import recording
 from tests.helpers import GRAD_REL_TOL, REL_TOL, rel_error
@@ -113,9 +112,7 @@ def test_sparse_reference_with_every_block_equals_capped_math(masking, softcap):
     every_block = selection_from_block_mask(
         torch.ones(2, 4, nq, nk, dtype=torch.bool), BLOCK, q.shape[2], k.shape[2]
     )
-    out, lse = sparse_attention_reference(
-        *primals, every_block, mask, causal, SCALE, 2, window=window, softcap=softcap
-    )
+    out, lse = sparse_attention(*primals, every_block, mask, causal, SCALE, 2, window=window, softcap=softcap)
     _check_against_math(out, lse, primals, *case, softcap=softcap)
 
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from omnicompile import OmniSparseConfig
 from omnicompile.kernels.selection.flex import to_block_mask
 from omnicompile.kernels.selection.transpose import selection_from_block_mask
-from omnicompile.kernels.sparse_attention.reference import sparse_attention_reference
+from omnicompile.kernels.sparse_attention.reference import sparse_attention
 from omnicompile.method import AttentionInputs, omnisparse_attention, omnisparse_attention_backward
 from tests.attention_cases import Case, cases, dense_bias, make_mask, make_qkv
 from tests.helpers import GRAD_REL_TOL, REL_TOL, rel_error
@@ -43,7 +43,7 @@ def test_reference_equals_sdpa_on_the_selected_blocks(case: Case, density: float
     q, k, v = (t.requires_grad_() for t in make_qkv(case))
     attn_mask, is_causal = make_mask(case)
     selection = _random_selection(case, density)
-    out, lse = sparse_attention_reference(q, k, v, selection, attn_mask, is_causal, None, query_chunk)
+    out, lse = sparse_attention(q, k, v, selection, attn_mask, is_causal, None, query_chunk)
     restricted = dense_bias(attn_mask, is_causal, case.q_len, case.kv_len).masked_fill(
         ~_token_mask(selection), float("-inf")
     )
@@ -116,7 +116,7 @@ def test_flex_attention_on_the_same_selection(is_causal: bool):
     case = Case(2, 2, 2, 45, 70, 8, "causal" if is_causal else "none", 9)
     q, k, v = make_qkv(case)
     selection = _random_selection(case, 0.5)
-    out, lse = sparse_attention_reference(q, k, v, selection, None, is_causal, None)
+    out, lse = sparse_attention(q, k, v, selection, None, is_causal, None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "flex_attention called without torch.compile()"
         flex_out, aux = flex_attention(
@@ -133,4 +133,4 @@ def test_reference_rejects_a_mismatched_selection():
     q, k, v = make_qkv(case)
     selection = _random_selection(Case(1, 2, 2, 40, 50, 8, "none", 0), 1.0)
     with pytest.raises(ValueError, match="does not match"):
-        sparse_attention_reference(q, k, v, selection, None, False, None)
+        sparse_attention(q, k, v, selection, None, False, None)

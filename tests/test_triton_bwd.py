@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 from omnicompile.kernels.selection.block_selection import BlockSelection
 from omnicompile.kernels.selection.transpose import selection_from_block_mask
-from omnicompile.kernels.sparse_attention.reference import sparse_attention_reference
-from omnicompile.kernels.sparse_attention.triton_bwd import BackwardTiles, sparse_attention_bwd, supported
+from omnicompile.kernels.sparse_attention.launch import LaunchConfig
+from omnicompile.kernels.sparse_attention.reference import sparse_attention
+from omnicompile.kernels.sparse_attention.triton_bwd import sparse_attention_backward, supported
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -67,7 +68,7 @@ def _reference_grads(q, k, v, selection, attn_mask, is_causal, scale, grad_out, 
     turns the reference's gradients into those given O' (dv does not depend on D).
     """
     q32, k32, v32 = (t.float().requires_grad_() for t in (q, k, v))
-    out, lse = sparse_attention_reference(
+    out, lse = sparse_attention(
         q32, k32, v32, selection, attn_mask, is_causal, scale, window=window, softcap=softcap
     )
     grad_out = grad_out.float()
@@ -87,7 +88,7 @@ def _check_against_reference(
     is_causal: bool,
     scale,
     gen,
-    tiles: BackwardTiles | None = None,
+    launch: LaunchConfig | None = None,
     window: int | None = None,
     softcap: float | None = None,
 ):
@@ -96,9 +97,9 @@ def _check_against_reference(
     out, lse, *expected = _reference_grads(
         q, k, v, selection, attn_mask, is_causal, scale, grad_out, window, softcap
     )
-    grads = sparse_attention_bwd(
-        grad_out, q, k, v, out.to(q.dtype), lse, selection, attn_mask, is_causal, scale, tiles,
-        window=window, softcap=softcap,
+    grads = sparse_attention_backward(
+        grad_out, q, k, v, out.to(q.dtype), lse, selection, attn_mask, is_causal, scale,
+        window=window, softcap=softcap, launch=launch,
     )  # fmt: skip
     for name, got, want, like in zip("qkv", grads, expected, (q, k, v)):
         assert got.shape == like.shape and got.dtype == like.dtype
@@ -170,7 +171,7 @@ def test_gradients_equal_the_reference(
     q, k, v = _inputs(batch, heads, kv_heads, q_len, kv_len, dim, dtype, gen)
     selection = _random_selection(batch, heads, q_len, kv_len, block_size, density, gen)
     attn_mask = _attn_mask(masking, heads, q_len, kv_len, gen)
-    tiles = BackwardTiles(dkdv_chunk=dkdv_chunk)
+    tiles = LaunchConfig(dkdv_chunk=dkdv_chunk)
     _check_against_reference(
         q, k, v, selection, attn_mask, masking == "causal", 0.3 if seed % 2 else None, gen, tiles
     )
@@ -211,10 +212,8 @@ def test_full_selection_equals_dense_sdpa_gradients(is_causal: bool, dtype: torc
     q32, k32, v32 = (t.float().requires_grad_() for t in (q, k, v))
     dense = F.scaled_dot_product_attention(q32, k32, v32, is_causal=is_causal, enable_gqa=True)
     expected = torch.autograd.grad(dense, (q32, k32, v32), grad_out.float())
-    _, lse = sparse_attention_reference(
-        q32.detach(), k32.detach(), v32.detach(), selection, None, is_causal, None
-    )
-    grads = sparse_attention_bwd(
+    _, lse = sparse_attention(q32.detach(), k32.detach(), v32.detach(), selection, None, is_causal, None)
+    grads = sparse_attention_backward(
         grad_out, q, k, v, dense.detach().to(dtype), lse, selection, None, is_causal, None
     )
     for got, want in zip(grads, expected):
@@ -235,7 +234,7 @@ def test_reference_with_full_selection_has_dense_sdpa_gradients(masking: str, dt
     selection = selection_from_block_mask(torch.ones(1, 4, 5, 6, dtype=torch.bool), 16, 70, 90)
     grad_out = torch.randn(q.shape, generator=gen, dtype=dtype)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out, _ = sparse_attention_reference(*leaves, selection, attn_mask, is_causal, None)
+    out, _ = sparse_attention(*leaves, selection, attn_mask, is_causal, None)
     got = torch.autograd.grad(out, leaves, grad_out)
     up = [t.double().requires_grad_() for t in (q, k, v)]
     mask64 = attn_mask.double() if masking == "float" else attn_mask
@@ -257,7 +256,7 @@ def test_softcap_gradients_equal_the_reference(dtype: torch.dtype, masking: str)
     causal, window = masking in ("causal", "window"), 12 if masking == "window" else None
     attn_mask = None if causal else _attn_mask(masking, 4, 40, 50, gen)
     _check_against_reference(
-        q, k, v, selection, attn_mask, causal, 1.5, gen, BackwardTiles(dkdv_chunk=2), window, softcap=2.0
+        q, k, v, selection, attn_mask, causal, 1.5, gen, LaunchConfig(dkdv_chunk=2), window, softcap=2.0
     )
 
 
@@ -285,7 +284,7 @@ def test_window_gradients_equal_the_reference(dtype, dkdv_chunk, q_len, kv_len, 
     gen = torch.Generator().manual_seed(q_len + window)
     q, k, v = _inputs(1, 4, 2, q_len, kv_len, 16, dtype, gen)
     selection = _random_selection(1, 4, q_len, kv_len, 16, 0.8, gen)
-    tiles = BackwardTiles(dq_block_n=16, dkdv_block_m=16, dkdv_chunk=dkdv_chunk)
+    tiles = LaunchConfig(dq_block_n=16, dkdv_block_m=16, dkdv_chunk=dkdv_chunk)
     _check_against_reference(q, k, v, selection, None, True, None, gen, tiles, window=window)
 
 

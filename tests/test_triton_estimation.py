@@ -14,13 +14,10 @@ from hypothesis import strategies as st
 
 from omnicompile.config import OmniSparseConfig
 from omnicompile.demos.structured import structured_qkv
+from omnicompile.kernels.estimation.launch import LaunchConfig
+from omnicompile.kernels.estimation.reference import composite_means
 from omnicompile.kernels.estimation.reference import estimate_blocks as reference_estimate
-from omnicompile.kernels.estimation.triton_composite import (
-    EstimateLaunch,
-    composite_means,
-    estimate_blocks,
-    supported,
-)
+from omnicompile.kernels.estimation.triton_composite import estimate_blocks, supported
 from omnicompile.kernels.masks import allowed_blocks
 from omnicompile.method import estimation_params
 from tests.helpers import rel_error, stable_seed
@@ -30,7 +27,7 @@ pytestmark = pytest.mark.interpreter
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # ||Ahat - ref|| / ||ref||: exact fp32 math for fp32; bf16/fp16 round the composite means.
 AHAT_REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-SMALL_TILES = EstimateLaunch(block_u=16, block_w=16, num_warps=4, num_stages=1)
+SMALL_TILES = LaunchConfig(block_u=16, block_w=16, num_warps=4, num_stages=1)
 
 
 def _qk(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, gen, std=2.0):
@@ -75,7 +72,7 @@ def test_matches_reference(dtype, is_causal, estimator, shape):
 
 
 @pytest.mark.parametrize("is_causal", [True, False])
-def test_default_tiles(is_causal):
+def test_default_launch(is_causal):
     gen = torch.Generator().manual_seed(1)
     q, k = _qk(1, 4, 2, 300, 300, 64, torch.bfloat16, gen)
     _check(q, k, is_causal, OmniSparseConfig(block_size=64, granularity=16))

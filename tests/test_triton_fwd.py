@@ -19,13 +19,9 @@ from omnicompile.kernels.estimation.reference import estimate_blocks
 from omnicompile.kernels.masks import allowed_blocks, window_mask
 from omnicompile.kernels.selection import SelectionCall, select_blocks
 from omnicompile.kernels.selection.transpose import selection_from_block_mask
-from omnicompile.kernels.sparse_attention.reference import sparse_attention_reference
-from omnicompile.kernels.sparse_attention.triton_fwd import (
-    LaunchConfig,
-    sparse_attention_fwd,
-    supported,
-    unit_order,
-)
+from omnicompile.kernels.sparse_attention.launch import LaunchConfig, unit_order
+from omnicompile.kernels.sparse_attention.reference import sparse_attention as reference_attention
+from omnicompile.kernels.sparse_attention.triton_fwd import sparse_attention, supported
 from omnicompile.method import estimation_params, selection_params
 from tests.helpers import REL_TOL, rel_error, stable_seed
 
@@ -51,10 +47,10 @@ def _random_selection(batch, heads, q_len, kv_len, block, density, gen):
 
 
 def _check(q, k, v, selection, attn_mask, is_causal, scale=None, launch=None, window=None, softcap=None):
-    out, lse = sparse_attention_fwd(
+    out, lse = sparse_attention(
         q, k, v, selection, attn_mask, is_causal, scale, window=window, softcap=softcap, launch=launch
     )
-    ref_out, ref_lse = sparse_attention_reference(
+    ref_out, ref_lse = reference_attention(
         q, k, v, selection, attn_mask, is_causal, scale, window=window, softcap=softcap
     )
     assert out.dtype == q.dtype and out.shape == q.shape and lse.dtype == torch.float32
@@ -165,9 +161,7 @@ def test_full_selection_equals_sdpa(dtype, is_causal):
     gen = torch.Generator().manual_seed(11)
     q, k, v = _inputs(1, 4, 2, 77, 77, 64, dtype, gen)
     allowed = allowed_blocks(None, is_causal, 1, 4, 77, 77, 16, q.device).expand(1, 4, 5, 5)
-    out, _ = sparse_attention_fwd(
-        q, k, v, selection_from_block_mask(allowed, 16, 77, 77), None, is_causal, None
-    )
+    out, _ = sparse_attention(q, k, v, selection_from_block_mask(allowed, 16, 77, 77), None, is_causal, None)
     dense = F.scaled_dot_product_attention(
         q.float(), k.float(), v.float(), is_causal=is_causal, enable_gqa=True
     )
@@ -204,8 +198,8 @@ def test_heaviest_first_schedule_changes_no_result(scope):
     order = unit_order(selection.kv_num_blocks, 2, "heaviest_first")
     assert not torch.equal(order, unit_order(selection.kv_num_blocks, 2, "causal"))
     _check(q, k, v, selection, None, True, launch=heaviest)
-    got = sparse_attention_fwd(q, k, v, selection, None, True, None, launch=heaviest)
-    want = sparse_attention_fwd(q, k, v, selection, None, True, None, launch=causal)
+    got = sparse_attention(q, k, v, selection, None, True, None, launch=heaviest)
+    want = sparse_attention(q, k, v, selection, None, True, None, launch=causal)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
@@ -223,7 +217,7 @@ def test_rejects_mismatched_selection():
     gen = torch.Generator().manual_seed(0)
     q, k, v = _inputs(1, 2, 2, 64, 64, 32, torch.float32, gen)
     with pytest.raises(ValueError, match="does not fit"):
-        sparse_attention_fwd(q, k, v, _random_selection(1, 2, 64, 48, 16, 0.5, gen), None, True, None)
+        sparse_attention(q, k, v, _random_selection(1, 2, 64, 48, 16, 0.5, gen), None, True, None)
 
 
 def test_supported_reasons(monkeypatch):
@@ -264,7 +258,7 @@ def test_window_band_equals_sdpa():
     allowed = allowed_blocks(None, True, 1, 2, 160, 160, 32, q.device, window=70)
     band = selection_from_block_mask(allowed.expand(1, 2, -1, -1), 32, 160, 160)
     launch = LaunchConfig(32, 16, 4, 1)
-    out, _ = sparse_attention_fwd(q, k, v, band, None, True, None, window=70, launch=launch)
+    out, _ = sparse_attention(q, k, v, band, None, True, None, window=70, launch=launch)
     mask = window_mask(160, 160, 70, q.device)
     assert rel_error(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)) < 1e-5
 
@@ -274,7 +268,7 @@ def test_window_rejects_non_causal():
     q, k, v = _inputs(1, 2, 2, 32, 32, 16, torch.float32, gen)
     selection = _random_selection(1, 2, 32, 32, 16, 1.0, gen)
     with pytest.raises(ValueError, match="is_causal=True"):
-        sparse_attention_fwd(q, k, v, selection, None, False, None, window=8)
+        sparse_attention(q, k, v, selection, None, False, None, window=8)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -289,8 +283,8 @@ def test_finfo_min_mask_equals_bool(dtype):
     selection = _random_selection(1, 2, 40, 40, 16, 1.0, gen)
     empty = _check(q, k, v, selection, additive, False)
     assert empty[:, :, 5].all()
-    out, lse = sparse_attention_fwd(q, k, v, selection, additive, False, None)
-    ref_out, ref_lse = sparse_attention_fwd(q, k, v, selection, keep, False, None)
+    out, lse = sparse_attention(q, k, v, selection, additive, False, None)
+    ref_out, ref_lse = sparse_attention(q, k, v, selection, keep, False, None)
     assert rel_error(out, ref_out) < REL_TOL[dtype]
     assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
 

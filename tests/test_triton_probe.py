@@ -1,4 +1,4 @@
-"""The fused Triton row probe equals the PyTorch `probe_block_mass` (attn_mask=None).
+"""The fused Triton row probe equals the PyTorch `reference.probe_block_mass` (attn_mask=None).
 
 Runs under the Triton interpreter on the CPU (tests/conftest.py), tiny shapes, the kernel called
 directly (`with_row_probe` takes it on CUDA only): causal and not, sliding windows (narrow and
@@ -11,17 +11,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omnicompile.kernels.estimation.probe import probe_block_mass
-from omnicompile.kernels.estimation.triton_probe import ProbeLaunch, probe_block_mass_triton, supported
+from omnicompile.kernels.estimation.launch import LaunchConfig
+from omnicompile.kernels.estimation.reference import probe_block_mass as reference_probe
+from omnicompile.kernels.estimation.triton_probe import probe_block_mass, supported
 
 pytestmark = pytest.mark.interpreter
 
 BLOCK = 16
 # The probe rows' masses sum to 1 (or 0): tolerances are absolute and relative to that.
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-3}
-SMALL_TILES = ProbeLaunch(block_r=16, block_n=16, num_warps=4, num_stages=1)
+SMALL_TILES = LaunchConfig(block_r=16, block_n=16, num_warps=4, num_stages=1)
 # 32-key splits of 16-key steps: a row's keys spread over several programs, merged by their statistics.
-SPLIT_TILES = ProbeLaunch(block_r=16, block_n=16, split_n=32, num_warps=4, num_stages=1)
+SPLIT_TILES = LaunchConfig(block_r=16, block_n=16, split_n=32, num_warps=4, num_stages=1)
 
 
 def _check(q_len, kv_len, dim, is_causal, dtype, window=None, block=BLOCK, launch=None, seed=0, softcap=None):
@@ -29,10 +30,8 @@ def _check(q_len, kv_len, dim, is_causal, dtype, window=None, block=BLOCK, launc
     q = (2 * torch.randn(2, 4, q_len, dim, generator=gen)).to(dtype)
     k = (2 * torch.randn(2, 2, kv_len, dim, generator=gen)).to(dtype)
     scale = dim**-0.5
-    got = probe_block_mass_triton(
-        q, k, is_causal, scale, block, window=window, softcap=softcap, launch=launch
-    )
-    ref = probe_block_mass(q, k, None, is_causal, scale, block, window=window, softcap=softcap)
+    got = probe_block_mass(q, k, None, is_causal, scale, block, window=window, softcap=softcap, launch=launch)
+    ref = reference_probe(q, k, None, is_causal, scale, block, window=window, softcap=softcap)
     assert got.shape == ref.shape and got.dtype == torch.float32
     torch.testing.assert_close(got, ref, rtol=TOL[dtype], atol=TOL[dtype])
     assert torch.all(got[ref == 0] == 0)  # exactly zero on keys the row cannot see
@@ -78,10 +77,10 @@ def test_mix_into_estimate(window):
     gen = torch.Generator().manual_seed(3)
     q, k = torch.randn(1, 2, 128, 16, generator=gen), torch.randn(1, 2, 40, 16, generator=gen)
     ahat = torch.rand(1, 2, 8, 3, generator=gen)
-    probe = probe_block_mass(q, k, None, True, 0.25, BLOCK, window=window)
+    probe = reference_probe(q, k, None, True, 0.25, BLOCK, window=window)
     seen = probe.sum(-1, keepdim=True) > 0
     expected = torch.where(seen, (ahat + probe) / 2, ahat)
-    got = probe_block_mass_triton(q, k, True, 0.25, BLOCK, window=window, ahat=ahat, launch=SPLIT_TILES)
+    got = probe_block_mass(q, k, None, True, 0.25, BLOCK, window=window, ahat=ahat, launch=SPLIT_TILES)
     assert got.data_ptr() == ahat.data_ptr()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 

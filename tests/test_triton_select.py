@@ -1,4 +1,4 @@
-"""Fused Triton selection against `select_blocks`, its reference: every field of the `BlockSelection` equal.
+"""Fused Triton selection against `reference.select_blocks`: every field of the `BlockSelection` equal.
 
 Runs under the Triton interpreter on the CPU (tests/conftest.py), tiny shapes: causal, unmasked and
 bool masks (with batch / head dims), GQA with the three budget scopes, lazy on and off, tau < 1 and
@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 
 from omnicompile import OmniSparseConfig
 from omnicompile.kernels.masks import allowed_blocks
-from omnicompile.kernels.selection import BlockSelection, SelectionCall, forced_pattern, select_blocks
-from omnicompile.kernels.selection.triton_select import MAX_KV_BLOCKS, select_blocks_triton, supported
+from omnicompile.kernels.selection import BlockSelection, SelectionCall, forced_pattern
+from omnicompile.kernels.selection.reference import select_blocks as reference_select
+from omnicompile.kernels.selection.triton_select import MAX_KV_BLOCKS, select_blocks, supported
 from omnicompile.method import selection_params
 
 pytestmark = pytest.mark.interpreter
@@ -51,7 +52,7 @@ def _softmax_estimate(allowed, batch, heads, config, is_causal, sharpness, gen) 
 
 def _assert_same(ahat, allowed, config, kv_heads, is_causal, q_len, kv_len) -> BlockSelection:
     args = (ahat, allowed, selection_params(config), SelectionCall(kv_heads, is_causal, q_len, kv_len))
-    got, ref = select_blocks_triton(*args), select_blocks(*args)
+    got, ref = select_blocks(*args), reference_select(*args)
     for name in ("kv_num_blocks", "kv_indices", "lazy", "budget"):
         a, b = getattr(got, name), getattr(ref, name)
         assert a.dtype == b.dtype and a.shape == b.shape, name
@@ -175,11 +176,11 @@ def test_supported_reasons(monkeypatch):
     )
     config = OmniSparseConfig(block_size=BLOCK)
     with pytest.raises(ValueError, match="float32"):
-        select_blocks_triton(ahat.double(), allowed, selection_params(config), SelectionCall(1, True, 48, 64))
+        select_blocks(ahat.double(), allowed, selection_params(config), SelectionCall(1, True, 48, 64))
     with pytest.raises(ValueError, match="multiple of kv heads"):
-        select_blocks_triton(ahat, allowed, selection_params(config), SelectionCall(3, True, 48, 64))
+        select_blocks(ahat, allowed, selection_params(config), SelectionCall(3, True, 48, 64))
     with pytest.raises(ValueError, match="do not match"):
-        select_blocks_triton(ahat, allowed, selection_params(config), SelectionCall(1, True, 48, 65))
+        select_blocks(ahat, allowed, selection_params(config), SelectionCall(1, True, 48, 65))
     monkeypatch.delenv("TRITON_INTERPRET")
     assert "CUDA" in supported(ahat, allowed)
 

@@ -11,7 +11,7 @@ from omnicompile.config import OmniSparseConfig
 from omnicompile.kernels.estimation.reference import estimate_blocks
 from omnicompile.kernels.masks import allowed_blocks, mask_bias, window_mask
 from omnicompile.kernels.selection.transpose import selection_from_block_mask
-from omnicompile.kernels.sparse_attention.reference import sparse_attention_reference
+from omnicompile.kernels.sparse_attention.reference import sparse_attention
 from omnicompile.method import estimation_params
 
 BLOCK = 16
@@ -89,7 +89,7 @@ def test_sparse_reference_window_equals_sdpa(q_len, kv_len, window):
     k, v = torch.randn(2, 1, 2, kv_len, 16, generator=gen)
     allowed = allowed_blocks(None, True, 1, 4, q_len, kv_len, BLOCK, "cpu", window=window)
     selection = selection_from_block_mask(allowed.expand(1, 4, -1, -1), BLOCK, q_len, kv_len)
-    out, lse = sparse_attention_reference(q, k, v, selection, None, True, None, window=window)
+    out, lse = sparse_attention(q, k, v, selection, None, True, None, window=window)
     mask = window_mask(q_len, kv_len, window, "cpu")
     seen = mask.any(-1)  # rows past Skv see nothing: out 0, lse -inf
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)

@@ -1,4 +1,5 @@
-"""Pure-PyTorch reference of decode attention over a slim (ragged) KV cache, fp32 math.
+"""Pure-PyTorch reference of decode attention over a slim (ragged) KV cache, fp32 math: the reference
+of `triton_decode` (the same `slim_decode`).
 
 Semantics (see `SlimKV` for the layout and the causality of n > 1 queries): query head ``h`` of
 batch row ``b`` attends to the kept prompt tokens of KV head ``h // G`` followed by the tail tokens it
@@ -15,7 +16,7 @@ from torch import Tensor
 from .slim_kv import SlimKV, check_decode_inputs
 
 
-def slim_decode_reference(q: Tensor, kv: SlimKV, scale: float | None = None) -> tuple[Tensor, Tensor]:
+def slim_decode(q: Tensor, kv: SlimKV, scale: float | None = None) -> tuple[Tensor, Tensor]:
     """Decode attention of a few queries against a slim cache.
 
     Args:

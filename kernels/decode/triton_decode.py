@@ -1,6 +1,6 @@
 """Split-K (flash-decoding) Triton kernel for decode attention over a slim (ragged) KV cache.
 
-Same signature and semantics as `slim_decode_reference`. Grid of the first kernel: (B * Hkv, splits,
+Same signature and semantics as `reference.slim_decode`. Grid of the first kernel: (B * Hkv, splits,
 query-row tiles). One program owns one KV head and loads each of its kept keys/values once for all the
 G * n query rows of its group (the G query heads times the n new tokens), over one split of the head's
 virtual sequence ``kept prompt tokens ++ tail``; it reads only the kept rows of the packed buffer
@@ -33,6 +33,7 @@ try:
         softmax_step,
         tile_dot,
     )
+    from .launch import row_tile
 except ImportError:  # pragma: no cover - triton is absent on some CPU hosts
     triton = None
 
@@ -41,7 +42,7 @@ _BLOCK_N = 64
 
 
 def supported(q: Tensor, kv: SlimKV, scale: float | None = None) -> str | None:
-    """None when `slim_decode_triton` can run these inputs, else the reason it cannot."""
+    """None when `slim_decode` can run these inputs, else the reason it cannot."""
     if triton is None:
         return "triton is not installed"
     tensors = (q, kv.k_packed, kv.v_packed, kv.offsets, kv.lengths, kv.k_tail, kv.v_tail)
@@ -73,7 +74,7 @@ if triton is not None:
         return m_i, l_i, acc
 
     @triton.jit
-    def _split_kernel(
+    def split_kernel(
         Q,
         KP,
         VP,
@@ -234,15 +235,8 @@ def _split_len(kv: SlimKV, programs_per_split: int, device: torch.device) -> int
     return _BLOCK_N * math.ceil(longest / (splits * _BLOCK_N))
 
 
-def row_tile(rows: int, head_dim: int) -> int:
-    """Query rows per program for ``rows`` = G * n rows of a KV head: a power of two in [16, 64], at
-    most 32 above D = 128 (sm_90: 64 rows x 256 spill and fill the shared memory at 3 stages; 32
-    rows take 188 registers, 148 KB)."""
-    return max(16, min(64 if head_dim_pad(head_dim) <= 128 else 32, triton.next_power_of_2(rows)))
-
-
-def slim_decode_triton(q: Tensor, kv: SlimKV, scale: float | None = None) -> tuple[Tensor, Tensor]:
-    """Decode attention of a few queries against a slim cache (see `slim_decode_reference`).
+def slim_decode(q: Tensor, kv: SlimKV, scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """Decode attention of a few queries against a slim cache (see `reference.slim_decode`).
 
     Args:
         q: [B, H, n, D] fp16/bf16 (fp32 too), the n newest tokens' queries.
@@ -255,7 +249,7 @@ def slim_decode_triton(q: Tensor, kv: SlimKV, scale: float | None = None) -> tup
     check_decode_inputs(q, kv)
     reason = supported(q, kv, scale)
     if reason is not None:
-        raise ValueError(f"slim_decode_triton: unsupported inputs: {reason}")
+        raise ValueError(f"triton slim_decode: unsupported inputs: {reason}")
     batch, heads, n, dim = q.shape
     group = heads // kv.num_kv_heads
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
@@ -274,7 +268,7 @@ def slim_decode_triton(q: Tensor, kv: SlimKV, scale: float | None = None) -> tup
     mid_lse = torch.empty(
         batch * kv.num_kv_heads, num_splits, rows_padded, dtype=torch.float32, device=q.device
     )
-    _split_kernel[(batch * kv.num_kv_heads, num_splits, row_tiles)](
+    split_kernel[(batch * kv.num_kv_heads, num_splits, row_tiles)](
         q,
         kv.k_packed,
         kv.v_packed,

@@ -6,6 +6,7 @@ from .reference import (
     composite_estimate,
     estimate_blocks,
     pooled_estimate,
+    probe_block_mass,
 )
 
 __all__ = [
@@ -14,4 +15,5 @@ __all__ = [
     "composite_estimate",
     "estimate_blocks",
     "pooled_estimate",
+    "probe_block_mass",
 ]

@@ -18,7 +18,7 @@ class EstimationParams:
         block_size: query and key block size b.
         granularity: tokens per composite token g (divides b).
         antidiagonal_stride: stride s of the antidiagonal estimator (divides b).
-        row_probe: mix in the exact row probe (`probe.with_row_probe`).
+        row_probe: mix in the exact row probe (`reference.with_row_probe`).
         query_chunk: query blocks processed at once by the pure-PyTorch reference.
     """
 

@@ -1,9 +1,9 @@
-"""Fused Triton composite / pooled block estimator (the ``composite`` and ``pooled`` estimators of
-``reference.py``, same Ahat).
+"""Fused Triton composite / pooled block estimator: `estimate_blocks`, as `reference.estimate_blocks`
+for the ``composite`` and ``pooled`` estimators (same arguments and Ahat, and a `launch.LaunchConfig`).
 
-Composite tokens are group means (torch ops, one read of q and k). Then one program per
-(batch, query head, tile of ``BLOCK_U`` query composites = whole query blocks) runs two passes over
-the key composites its rows may see (causal: up to the tile's last row):
+Composite tokens are group means (`reference.composite_means`: torch ops, one read of q and k).
+Then one program per (batch, query head, tile of ``BLOCK_U`` query composites = whole query blocks)
+runs two passes over the key composites its rows may see (causal: up to the tile's last row):
 
 1. online softmax statistics per query composite u: max and sum over w of
    2^(log2e * scale * qtilde_u . ktilde_w + log2 count(u, w));
@@ -35,8 +35,6 @@ the exponentials).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
@@ -46,7 +44,6 @@ from ..masks import check_window, resolve_scale
 from ..softcap import check_softcap
 from ..triton_utils import (
     LOG2E,
-    head_dim_pad,
     normaliser,
     online_stats,
     qk_reason,
@@ -54,29 +51,9 @@ from ..triton_utils import (
     soft_cap,
     tile_dot,
 )
+from .launch import LaunchConfig, default_launch
 from .params import EstimationParams
-from .probe import with_row_probe
-
-
-@dataclass(frozen=True)
-class EstimateLaunch:
-    """Tile shape and schedule of the fused estimator: ``block_u`` query and ``block_w`` key
-    composites per step (raised to b / g where smaller)."""
-
-    block_u: int = 64
-    block_w: int = 64
-    num_warps: int = 4
-    num_stages: int = 2
-
-
-def default_launch(head_dim: int, windowed: bool) -> EstimateLaunch:
-    """The launch config for a head dim and window presence, spill-free on sm_90 (triton.compile for
-    sm_90, cuobjdump -res-usage; notes/prefill_kernel.md): 64 x 64 tiles take 135-176 registers at
-    D <= 128 without a window, but 254-255 at D = 256 or with the window's band counts; 64 x 32
-    tiles take 127-168 there."""
-    if windowed or head_dim_pad(head_dim) > 128:
-        return EstimateLaunch(block_w=32)
-    return EstimateLaunch()
+from .reference import composite_means, with_row_probe
 
 
 def supported(q: Tensor, k: Tensor, attn_mask: Tensor | None, params: EstimationParams) -> str | None:
@@ -86,17 +63,6 @@ def supported(q: Tensor, k: Tensor, attn_mask: Tensor | None, params: Estimation
     if attn_mask is not None:
         return "attn_mask: the fused estimator takes causal or unmasked attention only"
     return qk_reason(q, k)
-
-
-def composite_means(x: Tensor, group: int) -> Tensor:
-    """Means of consecutive groups of ``group`` tokens: x [B, Hx, S, D] -> [B, Hx, ceil(S/group), D]
-    in x.dtype (summed in fp32; the last group averages its real tokens only)."""
-    full = x.shape[2] // group
-    out = torch.empty(*x.shape[:2], -(-x.shape[2] // group), x.shape[3], dtype=x.dtype, device=x.device)
-    out[:, :, :full] = x[:, :, : full * group].unflatten(2, (full, group)).sum(3, dtype=torch.float32) / group
-    if x.shape[2] % group:
-        out[:, :, full:] = x[:, :, full * group :].float().mean(2, keepdim=True)
-    return out
 
 
 def estimate_blocks(
@@ -109,14 +75,14 @@ def estimate_blocks(
     *,
     window: int | None = None,
     softcap: float | None = None,
-    launch: EstimateLaunch | None = None,
+    launch: LaunchConfig | None = None,
 ) -> Tensor:
     """Ahat float32 [B, H, nq, nk] of ``params.estimator`` (composite or pooled), as the reference.
 
     q: [B, H, Sq, D], k: [B, Hkv, Skv, D] (GQA: head h reads h // (H // Hkv)), one of bf16 / fp16 /
     fp32 (fp32 under the interpreter only); attn_mask must be None (see `supported`); scale None =
     1 / sqrt(D); ``window``: causal sliding window (``masks``); ``softcap``: logit soft-cap (`softcap`
-    module). ``launch`` overrides the tiles (benchmarks); None = `default_launch`.
+    module). ``launch`` overrides the tiles (benchmarks); None = `launch.default_launch`.
     """
     reason = supported(q, k, attn_mask, params)
     if reason is not None:
@@ -136,7 +102,7 @@ def estimate_blocks(
     q_means, k_means = composite_means(q, group), composite_means(k, group)
     ahat = torch.empty(batch, heads, nq, nk, dtype=torch.float32, device=q.device)
     u_tiles = triton.cdiv(nq * per_block, block_u)
-    _composite_kernel[(batch * heads * u_tiles,)](
+    composite_kernel[(batch * heads * u_tiles,)](
         q_means,
         k_means,
         ahat,
@@ -340,7 +306,7 @@ def _zero_blocks(a_base, row_ok, j_start, j_stop, BLOCKS_I: tl.constexpr, BLOCKS
 
 
 @triton.jit
-def _composite_kernel(
+def composite_kernel(
     QC,
     KC,
     AHAT,

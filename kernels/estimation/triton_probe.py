@@ -1,9 +1,10 @@
-"""Fused Triton row probe: `probe.probe_block_mass` for attn_mask=None, and its mix into Ahat.
+"""Fused Triton row probe: `probe_block_mass`, as `reference.probe_block_mass` for attn_mask=None
+(same arguments, and a `launch.LaunchConfig`), and its mix into Ahat.
 
 The probe rows are query block i's last real row, r_i = min((i + 1) * b, Sq) - 1. Each row's keys
 are cut into splits of ``split_n`` keys so that a row's work spreads over many programs (one
 program per (batch, query head, tile of ``BLOCK_R`` probe rows, key split)); a program walks its
-split in steps of ``BLOCK_N`` keys. One kernel, `_probe_kernel`, launched twice:
+split in steps of ``BLOCK_N`` keys. One kernel, `probe_kernel`, launched twice:
 
 1. ``MASS=False``: each program's online-softmax statistics of its rows over its split
    (base-2 max and sum over the allowed keys: causal c <= r_i, window r_i - window < c, c < Skv),
@@ -11,7 +12,7 @@ split in steps of ``BLOCK_N`` keys. One kernel, `_probe_kernel`, launched twice:
 2. ``MASS=True``: each program merges its rows' split statistics into the row's max and sum,
    rescores its split and stores the normalised probabilities summed per key block (``BLOCK_N`` is
    a multiple of b) straight into the [B, H, nq, nk] output; with ``MIX`` it stores
-   ``(ahat + mass) / 2`` for rows that see a key and ``ahat`` elsewhere (`probe.with_row_probe`).
+   ``(ahat + mass) / 2`` for rows that see a key and ``ahat`` elsewhere (`reference.with_row_probe`).
 
 Splitting the keys keeps every program's loop short: one program per row tile over all 32K keys
 was a 1024-step serial chain (0.85 ms a layer at 32K on an H100, 2026-12-06, nearly as long as the
@@ -24,8 +25,6 @@ up to 256 (non-powers of two padded with masked loads).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -43,35 +42,24 @@ from ..triton_utils import (
     soft_cap,
     tile_dot,
 )
+from .launch import LaunchConfig, default_launch
 
 # Splits per row at most: the mass kernel holds a row tile's split statistics in registers.
 MAX_SPLITS = 256
 
 
-@dataclass(frozen=True)
-class ProbeLaunch:
-    """Tiles of the probe kernels: ``block_r`` probe rows (query blocks) and ``block_n`` keys (raised
-    to the block size where smaller) per step; ``split_n`` keys per program (raised to a multiple of
-    ``block_n``, and so that a row has at most `MAX_SPLITS` splits)."""
-
-    block_r: int = 16
-    block_n: int = 64
-    split_n: int = 1024
-    num_warps: int = 4
-    num_stages: int = 2
-
-
 def supported(q: Tensor, k: Tensor, attn_mask: Tensor | None) -> str | None:
-    """None when `probe_block_mass_triton` can run these inputs, else the reason it cannot."""
+    """None when `probe_block_mass` can run these inputs, else the reason it cannot."""
     if attn_mask is not None:
         return "attn_mask: the fused probe takes causal, windowed or unmasked attention only"
     return qk_reason(q, k)
 
 
 @torch.no_grad()
-def probe_block_mass_triton(
+def probe_block_mass(
     q: Tensor,
     k: Tensor,
+    attn_mask: Tensor | None,
     is_causal: bool,
     scale: float,
     block_size: int,
@@ -79,26 +67,27 @@ def probe_block_mass_triton(
     window: int | None = None,
     softcap: float | None = None,
     ahat: Tensor | None = None,
-    launch: ProbeLaunch | None = None,
+    launch: LaunchConfig | None = None,
 ) -> Tensor:
     """float32 [B, H, nq, nk]: exact attention mass on each key block of query block i's last real
-    row, as `probe.probe_block_mass` with attn_mask=None; or, given ``ahat``, the mix of
-    `probe.with_row_probe` written into ``ahat`` itself (and returned).
+    row, as `reference.probe_block_mass`; or, given ``ahat``, the mix of `reference.with_row_probe`
+    written into ``ahat`` itself (and returned).
 
     q: [B, H, Sq, D], k: [B, Hkv, Skv, D] (GQA: head h reads h // (H // Hkv)), one of bf16 / fp16 /
-    fp32 (fp32 under the interpreter only, see `supported`); ``block_size``: a power of two >= 16;
+    fp32 (fp32 under the interpreter only, see `supported`); attn_mask: must be None (the reference's
+    argument, taken so that both take the same ones); ``block_size``: a power of two >= 16;
     ``window``: causal sliding window (``masks``); ``softcap``: logit soft-cap (`softcap` module);
     ``ahat``: float32 [B, H, nq, nk], contiguous.
-    ``launch`` overrides the tiles; None = defaults.
+    ``launch`` overrides the tiles; None = `launch.default_launch`.
     """
-    reason = supported(q, k, None)
+    reason = supported(q, k, attn_mask)
     if reason is not None:
         raise ValueError(f"triton probe_block_mass: {reason}")
     check_window(window, is_causal, None)
     check_softcap(softcap)
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"triton probe_block_mass: block size {block_size} is not a power of two >= 16")
-    cfg = launch or ProbeLaunch()
+    cfg = launch or default_launch(q.shape[-1], window is not None)
     block_n = max(cfg.block_n, block_size)
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
@@ -129,7 +118,7 @@ def probe_block_mass_triton(
     split_args = (0 if window is None else window, splits, tiles_per_split)
     # The statistics of every split, then the masses (they need every split's statistics).
     for mass in (False, True):
-        _probe_kernel[grid](
+        probe_kernel[grid](
             *rows,
             *split_args,
             stats,
@@ -245,7 +234,7 @@ def _probe_rows(
 
 
 @triton.jit
-def _probe_kernel(
+def probe_kernel(
     Q,
     K,
     q_strides,

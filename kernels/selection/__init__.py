@@ -2,6 +2,6 @@
 
 from .block_selection import BlockSelection
 from .params import SelectionCall, SelectionParams
-from .select import forced_pattern, select_blocks
+from .reference import forced_pattern, select_blocks
 
 __all__ = ["BlockSelection", "SelectionCall", "SelectionParams", "forced_pattern", "select_blocks"]

@@ -11,7 +11,7 @@ BudgetScope = Literal["heads", "kv_group", "head"]
 
 @dataclass(frozen=True)
 class SelectionParams:
-    """Parameters of the selection stage (`select.select_blocks` module docstring for the rule).
+    """Parameters of the selection stage (`reference.select_blocks` for the rule).
 
     Attributes:
         block_size: query and key block size b.
@@ -43,7 +43,7 @@ class SelectionCall(NamedTuple):
 
     Attributes:
         num_kv_heads: Hkv; ``"kv_group"`` shares the budget among the H // Hkv heads of a KV head.
-        is_causal: picks the local window (ending at i, or centred on i; `select.forced_pattern`).
+        is_causal: picks the local window (ending at i, or centred on i; `reference.forced_pattern`).
         q_len, kv_len: Sq and Skv, recorded in the selection.
     """
 

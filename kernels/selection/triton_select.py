@@ -1,11 +1,11 @@
-"""Fused Triton KV selection: `select_blocks` (select.py) in two row kernels, the same `BlockSelection`.
+"""Fused Triton KV selection: `reference.select_blocks` in two row kernels, the same `BlockSelection`.
 
 One program per (b, h, i) row of Ahat holds the row (nk padded to a power of two) in registers:
 
 1. `_need_kernel` loads the row and the allowed row (at its broadcast strides), forms F(i) from the
    block indices (`forced_pattern`'s formula), the local mass, lazy, the available count and the
    need k_h; it writes need, lazy and the forced and available counts ([B, H, nq] each).
-2. torch ops on those [B, H, nq] tensors: `take_counts` (select.py: the shared budget, the clamp,
+2. torch ops on those [B, H, nq] tensors: `take_counts` (reference.py: the shared budget, the clamp,
    take, the final query blocks and the dense heads in full).
 3. `_select_kernel` reloads the row, finds the take-th largest available value, takes the ties at
    it by lower index first (the stable sort's order), and writes ``kv_indices`` (each selected block
@@ -20,7 +20,7 @@ the row). For values >= 0 the float bits, read as int32, order like the values, 
 - take: the take-th largest key is the largest P with #(key >= P) >= take (integer counts, exact;
   the key maps any float order-preservingly to int32, -0.0 to +0.0).
 
-Exactness: the selected set, lazy and budget equal `select_blocks`' for any input on which both
+Exactness: the selected set, lazy and budget equal `reference.select_blocks`' for any input on which both
 compute the same need. The masses are float32 tree sums here and a sequential cumsum (CPU) or scan
 (CUDA) there; they agree to float32 rounding (~1e-6 at nk = 2048, inside ``MASS_SLACK``), so need
 can differ only where a cumulative mass lies within that rounding of tau + slack. Ties follow the
@@ -41,7 +41,7 @@ from torch import Tensor
 from ..triton_utils import interpreting
 from .block_selection import BlockSelection
 from .params import SelectionCall, SelectionParams
-from .select import MASS_SLACK, check_estimate, take_counts
+from .reference import MASS_SLACK, check_estimate, take_counts
 
 # Widest row one program holds: 8192 key blocks (512K tokens at b = 64), 16 warps x 16 values per thread.
 MAX_KV_BLOCKS = 8192
@@ -49,7 +49,7 @@ _INT_MIN = tl.constexpr(-(2**31))
 
 
 def supported(ahat: Tensor, allowed: Tensor) -> str | None:
-    """None when `select_blocks_triton` can run these inputs, else the reason it cannot."""
+    """None when `select_blocks` can run these inputs, else the reason it cannot."""
     if ahat.device.type != "cuda" and not interpreting():
         return f"device {ahat.device.type} needs CUDA (or TRITON_INTERPRET=1)"
     if ahat.dtype != torch.float32 or ahat.dim() != 4:
@@ -69,15 +69,15 @@ def supported(ahat: Tensor, allowed: Tensor) -> str | None:
     return None
 
 
-def select_blocks_triton(
+def select_blocks(
     ahat: Tensor, allowed: Tensor, params: SelectionParams, call: SelectionCall
 ) -> BlockSelection:
-    """`select_blocks` in Triton: same arguments, same rule, same `BlockSelection` (module docstring).
+    """`reference.select_blocks` in Triton: same arguments, rule and `BlockSelection` (module docstring).
 
     Args:
         ahat: float32 [B, H, nq, nk], the block estimate (any strides).
         allowed: bool, broadcastable to [B, H, nq, nk] (read at stride 0 along broadcast dims).
-        params, call: as `select_blocks`.
+        params, call: as `reference.select_blocks`.
 
     Returns:
         kv_num_blocks, budget int32 [B, H, nq]; kv_indices int32 [B, H, nq, nk] (padded with nk);

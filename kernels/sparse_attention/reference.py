@@ -3,8 +3,9 @@
 fp32 math, chunked over query blocks: each chunk gathers its selected key blocks (trimmed to the
 chunk's largest count), so memory is B * H * query_chunk * block_size * (max count * block_size) and
 no [Sq, Skv] matrix is built. Differentiable by autograd with respect to q, k, v (the selection is a
-constant). Trimming reads the chunk's largest count on the host: one synchronisation per chunk,
-which the reference accepts and the kernels avoid.
+constant): autograd's backward is the reference of `triton_bwd.sparse_attention_backward`. Trimming
+reads the chunk's largest count on the host: one synchronisation per chunk, which the reference
+accepts and the kernels avoid.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from ..selection.block_selection import BlockSelection
 from ..softcap import check_softcap, soft_cap
 
 
-def sparse_attention_reference(
+def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,

@@ -1,12 +1,13 @@
-"""Triton backward of OmniSparse sparse attention over exactly the selected blocks.
+"""Triton backward of OmniSparse sparse attention over exactly the selected blocks:
+`sparse_attention_backward`, the gradients autograd takes of `reference.sparse_attention`.
 
 FlashAttention-2 style launches, reusing the forward's log-sum-exp:
 
 1. `_preprocess`: per query row, delta = rowsum(dO * O) and the lse in base 2 (+inf for a fully
    masked row, so its probabilities, hence all its gradients, are exactly 0).
-2. `_dq_kernel`: one program per (batch, query head, query tile) walks the tile's selected key
+2. `dq_kernel`: one program per (batch, query head, query tile) walks the tile's selected key
    blocks (``kv_indices``) and accumulates dq = scale * sum_j dS_ij K_j.
-3. `_dkdv_kernel`: one program per (batch, KV head, key tile, chunk) walks, over the query heads
+3. `dkdv_kernel`: one program per (batch, KV head, key tile, chunk) walks, over the query heads
    of its GQA group, the query blocks that selected the tile's key block (the transposed
    selection, `transpose_selection`), and accumulates dv = P^T dO and dk = scale * dS^T Q. The
    group's heads are summed inside the program, so dk and dv come out shaped like k and v.
@@ -29,7 +30,6 @@ All accumulation is float32.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -49,45 +49,17 @@ from ..triton_utils import (
     soft_cap,
     tile_dot,
 )
+from .launch import LaunchConfig, default_backward_launch
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # attn_mask kinds, a constexpr of the kernels.
 _NO_MASK, _BOOL_MASK, _ADDITIVE_MASK = 0, 1, 2
 
 
-@dataclass(frozen=True)
-class BackwardTiles:
-    """Tile shapes and launch settings of the two gradient kernels.
-
-    dq kernel: query tile ``dq_block_m`` x key sub-tile ``dq_block_n``. dk/dv kernel: key tile
-    ``dkdv_block_n`` x query sub-tile ``dkdv_block_m``, at most ``dkdv_chunk`` (query head, query
-    block) entries per program (``None``: no limit, never atomics). Block sizes are powers of two,
-    capped at the selection's block size.
-    """
-
-    dq_block_m: int = 64
-    dq_block_n: int = 32
-    dkdv_block_m: int = 32
-    dkdv_block_n: int = 64
-    dkdv_chunk: int | None = 128
-    num_warps: int = 4
-    num_stages: int = 2
-
-
-def default_tiles(head_dim: int) -> BackwardTiles:
-    """The tiles for a head dim, spill-free on sm_90 above 128 (triton.compile for sm_90, cuobjdump
-    -res-usage): at 256, dq 32 x 32 (182 registers; 64 x 32 spills 176 B) and dk/dv 32 keys x 16
-    queries (240; 64 keys spill >= 864 B at 4 or 8 warps). Up to 128 the defaults of
-    `BackwardTiles` (there dk/dv spills 64 B at D = 128, as before windows were added)."""
-    if head_dim_pad(head_dim) > 128:
-        return BackwardTiles(dq_block_m=32, dq_block_n=32, dkdv_block_m=16, dkdv_block_n=32)
-    return BackwardTiles()
-
-
 def supported(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None
 ) -> str | None:
-    """None when the Triton backward can run these inputs, else the reason it cannot."""
+    """None when `sparse_attention_backward` can run these inputs, else the reason it cannot."""
     if q.device.type != "cuda" and not interpreting():
         return f"tensors on {q.device.type} (CUDA needed, or TRITON_INTERPRET=1)"
     if not (q.device == k.device == v.device):
@@ -214,7 +186,7 @@ def _scores(
 
 
 @triton.jit
-def _dq_kernel(
+def dq_kernel(
     Q,
     K,
     V,
@@ -340,7 +312,7 @@ def _group_count(Q_NUM, num_strides, b, hk, block_j, GROUP: tl.constexpr):
 
 
 @triton.jit
-def _dkdv_kernel(
+def dkdv_kernel(
     Q,
     K,
     V,
@@ -515,7 +487,7 @@ def _mask_operand(attn_mask: torch.Tensor | None, shape: tuple[int, int, int, in
     return mask, mask.stride(), kind
 
 
-def sparse_attention_bwd(
+def sparse_attention_backward(
     grad_out: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -526,10 +498,10 @@ def sparse_attention_bwd(
     attn_mask: torch.Tensor | None,
     is_causal: bool,
     scale: float | None,
-    tiles: BackwardTiles | None = None,
     *,
     window: int | None = None,
     softcap: float | None = None,
+    launch: LaunchConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of sparse attention over exactly ``selection``'s blocks.
 
@@ -543,16 +515,16 @@ def sparse_attention_bwd(
         attn_mask: None, bool (True = keep) or additive float, broadcastable to [B, H, Sq, Skv].
         is_causal: top-left aligned causal mask (query row r sees key c <= r).
         scale: score scale (None = 1 / sqrt(D)).
-        tiles: tile shapes and chunking (benchmarks); None = `default_tiles(D)`.
         window: the forward's causal sliding window (``masks``): row r sees keys (r - window, r].
         softcap: the forward's logit soft-cap (`softcap` module), None: no cap.
+        launch: tile shapes and chunking (benchmarks); None = `launch.default_backward_launch(D)`.
 
     Returns:
         dq [B, H, Sq, D] like q; dk, dv [B, Hkv, Skv, D] like k, v (GQA heads summed).
     """
     reason = supported(q, k, v, attn_mask)
     if reason is not None:
-        raise ValueError(f"sparse_attention_bwd: {reason}")
+        raise ValueError(f"triton sparse_attention_backward: {reason}")
     check_window(window, is_causal, attn_mask)
     check_softcap(softcap)
     batch, heads, q_len, head_dim = q.shape
@@ -562,10 +534,10 @@ def sparse_attention_bwd(
     expected = (batch, heads, nq, nk)
     if (selection.q_len, selection.kv_len) != (q_len, kv_len) or selection.kv_indices.shape != expected:
         raise ValueError(
-            f"sparse_attention_bwd: selection for Sq={selection.q_len}, Skv={selection.kv_len}, indices "
-            f"{tuple(selection.kv_indices.shape)} does not fit q {tuple(q.shape)}, k {tuple(k.shape)}"
+            f"triton sparse_attention_backward: selection for Sq={selection.q_len}, Skv={selection.kv_len}, "
+            f"indices {tuple(selection.kv_indices.shape)} does not fit q {tuple(q.shape)}, k {tuple(k.shape)}"
         )
-    tiles = tiles or default_tiles(head_dim)
+    cfg = launch or default_backward_launch(head_dim)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     group = heads // kv_heads
     mask, mask_strides, mask_kind = _mask_operand(attn_mask, (batch, heads, q_len, kv_len), q)
@@ -585,8 +557,8 @@ def sparse_attention_bwd(
         "MASK_KIND": mask_kind,
         "SOFTCAP": softcap is not None,
         "FP32_DOT": needs_fp32_dot(q.dtype),
-        "num_warps": tiles.num_warps,
-        "num_stages": tiles.num_stages,
+        "num_warps": cfg.num_warps,
+        "num_stages": cfg.num_stages,
     }
 
     delta = torch.empty((batch, heads, q_len), dtype=torch.float32, device=q.device)
@@ -609,9 +581,9 @@ def sparse_attention_bwd(
     )
 
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dq_m = min(tiles.dq_block_m, block)
+    dq_m = min(cfg.dq_block_m, block)
     dq_tiles = triton.cdiv(q_len, dq_m)
-    _dq_kernel[(batch * heads * dq_tiles,)](
+    dq_kernel[(batch * heads * dq_tiles,)](
         q,
         k,
         v,
@@ -638,13 +610,13 @@ def sparse_attention_bwd(
         scale * LOG2E,
         *band,
         BLOCK_M=dq_m,
-        BLOCK_N=min(tiles.dq_block_n, block),
+        BLOCK_N=min(cfg.dq_block_n, block),
         **shared,
     )
 
     q_num_blocks, q_indices = transpose_selection(selection)
     longest = nq * group  # the most entries a key block's list can have
-    chunk = min(tiles.dkdv_chunk or longest, longest)
+    chunk = min(cfg.dkdv_chunk or longest, longest)
     chunks = triton.cdiv(longest, chunk)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
@@ -652,9 +624,9 @@ def sparse_attention_bwd(
     scratch_shape = k.shape if chunks > 1 else (1,)
     dk32 = torch.zeros(scratch_shape, dtype=torch.float32, device=k.device)
     dv32 = torch.zeros(scratch_shape, dtype=torch.float32, device=k.device)
-    dkdv_n = min(tiles.dkdv_block_n, block)
+    dkdv_n = min(cfg.dkdv_block_n, block)
     kv_tiles = triton.cdiv(kv_len, dkdv_n)
-    _dkdv_kernel[(batch * kv_heads * kv_tiles * chunks,)](
+    dkdv_kernel[(batch * kv_heads * kv_tiles * chunks,)](
         q,
         k,
         v,
@@ -684,7 +656,7 @@ def sparse_attention_bwd(
         scale,
         scale * LOG2E,
         *band,
-        BLOCK_M=min(tiles.dkdv_block_m, block),
+        BLOCK_M=min(cfg.dkdv_block_m, block),
         BLOCK_N=dkdv_n,
         **shared,
     )

@@ -1,4 +1,5 @@
-"""Block-sparse flash-attention forward in Triton, reading a `BlockSelection`.
+"""Block-sparse flash-attention forward in Triton, reading a `BlockSelection`: `sparse_attention`, as
+`reference.sparse_attention` with the same arguments (and a `launch.LaunchConfig`).
 
 One program computes one query tile (``BLOCK_M`` rows of one query block) of one query head. It
 walks the head's selected key blocks (``kv_indices``, ascending) in two loops: first the blocks that
@@ -22,17 +23,16 @@ Instead the launch order puts the G heads of a group for the same query block on
 programs, so the K/V blocks they share are read from L2 rather than HBM.
 
 Schedule: programs run (batch, KV head, query block) units in the order of a work list read by
-program id (`unit_order`). Heaviest first (the default): units sorted by their heaviest head's
-selected-block count, descending, one device argsort of B * Hkv * nq ints, so that with per-head
-or per-group budgets the long programs start first and the short ones fill the tail. ``"causal"``:
-the last query block first (the longest under a causal mask), no sort. The order changes no result.
+program id (`launch.unit_order`, picked by ``LaunchConfig.schedule``). ``"heaviest_first"``: units
+sorted by their heaviest head's selected-block count, descending, one device argsort of
+B * Hkv * nq ints, so that with per-head or per-group budgets the long programs start first and the
+short ones fill the tail. ``"causal"`` (the default): the last query block first (the longest under
+a causal mask), no sort. The order changes no result.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import triton
@@ -54,31 +54,13 @@ from ..triton_utils import (
     softmax_step,
     tile_dot,
 )
+from .launch import LaunchConfig, default_launch, unit_order
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-@dataclass(frozen=True)
-class LaunchConfig:
-    """Tile shape and schedule of the forward kernel.
-
-    ``block_m`` and ``block_n`` divide the selection's block size; ``block_m`` rows of one query
-    block per program, ``block_n`` keys per inner step; ``schedule``: the order of the work list
-    (`unit_order`). ``"causal"`` is the default: on an H100 (2026-12-06,
-    `benchmarks/bench_schedule.py`, `mixed` presets, 32K and 128K, every budget scope) heaviest
-    first was up to 41% slower (270-475 TFLOP/s on computed blocks against 440-490 in causal
-    order): sorting scatters one KV head's query blocks across the launch, away from its K/V in L2.
-    """
-
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-    schedule: Literal["heaviest_first", "causal"] = "causal"
-
-
 def supported(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> str | None:
-    """None when `sparse_attention_fwd` can run these inputs, else the reason it cannot."""
+    """None when `sparse_attention` can run these inputs, else the reason it cannot."""
     if q.device.type != "cuda" and not interpreting():
         return f"device {q.device.type} needs CUDA (or TRITON_INTERPRET=1)"
     if q.dtype not in _DTYPES or not (q.dtype == k.dtype == v.dtype):
@@ -93,26 +75,6 @@ def supported(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> str 
     if attn_mask is not None and attn_mask.dim() > 4:
         return f"attn_mask has {attn_mask.dim()} dims (at most 4)"
     return None
-
-
-def default_launch_config(
-    block_size: int, dtype: torch.dtype, has_mask: bool, head_dim: int = 128
-) -> LaunchConfig:
-    """The launch config for a selection block size, dtype, mask presence and head dim.
-
-    Chosen from sm_90 resource reports (no register spills; K/V pipelined num_stages deep) and an
-    H100 sweep (notes/prefill_kernel.md: 64/64/4 warps/3 stages fastest at D = 128; 8 warps 2x
-    slower; 4 stages leave one program per SM). An attn_mask tile costs registers: narrower key
-    steps. Head dims above 128 (256: 64 x 256 fp32 accumulators) need 8 warps and 2 stages to stay
-    spill-free (4 warps spill 120-256 B; 3 stages of 64-key tiles need 224 KB of shared memory).
-    """
-    block_m = min(block_size, 64)
-    if dtype == torch.float32:  # interpreter only (see `supported`)
-        return LaunchConfig(block_m, min(block_size, 32), num_warps=4, num_stages=2)
-    block_n = min(block_size, 32 if has_mask else 64)
-    if head_dim_pad(head_dim) > 128:
-        return LaunchConfig(block_m, block_n, num_warps=8, num_stages=2)
-    return LaunchConfig(block_m, block_n, num_warps=4, num_stages=3)
 
 
 def _mask_free_run(
@@ -143,22 +105,6 @@ def _mask_free_run(
     return lo.contiguous(), torch.maximum(lo, hi)
 
 
-def unit_order(kv_num_blocks: Tensor, kv_heads: int, schedule: str) -> Tensor:
-    """int32 [B * Hkv * nq]: the (batch, KV head, query block) units, flattened row-major, in launch order.
-
-    kv_num_blocks: int32 [B, H, nq]. ``"heaviest_first"``: by the largest count among the unit's
-    H / Hkv heads, descending (stable: ties keep the last query block first); ``"causal"``: the
-    last query block first.
-    """
-    batch, heads, nq = kv_num_blocks.shape
-    units = torch.arange(batch * kv_heads * nq, dtype=torch.int32, device=kv_num_blocks.device)
-    causal = units.view(batch * kv_heads, nq).flip(-1).flatten()
-    if schedule == "causal":
-        return causal
-    work = kv_num_blocks.view(batch, kv_heads, heads // kv_heads, nq).amax(2).flatten()[causal.long()]
-    return causal[torch.argsort(work, descending=True, stable=True)]
-
-
 def _check_selection(q: Tensor, k: Tensor, selection: BlockSelection) -> None:
     batch, heads, q_len = q.shape[:3]
     kv_len, b = k.shape[2], selection.block_size
@@ -173,7 +119,7 @@ def _check_selection(q: Tensor, k: Tensor, selection: BlockSelection) -> None:
         )
 
 
-def sparse_attention_fwd(
+def sparse_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -198,7 +144,7 @@ def sparse_attention_fwd(
             is_causal=True and no attn_mask.
         softcap: logit soft-cap (`softcap` module): scores s = scale * q . k become
             softcap * tanh(s / softcap) before the mask; None: no cap.
-        launch: tile/schedule override (benchmarks); None = `default_launch_config`.
+        launch: tile/schedule override (benchmarks); None = `launch.default_launch`.
 
     Returns:
         out [B, H, Sq, D] in q.dtype and lse float32 [B, H, Sq] (natural log). Rows with no
@@ -206,16 +152,16 @@ def sparse_attention_fwd(
     """
     reason = supported(q, k, v, attn_mask)
     if reason is not None:
-        raise ValueError(f"sparse_attention_fwd: {reason}")
+        raise ValueError(f"triton sparse_attention: {reason}")
     check_window(window, is_causal, attn_mask)
     check_softcap(softcap)
     _check_selection(q, k, selection)
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     b = selection.block_size
-    cfg = launch or default_launch_config(b, q.dtype, attn_mask is not None, head_dim)
+    cfg = launch or default_launch(b, q.dtype, attn_mask is not None, head_dim)
     if b % cfg.block_m or b % cfg.block_n:
-        raise ValueError(f"sparse_attention_fwd: {cfg} does not tile the block size {b}")
+        raise ValueError(f"triton sparse_attention: {cfg} does not tile the block size {b}")
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     if scale < 0:  # q . k * scale == (-q) . k * (-scale), exactly; the kernel wants scale >= 0
         q, scale = -q, -scale
@@ -237,7 +183,7 @@ def sparse_attention_fwd(
 
     nq = selection.num_q_blocks
     grid = (batch * heads * nq * (b // cfg.block_m),)
-    _sparse_fwd_kernel[grid](
+    sparse_fwd_kernel[grid](
         q,
         k,
         v,
@@ -439,7 +385,7 @@ def _attend_run(
 
 
 @triton.jit
-def _sparse_fwd_kernel(
+def sparse_fwd_kernel(
     Q,
     K,
     V,
@@ -493,7 +439,7 @@ def _sparse_fwd_kernel(
     FP32_DOT: tl.constexpr,
 ):
     # Program order, fastest first: head within its KV group, query tile, then the work list ORDER
-    # of (batch, KV head, query block) units (`unit_order`).
+    # of (batch, KV head, query block) units (`launch.unit_order`).
     m_split: tl.constexpr = SPARSE_BLOCK // BLOCK_M
     pid = tl.program_id(0)
     g = pid % GROUP

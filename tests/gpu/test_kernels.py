@@ -17,14 +17,14 @@ import torch.nn.functional as F
 
 from omnicompile.config import OmniSparseConfig
 from omnicompile.demos.structured import structured_qkv
-from omnicompile.kernels.estimation.probe import probe_block_mass
+from omnicompile.kernels.estimation.reference import probe_block_mass as reference_probe
 from omnicompile.kernels.estimation.triton_composite import estimate_blocks
-from omnicompile.kernels.estimation.triton_probe import probe_block_mass_triton
+from omnicompile.kernels.estimation.triton_probe import probe_block_mass
 from omnicompile.kernels.masks import allowed_blocks, window_mask
 from omnicompile.kernels.selection import BlockSelection, SelectionCall
 from omnicompile.kernels.selection.transpose import selection_from_block_mask
-from omnicompile.kernels.sparse_attention.reference import sparse_attention_reference
-from omnicompile.kernels.sparse_attention.triton_fwd import sparse_attention_fwd
+from omnicompile.kernels.sparse_attention.reference import sparse_attention as reference_attention
+from omnicompile.kernels.sparse_attention.triton_fwd import sparse_attention
 from omnicompile.method import estimation_params, select_on_device, selection_params
 from tests.gpu import ON_CUDA
 from tests.helpers import REL_TOL, rel_error
@@ -68,8 +68,8 @@ def case(request) -> Case:
 
 def test_forward_matches_the_reference_on_its_selection(case: Case):
     q, k, v, window = case.q, case.k, case.v, case.window
-    out, _ = sparse_attention_fwd(q, k, v, case.selection, None, True, None, window=window)
-    ref, _ = sparse_attention_reference(q, k, v, case.selection, None, True, None, window=window)
+    out, _ = sparse_attention(q, k, v, case.selection, None, True, None, window=window)
+    ref, _ = reference_attention(q, k, v, case.selection, None, True, None, window=window)
     assert rel_error(out, ref) < REL_TOL[torch.bfloat16]
 
 
@@ -79,7 +79,7 @@ def test_band_forward_matches_sdpa(case: Case):
     heads, seq = q.shape[1], q.shape[2]
     block_mask = case.allowed.expand(1, heads, -1, -1).contiguous()
     band = selection_from_block_mask(block_mask, case.selection.block_size, seq, seq)
-    out, _ = sparse_attention_fwd(q, k, v, band, None, True, None, window=window)
+    out, _ = sparse_attention(q, k, v, band, None, True, None, window=window)
     mask = None if window is None else window_mask(seq, seq, window, q.device)
     dense = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
     assert rel_error(out, dense) < REL_TOL[torch.bfloat16]
@@ -88,6 +88,6 @@ def test_band_forward_matches_sdpa(case: Case):
 def test_fused_probe_matches_the_torch_probe(case: Case):
     q, k, window = case.q, case.k, case.window
     scale, block = q.shape[-1] ** -0.5, case.selection.block_size
-    probe = probe_block_mass_triton(q, k, True, scale, block, window=window)
-    ref = probe_block_mass(q, k, None, True, scale, block, window=window)
+    probe = probe_block_mass(q, k, None, True, scale, block, window=window)
+    ref = reference_probe(q, k, None, True, scale, block, window=window)
     assert (probe - ref).abs().max().item() < PROBE_ATOL

@@ -1,7 +1,7 @@
 """The Triton prefill kernels on CUDA at realistic sizes, each against an independent computation on the
 same inputs:
 
-- the sparse forward vs ``sparse_attention_reference`` (fp32 math) on real selections (estimate + select
+- the sparse forward vs the reference ``sparse_attention`` (fp32 math) on real selections (estimate + select
   on structured inputs) and random ones: causal and not, GQA, partial blocks, Sq != Skv, bool and
   additive masks, head dims 64 / 96 / 128, bf16 / fp16; output memory pre-poisoned with NaN;
 - tau = 1 without query selection: every allowed block is selected and the output equals dense SDPA;
@@ -23,12 +23,11 @@ from omnicompile.demos.structured import structured_qkv
 from omnicompile.kernels.estimation.reference import estimate_blocks as reference_estimate
 from omnicompile.kernels.estimation.triton_composite import estimate_blocks
 from omnicompile.kernels.masks import allowed_blocks
-from omnicompile.kernels.selection import SelectionCall, select_blocks
+from omnicompile.kernels.selection import SelectionCall, select_blocks, triton_select
 from omnicompile.kernels.selection.block_selection import BlockSelection
 from omnicompile.kernels.selection.transpose import selection_from_block_mask
-from omnicompile.kernels.selection.triton_select import select_blocks_triton
-from omnicompile.kernels.sparse_attention.reference import sparse_attention_reference
-from omnicompile.kernels.sparse_attention.triton_fwd import sparse_attention_fwd
+from omnicompile.kernels.sparse_attention.reference import sparse_attention as reference_attention
+from omnicompile.kernels.sparse_attention.triton_fwd import sparse_attention
 from omnicompile.method import estimation_params, selection_params
 from tests.gpu import ON_CUDA
 from tests.helpers import REL_TOL, rel_error
@@ -68,8 +67,8 @@ def _check_forward(q, k, v, selection: BlockSelection, attn_mask, is_causal: boo
     """The forward against the fp32 reference on the same selection: output within REL_TOL, lse within
     LSE_ATOL, and rows with no allowed key -inf in lse and zero in the output."""
     _poison()
-    out, lse = sparse_attention_fwd(q, k, v, selection, attn_mask, is_causal, None)
-    ref_out, ref_lse = sparse_attention_reference(q, k, v, selection, attn_mask, is_causal, None)
+    out, lse = sparse_attention(q, k, v, selection, attn_mask, is_causal, None)
+    ref_out, ref_lse = reference_attention(q, k, v, selection, attn_mask, is_causal, None)
     empty = torch.isneginf(ref_lse)
     assert not out.isnan().any()
     assert rel_error(out, ref_out) < REL_TOL[q.dtype]
@@ -131,7 +130,7 @@ def test_tau_1_selects_every_allowed_block_and_equals_sdpa(seq, heads, kv_heads)
     selection = _select(q, k, True, config, ahat)
     allowed = allowed_blocks(None, True, 1, heads, seq, seq, 64, q.device)
     assert torch.equal(selection.dense_mask(), allowed.expand_as(ahat))
-    out, _ = sparse_attention_fwd(q, k, v, selection, None, True, None)
+    out, _ = sparse_attention(q, k, v, selection, None, True, None)
     dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     assert rel_error(out, dense) < REL_TOL[torch.bfloat16]
 
@@ -164,7 +163,7 @@ def test_fused_selection_matches_select_blocks(seq, is_causal, scope):
     allowed = allowed_blocks(None, is_causal, 1, 32, seq, seq, config.block_size, q.device)
     ref = select_blocks(ahat, allowed, selection_params(config), SelectionCall(8, is_causal, seq, seq))
     _poison()
-    fused = select_blocks_triton(
+    fused = triton_select.select_blocks(
         ahat, allowed, selection_params(config), SelectionCall(8, is_causal, seq, seq)
     )
     same_rows = (fused.dense_mask() == ref.dense_mask()).all(-1).float().mean().item()

@@ -15,7 +15,8 @@ import torch
 
 from omnicompile.config import OmniSparseConfig
 from omnicompile.demos.structured import structured_qkv
-from omnicompile.kernels.sparse_attention.triton_fwd import default_launch_config, sparse_attention_fwd
+from omnicompile.kernels.sparse_attention.launch import default_launch
+from omnicompile.kernels.sparse_attention.triton_fwd import sparse_attention
 from omnicompile.method import AttentionInputs, plan
 from tests.gpu import ON_CUDA
 
@@ -39,11 +40,11 @@ def test_both_schedules_give_bitwise_equal_results(inputs, scope):
     q, k, v = inputs
     config = OmniSparseConfig(budget_scope=scope)
     selection = plan(AttentionInputs(q, k, v, None, True, None), config)
-    launch = default_launch_config(config.block_size, q.dtype, False, DIM)
-    out_a, lse_a = sparse_attention_fwd(
+    launch = default_launch(config.block_size, q.dtype, False, DIM)
+    out_a, lse_a = sparse_attention(
         q, k, v, selection, None, True, None, launch=dataclasses.replace(launch, schedule="heaviest_first")
     )
-    out_b, lse_b = sparse_attention_fwd(
+    out_b, lse_b = sparse_attention(
         q, k, v, selection, None, True, None, launch=dataclasses.replace(launch, schedule="causal")
     )
     assert torch.equal(out_a, out_b)

@@ -1,7 +1,7 @@
 """Logit soft-capping (Gemma 2, issue 19) on CUDA at Gemma 2's shapes: S = 8192, H = 8, Hkv = 4,
 D = 256, bf16, causal, with and without its 4096-token sliding window; caps 50 (Gemma 2's) and 5.
 
-- the Triton forward vs ``sparse_attention_reference`` (fp32 math) on the op's own selection (fused
+- the Triton forward vs the reference ``sparse_attention`` (fp32 math) on the op's own selection (fused
   estimator and probe with the cap, fused selection), and the backward vs the reference's autograd;
 - the op at tau = 1 without query selection (the sparse path over every allowed block), and in dense
   mode (a window site: the Triton kernel over its band), vs dense capped attention
@@ -17,9 +17,9 @@ import torch
 from omnicompile.config import OmniSparseConfig
 from omnicompile.demos.structured import structured_qkv
 from omnicompile.dense import dense_attention
-from omnicompile.kernels.sparse_attention.reference import sparse_attention_reference
-from omnicompile.kernels.sparse_attention.triton_bwd import sparse_attention_bwd
-from omnicompile.kernels.sparse_attention.triton_fwd import sparse_attention_fwd
+from omnicompile.kernels.sparse_attention.reference import sparse_attention as reference_attention
+from omnicompile.kernels.sparse_attention.triton_bwd import sparse_attention_backward
+from omnicompile.kernels.sparse_attention.triton_fwd import sparse_attention
 from omnicompile.method import AttentionInputs, plan
 from omnicompile.recording import recording
 from tests.gpu import ON_CUDA
@@ -50,15 +50,13 @@ def _cotangent(out: torch.Tensor) -> torch.Tensor:
 def test_kernels_match_the_reference_on_the_ops_selection(seq, window, cap):
     q, k, v = _qkv(seq)
     selection = plan(AttentionInputs(q, k, None, None, True, None, window, cap), OmniSparseConfig())
-    out, lse = sparse_attention_fwd(q, k, v, selection, None, True, None, window=window, softcap=cap)
+    out, lse = sparse_attention(q, k, v, selection, None, True, None, window=window, softcap=cap)
     primals = tuple(t.float().requires_grad_() for t in (q, k, v))
-    ref, ref_lse = sparse_attention_reference(
-        *primals, selection, None, True, None, window=window, softcap=cap
-    )
+    ref, ref_lse = reference_attention(*primals, selection, None, True, None, window=window, softcap=cap)
     assert rel_error(out, ref) < REL_TOL[torch.bfloat16]
     assert (lse - ref_lse).abs().max().item() < LSE_ATOL
     grad_out = _cotangent(out)
-    grads = sparse_attention_bwd(
+    grads = sparse_attention_backward(
         grad_out, q, k, v, out, lse, selection, None, True, None, window=window, softcap=cap
     )
     for got, want in zip(grads, torch.autograd.grad(ref, primals, grad_out.float())):

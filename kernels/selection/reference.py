@@ -1,4 +1,5 @@
-"""Query selection and KV selection with a head-level shared budget (METHOD.md sections 2-3).
+"""Query selection and KV selection with a head-level shared budget (METHOD.md sections 2-3), pure
+PyTorch: the reference of `triton_select` (the same `select_blocks`).
 
 All on Ahat's device with vectorised torch ops and no host synchronisation: shapes depend only on
 (B, H, nq, nk) and the parameters, never on data.
