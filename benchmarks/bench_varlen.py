@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_prefill import _write_csv, print_rows, time_ms
+from bench_prefill import print_rows, time_ms, write_csv
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from omnicompile.config import OmniSparseConfig
@@ -141,8 +141,8 @@ def main() -> None:
         [run_batch(args.batch_lens, preset, config) for preset in args.presets] if args.batch_lens else []
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    _write_csv(args.out / "chunked_prefill.csv", rows)
-    _write_csv(args.out / "packed_batch.csv", batches)
+    write_csv(args.out / "chunked_prefill.csv", rows)
+    write_csv(args.out / "packed_batch.csv", batches)
     for title, table in (
         ("chunked prefill vs one-shot", rows),
         ("packed batch vs dense per sequence", batches),
