@@ -148,7 +148,7 @@ def _emulated_ring(q, k, v, world: int, config: OmniSparseConfig):
 
     def step(q_, k_, v_, causal):
         selection = plan(AttentionInputs(q_, k_, v_, None, causal, None), cfg)
-        allowed = allowed_blocks(None, causal, *q_.shape[:3], k_.shape[2], BLOCK, q_.device)
+        allowed = allowed_blocks(None, causal, *q_.shape[:3], k_.shape[2], cfg.block_size, q_.device)
         counts["selected"] += int(selection.kv_num_blocks.sum())
         counts["allowed"] += int(allowed.expand(*q_.shape[:2], -1, -1).sum())
         return sparse_attention_reference(
