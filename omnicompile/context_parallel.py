@@ -56,7 +56,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.fx import GraphModule
 
 from . import ops  # noqa: F401  (registers torch.ops.omnisparse.attention and its backward)
-from .backend import _lower
+from .backend import lower
 from .config import OmniSparseConfig
 from .method import decide
 from .passes import PassReport, run_passes
@@ -442,7 +442,7 @@ def backend(
         to_context_parallel(report.graph_module, group, load_balance)
         if reports is not None:
             reports.append(report)
-        return _lower(report.graph_module, example_inputs, site_cfg, mode)
+        return lower(report.graph_module, example_inputs, site_cfg, mode)
 
     return omnisparse_context_parallel
 
@@ -490,7 +490,7 @@ def attention_forward(
     weights. ``ValueError`` for a mask, dropout, a sliding window, a non-causal layer, attention sinks or
     a position bias, or a model without `set_context_parallel`.
     """
-    from .hf_attention import _DEFAULT_CONFIG, CONFIG_ATTRIBUTE
+    from .hf_attention import CONFIG_ATTRIBUTE
 
     group = getattr(module.config, GROUP_ATTRIBUTE, None)
     if group is None:
@@ -513,7 +513,7 @@ def attention_forward(
         True,
         scaling,
         query.shape[1] != key.shape[1],
-        getattr(module.config, CONFIG_ATTRIBUTE, None) or _DEFAULT_CONFIG,
+        getattr(module.config, CONFIG_ATTRIBUTE, None) or OmniSparseConfig().to_json(),
         f"hf_cp.layer{getattr(module, 'layer_idx', '')}",
         group,
         getattr(module.config, LOAD_BALANCE_ATTRIBUTE, True),

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from omnicompile import OmniSparseConfig, merge_attention
 from omnicompile import context_parallel as cp
 from omnicompile.kernels.masks import allowed_blocks
-from omnicompile.kernels.sparse_attention.reference import sparse_attention_reference
+from omnicompile.kernels.sparse_attention import sparse_attention
 from omnicompile.method import AttentionInputs, plan
 from tests.helpers import GRAD_REL_TOL, REL_TOL, SMALL_LM, rel_error
 
@@ -151,9 +151,7 @@ def _emulated_ring(q, k, v, world: int, config: OmniSparseConfig):
         allowed = allowed_blocks(None, causal, *q_.shape[:3], k_.shape[2], cfg.block_size, q_.device)
         counts["selected"] += int(selection.kv_num_blocks.sum())
         counts["allowed"] += int(allowed.expand(*q_.shape[:2], -1, -1).sum())
-        return sparse_attention_reference(
-            q_, k_, v_, selection, None, causal, None, cfg.query_chunk, check=False
-        )
+        return sparse_attention(q_, k_, v_, selection, None, causal, None, cfg.query_chunk, check=False)
 
     chunk_out, chunk_lse = {}, {}
     for rank in range(world):
@@ -245,7 +243,7 @@ def test_backward_op_given_a_merged_output_returns_the_parts_share(config):
     for p in parts:
         x = AttentionInputs(q_, k_[:, :, p], v_[:, :, p], None, False, None)
         references.append(
-            sparse_attention_reference(x.q, x.k, x.v, plan(x, config), None, False, None, config.query_chunk)
+            sparse_attention(x.q, x.k, x.v, plan(x, config), None, False, None, config.query_chunk)
         )
     want_out, _ = merge_attention(*zip(*references))
     want_out.backward(grad_out)
