@@ -32,9 +32,11 @@ CompiledFn = Callable[..., Any]
 _GRAPH_IDS = itertools.count()
 
 
-def _lower(
+def lower(
     gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg: OmniSparseConfig, mode: str | None
 ) -> CompiledFn:
+    """Compile the rewritten ``gm`` with ``cfg.lowering`` (Inductor's ``compile_fx``, with ``mode``'s
+    options, or Torch-TensorRT); `compile_graph` and `context_parallel.backend` end with it."""
     if cfg.lowering == "tensorrt":
         from .tensorrt import compile_tensorrt
 
@@ -73,7 +75,7 @@ def compile_graph(
             report.sites[0].site.split(".")[0],
             "; ".join(f"{count}x {reason}" for reason, count in reasons.items()),
         )
-    return _lower(report.graph_module, example_inputs, cfg, mode)
+    return lower(report.graph_module, example_inputs, cfg, mode)
 
 
 def backend(config: OmniSparseConfig | None = None, *, reports: list[PassReport] | None = None) -> CompiledFn:

@@ -283,7 +283,10 @@ def omnisparse_attention_backward(
 
     The same `decide`, then exactly the attention that ran: dense attention through `_vjp`, or the
     recomputed (deterministic) selection with the Triton backward on CUDA (it reuses ``out`` and
-    ``lse``), else the reference through `_vjp`.
+    ``lse``), else the reference through `_merged_vjp`. On the sparse path ``out`` and ``lse`` may be
+    those of a merged attention over these keys and others (`merge.merge_attention`; context
+    parallelism's ring): the result is then this call's share of that attention's gradients, on
+    both devices (the flash-attention backward's contract). The dense path ignores them.
     """
     primals = (x.q, x.k, x.v)
     if _decide(x, config).path == "dense":
@@ -296,13 +299,34 @@ def omnisparse_attention_backward(
             window=x.window, softcap=x.softcap,
         )  # fmt: skip
 
-    def attention_out(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor) -> torch.Tensor:
+    def attention(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor):
         return sparse_attention(
             q_, k_, v_, selection, x.attn_mask, x.is_causal, scale, config.query_chunk,
             window=x.window, softcap=x.softcap, check=False,
-        )[0]  # fmt: skip
+        )  # fmt: skip
 
-    return _vjp(attention_out, primals, grad_out)
+    return _merged_vjp(attention, primals, grad_out, out, lse)
+
+
+def _merged_vjp(
+    fn: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    primals: tuple[torch.Tensor, ...],
+    grad_out: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+):
+    """Gradients, against ``grad_out``, of the attention whose output is ``out`` and lse ``lse`` (float32
+    [B, H, Sq]) through its part ``fn(*primals) -> (out_i, lse_i)`` over some of its keys.
+
+    The merge (`merge.merge_attention`) weighs the part by w = exp(lse_i - lse), so its cotangents are
+    w * grad_out for out_i and w * rowsum(grad_out * (out_i - out)) for lse_i. When ``out`` and ``lse``
+    are the part's own, w = 1 and the second is 0: the plain vjp of out_i.
+    """
+    (part_out, part_lse), vjp_fn = torch.func.vjp(fn, *primals)
+    weight = torch.where(torch.isneginf(part_lse), 0.0, torch.exp(part_lse - lse.float()))
+    d_out = weight.unsqueeze(-1) * grad_out.float()
+    d_lse = weight * (grad_out.float() * (part_out.float() - out.float())).sum(-1)
+    return vjp_fn((d_out.to(part_out.dtype), d_lse))
 
 
 def selection_stats(
