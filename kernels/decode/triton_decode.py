@@ -33,12 +33,12 @@ try:
         softmax_step,
         tile_dot,
     )
-    from .launch import row_tile
+    from .launch import key_tile, row_tile
 except ImportError:  # pragma: no cover - triton is absent on some CPU hosts
     triton = None
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_BLOCK_N = 64
+_BLOCK_N = 64  # split lengths are multiples of it (so of every `key_tile`)
 
 
 def supported(q: Tensor, kv: SlimKV, scale: float | None = None) -> str | None:
@@ -294,7 +294,7 @@ def slim_decode(q: Tensor, kv: SlimKV, scale: float | None = None) -> tuple[Tens
         HEAD_DIM=dim,
         BLOCK_D=block_d,
         BLOCK_M=block_m,
-        BLOCK_N=_BLOCK_N,
+        BLOCK_N=key_tile(dim, q.element_size()),
         FP32_DOT=needs_fp32_dot(q.dtype),
     )
     out = torch.empty_like(q)
