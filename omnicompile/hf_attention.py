@@ -59,6 +59,7 @@ from transformers.masking_utils import (
 from . import ops  # noqa: F401  (registers torch.ops.omnisparse.attention)
 from .config import OmniSparseConfig
 from .hf_cache import with_slim_cache
+from .memo import PerForward
 from .varlen import prefix_causal_attention, varlen_attention, varlen_mask
 
 ATTN_IMPLEMENTATION = "omnisparse"
@@ -256,25 +257,33 @@ def _per_row(
     return out
 
 
-def _packed_bounds(position_ids: Tensor | None, kwargs: dict) -> tuple[Tensor, Tensor] | None:
-    """(cu_seqlens_q, cu_seqlens_k) of a packed batch: flash-attention's kwargs ``cu_seq_lens_q`` /
-    ``cu_seq_lens_k`` when given, else from ``position_ids`` [1, T] that restart (a new sequence where
-    the position does not rise by one, as transformers finds packed sequences), else None."""
-    if kwargs.get("cu_seq_lens_q") is not None:
-        return kwargs["cu_seq_lens_q"], kwargs.get("cu_seq_lens_k", kwargs["cu_seq_lens_q"])
-    if (
-        position_ids is None
-        or position_ids.dim() != 2
-        or position_ids.shape[0] != 1
-        or position_ids.shape[1] < 2
-    ):
-        return None
+@PerForward
+def _restarts(position_ids: Tensor) -> Tensor | None:
+    """int64 [N + 1] sequence bounds of position ids [1, T] that restart (a new sequence where the position
+    does not rise by one, as transformers finds packed sequences), or None where they never restart."""
     starts = (position_ids[0].diff() != 1).nonzero().flatten() + 1
     if starts.numel() == 0:
         return None
     total = torch.tensor([0, position_ids.shape[1]], device=starts.device)
-    bounds = torch.cat([total[:1], starts, total[1:]])
-    return bounds, bounds
+    return torch.cat([total[:1], starts, total[1:]])
+
+
+def _packed_bounds(position_ids: Tensor | None, kwargs: dict) -> tuple[Tensor, Tensor] | None:
+    """(cu_seqlens_q, cu_seqlens_k) of a packed batch: flash-attention's kwargs ``cu_seq_lens_q`` /
+    ``cu_seq_lens_k`` when given, else from restarting ``position_ids`` [1, T] (`_restarts`), else None."""
+    if kwargs.get("cu_seq_lens_q") is not None:
+        return kwargs["cu_seq_lens_q"], kwargs.get("cu_seq_lens_k", kwargs["cu_seq_lens_q"])
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1:
+        return None
+    bounds = _restarts(position_ids) if position_ids.shape[1] > 1 else None
+    return None if bounds is None else (bounds, bounds)
+
+
+@PerForward
+def _packed_mask_matches(attention_mask: Tensor, cu_q: Tensor, cu_k: Tensor, causal: bool) -> bool:
+    """Whether a 4-D mask (bool, or additive: 0 = keep) is `varlen_mask` of the sequences."""
+    keep = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    return keep.dim() == 4 and bool((keep == varlen_mask(cu_q, cu_k, causal, attention_mask.device)).all())
 
 
 def _packed(
@@ -294,13 +303,11 @@ def _packed(
     if query.shape[0] != 1:
         raise ValueError(f"{ATTN_IMPLEMENTATION}: packed sequences need batch size 1, got {query.shape[0]}")
     cu_q, cu_k = bounds
-    if attention_mask is not None:
-        keep = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-        if keep.dim() != 4 or not bool((keep == varlen_mask(cu_q, cu_k, causal, query.device)).all()):
-            raise ValueError(
-                f"{ATTN_IMPLEMENTATION}: packed sequences with a mask other than "
-                f"{'causal ' if causal else ''}attention within each sequence are not supported"
-            )
+    if attention_mask is not None and not _packed_mask_matches(attention_mask, cu_q, cu_k, causal):
+        raise ValueError(
+            f"{ATTN_IMPLEMENTATION}: packed sequences with a mask other than "
+            f"{'causal ' if causal else ''}attention within each sequence are not supported"
+        )
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
     out = varlen_attention(q, k, v, cu_q, cu_k, _config(module), causal, scaling, softcap, _site(module))
     return out.transpose(0, 1).unsqueeze(0)

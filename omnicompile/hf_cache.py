@@ -52,6 +52,7 @@ from .config import OmniSparseConfig
 from .kernels.decode import reference as decode_reference
 from .kernels.decode import triton_decode
 from .kernels.decode.slim_kv import SlimKV, storage_bytes
+from .memo import PerForward
 from .slimming import slim
 
 ATTN_IMPLEMENTATION = "omnisparse_decode"
@@ -365,6 +366,7 @@ def slim_decode(q: Tensor, kv: SlimKV, scale: float | None) -> tuple[Tensor, Ten
     return decode_reference.slim_decode(q, kv, scale)
 
 
+@PerForward
 def _visible_keys(attention_mask: Tensor | None) -> Tensor | None:
     """bool [B, S]: the keys the last query sees (True = seen), None where the mask hides none.
 
@@ -379,6 +381,7 @@ def _visible_keys(attention_mask: Tensor | None) -> Tensor | None:
     return None if bool(visible.all()) else visible
 
 
+@PerForward
 def _prompt_tokens(attention_mask: Tensor | None, prompt_len: int) -> Tensor | None:
     """bool [B, S] prompt tokens of a left-padded prefill (None without padding); ``ValueError`` for any
     other padding (right padding, holes), which decode could not honour."""
@@ -396,17 +399,23 @@ def _prompt_tokens(attention_mask: Tensor | None, prompt_len: int) -> Tensor | N
 
 def _check_decode_mask(attention_mask: Tensor | None, layer: SlimKVLayer) -> None:
     """Raise unless the mask of a decode step hides exactly the prompt padding that slimming dropped."""
-    visible, prompt = _visible_keys(attention_mask), layer.prompt_tokens
-    if prompt is None:
-        hidden = visible is not None
-    else:
-        expected = torch.cat([prompt, prompt.new_ones(prompt.shape[0], layer.slim.tail_len)], 1)
-        hidden = visible is None or visible.shape != expected.shape or not torch.equal(visible, expected)
-    if hidden:
+    if _hides_other_keys(attention_mask, layer.prompt_tokens, layer.slim.tail_len):
         raise ValueError(
             "SlimKVCache: the attention mask hides keys other than the prompt's left padding "
             "(the slim cache keeps no masked keys)"
         )
+
+
+@PerForward
+def _hides_other_keys(attention_mask: Tensor | None, prompt: Tensor | None, tail_len: int) -> bool:
+    """Whether the mask hides keys other than ``prompt``'s padding (bool [B, S], None: no padding) from a
+    cache holding the prompt and ``tail_len`` later tokens (every layer of a forward shares the answer:
+    one mask, one `_prompt_tokens`)."""
+    visible = _visible_keys(attention_mask)
+    if prompt is None:
+        return visible is not None
+    expected = torch.cat([prompt, prompt.new_ones(prompt.shape[0], tail_len)], 1)
+    return visible is None or visible.shape != expected.shape or not torch.equal(visible, expected)
 
 
 AttentionFunction = Callable[..., tuple[Tensor, Tensor | None]]

@@ -31,9 +31,8 @@ from .merge import merge_attention
 
 
 def _config_json(config: OmniSparseConfig | str) -> str:
-    if isinstance(config, OmniSparseConfig):
-        return config.to_json()
-    return OmniSparseConfig.from_json(config).to_json()
+    """The op's config argument: a JSON string as given (the op parses and checks it)."""
+    return config.to_json() if isinstance(config, OmniSparseConfig) else config
 
 
 def _call(

@@ -210,15 +210,17 @@ def _positions(lengths: list[int]) -> torch.Tensor:
 
 @pytest.mark.parametrize("config", [DENSE, SPARSE], ids=["dense", "sparse"])
 @pytest.mark.parametrize("how", ["position_ids", "cu_seq_lens"])
-def test_packed_sequences_equal_each_alone(config: OmniSparseConfig, how: str) -> None:
+def test_packed_sequences_equal_each_alone(config: OmniSparseConfig, how: str, monkeypatch) -> None:
     """Three sequences packed in one row (restarting position ids, or flash-attention's cu_seq_lens
-    kwargs) give each sequence's logits run alone."""
+    kwargs) give each sequence's logits run alone; the packed 4-D mask is checked once per forward,
+    not once per layer."""
     model = _model("llama", config)
     lengths = [40, 9, 66]
     ids = torch.randint(
         0, SMALL_LM["vocab_size"], (1, sum(lengths)), generator=torch.Generator().manual_seed(4)
     )
-    inputs = {"input_ids": ids, "position_ids": _positions(lengths)}
+    # use_cache=False: transformers then detects the packing too and builds its 4-D mask, which is checked
+    inputs = {"input_ids": ids, "position_ids": _positions(lengths), "use_cache": False}
     if how == "cu_seq_lens":
         cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
         inputs |= {
@@ -227,9 +229,13 @@ def test_packed_sequences_equal_each_alone(config: OmniSparseConfig, how: str) -
             "max_length_q": max(lengths),
             "max_length_k": max(lengths),
         }
+    checks = []
+    real_mask = hf_attention.varlen_mask
+    monkeypatch.setattr(hf_attention, "varlen_mask", lambda *a: checks.append(a) or real_mask(*a))
     with recording(measure=False) as recorder:
         packed = _logits(model, ATTN_IMPLEMENTATION, **inputs)
-    assert {run.site for run in recorder.runs} >= {"hf.layer0.seq0", "hf.layer0.seq2"}
+    assert {run.site for run in recorder.runs} >= {"hf.layer0.seq0", "hf.layer1.seq2"}
+    assert len(checks) == 1  # two layers, one check
     start = 0
     for n in lengths:
         alone = _logits(model, ATTN_IMPLEMENTATION, input_ids=ids[:, start : start + n])
