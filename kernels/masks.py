@@ -230,6 +230,8 @@ def allowed_blocks(
     nq, nk = -(-q_len // block_size), -(-kv_len // block_size)
     if kind == "none":
         return torch.ones(1, 1, nq, nk, dtype=torch.bool, device=device)
+    if kind == "causal" and window is None:  # j * b <= min((i + 1) * b, q_len) - 1 is j <= i
+        return torch.ones(nq, nk, dtype=torch.bool, device=device).tril_().view(1, 1, nq, nk)
     if kind == "causal":
         first_row = torch.arange(nq, device=device) * block_size
         last_row = (first_row + block_size).clamp(max=q_len) - 1

@@ -6,14 +6,15 @@
 # at 32K and of both schedules) | smollm2 (end-to-end
 # prefill, profiled) | smollm2-graphs (the same compiled with mode="reduce-overhead") | rope (SmolLM2
 # 32K under YaRN vs dynamic NTK) | gemma (end-to-end prefill + 32K eval with passkeys) | host (host time
-# of one op call, scripts/gpu_profile_host.py) | none (only receive).
+# of one op call, scripts/gpu_profile_host.py) | suite (GPU tests + host time, against .gpu/base) |
+# varlen (chunked prefill and packed batch, benchmarks/bench_varlen.py) | none (only receive).
 # The call's `carry`: .gpu/whl, .gpu/models.sha256 and .gpu/pieces/PIECE.
 set -uo pipefail
 OUT="${OUT:-out}"; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=/root/site
 bash scripts/gpu_models.sh receive ".gpu/pieces/$1" || exit 1
 python3 -m pip install -q --no-deps --no-build-isolation --no-index . || exit 1
-SPARSE=('{}' '{"budget_scope": "head", "tau": 0.99}')
+SPARSE=('{}')  # the default config (budget_scope "head", tau 0.99 since 2026-12-06)
 YARN='{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192}'
 case "$2" in
 kernels)
@@ -26,13 +27,12 @@ kernels)
         | tee "$OUT/schedule.txt" ;;
 smollm2 | smollm2-graphs | gemma)
     model=$([ "$2" = gemma ] && echo gemma3-270m || echo smollm2-135m)
-    extra=(--profile --config "${SPARSE[@]}")
-    [ "$2" = smollm2-graphs ] && extra=(--graphs)  # the default config only: each graph compile is ~85 s
-    (cd benchmarks && timeout 420 python3 bench_models.py --models "$model" --seq-lens 8192 16384 32768 \
-        --variants eager dense sparse "${extra[@]}" --time-budget-s 330 \
-        --out "$OUT/$2") 2>&1 | tee "$OUT/$2.txt"
+    extra=(--variants eager inductor dense sparse --profile --config "${SPARSE[@]}")
+    [ "$2" = smollm2-graphs ] && extra=(--variants eager dense sparse --graphs)  # each graph compile ~85 s
+    (cd benchmarks && timeout 380 python3 bench_models.py --models "$model" --seq-lens 8192 16384 32768 \
+        "${extra[@]}" --time-budget-s 300 --out "$OUT/$2") 2>&1 | tee "$OUT/$2.txt"
     if [ "$2" = gemma ]; then
-        timeout 200 omnicompile eval --model gemma3-270m --lengths 32768 --depths 10 --device cuda \
+        timeout 170 omnicompile eval --model gemma3-270m --lengths 32768 --depths 10 --device cuda \
             --dtype bfloat16 --config '{"min_seq_len": 4096}' --out "$OUT/eval_gemma3_32k.json" 2>&1 \
             | tee -a "$OUT/$2.txt"
     fi ;;
@@ -44,6 +44,20 @@ rope)
             --config '{"min_seq_len": 4096}' --out "$OUT/eval_smollm2_32k_$name.json" 2>&1 | tee -a "$OUT/rope.txt"
     done ;;
 host) timeout 60 python3 scripts/gpu_profile_host.py --seq-lens 8192 32768 --calls 10 2>&1 | tee "$OUT/host_profile.txt" ;;
+suite)
+    # The GPU suite (exported packages aside), then the op's host time, also of the commit in
+    # .gpu/base (`git archive BASE omnicompile kernels passes pyproject.toml README.md`) where present.
+    nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/device.txt"
+    TRITON_INTERPRET=0 timeout 300 python3 -P -m pytest -q -ra -m gpu tests/gpu \
+        --ignore=tests/gpu/test_packages.py 2>&1 | tee "$OUT/gpu_suite.txt"
+    timeout 60 python3 scripts/gpu_profile_host.py --seq-lens 8192 32768 --calls 10 2>&1 | tee "$OUT/host_profile.txt"
+    if [ -d .gpu/base ]; then
+        python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /root/base .gpu/base &&
+            PYTHONPATH=/root/base:$PYTHONPATH timeout 60 python3 scripts/gpu_profile_host.py \
+                --seq-lens 8192 32768 --calls 10 2>&1 | tee "$OUT/host_profile_base.txt"
+    fi ;;
+varlen) timeout 200 python3 benchmarks/bench_varlen.py --seq-lens 32768 --chunks 4096 8192 \
+        --presets mixed structured --out "$OUT/varlen" 2>&1 | tee "$OUT/varlen.txt" ;;
 none) ;;
 *) echo "unknown step $2" >&2; exit 2 ;;
 esac

@@ -3,8 +3,8 @@ the op spends its time, by cProfile over repeated calls, beside the call's wall 
 
 SmolLM2 shapes (B 1, H 9 / Hkv 3, D 64, bf16, causal) on the `mixed` preset of
 `omnicompile.demos.structured` at each length. Prints the wall time per eager call (synchronised at the
-end only), the replay time of the same call captured in a CUDA graph, and the top functions by
-own time.
+end only), the replay time of the same call captured in a CUDA graph, the CUDA kernels per call and
+the top operators by own CPU time (torch.profiler), and the top functions by own time (cProfile).
     python3 scripts/gpu_profile_host.py --seq-lens 8192 32768
 """
 
@@ -17,6 +17,8 @@ import pstats
 import time
 
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity
 
 import omnicompile  # noqa: F401  (registers the op)
 from omnicompile.config import OmniSparseConfig
@@ -60,6 +62,13 @@ def main() -> None:
             f"S={seq_len}: host {host * 1e3:.3f} ms/call, wall {wall * 1e3:.3f} ms/call, "
             f"graph replay {replay * 1e3:.3f} ms/call"
         )
+        with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.calls):
+                call()
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        print(f"CUDA kernels per call: {len(kernels) / args.calls:.1f}")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
         profiler = cProfile.Profile()
         profiler.enable()
         for _ in range(args.calls):

@@ -82,8 +82,10 @@ def _group_mean(x: torch.Tensor, start: int, seq_len: int, group: int) -> torch.
 
 def composite_means(x: torch.Tensor, group: int) -> torch.Tensor:
     """Means of consecutive groups of ``group`` tokens: x [B, Hx, S, D] -> [B, Hx, ceil(S/group), D]
-    in x.dtype (summed in fp32; the last group averages its real tokens only): the composite tokens of
+    in x.dtype (accumulated in fp32; the last group averages its real tokens only): the composite tokens of
     a whole sequence, as the fused estimator (`triton_composite`) reads them."""
+    if x.shape[2] % group == 0:
+        return x.unflatten(2, (-1, group)).mean(3)
     full = x.shape[2] // group
     out = torch.empty(*x.shape[:2], -(-x.shape[2] // group), x.shape[3], dtype=x.dtype, device=x.device)
     out[:, :, :full] = x[:, :, : full * group].unflatten(2, (full, group)).sum(3, dtype=torch.float32) / group

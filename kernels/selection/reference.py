@@ -78,13 +78,14 @@ def full_dense_heads(
     Such a head then runs exact attention through the same sparse kernel (its full schedule): at that
     density a sparse schedule saves little and the full one is exact. Decided on the device from the
     int counts [B, H, nq] (``num_forced + take`` selected of ``num_forced + num_available`` allowed),
-    with no host synchronisation; ``max_density >= 1`` never fires.
+    with no host synchronisation; ``max_density >= 1`` never fires. The test is in float32 (the counts
+    and ``max_density`` rounded to float32, one float32 product), as the Triton selection computes it.
     """
     if max_density >= 1.0:
         return lazy, take
-    selected = (num_forced + take).sum(-1, dtype=torch.int64).double()
-    allowed = (num_forced + num_available).sum(-1, dtype=torch.int64).double()
-    dense = (selected > max_density * allowed).unsqueeze(-1)
+    selected = (num_forced + take).sum(-1, dtype=torch.int64).float()
+    allowed = (num_forced + num_available).sum(-1, dtype=torch.int64).float()
+    dense = (selected > allowed * max_density).unsqueeze(-1)
     return lazy & ~dense, torch.where(dense, num_available, take)
 
 

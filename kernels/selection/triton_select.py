@@ -5,8 +5,9 @@ One program per (b, h, i) row of Ahat holds the row (nk padded to a power of two
 1. `_need_kernel` loads the row and the allowed row (at its broadcast strides), forms F(i) from the
    block indices (`forced_pattern`'s formula), the local mass, lazy, the available count and the
    need k_h; it writes need, lazy and the forced and available counts ([B, H, nq] each).
-2. torch ops on those [B, H, nq] tensors: `take_counts` (reference.py: the shared budget, the clamp,
-   take, the final query blocks and the dense heads in full).
+2. `_take_kernel`, one program per (b, h), turns those [B, H, nq] counts into take and the final
+   lazy (`reference.take_counts`: the budget shared by the scope's heads, the clamp, the final query
+   blocks and a head denser than ``dense_fallback_density`` in full), in chunks of query blocks.
 3. `_select_kernel` reloads the row, finds the take-th largest available value, takes the ties at
    it by lower index first (the stable sort's order), and writes ``kv_indices`` (each selected block
    scattered to its cumulative-count slot, then the padding) and ``kv_num_blocks``.
@@ -27,7 +28,8 @@ can differ only where a cumulative mass lies within that rounding of tau + slack
 reference exactly. Ahat is taken as finite and >= -1 (an estimate is >= 0; the reference ranks
 unavailable blocks at -1).
 
-Traffic per call: Ahat read twice (the allowed row comes from L2 when it is shared by heads), the
+Launches per call: these three kernels and five allocations (no small torch ops: they cost more host
+time than the kernels do GPU time at 8K-32K). Traffic per call: Ahat read twice (the allowed row comes from L2 when it is shared by heads), the
 int32 ``kv_indices`` written once, nothing else at [B, H, nq, nk]; no host synchronisation.
 """
 
@@ -41,10 +43,12 @@ from torch import Tensor
 from ..triton_utils import interpreting
 from .block_selection import BlockSelection
 from .params import SelectionCall, SelectionParams
-from .reference import MASS_SLACK, check_estimate, take_counts
+from .reference import MASS_SLACK, check_estimate
 
 # Widest row one program holds: 8192 key blocks (512K tokens at b = 64), 16 warps x 16 values per thread.
 MAX_KV_BLOCKS = 8192
+# Query blocks `_take_kernel` holds at a time.
+_TAKE_CHUNK = 1024
 _INT_MIN = tl.constexpr(-(2**31))
 
 
@@ -115,7 +119,25 @@ def select_blocks(
         BLOCK_N=block_n,
         num_warps=num_warps,
     )
-    lazy, take = take_counts(need, lazy, num_forced, num_available, params, num_kv_heads)
+    take = torch.empty_like(need)
+    final_lazy = torch.empty_like(lazy)
+    _take_kernel[(batch * heads,)](
+        need,
+        lazy,
+        num_forced,
+        num_available,
+        take,
+        final_lazy,
+        nq,
+        {"head": 1, "kv_group": heads // num_kv_heads, "heads": heads}[params.budget_scope],
+        params.min_blocks,
+        nk if params.max_blocks is None else params.max_blocks,
+        params.dense_last_blocks,
+        params.dense_fallback_density,
+        DENSE_HEADS=params.dense_fallback_density < 1.0,
+        CHUNK=min(triton.next_power_of_2(nq), _TAKE_CHUNK),
+    )
+    lazy = final_lazy
 
     kv_indices = torch.empty(batch, heads, nq, nk, dtype=torch.int32, device=ahat.device)
     kv_num_blocks = torch.empty_like(need)
@@ -250,3 +272,71 @@ def _select_kernel(
     tl.store(out + tl.cumsum(selected, 0) - 1, offs, mask=selected != 0)
     tl.store(out + offs, nk, mask=(offs >= count) & (offs < nk))
     tl.store(KV_NUM_BLOCKS + row, count)
+
+
+@triton.jit
+def _chunk_take(
+    NEED, LAZY, NUM_FORCED, NUM_AVAILABLE, row, first, offs, nq, share, min_blocks, max_blocks,
+    dense_last_blocks,
+):  # fmt: skip
+    """(lazy, take, forced, available) of query blocks ``offs`` (in range: < nq) of the [nq] row at
+    ``row`` (= (b, h) * nq), before the dense-head rule: the budget is the max need over the ``share``
+    heads whose rows start at ``first``, clamped to [min_blocks, max_blocks]; lazy blocks take none; the
+    last ``dense_last_blocks`` blocks are active and take every available block."""
+    in_range = offs < nq
+    budget = tl.zeros_like(offs)
+    for g in range(share):
+        budget = tl.maximum(budget, tl.load(NEED + first + g * nq + offs, mask=in_range, other=0))
+    budget = tl.minimum(tl.maximum(budget, min_blocks), max_blocks)
+    lazy = tl.load(LAZY + row + offs, mask=in_range, other=0) != 0
+    forced = tl.load(NUM_FORCED + row + offs, mask=in_range, other=0)
+    available = tl.load(NUM_AVAILABLE + row + offs, mask=in_range, other=0)
+    take = tl.where(lazy, 0, tl.minimum(budget, available))
+    final = offs >= nq - dense_last_blocks
+    return lazy & ~final, tl.where(final, available, take), forced, available
+
+
+@triton.jit
+def _take_kernel(
+    NEED,
+    LAZY,
+    NUM_FORCED,
+    NUM_AVAILABLE,
+    TAKE,
+    LAZY_OUT,
+    nq,
+    share,
+    min_blocks,
+    max_blocks,
+    dense_last_blocks,
+    max_density,
+    DENSE_HEADS: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """`reference.take_counts` for one (b, h) (program id) over [nq] int32 need / forced / available
+    and bool lazy: writes take (int32) and the final lazy. ``share``: heads sharing the budget (a block
+    of consecutive heads); ``max_blocks``: nk when unclamped. With DENSE_HEADS a first pass counts the
+    head's selected and allowed blocks (float32 test, as the reference) and the second overrides."""
+    bh = tl.program_id(0)
+    row = bh.to(tl.int64) * nq
+    first = (bh - bh % share).to(tl.int64) * nq
+    dense = tl.zeros([], dtype=tl.int1)
+    if DENSE_HEADS:
+        selected = tl.zeros([], dtype=tl.int32)
+        allowed = tl.zeros([], dtype=tl.int32)
+        for start in range(0, nq, CHUNK):
+            _, take, forced, available = _chunk_take(
+                NEED, LAZY, NUM_FORCED, NUM_AVAILABLE, row, first, start + tl.arange(0, CHUNK),
+                nq, share, min_blocks, max_blocks, dense_last_blocks,
+            )  # fmt: skip
+            selected += tl.sum(forced + take)
+            allowed += tl.sum(forced + available)
+        dense = selected.to(tl.float32) > allowed.to(tl.float32) * max_density
+    for start in range(0, nq, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        lazy, take, _, available = _chunk_take(
+            NEED, LAZY, NUM_FORCED, NUM_AVAILABLE, row, first, offs,
+            nq, share, min_blocks, max_blocks, dense_last_blocks,
+        )  # fmt: skip
+        tl.store(TAKE + row + offs, tl.where(dense, available, take), mask=offs < nq)
+        tl.store(LAZY_OUT + row + offs, lazy & (dense == 0), mask=offs < nq)

@@ -78,17 +78,18 @@ def default_backward_launch(head_dim: int) -> LaunchConfig:
     return LaunchConfig()
 
 
-def unit_order(kv_num_blocks: Tensor, kv_heads: int, schedule: str) -> Tensor:
-    """int32 [B * Hkv * nq]: the (batch, KV head, query block) units, flattened row-major, in launch order.
+def unit_order(kv_num_blocks: Tensor, kv_heads: int, schedule: str) -> Tensor | None:
+    """int32 [B * Hkv * nq]: the (batch, KV head, query block) units, flattened row-major, in launch order;
+    None for the order the kernel computes from the program id.
 
     kv_num_blocks: int32 [B, H, nq]. ``"heaviest_first"``: by the largest count among the unit's
-    H / Hkv heads, descending (stable: ties keep the last query block first); ``"causal"``: the
-    last query block first.
+    H / Hkv heads, descending (stable: ties keep the last query block first); ``"causal"``: None, the
+    kernel's own order (each (batch, KV head)'s last query block first).
     """
+    if schedule == "causal":
+        return None
     batch, heads, nq = kv_num_blocks.shape
     units = torch.arange(batch * kv_heads * nq, dtype=torch.int32, device=kv_num_blocks.device)
     causal = units.view(batch * kv_heads, nq).flip(-1).flatten()
-    if schedule == "causal":
-        return causal
     work = kv_num_blocks.view(batch, kv_heads, heads // kv_heads, nq).amax(2).flatten()[causal.long()]
     return causal[torch.argsort(work, descending=True, stable=True)]

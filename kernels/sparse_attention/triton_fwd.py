@@ -6,8 +6,9 @@ walks the head's selected key blocks (``kv_indices``, ascending) in two loops: f
 need no mask at all (strictly below the diagonal, wholly inside a sliding window, in range, no
 ``attn_mask``: a contiguous run of the sorted list), then the rest, masked per element (the
 window's lower-edge blocks before that run; the diagonal block, a partial last block after it;
-every block when an ``attn_mask`` is given). The run's bounds come from two ``searchsorted`` per
-call on the sorted indices, so arbitrary selections stay correct. Online softmax in base 2, fp32
+every block when an ``attn_mask`` is given). Each program counts the run's bounds on its own list
+(`_mask_free_run`: vector loads of the indices, no torch ops per call), so arbitrary selections
+stay correct. Online softmax in base 2, fp32
 accumulation. Additive masks: values <= finfo.min / 2 count as -inf (`masks.masked_floor`). A logit
 soft-cap (``softcap``, `softcap` module) caps the base-2 scores before the mask (``SOFTCAP``, a
 constexpr: without it the kernel is the uncapped one; with it the mask-free run no longer folds the
@@ -27,7 +28,7 @@ program id (`launch.unit_order`, picked by ``LaunchConfig.schedule``). ``"heavie
 sorted by their heaviest head's selected-block count, descending, one device argsort of
 B * Hkv * nq ints, so that with per-head or per-group budgets the long programs start first and the
 short ones fill the tail. ``"causal"`` (the default): the last query block first (the longest under
-a causal mask), no sort. The order changes no result.
+a causal mask), computed from the program id (no list). The order changes no result.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ from ..triton_utils import (
 )
 from .launch import LaunchConfig, default_launch, unit_order
 
+# Entries of a selected list `_mask_free_run` counts per step.
+_SCAN = tl.constexpr(128)
+
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -75,34 +79,6 @@ def supported(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> str 
     if attn_mask is not None and attn_mask.dim() > 4:
         return f"attn_mask has {attn_mask.dim()} dims (at most 4)"
     return None
-
-
-def _mask_free_run(
-    selection: BlockSelection, is_causal: bool, has_mask: bool, window: int | None
-) -> tuple[Tensor, Tensor]:
-    """int32 [B, H, nq] each: positions [lo, hi) of each query block's selected list that need no mask.
-
-    Such a block j lies strictly below the diagonal (j < i, causal), wholly inside the window for
-    every row of block i (j * b > (i + 1) * b - 1 - window), is full (its last key is in range) and
-    no attn_mask is given. The indices are ascending, so these blocks form one contiguous run.
-    """
-    counts = selection.kv_num_blocks.to(torch.int32)
-    if has_mask:
-        zeros = torch.zeros_like(counts)
-        return zeros, zeros
-    idx = selection.kv_indices
-    b, nq, nk = selection.block_size, selection.num_q_blocks, selection.num_kv_blocks
-    rows = torch.arange(nq, dtype=idx.dtype, device=idx.device)
-    full_blocks = nk if selection.kv_len % b == 0 else nk - 1
-    stop = torch.full((nq,), full_blocks, dtype=idx.dtype, device=idx.device)
-    start = torch.zeros_like(stop)
-    if is_causal:
-        stop = stop.clamp_max(rows)
-    if window is not None:
-        start = torch.div((rows + 1) * b - 1 - window, b, rounding_mode="floor").add(1).clamp_min(0)
-    bounds = torch.stack([start, stop], -1).view(1, 1, nq, 2).expand(*idx.shape[:3], 2).contiguous()
-    lo, hi = torch.searchsorted(idx, bounds).to(torch.int32).minimum(counts[..., None]).unbind(-1)
-    return lo.contiguous(), torch.maximum(lo, hi)
 
 
 def _check_selection(q: Tensor, k: Tensor, selection: BlockSelection) -> None:
@@ -170,7 +146,6 @@ def sparse_attention(
     lse = torch.empty((batch, heads, q_len), dtype=torch.float32, device=q.device)
     kv_indices = selection.kv_indices.contiguous()
     kv_num_blocks = selection.kv_num_blocks.contiguous()
-    free_lo, free_hi = _mask_free_run(selection, is_causal, attn_mask is not None, window)
     order = unit_order(kv_num_blocks, kv_heads, cfg.schedule)
     mask_floor = 0.0
     if attn_mask is None:
@@ -191,9 +166,7 @@ def sparse_attention(
         lse,
         kv_num_blocks,
         kv_indices,
-        free_lo,
-        free_hi,
-        order,
+        kv_num_blocks if order is None else order,  # read only when ORDERED
         mask,
         *q.stride(),
         *k.stride(),
@@ -220,6 +193,7 @@ def sparse_attention(
         MASK_KIND=mask_kind,
         SOFTCAP=softcap is not None,
         FP32_DOT=needs_fp32_dot(q.dtype),
+        ORDERED=order is not None,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -385,6 +359,49 @@ def _attend_run(
 
 
 @triton.jit
+def _mask_free_run(
+    idx_ptr,
+    n_blocks,
+    qblock,
+    kv_len,
+    window,
+    SPARSE_BLOCK: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    WINDOWED: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+):
+    """Positions [lo, hi) of query block ``qblock``'s ascending list ``idx_ptr`` [n_blocks] that need
+    no mask: key blocks j that are full (j < kv_len // b), strictly below the diagonal (j < qblock,
+    causal) and wholly inside the window for every row of the block (j * b > (qblock + 1) * b - 1 -
+    window), with no attn_mask. They are one contiguous run of the sorted list; its bounds are counts
+    of the blocks before it and after it, over the whole list (any selection, not only those the
+    selection kernels make), ``_SCAN`` entries at a time (one step for lists up to that long)."""
+    if MASK_KIND != 0:
+        lo = 0
+        hi = 0
+    else:
+        stop = kv_len // SPARSE_BLOCK
+        if IS_CAUSAL:
+            stop = tl.minimum(stop, qblock)
+        start = 0
+        if WINDOWED:
+            edge = (qblock + 1) * SPARSE_BLOCK - 1 - window
+            start = tl.where(edge >= 0, edge // SPARSE_BLOCK + 1, 0)
+        before = tl.zeros([], dtype=tl.int32)
+        after = tl.zeros([], dtype=tl.int32)
+        for first in range(0, n_blocks, _SCAN):
+            offs = first + tl.arange(0, _SCAN)
+            in_list = offs < n_blocks
+            block = tl.load(idx_ptr + offs, mask=in_list, other=0)
+            if WINDOWED:
+                before += tl.sum((in_list & (block < start)).to(tl.int32))
+            after += tl.sum((in_list & (block >= stop)).to(tl.int32))
+        lo = before
+        hi = tl.maximum(lo, n_blocks - after)
+    return lo, hi
+
+
+@triton.jit
 def sparse_fwd_kernel(
     Q,
     K,
@@ -393,8 +410,6 @@ def sparse_fwd_kernel(
     LSE,
     KV_NUM,
     KV_IDX,
-    FREE_LO,
-    FREE_HI,
     ORDER,
     MASK,
     stride_qb,
@@ -437,15 +452,21 @@ def sparse_fwd_kernel(
     MASK_KIND: tl.constexpr,
     SOFTCAP: tl.constexpr,
     FP32_DOT: tl.constexpr,
+    ORDERED: tl.constexpr,
 ):
     # Program order, fastest first: head within its KV group, query tile, then the work list ORDER
-    # of (batch, KV head, query block) units (`launch.unit_order`).
+    # of (batch, KV head, query block) units (`launch.unit_order`), or without ORDERED the causal
+    # order (each (batch, KV head)'s last query block first).
     m_split: tl.constexpr = SPARSE_BLOCK // BLOCK_M
     pid = tl.program_id(0)
     g = pid % GROUP
     rest = pid // GROUP
     m_sub = rest % m_split
-    unit = tl.load(ORDER + rest // m_split)
+    if ORDERED:
+        unit = tl.load(ORDER + rest // m_split)
+    else:
+        unit = rest // m_split
+        unit = unit - unit % nq + nq - 1 - unit % nq
     qblock = unit % nq
     rest = unit // nq
     hkv = (rest % kv_heads).to(tl.int64)
@@ -471,8 +492,9 @@ def sparse_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     # The mask-free run [lo, hi) of the list first, then the rest, [0, lo) and [hi, n_blocks), masked.
-    lo = tl.load(FREE_LO + sel)
-    hi = tl.load(FREE_HI + sel)
+    lo, hi = _mask_free_run(
+        idx_ptr, n_blocks, qblock, kv_len, window, SPARSE_BLOCK, IS_CAUSAL, WINDOWED, MASK_KIND
+    )
     for run in tl.static_range(2):
         acc, l_i, m_i = _attend_run(
             acc, l_i, m_i, q, k_base, v_base, mask_base, idx_ptr, lo, hi, n_blocks, offs_m,
