@@ -214,6 +214,23 @@ def test_unit_order_is_a_permutation_heaviest_first():
     assert unit_order(counts, 2, "causal") is None  # the kernel's own order: [2, 1, 0, 5, 4, 3]
 
 
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_long_selected_lists(is_causal):
+    """Lists longer than one step of the kernel's mask-free-run count (128 entries): 260+ key blocks
+    with a partial last one, random blocks (causal: blocks above the diagonal too, for rows of a
+    query that ends past them)."""
+    gen = torch.Generator().manual_seed(5)
+    q_len, kv_len = (4165, 4165) if is_causal else (16, 4165)
+    q, k, v = _inputs(1, 1, 1, q_len, kv_len, 16, torch.float32, gen)
+    nq, nk = -(-q_len // 16), -(-kv_len // 16)
+    mask = torch.rand(1, 1, nq, nk, generator=gen) < 0.9
+    if is_causal:  # the last query block alone (the others would take the interpreter minutes)
+        mask[:, :, :-1] = False
+    selection = selection_from_block_mask(mask, 16, q_len, kv_len)
+    assert selection.kv_num_blocks.max() > 200
+    _check(q, k, v, selection, None, is_causal, launch=LaunchConfig(16, 16, 4, 1))
+
+
 def test_rejects_mismatched_selection():
     gen = torch.Generator().manual_seed(0)
     q, k, v = _inputs(1, 2, 2, 64, 64, 32, torch.float32, gen)
