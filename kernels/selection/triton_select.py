@@ -30,8 +30,8 @@ unavailable blocks at -1).
 
 Launches per call: these three kernels and six allocations (no small torch ops: they cost more host
 time than the kernels do GPU time at 8K-32K). Traffic per call: Ahat read twice (the allowed row
-comes from L2 when it is shared by heads), the
-int32 ``kv_indices`` written once, nothing else at [B, H, nq, nk]; no host synchronisation.
+comes from L2 when it is shared by heads), the int32 ``kv_indices`` written once, nothing else at
+[B, H, nq, nk]; no host synchronisation.
 """
 
 from __future__ import annotations
