@@ -26,6 +26,11 @@ SDPA for ``"omnisparse_decode"`` registered here, the op for ``"omnisparse"`` in
 - a sliding-window layer (``layer_types`` entry ``"sliding_attention"``, Gemma 3's local layers) is
   transformers' `DynamicSlidingWindowLayer`: it already keeps only the window; it runs the prefill
   attention with the sliding window and is never slimmed.
+With ``decode_capacity=C`` every layer's tail is static (C slots preallocated after the prefill, the
+length T on the device, appends in place): a decode step has static shapes and addresses and reads nothing
+on the host, the cache is `is_compileable`, and transformers' ``generate`` compiles its decode steps on
+CUDA (``mode="reduce-overhead"``: replayed from CUDA graphs; docs/DECODE.md). Dynamo traces the tag above
+(set and read in one frame), so the compiled step finds its layer the same way.
 The attention mask function of ``"omnisparse_decode"`` is transformers' SDPA one. Supported: batch
 size >= 1, unpadded or left-padded (each row slimmed alone on its tokens, padding never kept; any
 other padding is an error for a slimmed layer), greedy or sampled
@@ -335,7 +340,9 @@ class SlimKVCache(Cache):
         if not isinstance(config, OmniSparseConfig):
             raise TypeError(f"SlimKVCache: config must be an OmniSparseConfig, got {type(config).__name__}")
         if decode_capacity is not None and (not isinstance(decode_capacity, int) or decode_capacity < 1):
-            raise ValueError(f"SlimKVCache: decode_capacity must be None or an int >= 1, got {decode_capacity!r}")
+            raise ValueError(
+                f"SlimKVCache: decode_capacity must be None or an int >= 1, got {decode_capacity!r}"
+            )
         text_config = model_config.get_text_config(decoder=True)
         layer_types = (
             getattr(text_config, "layer_types", None) or ["full_attention"] * text_config.num_hidden_layers

@@ -29,7 +29,9 @@ def _slim_pair(dtype: torch.dtype, capacity: int, tail: int) -> tuple[SlimKV, Sl
     gen = torch.Generator().manual_seed(0)
     batch, kv_heads, prompt, dim = 2, 2, 70, 32
     k, v = torch.randn(2, batch, kv_heads, prompt + tail, dim, generator=gen).to(dtype).unbind(0)
-    keep = torch.rand(batch, kv_heads, prompt, generator=gen) < torch.tensor([[0.0, 0.3], [0.9, 0.5]])[..., None]
+    keep = (
+        torch.rand(batch, kv_heads, prompt, generator=gen) < torch.tensor([[0.0, 0.3], [0.9, 0.5]])[..., None]
+    )
     growing = SlimKV.pack(k[:, :, :prompt], v[:, :, :prompt], keep)
     static = SlimKV.pack(k[:, :, :prompt], v[:, :, :prompt], keep, capacity)
     static.k_tail.fill_(float("nan"))
@@ -100,7 +102,9 @@ def _model(model_type: str) -> torch.nn.Module:
 
 def _prompt(batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """ids [batch, PROMPT]; batch 3 is left-padded to rows of 96, 76 and 40 tokens (40 < min_seq_len)."""
-    ids = torch.randint(1, SMALL_LM["vocab_size"], (batch, PROMPT), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(
+        1, SMALL_LM["vocab_size"], (batch, PROMPT), generator=torch.Generator().manual_seed(3)
+    )
     if batch == 1:
         return ids, None
     mask = torch.ones(batch, PROMPT, dtype=torch.long)

@@ -163,9 +163,8 @@ class SlimKV:
 
     def tensors(self) -> tuple[Tensor, ...]:
         """Every tensor of the cache: packed keys, values, offsets, lengths, tail keys, values, T."""
-        return (
-            self.k_packed, self.v_packed, self.offsets, self.lengths, self.k_tail, self.v_tail, self.tail_length
-        )  # fmt: skip
+        packed = (self.k_packed, self.v_packed, self.offsets, self.lengths)
+        return (*packed, self.k_tail, self.v_tail, self.tail_length)
 
     def stored_bytes(self) -> int:
         """Bytes of every tensor this cache holds (measured, metadata included)."""
