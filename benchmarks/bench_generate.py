@@ -15,7 +15,10 @@ Reported per variant: decode tokens/s (1 / the median time between consecutive t
 token (the prefill), the KV bytes the cache holds (from its tensors: a static cache's whole capacity),
 and the generated tokens against ``dense``'s and, for a compiled variant, against its eager twin's
 (fraction equal, first position that differs). Each variant runs one untimed ``generate`` first
-(Triton and Inductor compilation, CUDA-graph recording) and reports how long it took.
+(Triton and Inductor compilation, CUDA-graph recording) and reports how long it took. The compiled
+variants use generate's compile config with ``dynamic=True``: one compilation per variant serves every
+length (with generate's default ``dynamic=None`` the second length compiles again, ~85 s each for SmolLM2
+on an H100; ``--static-shapes`` does that).
 
 Run from ``benchmarks/`` (it imports ``bench_models``); prints a table last and writes
 ``generate.json`` / ``generate.csv`` to ``--out``.
@@ -156,6 +159,9 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=128, help="tokens generated per run")
     parser.add_argument("--skip", type=int, default=4, help="decode steps left out of the median")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument(
+        "--static-shapes", action="store_true", help="compile with generate's default dynamic=None"
+    )
     parser.add_argument("--tau-decode", type=float, default=OmniSparseConfig.tau_decode)
     parser.add_argument("--head-mass-eps", type=float, default=OmniSparseConfig.head_mass_eps)
     parser.add_argument(
@@ -166,12 +172,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("out/bench_generate"))
     args = parser.parse_args()
     config = OmniSparseConfig(tau_decode=args.tau_decode, head_mass_eps=args.head_mass_eps)
-    compile_config = CompileConfig()  # generate's default: inductor, mode="reduce-overhead"
+    dynamic = None if args.static_shapes else True
+    compile_config = CompileConfig(dynamic=dynamic)  # else generate's default: inductor, "reduce-overhead"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.smoke:
         args.seq_lens, args.new = [512], 12
         config = config.replace(min_seq_len=256, recent_window=64, obs_window=32)
-        compile_config = CompileConfig(backend="aot_eager", mode="default")
+        compile_config = CompileConfig(backend="aot_eager", mode="default", dynamic=dynamic)
         compile_config._compile_all_devices = True  # generate compiles on accelerators only
     if "dense" not in args.variants:
         args.variants = ["dense", *args.variants]  # the reference of every comparison
