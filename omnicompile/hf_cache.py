@@ -26,6 +26,11 @@ SDPA for ``"omnisparse_decode"`` registered here, the op for ``"omnisparse"`` in
 - a sliding-window layer (``layer_types`` entry ``"sliding_attention"``, Gemma 3's local layers) is
   transformers' `DynamicSlidingWindowLayer`: it already keeps only the window; it runs the prefill
   attention with the sliding window and is never slimmed.
+With ``decode_capacity=C`` every layer's tail is static (C slots preallocated after the prefill, the
+length T on the device, appends in place): a decode step has static shapes and addresses and reads nothing
+on the host, the cache is `is_compileable`, and transformers' ``generate`` compiles its decode steps on
+CUDA (``mode="reduce-overhead"``: replayed from CUDA graphs; docs/DECODE.md). Dynamo traces the tag above
+(set and read in one frame), so the compiled step finds its layer the same way.
 The attention mask function of ``"omnisparse_decode"`` is transformers' SDPA one. Supported: batch
 size >= 1, unpadded or left-padded (each row slimmed alone on its tokens, padding never kept; any
 other padding is an error for a slimmed layer), greedy or sampled
@@ -36,7 +41,6 @@ attention, a batch size change, a model whose KV shapes differ from the config.
 
 from __future__ import annotations
 
-import logging
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,16 +53,13 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from .config import OmniSparseConfig
-from .kernels.decode import reference as decode_reference
-from .kernels.decode import triton_decode
-from .kernels.decode.slim_kv import SlimKV, storage_bytes
+from .kernels.decode.op import slim_decode
+from .kernels.decode.slim_kv import SlimKV, host_readable, storage_bytes
 from .memo import PerForward
 from .slimming import slim
 
 ATTN_IMPLEMENTATION = "omnisparse_decode"
 _LAYER_TAG = "_omnisparse_slim_layer"
-_logger = logging.getLogger(__name__)
-_logged_fallbacks: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,12 @@ class LayerSlimming:
 
 
 class SlimKVLayer(CacheLayerMixin):
-    """One layer of a `SlimKVCache`: dense until its prefill is observed, then a ragged `SlimKV`."""
+    """One layer of a `SlimKVCache`: dense until its prefill is observed, then a ragged `SlimKV`.
+
+    ``decode_capacity``: None for a growing tail (a layer whose prefill is not slimmed stays dense);
+    else the tail slots of a static tail, and every layer is packed after its prefill (the whole prompt
+    where the rule does not slim it), so every decode step has static shapes (`is_compileable`).
+    """
 
     is_sliding = False
     is_croppable = True
@@ -91,14 +97,22 @@ class SlimKVLayer(CacheLayerMixin):
         num_kv_heads: int,
         head_dim: int,
         token_mask: Tensor | None = None,
+        decode_capacity: int | None = None,
     ):
         super().__init__()
         self.layer_idx, self.config, self.token_mask = layer_idx, config, token_mask
         self.kv_shape = (num_kv_heads, head_dim)
+        self.decode_capacity = decode_capacity
         self.slim: SlimKV | None = None
         self.slimming: LayerSlimming | None = None
+        self.prompt_len = 0
         self.prompt_tokens: Tensor | None = None  # bool [B, S] of a padded prompt, None without padding
         self.awaits_observation = False
+
+    @property
+    def is_compileable(self) -> bool:
+        """A static tail: transformers' `generate` compiles the decode step (its CUDA graphs on CUDA)."""
+        return self.decode_capacity is not None
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -136,7 +150,7 @@ class SlimKVLayer(CacheLayerMixin):
             key_states, value_states: [B, Hkv, n, D], the new tokens' keys/values (after RoPE).
 
         Returns:
-            Dense [B, Hkv, S, D] keys/values before slimming, the tail [B, Hkv, T, D] after.
+            Dense [B, Hkv, S, D] keys/values before slimming, the tail slots [B, Hkv, C, D] after.
         """
         self._check_states(key_states, value_states)
         if self.awaits_observation:
@@ -155,11 +169,15 @@ class SlimKVLayer(CacheLayerMixin):
             self.keys = torch.cat([self.keys, key_states], dim=2)
             self.values = torch.cat([self.values, value_states], dim=2)
             keys, values = self.keys, self.values
-            self.awaits_observation = (
-                prefill and self.config.mode == "sparse" and key_states.shape[2] >= self.config.min_seq_len
+            self.awaits_observation = prefill and (
+                self.decode_capacity is not None or self._slims(key_states.shape[2])
             )
         setattr(keys, _LAYER_TAG, weakref.ref(self))  # weak: no layer <-> tensor cycle delays freeing
         return keys, values
+
+    def _slims(self, prompt_len: int) -> bool:
+        """Whether the slimming rule runs on a prefill of ``prompt_len`` tokens."""
+        return self.config.mode == "sparse" and prompt_len >= self.config.min_seq_len
 
     def observe(self, queries: Tensor, scale: float, tokens: Tensor | None = None) -> None:
         """Slim the layer from its prefill queries [B, H, S, D] (only the last ``obs_window`` are used).
@@ -167,21 +185,33 @@ class SlimKVLayer(CacheLayerMixin):
         ``tokens``: bool [B, S], the prompt tokens of a left-padded batch (True = token; each row's
         tokens end at S), or None without padding. A padded batch is slimmed row by row on the row's
         tokens alone (as if it ran alone: a row shorter than ``min_seq_len`` keeps everything); padding
-        is never kept, so decode never reads it.
+        is never kept, so decode never reads it. With a static tail, a prefill the rule does not slim
+        is packed whole (its tokens; `slimming` stays None) and the packed tensors are marked as static
+        addresses for CUDA graphs.
         """
-        if tokens is None:
+        batch, kv_heads, prompt_len, _ = self.keys.shape
+        keep, self.slimming = None, None
+        if not self._slims(prompt_len):
+            keep = torch.ones(batch, kv_heads, prompt_len, dtype=torch.bool, device=self.keys.device)
+            if tokens is not None:
+                keep &= tokens[:, None, :]
+        elif tokens is None:
             plan = slim(queries, self.keys, self.config, scale, self.token_mask)
             keep, local_heads, mass_on_region = plan.keep, plan.local_heads, plan.mass_on_region
         else:
             keep, local_heads, mass_on_region = self._slim_rows(queries, scale, tokens)
-        self.slim = SlimKV.pack(self.keys, self.values, keep)
-        self.prompt_tokens = tokens
-        self.slimming = LayerSlimming(
-            prompt_len=self.keys.shape[2],
-            kept_prompt_tokens=self.slim.lengths,
-            local_heads=local_heads,
-            mass_on_region=mass_on_region,
-        )
+        self.slim = SlimKV.pack(self.keys, self.values, keep, self.decode_capacity)
+        if self._slims(prompt_len):
+            self.slimming = LayerSlimming(
+                prompt_len=prompt_len,
+                kept_prompt_tokens=self.slim.lengths,
+                local_heads=local_heads,
+                mass_on_region=mass_on_region,
+            )
+        if self.slim.static and host_readable(keep):
+            for tensor in self.slim.tensors():  # unguarded: a new cache re-records, never recompiles
+                torch._dynamo.mark_static_address(tensor, guard=False)
+        self.prompt_len, self.prompt_tokens = prompt_len, tokens
         self.keys = self.values = None
         self.awaits_observation = False
 
@@ -211,27 +241,32 @@ class SlimKVLayer(CacheLayerMixin):
             local_heads[row], mass_on_region[row] = plan.local_heads[0], plan.mass_on_region[0]
         return keep, local_heads, mass_on_region
 
-    def get_seq_length(self) -> int:
+    def get_seq_length(self) -> int | Tensor:
+        """Tokens seen: an int, or for a static tail a 0-d device tensor (as transformers' `StaticLayer`)."""
         if self.slim is not None:
-            return self.slimming.prompt_len + self.slim.tail_len
+            tail = self.slim.tail_len
+            return self.prompt_len + (self.slim.tail_length if tail is None else tail)
         return self.keys.shape[2] if self.is_initialized else 0
 
     def get_mask_sizes(self, query_length: int | Tensor) -> tuple[int, int]:
+        """(kv_length, 0); a static tail's is fixed, S + C (its decode steps do not read the mask)."""
         if isinstance(
             query_length, Tensor
         ):  # before transformers 5.3: cache_position, one entry per new token
             query_length = query_length.shape[0]
+        if self.slim is not None and self.slim.static:
+            return self.prompt_len + self.slim.capacity, 0
         return self.get_seq_length() + query_length, 0
 
     def get_max_length(self) -> int:
-        return -1
+        return self.prompt_len + self.slim.capacity if self.slim is not None and self.slim.static else -1
 
     get_max_cache_shape = get_max_length  # its name before transformers 5.3
 
     def kept_lengths(self) -> Tensor:
         """int64 [B, Hkv]: tokens stored per KV head (kept prompt tokens plus later tokens)."""
         if self.slim is not None:
-            return self.slim.lengths.long() + self.slim.tail_len
+            return self.slim.lengths.long() + self.slim.tail_length
         if not self.is_initialized:
             raise RuntimeError(f"SlimKVCache layer {self.layer_idx} holds nothing yet")
         return torch.full(self.keys.shape[:2], self.keys.shape[2], dtype=torch.long, device=self.keys.device)
@@ -245,6 +280,7 @@ class SlimKVLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys = self.values = self.slim = self.slimming = self.prompt_tokens = None
         self.is_initialized = self.awaits_observation = False
+        self.prompt_len = 0
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last ``-tokens_to_remove`` tokens (a negative count, as transformers 5.x calls it)."""
@@ -253,10 +289,11 @@ class SlimKVLayer(CacheLayerMixin):
         if tokens_to_remove == 0 or not self.is_initialized:
             return
         if self.slim is not None:
-            if -tokens_to_remove > self.slim.tail_len:
+            added = int(self.slim.tail_length)  # a host read: crop runs between steps
+            if -tokens_to_remove > added:
                 raise ValueError(
                     f"SlimKVCache.crop: cannot remove {-tokens_to_remove} tokens: "
-                    f"only the {self.slim.tail_len} tokens added after slimming can be removed"
+                    f"only the {added} tokens added after slimming can be removed"
                 )
             self.slim = self.slim.drop_tail(-tokens_to_remove)
         else:
@@ -283,6 +320,13 @@ class SlimKVCache(Cache):
             n_sink, block_size, min_seq_len, mode).
         token_mask: optional bool [S] or [B, S] marking the prompt's visual tokens (the long-range
             region R); alternative to ``config.visual_spans``.
+        decode_capacity: None (default): each layer's tail grows by concatenation. An int C >= 1:
+            after its prefill every layer holds a static tail of C slots (the tokens of up to C decode
+            forwards' worth: ``max_new_tokens - 1`` for `generate`) written in place at a device-side
+            position, so a decode step has static shapes, reads nothing on the host and can be
+            replayed from a CUDA graph: the cache is then `is_compileable` and transformers' `generate`
+            compiles its decode steps (``mode="reduce-overhead"``, Inductor's CUDA graphs) on CUDA.
+            Full-attention layers only; more than C tokens after the prefill is an error.
     """
 
     def __init__(
@@ -290,10 +334,15 @@ class SlimKVCache(Cache):
         model_config: PreTrainedConfig,
         config: OmniSparseConfig | None = None,
         token_mask: Tensor | None = None,
+        decode_capacity: int | None = None,
     ):
         config = OmniSparseConfig() if config is None else config
         if not isinstance(config, OmniSparseConfig):
             raise TypeError(f"SlimKVCache: config must be an OmniSparseConfig, got {type(config).__name__}")
+        if decode_capacity is not None and (not isinstance(decode_capacity, int) or decode_capacity < 1):
+            raise ValueError(
+                f"SlimKVCache: decode_capacity must be None or an int >= 1, got {decode_capacity!r}"
+            )
         text_config = model_config.get_text_config(decoder=True)
         layer_types = (
             getattr(text_config, "layer_types", None) or ["full_attention"] * text_config.num_hidden_layers
@@ -304,6 +353,11 @@ class SlimKVCache(Cache):
                 "SlimKVCache: full and sliding-window attention layers are supported, "
                 f"the model has {unsupported}"
             )
+        if decode_capacity is not None and "sliding_attention" in layer_types:
+            raise ValueError(
+                "SlimKVCache: decode_capacity (a static tail) supports full-attention layers only, "
+                "the model has sliding-window layers; use decode_capacity=None"
+            )
         head_dim = (
             getattr(text_config, "head_dim", None)
             or text_config.hidden_size // text_config.num_attention_heads
@@ -313,7 +367,7 @@ class SlimKVCache(Cache):
             layers=[
                 DynamicSlidingWindowLayer(sliding_window=text_config.sliding_window)
                 if layer_types[i] == "sliding_attention"
-                else SlimKVLayer(i, config, kv_heads, head_dim, token_mask)
+                else SlimKVLayer(i, config, kv_heads, head_dim, token_mask, decode_capacity)
                 for i in range(text_config.num_hidden_layers)
             ]
         )
@@ -353,17 +407,6 @@ class SlimKVCache(Cache):
     def slimming(self) -> list[LayerSlimming | None]:
         """Per layer, what slimming decided (None where the layer was not slimmed, sliding layers too)."""
         return [getattr(layer, "slimming", None) for layer in self.layers]
-
-
-def slim_decode(q: Tensor, kv: SlimKV, scale: float | None) -> tuple[Tensor, Tensor]:
-    """Slim decode attention: the Triton kernel where it is supported, else the reference (logged once)."""
-    reason = triton_decode.supported(q, kv, scale)
-    if reason is None:
-        return triton_decode.slim_decode(q, kv, scale)
-    if reason not in _logged_fallbacks:
-        _logged_fallbacks.add(reason)
-        _logger.info("slim decode runs the PyTorch reference: %s", reason)
-    return decode_reference.slim_decode(q, kv, scale)
 
 
 @PerForward
@@ -487,7 +530,8 @@ def with_slim_cache(attend: AttentionFunction) -> AttentionFunction:
             return out, None
         if dropout:
             raise ValueError(f"{ATTN_IMPLEMENTATION}: dropout is not supported on a slimmed cache")
-        _check_decode_mask(attention_mask, layer)
+        if not layer.slim.static:  # a static tail's step reads nothing on the host: its mask is not read
+            _check_decode_mask(attention_mask, layer)
         out, _ = slim_decode(query, layer.slim, scaling)
         return out.transpose(1, 2).contiguous(), None
 

@@ -84,7 +84,8 @@ def test_local_heads_decode_over_sink_and_recent_only():
     assert all(lengths.tolist() == [[kept, kept]] for lengths in cache.kept_lengths())
     assert all(layer.local_heads.all() for layer in cache.slimming())
     head_dim = SMALL_LM["hidden_size"] // SMALL_LM["num_attention_heads"]
-    per_layer = 2 * kept * 2 * head_dim * 4 + 2 * 2 * 4  # K and V of 2 heads, fp32; int32 offsets and lengths
+    # K and V of 2 heads, fp32; int32 offsets and lengths [1, 2] and the tail length
+    per_layer = 2 * kept * 2 * head_dim * 4 + 2 * 2 * 4 + 4
     assert cache.stored_bytes() == SMALL_LM["num_hidden_layers"] * per_layer
 
 

@@ -57,7 +57,7 @@ def test_stored_bytes_match_the_kept_lengths():
     v = torch.randn_like(k)
     plan = slim(_queries([0, 0, 0, 1]), k, CONFIG, scale=1 / math.sqrt(D))
     slim_kv = SlimKV.pack(k, v, plan.keep)
-    metadata = 2 * 2 * 4  # int32 offsets and lengths of 2 KV heads
+    metadata = 2 * 2 * 4 + 4  # int32 offsets and lengths of 2 KV heads, int32 tail length
     assert slim_kv.lengths.tolist() == plan.kept_lengths.tolist()
     assert slim_kv.stored_bytes() == 2 * (80 + 96) * D * 4 + metadata
     assert torch.equal(slim_kv.k_packed[80:], k[0, 1, plan.kept_indices(0, 1)])

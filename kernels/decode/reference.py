@@ -21,7 +21,8 @@ def slim_decode(q: Tensor, kv: SlimKV, scale: float | None = None) -> tuple[Tens
 
     Args:
         q: [B, H, n, D] fp16/bf16/fp32, the n newest tokens' queries (their keys are the last n tail entries).
-        kv: the layer's `SlimKV` (Hkv KV heads, H % Hkv == 0).
+        kv: the layer's `SlimKV` (Hkv KV heads, H % Hkv == 0); its first ``kv.tail_length`` tail slots
+            are read, the last n of them the queries' own tokens.
         scale: score scale, default 1/sqrt(D).
 
     Returns:
@@ -31,7 +32,12 @@ def slim_decode(q: Tensor, kv: SlimKV, scale: float | None = None) -> tuple[Tens
     batch, heads, n, dim = q.shape
     group = heads // kv.num_kv_heads
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
-    tail = kv.tail_len
+    tail = int(kv.tail_length)  # T, read from the device (the kernel reads it there)
+    if not n <= tail <= kv.capacity:
+        raise ValueError(
+            f"slim decode: {n} queries need their own {n} tokens in the tail, which holds {tail} "
+            f"of {kv.capacity} slots (append the new keys/values before attending)"
+        )
     # Query j may see tail positions t <= tail - n + j; every kept prompt token is visible.
     tail_visible = (
         torch.arange(tail, device=q.device)[None, :] <= (tail - n + torch.arange(n, device=q.device))[:, None]
@@ -41,8 +47,8 @@ def slim_decode(q: Tensor, kv: SlimKV, scale: float | None = None) -> tuple[Tens
     segments = zip(kv.offsets.flatten().tolist(), kv.lengths.flatten().tolist())
     for segment, (start, length) in enumerate(segments):
         b, h = divmod(segment, kv.num_kv_heads)
-        keys = torch.cat([kv.k_packed[start : start + length], kv.k_tail[b, h]]).float()  # [L, D]
-        values = torch.cat([kv.v_packed[start : start + length], kv.v_tail[b, h]]).float()
+        keys = torch.cat([kv.k_packed[start : start + length], kv.k_tail[b, h, :tail]]).float()  # [L, D]
+        values = torch.cat([kv.v_packed[start : start + length], kv.v_tail[b, h, :tail]]).float()
         visible = torch.cat([tail_visible.new_ones(n, length), tail_visible], dim=1)  # [n, L]
         heads_of_group = slice(h * group, (h + 1) * group)
         scores = (q[b, heads_of_group].float() @ keys.T) * scale  # [G, n, L]

@@ -6,6 +6,9 @@ G * n query rows of its group (the G query heads times the n new tokens), over o
 virtual sequence ``kept prompt tokens ++ tail``; it reads only the kept rows of the packed buffer
 (``offsets[b, h] .. + lengths[b, h]``), so a short head finishes early and its extra splits are empty.
 Each split writes a partial output and its log-sum-exp (fp32); the second kernel merges the splits.
+The tail length T is loaded from ``kv.tail_length`` on the device and the splits cover
+``max_length + C`` keys (C the tail slots), so a launch reads nothing on the host and keeps its
+geometry while T grows in a static tail (a CUDA graph replays it); splits past T are empty.
 """
 
 from __future__ import annotations
@@ -45,12 +48,12 @@ def supported(q: Tensor, kv: SlimKV, scale: float | None = None) -> str | None:
     """None when `slim_decode` can run these inputs, else the reason it cannot."""
     if triton is None:
         return "triton is not installed"
-    tensors = (q, kv.k_packed, kv.v_packed, kv.offsets, kv.lengths, kv.k_tail, kv.v_tail)
+    tensors = (q, *kv.tensors())
     if len({t.device for t in tensors}) != 1:
         return "tensors are on different devices"
     if not (q.is_cuda or (interpreting() and q.device.type == "cpu")):
         return f"device {q.device} (CUDA, or CPU with TRITON_INTERPRET=1)"
-    if q.dtype not in _DTYPES or any(t.dtype != q.dtype for t in tensors[1:3] + tensors[5:]):
+    if q.dtype not in _DTYPES or any(t.dtype != q.dtype for t in tensors[1:3] + tensors[5:7]):
         return (
             f"dtypes {sorted({str(t.dtype) for t in tensors})}: q and the cache must share one of {_DTYPES}"
         )
@@ -82,11 +85,11 @@ if triton is not None:
         LENGTHS,
         KT,
         VT,
+        TAIL_LENGTH,
         MID_O,
         MID_LSE,
         qk_scale,
         n_q,
-        tail_len,
         group,
         num_kv_heads,
         split_len,
@@ -120,6 +123,7 @@ if triton is not None:
         h = bh % num_kv_heads
         seg_start = tl.load(OFFSETS + bh).to(tl.int64)
         seg_len = tl.load(LENGTHS + bh)
+        tail_len = tl.load(TAIL_LENGTH)
         start = split * split_len
         end = tl.minimum(start + split_len, seg_len + tail_len)
 
@@ -228,7 +232,7 @@ def _target_programs(device: torch.device) -> int:
 
 def _split_len(kv: SlimKV, programs_per_split: int, device: torch.device) -> int:
     """Keys per split: enough splits to fill the device, each a whole number of key tiles."""
-    longest = kv.max_length + kv.tail_len
+    longest = kv.max_length + kv.capacity
     splits = max(
         1, min(math.ceil(_target_programs(device) / programs_per_split), math.ceil(longest / _BLOCK_N))
     )
@@ -260,7 +264,7 @@ def slim_decode(q: Tensor, kv: SlimKV, scale: float | None = None) -> tuple[Tens
     rows_padded = row_tiles * block_m
     programs_per_split = batch * kv.num_kv_heads * row_tiles
     split_len = _split_len(kv, programs_per_split, q.device)
-    num_splits = math.ceil((kv.max_length + kv.tail_len) / split_len)
+    num_splits = math.ceil((kv.max_length + kv.capacity) / split_len)
 
     mid_o = torch.empty(
         batch * kv.num_kv_heads, num_splits, rows_padded, dim, dtype=torch.float32, device=q.device
@@ -276,11 +280,11 @@ def slim_decode(q: Tensor, kv: SlimKV, scale: float | None = None) -> tuple[Tens
         kv.lengths,
         kv.k_tail,
         kv.v_tail,
+        kv.tail_length,
         mid_o,
         mid_lse,
         scale * LOG2E,
         n,
-        kv.tail_len,
         group,
         kv.num_kv_heads,
         split_len,
@@ -297,7 +301,7 @@ def slim_decode(q: Tensor, kv: SlimKV, scale: float | None = None) -> tuple[Tens
         BLOCK_N=key_tile(dim, q.element_size()),
         FP32_DOT=needs_fp32_dot(q.dtype),
     )
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape)  # contiguous, as the reference returns it
     lse = torch.empty(batch, heads, n, dtype=torch.float32, device=q.device)
     _combine_kernel[(batch * kv.num_kv_heads, row_tiles)](
         mid_o,
