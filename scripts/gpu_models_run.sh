@@ -7,7 +7,8 @@
 # prefill, profiled) | smollm2-graphs (the same compiled with mode="reduce-overhead") | rope (SmolLM2
 # 32K under YaRN vs dynamic NTK) | gemma (end-to-end prefill + 32K eval with passkeys) | host (host time
 # of one op call, scripts/gpu_profile_host.py) | suite (GPU tests + host time, against .gpu/base) |
-# varlen (chunked prefill and packed batch, benchmarks/bench_varlen.py) | none (only receive).
+# varlen (chunked prefill and packed batch, benchmarks/bench_varlen.py) | generate (decode under CUDA
+# graphs through generate: tests/gpu/test_decode_graphs.py, benchmarks/bench_generate.py) | none (only receive).
 # The call's `carry`: .gpu/whl, .gpu/models.sha256 and .gpu/pieces/PIECE.
 set -uo pipefail
 OUT="${OUT:-out}"; mkdir -p "$OUT"
@@ -56,6 +57,10 @@ suite)
             PYTHONPATH=/root/base:$PYTHONPATH timeout 60 python3 scripts/gpu_profile_host.py \
                 --seq-lens 8192 32768 --calls 10 2>&1 | tee "$OUT/host_profile_base.txt"
     fi ;;
+generate)
+    TRITON_INTERPRET=0 timeout 200 python3 -P -m pytest -q -ra -m gpu tests/gpu/test_decode_graphs.py 2>&1 \
+        | tee "$OUT/decode_graphs.txt"
+    (cd benchmarks && timeout 330 python3 bench_generate.py --out "$OUT/generate") 2>&1 | tee "$OUT/generate.txt" ;;
 varlen) timeout 200 python3 benchmarks/bench_varlen.py --seq-lens 32768 --chunks 4096 8192 \
         --presets mixed structured --out "$OUT/varlen" 2>&1 | tee "$OUT/varlen.txt" ;;
 none) ;;
