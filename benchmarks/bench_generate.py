@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 from bench_models import load_for_length
-from bench_prefill import print_rows, write_csv
+from bench_prefill import cell, print_rows, write_csv
 from transformers import CompileConfig, DynamicCache, StaticCache
 from transformers.generation.streamers import BaseStreamer
 
@@ -130,25 +130,21 @@ def compare(rows: list[dict]) -> None:
         row["kv_ratio"] = dense["kv_bytes"] / row["kv_bytes"]
 
 
-def _fmt(key: str, spec: str):
-    return lambda row: format(row[key], spec) if key in row else "-"
-
-
 COLUMNS = {
-    "S": _fmt("seq_len", "d"),
-    "variant": _fmt("variant", "s"),
-    "tokens/s": _fmt("tokens_per_s", ".1f"),
-    "ms/token": _fmt("step_ms", ".2f"),
-    "x dense": _fmt("x_dense", ".2f"),
-    "x dense-graphs": _fmt("x_dense_graphs", ".2f"),
-    "first token ms": _fmt("first_token_ms", ".0f"),
+    "S": cell("seq_len", "d"),
+    "variant": cell("variant", "s"),
+    "tokens/s": cell("tokens_per_s", ".1f"),
+    "ms/token": cell("step_ms", ".2f"),
+    "x dense": cell("x_dense", ".2f"),
+    "x dense-graphs": cell("x_dense_graphs", ".2f"),
+    "first token ms": cell("first_token_ms", ".0f"),
     "KV MB": lambda row: f"{row['kv_bytes'] / 2**20:.1f}",
-    "dense KV / KV": _fmt("kv_ratio", ".1f"),
+    "dense KV / KV": cell("kv_ratio", ".1f"),
     "tokens = dense": lambda row: f"{row['match']:.3f} (first diff {row['first_diff']})",
     "tokens = eager": lambda row: (
         f"{row['match_eager']:.3f} (first diff {row['first_diff_eager']})" if "match_eager" in row else "-"
     ),
-    "warm-up s": _fmt("warmup_s", ".1f"),
+    "warm-up s": cell("warmup_s", ".1f"),
 }
 
 

@@ -28,7 +28,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from bench_prefill import print_rows, time_ms, write_csv
+from bench_prefill import cell, print_rows, time_ms, write_csv
 
 from omnicompile.backend import backend
 from omnicompile.config import OmniSparseConfig
@@ -40,23 +40,19 @@ VARIANTS = ("eager", "inductor", "dense", "sparse")
 NATIVE_POSITIONS = {"smollm2-135m": 8192, "gemma3-270m": 32768}
 
 
-def _fmt(key: str, spec: str = ".3g"):
-    return lambda row: format(row[key], spec) if key in row else "-"
-
-
 COLUMNS = {
-    "model": _fmt("model", "s"),
-    "S": _fmt("seq_len", "d"),
-    "variant": _fmt("variant", "s"),
-    "ms": _fmt("ms", ".1f"),
-    "x eager": _fmt("speedup_vs_eager", ".2f"),
-    "top-1": _fmt("top1", ".3f"),
-    "ppl ratio": _fmt("ppl_ratio", ".4f"),
+    "model": cell("model", "s"),
+    "S": cell("seq_len", "d"),
+    "variant": cell("variant", "s"),
+    "ms": cell("ms", ".1f"),
+    "x eager": cell("speedup_vs_eager", ".2f"),
+    "top-1": cell("top1", ".3f"),
+    "ppl ratio": cell("ppl_ratio", ".4f"),
     "top-1 / ppl vs dense": lambda r: (
         f"{r['top1_vs_dense']:.3f} / {r['ppl_ratio_vs_dense']:.4f}" if "top1_vs_dense" in r else "-"
     ),
     "sparse/dense calls": lambda r: f"{r['sparse_calls']}/{r['dense_calls']}",
-    "first call s": _fmt("first_call_s", ".1f"),
+    "first call s": cell("first_call_s", ".1f"),
 }
 
 

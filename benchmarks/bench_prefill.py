@@ -340,6 +340,11 @@ def sweep(args, log: Console) -> list[dict]:
     return rows
 
 
+def cell(key: str, spec: str = ".3g") -> Callable[[dict], str]:
+    """A `print_rows` column formatter: ``row[key]`` formatted with ``spec``, "-" where the row lacks it."""
+    return lambda row: format(row[key], spec) if key in row else "-"
+
+
 def print_rows(
     title: str, columns: dict[str, Callable[[dict], str]], rows: list[dict], width: int = 200
 ) -> None:
@@ -348,7 +353,7 @@ def print_rows(
     for header in columns:
         table.add_column(header)
     for row in rows:
-        table.add_row(*(cell(row) for cell in columns.values()))
+        table.add_row(*(column(row) for column in columns.values()))
     Console(width=width).print(table)
 
 

@@ -1,11 +1,13 @@
 """Shared test helpers (import as `from tests.helpers import ...`).
 
-Per-dtype tolerances, the numerics check against them, and the calls in an FX graph.
+Per-dtype tolerances, the numerics check against them, the calls in an FX graph, and a CUDA-graph
+capture.
 """
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,6 +24,20 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     if torch.isnan(out).any():
         return float("inf")
     return ((out - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+
+
+def cuda_graph(fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """(graph, outputs) of ``fn`` captured in a CUDA graph after one warm-up call on a side stream;
+    ``graph.replay()`` rewrites the outputs in place."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn()
+    return graph, outputs
 
 
 def stable_seed(*parts: object) -> int:

@@ -15,25 +15,12 @@ from omnicompile.kernels.decode.op import slim_decode
 from omnicompile.kernels.decode.reference import slim_decode as reference_decode
 from omnicompile.kernels.decode.slim_kv import SlimKV
 from tests.gpu import ON_CUDA
-from tests.helpers import REL_TOL, rel_error
+from tests.helpers import REL_TOL, cuda_graph, rel_error
 
 pytestmark = ON_CUDA
 
 CONFIG = OmniSparseConfig(min_seq_len=1024)
 PROMPT, NEW = 2048, 12
-
-
-def _captured(fn):
-    """(graph, outputs) of ``fn`` captured after one warm-up call on a side stream."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = fn()
-    return graph, outputs
 
 
 def test_the_kernel_replays_while_the_static_tail_fills():
@@ -46,7 +33,7 @@ def test_the_kernel_replays_while_the_static_tail_fills():
     kv = SlimKV.pack(k[:, :, :prompt], v[:, :, :prompt], keep, capacity)
     kv.append(k[:, :, prompt : prompt + 1], v[:, :, prompt : prompt + 1])
     q = torch.randn(batch, heads, 1, dim, device="cuda", generator=gen).bfloat16()
-    graph, (out, lse) = _captured(lambda: slim_decode(q, kv))
+    graph, (out, lse) = cuda_graph(lambda: slim_decode(q, kv))
     for t in range(1, capacity):
         q.copy_(torch.randn(q.shape, device="cuda", generator=gen))
         graph.replay()
@@ -79,7 +66,7 @@ def test_a_captured_decode_step_replays_as_the_eager_step():
     def step(cache, token, position):
         return model(token, past_key_values=cache, position_ids=position, logits_to_keep=1).logits[:, -1]
 
-    graph, static_logits = _captured(lambda: step(graph_cache, static_token, static_position))
+    graph, static_logits = cuda_graph(lambda: step(graph_cache, static_token, static_position))
     graph_cache.crop(-1)  # the warm-up call's token
     for i in range(NEW):
         position = torch.tensor([[PROMPT + i]], device="cuda")

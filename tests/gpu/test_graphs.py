@@ -13,7 +13,7 @@ from omnicompile.demos.models import build_model
 from omnicompile.demos.structured import structured_qkv
 from omnicompile.recording import recording
 from tests.gpu import ON_CUDA
-from tests.helpers import rel_error
+from tests.helpers import cuda_graph, rel_error
 
 pytestmark = ON_CUDA
 
@@ -50,14 +50,7 @@ def test_op_replays_in_a_cuda_graph_with_new_inputs():
     device-side rule): each replay equals the eager op on the same input."""
     structured, flat = _inputs("structured", 1), _inputs("random", 2)
     static = [t.clone() for t in structured]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        _op(*static)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out, static_lse = _op(*static)
+    graph, (static_out, static_lse) = cuda_graph(lambda: _op(*static))
     with recording(measure=True) as recorder:
         for inputs in (structured, flat, structured):
             for buffer, value in zip(static, inputs):
