@@ -46,17 +46,17 @@ rope)
     done ;;
 host) timeout 60 python3 scripts/gpu_profile_host.py --seq-lens 8192 32768 --calls 10 2>&1 | tee "$OUT/host_profile.txt" ;;
 suite)
-    # The GPU suite (exported packages aside), then the op's host time, also of the commit in
-    # .gpu/base (`git archive BASE omnicompile kernels passes pyproject.toml README.md`) where present.
+    # The op's host time, also of the commit in .gpu/base (`git archive BASE omnicompile kernels passes
+    # pyproject.toml README.md`) where present; then the GPU suite (exported packages aside).
     nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/device.txt"
-    TRITON_INTERPRET=0 timeout 300 python3 -P -m pytest -q -ra -m gpu tests/gpu \
-        --ignore=tests/gpu/test_packages.py 2>&1 | tee "$OUT/gpu_suite.txt"
     timeout 60 python3 scripts/gpu_profile_host.py --seq-lens 8192 32768 --calls 10 2>&1 | tee "$OUT/host_profile.txt"
     if [ -d .gpu/base ]; then
         python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /root/base .gpu/base &&
             PYTHONPATH=/root/base:$PYTHONPATH timeout 60 python3 scripts/gpu_profile_host.py \
                 --seq-lens 8192 32768 --calls 10 2>&1 | tee "$OUT/host_profile_base.txt"
-    fi ;;
+    fi
+    TRITON_INTERPRET=0 timeout 300 python3 -P -m pytest -q -ra -m gpu tests/gpu \
+        --ignore=tests/gpu/test_packages.py 2>&1 | tee "$OUT/gpu_suite.txt" ;;
 generate)
     TRITON_INTERPRET=0 timeout 200 python3 -P -m pytest -q -ra -m gpu tests/gpu/test_decode_graphs.py 2>&1 \
         | tee "$OUT/decode_graphs.txt"
