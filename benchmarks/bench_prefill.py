@@ -13,7 +13,7 @@ For each sequence length S, KV-head count and input preset (`omnicompile.demos.s
   relative error against dense flash, speed-ups, and our TFLOP/s on the computed blocks
   (4 * D * b^2 per computed block).
 
-``--sweep`` first times launch configurations of both kernels at the first S. Writes
+``--sweep`` first times launch configurations of the forward, estimator and row probe at the first S. Writes
 ``prefill.csv``, ``prefill.json`` (and ``sweep.csv``) and ``prefill.png`` to ``--out``; prints a table
 last. Stops starting new cases after ``--time-budget-s`` and still writes what it has.
 """
@@ -43,6 +43,7 @@ from omnicompile.config import OmniSparseConfig
 from omnicompile.demos.structured import PRESETS, structured_qkv
 from omnicompile.kernels.estimation import launch as estimation_launch
 from omnicompile.kernels.estimation.triton_composite import estimate_blocks
+from omnicompile.kernels.estimation.triton_probe import probe_block_mass
 from omnicompile.kernels.masks import allowed_blocks
 from omnicompile.kernels.selection import BlockSelection, SelectionCall
 from omnicompile.kernels.sparse_attention.launch import LaunchConfig
@@ -69,6 +70,11 @@ EST_SWEEP = [
     estimation_launch.LaunchConfig(64, 64, 8, 2),
     estimation_launch.LaunchConfig(128, 64, 8, 2),
     estimation_launch.LaunchConfig(128, 64, 8, 3),
+]
+# Row probe: (block_r, split_n, num_warps); the first is the default.
+PROBE_SWEEP = [
+    estimation_launch.LaunchConfig(block_r=r, split_n=n, num_warps=w)
+    for r, n, w in [(16, 1024, 4), (32, 1024, 4), (64, 1024, 4), (64, 2048, 4), (64, 1024, 8), (128, 2048, 8)]
 ]
 
 
@@ -297,7 +303,8 @@ def profile_pipeline(args, log: Console) -> None:
 
 
 def sweep(args, log: Console) -> list[dict]:
-    """Time each launch config of both kernels on the structured preset at the first S."""
+    """Time each launch config of the forward, the composite estimator and the row probe (its output
+    against the default config's: max abs diff) on the structured preset at the first S."""
     seq, kv_heads = args.seq_lens[0], args.kv_heads[0]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -334,6 +341,20 @@ def sweep(args, log: Console) -> list[dict]:
                 "kv_heads": kv_heads,
                 **dataclasses.asdict(launch),
                 "ms": ms,
+            }
+        )
+        log.print(json.dumps(rows[-1]))
+    reference = probe_block_mass(q, k, None, True, scale, config.block_size, launch=PROBE_SWEEP[0])
+    for launch in PROBE_SWEEP:
+        run = functools.partial(probe_block_mass, q, k, None, True, scale, config.block_size, launch=launch)
+        rows.append(
+            {
+                "kernel": "probe",
+                "seq_len": seq,
+                "kv_heads": kv_heads,
+                **dataclasses.asdict(launch),
+                "ms": time_ms(run),
+                "max_abs_diff": (run() - reference).abs().max().item(),
             }
         )
         log.print(json.dumps(rows[-1]))

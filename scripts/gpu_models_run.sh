@@ -6,7 +6,7 @@
 # at 32K and of both schedules) | smollm2 (end-to-end
 # prefill, profiled) | smollm2-graphs (the same compiled with mode="reduce-overhead") | rope (SmolLM2
 # 32K under YaRN vs dynamic NTK) | gemma (end-to-end prefill + 32K eval with passkeys) | host (host time
-# of one op call, scripts/gpu_profile_host.py) | suite (GPU tests + host time, against .gpu/base) |
+# of one op call, scripts/gpu_profile_host.py) | suite (host time, against .gpu/base; launch sweeps; GPU tests) |
 # varlen (chunked prefill and packed batch, benchmarks/bench_varlen.py) | generate (decode under CUDA
 # graphs through generate: tests/gpu/test_decode_graphs.py, benchmarks/bench_generate.py) | none (only receive).
 # The call's `carry`: .gpu/whl, .gpu/models.sha256 and .gpu/pieces/PIECE.
@@ -55,7 +55,12 @@ suite)
             PYTHONPATH=/root/base:$PYTHONPATH timeout 60 python3 scripts/gpu_profile_host.py \
                 --seq-lens 8192 32768 --calls 10 2>&1 | tee "$OUT/host_profile_base.txt"
     fi
-    TRITON_INTERPRET=0 timeout 300 python3 -P -m pytest -q -ra -m gpu tests/gpu \
+    # Launch sweeps (forward, estimator, row probe) at SmolLM2's shapes at 32K and H 32 / D 128 at 128K.
+    for shape in "32768 --heads 9 --kv-heads 3 --head-dim 64" "131072 --heads 32 --kv-heads 8 --head-dim 128"; do
+        (cd benchmarks && timeout 90 python3 bench_prefill.py --seq-lens $shape --presets structured \
+            --sweep --time-budget-s 0 --out "$OUT/sweep_${shape%% *}") 2>&1 | grep -v "^ *$" | tail -20
+    done | tee "$OUT/sweep.txt"
+    TRITON_INTERPRET=0 timeout 280 python3 -P -m pytest -q -ra -m gpu tests/gpu \
         --ignore=tests/gpu/test_packages.py 2>&1 | tee "$OUT/gpu_suite.txt" ;;
 generate)
     TRITON_INTERPRET=0 timeout 200 python3 -P -m pytest -q -ra -m gpu tests/gpu/test_decode_graphs.py 2>&1 \
