@@ -129,9 +129,9 @@ def test_routes(device, config, options, route, target, reason):
 def test_triton_route_traces_into_kernel_launches(tmp_path):
     """The export's Triton route as AOTInductor lowers it, on fake CUDA tensors without a GPU: one
     ``triton_kernel_wrapper_functional`` node per launch, the composite means and the causal allowed
-    blocks the only torch computations, and torch's mutation analysis finding what each kernel writes
-    (nothing of q, k, v cloned; `_select_kernel` is taken to write Ahat and allowed too, its last
-    reader)."""
+    blocks the only torch computations, torch's mutation analysis finding what each kernel writes
+    (`_select_kernel` is taken to write Ahat and allowed too, whose last reader it is), no clone
+    left after Inductor's reinplacing, and Inductor's source of every kernel running."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     out = tmp_path / "trace.json"
     subprocess.run(
@@ -142,11 +142,14 @@ def test_triton_route_traces_into_kernel_launches(tmp_path):
     computing = {op for op in result["operators"] if not op.startswith(("aten.empty", "aten.view"))}
     assert computing == {"aten.mean.dim", "aten.ones.default", "aten.tril.default"}
     assert result["launches"] == [
-        ["composite_kernel", ["AHAT"]],
-        ["probe_kernel", ["STATS"]],
-        ["probe_kernel", ["OUT"]],
-        ["_need_kernel", ["LAZY", "NEED", "NUM_AVAILABLE", "NUM_FORCED"]],
-        ["_take_kernel", ["LAZY_OUT", "TAKE"]],
-        ["_select_kernel", ["AHAT", "ALLOWED", "KV_INDICES", "KV_NUM_BLOCKS"]],
-        ["sparse_fwd_kernel", ["LSE", "O"]],
+        [name, writes, [], True]
+        for name, writes in (
+            ("composite_kernel", ["AHAT"]),
+            ("probe_kernel", ["STATS"]),
+            ("probe_kernel", ["OUT"]),
+            ("_need_kernel", ["LAZY", "NEED", "NUM_AVAILABLE", "NUM_FORCED"]),
+            ("_take_kernel", ["LAZY_OUT", "TAKE"]),
+            ("_select_kernel", ["AHAT", "ALLOWED", "KV_INDICES", "KV_NUM_BLOCKS"]),
+            ("sparse_fwd_kernel", ["LSE", "O"]),
+        )
     ]

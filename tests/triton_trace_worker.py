@@ -7,24 +7,32 @@ call on fake CUDA tensors (bf16, static shapes), inlines it (`passes.inline_atte
 ``omnisparse::sparse_attention``) and traces that with ``aot_export_module`` (functionalization: the
 triton op's body, each launch a ``triton_kernel_wrapper_functional`` node, as Inductor lowers it).
 Torch's mutation analysis of each launch compiles the kernel to TTIR for a target; the machine's
-driver has none, so the target is sm_90 (``GPUTarget("cuda", 90, 32)``). Saves ``OUT`` (JSON): the
-routes, the torch operators and, per launch in order, the kernel's name and the tensors the analysis
-says it writes (``tensors_to_clone``).
+driver has none, so the target is sm_90 (``GPUTarget("cuda", 90, 32)``). Then Inductor's
+reinplacing pass, which turns a launch's clones of inputs that nothing reads later into in-place
+writes. Saves ``OUT`` (JSON): the routes, the torch operators and, per launch in order, the
+kernel's name, the tensors the analysis says it writes (``tensors_to_clone``), the clones left
+after reinplacing, and whether Inductor's source of the kernel (with the jit functions and
+constants it reaches) runs as a module.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import operator
 import sys
+from pathlib import Path
 from unittest import mock
 
 import torch
 import triton
 from torch._functorch.aot_autograd import aot_export_module
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitive_closure_source_code
+from torch._inductor.fx_passes.reinplace import reinplace_inplaceable_ops_core
 from torch._subclasses.fake_tensor import FakeTensorMode
 from triton.backends.compiler import GPUTarget
+from triton.runtime.autotuner import Autotuner
 
 from omnicompile import OmniSparseConfig
 from omnicompile.passes.attention_site import ATTENTION
@@ -54,16 +62,33 @@ def main(out: str) -> None:
     driver.get_current_target.return_value = GPUTarget("cuda", 90, 32)
     with mock.patch.object(triton.runtime.driver, "_active", driver, create=True):
         traced, _ = aot_export_module(gm, list(fakes.values()), trace_joint=False)
-    operators, launches = [], []
-    for node in (n for n in traced.graph.nodes if n.op == "call_function"):
-        if "triton_kernel_wrapper" in str(node.target):
-            kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
-            launches.append([kernel.fn.__name__, sorted(node.kwargs["tensors_to_clone"])])
-        elif node.target is not operator.getitem:
-            operators.append(str(node.target))
-    result = {"routes": [r.route for r in records], "operators": operators, "launches": launches}
+    calls = [n for n in traced.graph.nodes if n.op == "call_function" and n.target is not operator.getitem]
+    operators = [str(n.target) for n in calls if "triton_kernel_wrapper" not in str(n.target)]
+    launches = [n for n in calls if "triton_kernel_wrapper" in str(n.target)]
+    written = [sorted(n.kwargs["tensors_to_clone"]) for n in launches]
+    reinplace_inplaceable_ops_core(traced.graph)
+    result = {"routes": [r.route for r in records], "operators": operators, "launches": []}
+    for node, writes in zip(launches, written):
+        kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
+        if isinstance(kernel, Autotuner):  # how the tracer holds a launch with num_warps / num_stages
+            kernel = kernel.fn
+        clones = sorted(node.kwargs["tensors_to_clone"])
+        result["launches"].append([kernel.__name__, writes, clones, _source_runs(kernel, Path(out).parent)])
     with open(out, "w") as file:
         json.dump(result, file)
+
+
+def _source_runs(kernel: triton.JITFunction, folder: Path) -> bool:
+    """Whether the source Inductor writes for ``kernel`` imports as a module (a file in ``folder``:
+    jit functions need one) and defines it as a jit function."""
+    path = folder / f"inductor_{kernel.__name__}.py"
+    source = user_defined_triton_kernel_transitive_closure_source_code(kernel)
+    # The kernel comes first, undecorated (Inductor writes its own decorators), then what it reaches.
+    path.write_text("import triton\nimport triton.language as tl\n\n@triton.jit\n" + source)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return isinstance(getattr(module, kernel.__name__, None), triton.JITFunction)
 
 
 if __name__ == "__main__":
