@@ -78,8 +78,10 @@ def export_program(
     dims = _resolve_dynamic(model, args, kwargs, dynamic)
     wrapped = _PlainOutputs(model)
     with _dynamic_errors(dynamic):
+        # Static but for the dims asked for (Dynamo's export default makes every dim symbolic), so
+        # that the graph's example values say which shapes the exported program fixes.
         graph, _guards = torch._dynamo.export(
-            wrapped, dynamic_shapes=dynamic_shapes(wrapped, args, kwargs, dims)
+            wrapped, dynamic_shapes=dynamic_shapes(wrapped, args, kwargs, dims), assume_static_by_default=True
         )(*args, **kwargs)
     report = run_passes(graph, cfg)
     _check_sites(report, model)

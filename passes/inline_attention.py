@@ -14,10 +14,12 @@ path, which ``torch.export`` then traces and AOTInductor compiles into the packa
 
 Every other call stays the op (``"op"``), with the reason logged once per site: a dynamic length
 (the sparse decision against ``min_seq_len`` and the kernels' tiles depend on it), the sparse
-method on the CPU (its reference loops are Python), a mask the passes could not prove (the op reads
-its ``mask_check`` on the host), a window on CUDA (the op's Triton band kernel), a soft-cap or lse
-the dense path computes in query chunks of a dynamic length. Not in `PASSES`: the ``omnisparse``
-backend keeps the op (its per-call logging and recording).
+method on the CPU (its reference sizes a gather by the selection: a data-dependent shape), a mask
+the passes could not prove (the op reads its ``mask_check`` on the host), a window on CUDA (the
+op's Triton band kernel), a soft-cap or lse the dense path computes in query chunks of a dynamic
+length. Not in `PASSES`: the ``omnisparse`` backend keeps the op (its per-call logging and
+recording). Static shapes are the example values' ints: `capture.export_program` captures every
+dim not asked to vary as static.
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ def attention_route(args: dict[str, Any]) -> tuple[Route, str]:
             "dynamic shapes: the sparse decision (min_seq_len) and the kernels' tiles need the length",
         )
     if q.device.type != "cuda":
-        return "op", "the sparse method on the CPU: the reference pipeline loops in Python"
+        return "op", "the sparse method on the CPU: its reference sizes a gather by the selection (data)"
     if args["attn_mask"] is not None:
         return "op", "an attn_mask the passes did not prove (the op reads its mask_check on the host)"
     x = AttentionInputs(

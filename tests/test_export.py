@@ -201,6 +201,27 @@ def test_bad_dynamic_dims_are_errors(dynamic, error, match):
         export_program(_Attention(), {"x": torch.randn(1, 48, 32), "flag": True}, dynamic=dynamic)
 
 
+@pytest.mark.parametrize(
+    "config, dynamic, route, reason",
+    [
+        (CONFIGS["dense"], {"x": {1: "seq"}}, "aten", "mode='dense'"),
+        (OmniSparseConfig(min_seq_len=64), None, "aten", "kv length 48 < min_seq_len 64"),
+        (OmniSparseConfig(block_size=16, min_seq_len=16), None, "op", "the sparse method on the CPU"),
+        (CONFIGS["sparse"], {"x": {1: "seq"}}, "op", "dynamic shapes"),
+    ],
+)
+def test_inline_routes(config, dynamic, route, reason):
+    """Static dims are static in the captured graph (only those asked for are symbolic), so the
+    routes of `passes.inline_attention` see them; the inlined program equals the model."""
+    model, x = _Attention(), torch.randn(1, 48, 32)
+    exported = export_program(model, (x,), config, dynamic=dynamic, inline=True)
+    ((got_route, got_reason),) = [(r.route, r.reason) for r in exported.inlined]
+    assert got_route == route and reason in got_reason
+    targets = {node.target for node in exported.program.graph.nodes}
+    assert (torch.ops.omnisparse.attention.default in targets) == (route == "op")
+    assert rel_error(exported.program.module()(x), model(x)) < REL_TOL[torch.float32]
+
+
 def test_positional_input_with_two_dynamic_dims():
     model = _Attention()
     exported = export_program(
