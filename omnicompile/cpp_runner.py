@@ -7,14 +7,17 @@ of CPU tensors that ``torch.load`` reads). It links libtorch only: a package who
 were all inlined at export (`passes.inline_attention`) runs in it; one that still holds
 ``omnisparse::attention`` fails there (no Python op registry).
 
-`build_runner` configures and builds it with CMake against the installed torch
-(``torch.utils.cmake_prefix_path``); `toolchain_reason` says what is missing for that;
+`build_runner` configures and builds it with CMake against the installed torch: through torch's
+CMake config (``torch.utils.cmake_prefix_path``), else, where that fails (a CUDA torch's config
+looks for the CUDA toolkit, which a pip install lacks), against torch's ``include/`` and ``lib/``
+folders directly; `toolchain_reason` says what is missing for either;
 `run_package` calls it. The C++ sources live in the repository checkout (`SOURCE_DIR` when
 omnicompile is installed editable; an installed wheel has none: pass the checkout's folder).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -23,22 +26,21 @@ from pathlib import Path
 
 import torch
 
+logger = logging.getLogger("omnicompile")
+
 SOURCE_DIR = Path(__file__).resolve().parents[1] / "cpp" / "run_package"
 _LOADER_HEADER = "torch/csrc/inductor/aoti_package/model_package_loader.h"
 
 
 def toolchain_reason(source_dir: str | os.PathLike[str] = SOURCE_DIR) -> str | None:
     """None when `build_runner` can build ``source_dir`` here, else what is missing (the sources,
-    cmake, a C++ compiler, torch's CMake config or its C++ headers)."""
+    cmake, a C++ compiler or torch's C++ headers)."""
     if not (Path(source_dir) / "CMakeLists.txt").is_file():
         return f"no C++ sources at {source_dir} (a repository checkout has them in cpp/run_package)"
     if shutil.which("cmake") is None:
         return "cmake is not on PATH"
     if not any(shutil.which(cxx) for cxx in (os.environ.get("CXX", ""), "c++", "g++", "clang++") if cxx):
         return "no C++ compiler (c++, g++, clang++ or $CXX) on PATH"
-    torch_dir = Path(torch.utils.cmake_prefix_path) / "Torch"
-    if not (torch_dir / "TorchConfig.cmake").is_file():
-        return f"torch has no CMake config at {torch_dir}"
     if not (Path(torch.__file__).parent / "include" / _LOADER_HEADER).is_file():
         return f"torch has no C++ header {_LOADER_HEADER}"
     return None
@@ -47,19 +49,32 @@ def toolchain_reason(source_dir: str | os.PathLike[str] = SOURCE_DIR) -> str | N
 def build_runner(
     build_dir: str | os.PathLike[str], source_dir: str | os.PathLike[str] = SOURCE_DIR, jobs: int = 2
 ) -> Path:
-    """Configure (Release) and build ``run_package`` from ``source_dir`` in ``build_dir`` (reused: a
-    second call only rebuilds what changed); returns the executable. ``subprocess.CalledProcessError``
-    carries CMake's output on failure; ``RuntimeError`` when `toolchain_reason` names something
-    missing."""
+    """Configure (Release) and build ``run_package`` from ``source_dir`` under ``build_dir`` (reused: a
+    second call only rebuilds what changed) through torch's CMake config, else against torch's folders
+    (module docstring); returns the executable. ``subprocess.CalledProcessError`` carries CMake's
+    output on failure; ``RuntimeError`` when `toolchain_reason` names something missing."""
     reason = toolchain_reason(source_dir)
     if reason is not None:
         raise RuntimeError(f"cannot build run_package: {reason}")
     build = Path(build_dir)
+    try:
+        return _cmake(
+            source_dir, build / "config", [f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"], jobs
+        )
+    except subprocess.CalledProcessError as error:
+        logger.info(
+            "run_package: torch's CMake config failed, building against its folders: %s", error.stderr
+        )
+    folders = [
+        f"-DTORCH_ROOT={Path(torch.__file__).parent}",
+        f"-DTORCH_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+    ]
+    return _cmake(source_dir, build / "folders", folders, jobs)
+
+
+def _cmake(source_dir: str | os.PathLike[str], build: Path, options: list[str], jobs: int) -> Path:
     build.mkdir(parents=True, exist_ok=True)
-    configure = [
-        "cmake", "-S", str(source_dir), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-        f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
-    ]  # fmt: skip
+    configure = ["cmake", "-S", str(source_dir), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", *options]
     for command in (configure, ["cmake", "--build", str(build), "-j", str(jobs)]):
         subprocess.run(command, check=True, capture_output=True, text=True)
     return build / "run_package"

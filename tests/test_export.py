@@ -140,6 +140,24 @@ def test_cpp_runner_runs_python_free_package(package, cpp_runner, tmp_path):
     assert rel_error(got, want) < 1e-6
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("package", ["dense"], indirect=True)
+def test_cpp_runner_builds_without_torch_cmake_config(package, tmp_path, monkeypatch):
+    """Where torch's CMake config fails (a CUDA torch without the CUDA toolkit), `build_runner` builds
+    against torch's include/ and lib/ folders instead (about 15 s); that runner runs the package too."""
+    if toolchain_reason() is not None:
+        pytest.skip(f"cannot build the C++ runner: {toolchain_reason()}")
+    _, path = package
+    monkeypatch.setattr(torch.utils, "cmake_prefix_path", str(tmp_path / "no_torch_config"))
+    runner = build_runner(tmp_path / "build")
+    assert runner.parent.name == "folders"
+    ids = _input_ids(LENGTHS[0])
+    (got,) = run_package(runner, path, [ids], tmp_path)
+    with torch.no_grad():
+        want = omnicompile.load_package(path)(input_ids=ids, use_cache=False)["logits"]
+    assert rel_error(got, want) < 1e-6
+
+
 def test_hand_written_attention_is_rewritten():
     model = build_model("llama-tiny", attn_implementation="eager")
     inputs = {"input_ids": _input_ids(40), "use_cache": False}

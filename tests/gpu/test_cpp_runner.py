@@ -10,8 +10,9 @@ Python, against the model in Python.
 
 Tolerance: ``tests.helpers.REL_TOL[torch.bfloat16]`` (relative L2). The runner is a process of its own;
 where it dies by a signal, it runs again with libstdc++ preloaded (docs/EXPORT.md, "Loading on
-CUDA") and the test warns that it needed that. Building it needs cmake, a C++ compiler and, for a
-CUDA torch, the CUDA toolkit that torch's CMake config looks for (else it skips or fails saying so).
+CUDA") and the test warns that it needed that. Building it needs cmake and a C++ compiler (else it
+skips saying so); without the CUDA toolkit torch's CMake config fails and `build_runner` builds
+against torch's folders instead.
 How to run: scripts/gpu_check_cpp_runner.sh.
 """
 
