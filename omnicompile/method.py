@@ -302,8 +302,9 @@ def triton_reason(x: AttentionInputs, config: OmniSparseConfig) -> str | None:
     params = estimation_params(config)
     batch, heads, q_len, _ = x.q.shape
     nq, nk = -(-q_len // config.block_size), -(-x.k.shape[2] // config.block_size)
-    ahat = x.q.new_empty((batch, heads, nq, nk), dtype=torch.float32)
-    allowed = x.q.new_empty((1, 1, nq, nk), dtype=torch.bool)
+    # Shaped like the selection's inputs without their memory (the checks read metadata only).
+    ahat = x.q.new_empty((), dtype=torch.float32).expand(batch, heads, nq, nk)
+    allowed = x.q.new_empty((), dtype=torch.bool).expand(1, 1, nq, nk)
     reasons = (
         triton_composite.supported(x.q, x.k, x.attn_mask, params),
         triton_probe.supported(x.q, x.k, x.attn_mask) if params.row_probe else None,
