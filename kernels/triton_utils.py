@@ -1,7 +1,8 @@
 """Pieces shared by the Triton kernels: interpreter detection, the fp32-dot rule, the tile dot, the
-base-2 constants, the head-dim support check, the score constexprs of a launch and the online-softmax
-primitives (one step, the normaliser, the finish), in base 2 as FlashAttention and FlashInfer's
-``state_merge`` / ``state_normalize``."""
+base-2 constants, the head-dim support check, the score constexprs of a launch, the launch itself
+(`run_kernel`: traceable inside a ``torch.library.triton_op``) and the online-softmax primitives (one
+step, the normaliser, the finish), in base 2 as FlashAttention and FlashInfer's ``state_merge`` /
+``state_normalize``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 LN2 = 0.6931471805599453  # ln(2) == 1 / LOG2E: log(x) == log2(x) * LN2
@@ -25,6 +27,25 @@ MAX_HEAD_DIM = 256
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def run_kernel(kernel: triton.JITFunction, grid: tuple[int, ...], *args: object, **kwargs: object) -> None:
+    """``kernel[grid](*args, **kwargs)``, traceable inside a ``torch.library.triton_op`` body.
+
+    Plain tensors launch the kernel directly (no higher-order-op dispatch: it costs host time).
+    Tensor subclasses are what tracing passes (fake and functional tensors: ``torch.export``,
+    AOTInductor, a fake-tensor mode): the launch goes through ``torch.library.wrap_triton``, which
+    records it as a graph node that Inductor compiles (and runs real subclasses too). Under the
+    interpreter a launch on fake tensors does nothing: interpreted kernels have no Triton code to
+    compile, fake tensors no data, and the outputs' shapes are their allocations'.
+    """
+    values = (*args, *kwargs.values())
+    if any(type(a) is not torch.Tensor and isinstance(a, torch.Tensor) for a in values):
+        if not interpreting():
+            kernel = torch.library.wrap_triton(kernel)
+        elif any(isinstance(a, torch.Tensor) and is_fake(a) for a in values):
+            return
+    kernel[grid](*args, **kwargs)
 
 
 def needs_fp32_dot(dtype: torch.dtype) -> bool:

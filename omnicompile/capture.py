@@ -31,6 +31,7 @@ from torch.utils._pytree import tree_map
 
 from .config import OmniSparseConfig
 from .passes import PassReport, run_passes
+from .passes.inline_attention import InlineRecord, inline_attention
 
 logger = logging.getLogger("omnicompile")
 
@@ -51,6 +52,7 @@ class ExportedModel:
         report: the pass report (one record per attention site found).
         args, kwargs: the example inputs, as passed to the model.
         dims: the dynamic dims, ``{id(example tensor): {dim index: Dim}}`` (empty = all static).
+        inlined: one `passes.inline_attention.InlineRecord` per op call when inlined, else empty.
     """
 
     program: ExportedProgram
@@ -58,6 +60,7 @@ class ExportedModel:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     dims: dict[int, dict[int, Any]]
+    inlined: tuple[InlineRecord, ...] = ()
 
 
 def export_program(
@@ -65,24 +68,30 @@ def export_program(
     example_inputs: Sequence[Any] | Mapping[str, Any],
     config: OmniSparseConfig | None = None,
     dynamic: DynamicSpec | None = None,
+    inline: bool = False,
 ) -> ExportedModel:
-    """Capture, rewrite and ``torch.export`` ``model`` (arguments as `export`), without packaging."""
+    """Capture, rewrite and ``torch.export`` ``model`` (arguments as `export`), without packaging;
+    ``inline``: replace the op calls whose path is known at export by that path
+    (`passes.inline_attention`)."""
     cfg = config or OmniSparseConfig()
     args, kwargs = _split_inputs(example_inputs)
     dims = _resolve_dynamic(model, args, kwargs, dynamic)
     wrapped = _PlainOutputs(model)
     with _dynamic_errors(dynamic):
+        # Static but for the dims asked for (Dynamo's export default makes every dim symbolic), so
+        # that the graph's example values say which shapes the exported program fixes.
         graph, _guards = torch._dynamo.export(
-            wrapped, dynamic_shapes=dynamic_shapes(wrapped, args, kwargs, dims)
+            wrapped, dynamic_shapes=dynamic_shapes(wrapped, args, kwargs, dims), assume_static_by_default=True
         )(*args, **kwargs)
     report = run_passes(graph, cfg)
     _check_sites(report, model)
     rewritten = report.graph_module
+    inlined = inline_attention(rewritten) if inline else ()
     with _dynamic_errors(dynamic):
         program = torch.export.export(
             rewritten, args, kwargs, dynamic_shapes=dynamic_shapes(rewritten, args, kwargs, dims)
         )
-    return ExportedModel(program, report, args, kwargs, dims)
+    return ExportedModel(program, report, args, kwargs, dims, inlined)
 
 
 class _PlainOutputs(torch.nn.Module):

@@ -69,6 +69,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
             _config_from_args(args),
             dynamic,
             args.target,
+            inline=not args.python_op,
         )
     print(f"wrote {path}")
     return 0
@@ -168,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--seq-len", type=int, default=256, help="example sequence length")
     export.add_argument("--static", action="store_true", help="fix the sequence length (default: dynamic)")
     export.add_argument("--target", default="aoti", choices=["aoti", "tensorrt"])
+    export.add_argument(
+        "--python-op",
+        action="store_true",
+        help="keep every attention call the Python op (default: inline the ones known at export)",
+    )
     export.add_argument("--config", default=None, help="OmniSparseConfig fields as JSON")
     export.add_argument("--device", default=None)
     export.set_defaults(func=_cmd_export)

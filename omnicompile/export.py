@@ -5,9 +5,13 @@ take, SDPA calls and hand-written attention, rewritten into the op with the give
 packages the result with AOTInductor (a ``.pt2`` file for `omnicompile.load_package`) or, with
 ``target="tensorrt"``, with Torch-TensorRT.
 
-Loading needs omnicompile: the op is a Python custom op, which AOTInductor calls back through the
-dispatcher (docs/EXPORT.md says what would remove that need); `omnicompile.load_package` registers
-it and, on CUDA, works around the GPU image's libstdc++ crash at load.
+An AOTInductor package compiles in, by default, what each attention call runs where that is
+known at export (`passes.inline_attention`: dense attention as aten ops; on CUDA with static shapes,
+the sparse method's Triton kernels through the triton op ``omnisparse::sparse_attention``). A
+package where every call is inlined runs without Python (``cpp/run_package``, `cpp_runner`); the
+other calls stay the Python custom op, which AOTInductor calls back through the dispatcher, so
+loading needs omnicompile: `omnicompile.load_package` registers it and, on CUDA, works around the
+GPU image's libstdc++ crash at load (docs/EXPORT.md).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ def export(
     config: OmniSparseConfig | None = None,
     dynamic: DynamicSpec | None = None,
     target: Target = "aoti",
+    inline: bool = True,
 ) -> Path:
     """Export ``model`` with OmniSparse attention and package it at ``path``; returns the path.
 
@@ -46,6 +51,9 @@ def export(
         dynamic: dynamic dims by input name, e.g. ``{"input_ids": {1: "seq"}}``; a dim is a name
             (equal names are one dim) or a ``torch.export.Dim`` (to give bounds). None: all static.
         target: ``"aoti"`` (AOTInductor package) or ``"tensorrt"`` (Torch-TensorRT program).
+        inline: (``"aoti"``) compile each attention call whose path is known at export into the
+            package (`passes.inline_attention`; the others stay the Python op, the reason logged);
+            False keeps every call the op (its per-call decisions, logging and recording).
 
     Raises:
         ValueError: unknown target, a model with no attention the op can take, a ``dynamic`` entry
@@ -62,5 +70,5 @@ def export(
         return save_tensorrt(export_program(model, example_inputs, config, dynamic), Path(path))
     from torch._inductor import aoti_compile_and_package
 
-    exported = export_program(model, example_inputs, config, dynamic)
+    exported = export_program(model, example_inputs, config, dynamic, inline=inline)
     return Path(aoti_compile_and_package(exported.program, package_path=str(path)))

@@ -35,7 +35,7 @@ import torch
 
 from .config import OmniSparseConfig
 from .dense import dense_attention, with_window
-from .kernels.estimation import EstimationParams, estimate_blocks, triton_composite
+from .kernels.estimation import EstimationParams, estimate_blocks, triton_composite, triton_probe
 from .kernels.masks import allowed_blocks, check_qkv, check_window, resolve_scale
 from .kernels.selection import BlockSelection, SelectionCall, SelectionParams, select_blocks, triton_select
 from .kernels.selection.transpose import selection_from_block_mask
@@ -140,21 +140,27 @@ def _decide(x: AttentionInputs, config: OmniSparseConfig) -> Decision:
     return decide(x.q, x.k, x.v, x.attn_mask, config, x.window)
 
 
-def _estimate(x: AttentionInputs, params: EstimationParams) -> torch.Tensor:
+def _on_triton(t: torch.Tensor, triton: bool | None) -> bool:
+    """Whether a stage runs its Triton kernel where that takes the inputs: ``triton``, by default
+    (None) on CUDA."""
+    return t.is_cuda if triton is None else triton
+
+
+def _estimate(x: AttentionInputs, params: EstimationParams, triton: bool | None = None) -> torch.Tensor:
     """Ahat float32 [B, H, nq, nk] (the one estimator call)."""
     q, k, mask, causal, scale = x.q, x.k, x.attn_mask, x.is_causal, resolve_scale(x.scale, x.q.shape[-1])
     options = {"window": x.window, "softcap": x.softcap}
-    if q.device.type == "cuda" and triton_composite.supported(q, k, mask, params) is None:
+    if _on_triton(q, triton) and triton_composite.supported(q, k, mask, params) is None:
         return triton_composite.estimate_blocks(q, k, mask, causal, scale, params, **options)
     return estimate_blocks(q, k, mask, causal, scale, params, **options, check=False)
 
 
 def _attend(
-    x: AttentionInputs, selection: BlockSelection, config: OmniSparseConfig
+    x: AttentionInputs, selection: BlockSelection, config: OmniSparseConfig, triton: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, H, Sq, Dv] in q.dtype, lse float32 [B, H, Sq]) over the selection (the one attention call)."""
     args = (x.q, x.k, x.v, selection, x.attn_mask, x.is_causal, resolve_scale(x.scale, x.q.shape[-1]))
-    if x.q.device.type == "cuda":
+    if _on_triton(x.q, triton):
         return triton_fwd.sparse_attention(*args, window=x.window, softcap=x.softcap)
     return sparse_attention(*args, config.query_chunk, window=x.window, softcap=x.softcap, check=False)
 
@@ -183,16 +189,22 @@ def window_attention(
 
 
 def select_on_device(
-    ahat: torch.Tensor, allowed: torch.Tensor, params: SelectionParams, call: SelectionCall
+    ahat: torch.Tensor,
+    allowed: torch.Tensor,
+    params: SelectionParams,
+    call: SelectionCall,
+    triton: bool | None = None,
 ) -> BlockSelection:
-    """The selection of `select_blocks` (the one selection call): the fused Triton kernel on CUDA."""
-    if ahat.device.type == "cuda" and triton_select.supported(ahat, allowed) is None:
+    """The selection of `select_blocks` (the one selection call): the fused Triton kernel on CUDA
+    (``triton``: as `_on_triton`)."""
+    if _on_triton(ahat, triton) and triton_select.supported(ahat, allowed) is None:
         return triton_select.select_blocks(ahat, allowed, params, call)
     return select_blocks(ahat, allowed, params, call)
 
 
-def plan(x: AttentionInputs, config: OmniSparseConfig) -> BlockSelection:
-    """The block selection of METHOD.md sections 1-3 for the call ``x`` (no gradient flows through it).
+def plan(x: AttentionInputs, config: OmniSparseConfig, triton: bool | None = None) -> BlockSelection:
+    """The block selection of METHOD.md sections 1-3 for the call ``x`` (no gradient flows through it);
+    ``triton``: whether the estimator and the selection run their Triton kernels (None: on CUDA).
 
     Deterministic: recomputing it gives the same selection.
     """
@@ -209,9 +221,9 @@ def plan(x: AttentionInputs, config: OmniSparseConfig) -> BlockSelection:
             x.q.device,
             window=x.window,
         )
-        ahat = _estimate(x, estimation_params(config))
+        ahat = _estimate(x, estimation_params(config), triton)
         call = SelectionCall(x.k.shape[1], x.is_causal, q_len, x.k.shape[2])
-        return select_on_device(ahat, allowed, selection_params(config), call)
+        return select_on_device(ahat, allowed, selection_params(config), call, triton)
 
 
 @dataclass
@@ -266,13 +278,47 @@ def omnisparse_attention(x: AttentionInputs, config: OmniSparseConfig, need_lse:
         selection = plan(x, config)
         out, lse = _attend(x, selection, config)
         return AttentionRun(out, lse, decision, selection)
-    band = None
     if x.window is not None and x.q.device.type == "cuda":
         band = window_attention(x.q, x.k, x.v, x.scale, x.window, config.block_size, x.softcap)
-    out, lse = band or _dense(x, x.q, x.k, x.v, need_lse)
-    if lse is None:
-        lse = x.q.new_zeros(x.q.shape[:3], dtype=torch.float32)
-    return AttentionRun(out, lse, decision, None)
+        if band is not None:
+            return AttentionRun(*band, decision, None)
+    return AttentionRun(*dense_outputs(x, need_lse), decision, None)
+
+
+def dense_outputs(x: AttentionInputs, need_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention of ``x`` (`dense.dense_attention`): out [B, H, Sq, Dv] in q.dtype and lse float32
+    [B, H, Sq], zeros unless ``need_lse``."""
+    out, lse = _dense(x, x.q, x.k, x.v, need_lse)
+    return out, x.q.new_zeros(x.q.shape[:3], dtype=torch.float32) if lse is None else lse
+
+
+def triton_reason(x: AttentionInputs, config: OmniSparseConfig) -> str | None:
+    """None when every stage of the call ``x`` is a Triton kernel (`triton_attention`), else why not:
+    it runs dense (`decide`), or the fused estimator, probe, selection or forward does not take it
+    (a mask, for one). From shapes, dtypes, device and config only."""
+    decision = _decide(x, config)
+    if decision.path == "dense":
+        return f"runs dense attention ({decision.reason})"
+    params = estimation_params(config)
+    batch, heads, q_len, _ = x.q.shape
+    nq, nk = -(-q_len // config.block_size), -(-x.k.shape[2] // config.block_size)
+    # Shaped like the selection's inputs without their memory (the checks read metadata only).
+    ahat = x.q.new_empty((), dtype=torch.float32).expand(batch, heads, nq, nk)
+    allowed = x.q.new_empty((), dtype=torch.bool).expand(1, 1, nq, nk)
+    reasons = (
+        triton_composite.supported(x.q, x.k, x.attn_mask, params),
+        triton_probe.supported(x.q, x.k, x.attn_mask) if params.row_probe else None,
+        triton_select.supported(ahat, allowed),
+        triton_fwd.supported(x.q, x.k, x.v, x.attn_mask),
+    )
+    return next((reason for reason in reasons if reason is not None), None)
+
+
+def triton_attention(x: AttentionInputs, config: OmniSparseConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of the sparse method with the Triton kernels on any device (the interpreter's on the
+    CPU): `plan` and `_attend` with ``triton=True``, what `omnisparse_attention` runs on CUDA for a call
+    that `triton_reason` accepts."""
+    return _attend(x, plan(x, config, triton=True), config, triton=True)
 
 
 def omnisparse_attention_backward(

@@ -37,6 +37,11 @@ Autograd is registered: the backward is the opaque op ``omnisparse::attention_ba
 exactly the attention that ran.
 Autocast (CPU and CUDA) follows SDPA's policy: inside an autocast region the floating inputs (q, k,
 v and a float mask) are cast to the autocast dtype, so the op sees what SDPA would have seen.
+
+``torch.ops.omnisparse.sparse_attention`` (`sparse_attention`, a ``torch.library.triton_op``) is the
+op's sparse path alone for calls whose every stage is a Triton kernel (no mask, no dense decision):
+export puts it in place of the op where that is known at export time (`passes.inline_attention`),
+and AOTInductor compiles its kernels into the package, so the package runs without Python.
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ from .method import (
     omnisparse_attention,
     omnisparse_attention_backward,
     selection_stats,
+    triton_attention,
+    triton_reason,
 )
 from .recording import SiteRun, active_recorders
 
@@ -209,6 +216,35 @@ def _attention_fake(q, k, v, *_args, **_kwargs):
     batch, heads, q_len, _ = q.shape
     out = q.new_empty((batch, heads, q_len, v.shape[-1]))
     return out, q.new_empty((batch, heads, q_len), dtype=torch.float32)
+
+
+@torch.library.triton_op("omnisparse::sparse_attention", mutates_args=())
+def sparse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    is_causal: bool,
+    scale: float | None,
+    config: str,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The sparse method with every stage a Triton kernel (`method.triton_attention`): (out [B, H, Sq, D]
+    in q.dtype, lse float32 [B, H, Sq]), as `attention` without a mask for the same arguments where
+    `method.triton_reason` accepts the call, else ``ValueError`` with its reason.
+
+    q: [B, H, Sq, D]; k, v: [B, Hkv, Skv, D] (GQA when Hkv < H); ``window``: a causal sliding window
+    that cuts something (`effective_window`). Its kernels launch through `kernels.triton_utils.run_kernel`
+    (``wrap_triton`` when traced); its fake implementation is its body on fake tensors. Inference only
+    (no autograd registered).
+    """
+    cfg = OmniSparseConfig.from_json(config)
+    x = AttentionInputs(q, k, v, None, is_causal, scale, window, softcap)
+    reason = triton_reason(x, cfg)
+    if reason is not None:
+        raise ValueError(f"omnisparse.sparse_attention: {reason}")
+    out, lse = triton_attention(x, cfg)
+    return out.contiguous(), lse.contiguous()
 
 
 @torch.library.custom_op("omnisparse::attention_backward", mutates_args=())

@@ -1,10 +1,14 @@
-"""`omnicompile.export`: AOTInductor packages of a small Llama, loaded in a fresh process.
+"""`omnicompile.export`: AOTInductor packages of a small Llama, loaded in a fresh process and run
+by the C++ runner.
 
 One package per mode (dense, sparse), exported once for the module with a dynamic sequence length
-and run at two lengths by a subprocess that imports nothing of ours before loading (which must
-fail: the op needs ``import omnicompile``), then loads it with `omnicompile.load_package` and records
-what each attention call ran. Dense packages must equal the eager model, sparse ones the model compiled by the
-``omnisparse`` backend with the same config.
+and run at two lengths by a subprocess that first loads it without importing anything of ours,
+then with `omnicompile.load_package`, recording what each attention call ran. The dense package
+holds its attention as aten ops (`passes.inline_attention`): it loads without omnicompile, no op
+call runs, and the C++ runner (``cpp/run_package``, built once per session) runs it too, with the
+outputs of Python. The sparse package keeps the op (its length is dynamic): loading it without
+``import omnicompile`` fails, and so does the C++ runner. Dense packages must equal the eager
+model, sparse ones the model compiled by the ``omnisparse`` backend with the same config.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch.nn.functional as F
 
 import omnicompile
 from omnicompile import OmniSparseConfig
+from omnicompile.cpp_runner import build_runner, run_package, toolchain_reason
 from omnicompile.demos.models import build_model
 from omnicompile.export import export, export_program
 from omnicompile.loading import package_device
@@ -31,6 +36,9 @@ CONFIGS = {
 }
 LENGTHS = (80, 130)  # both >= min_seq_len; 130 ends in a partial block
 VOCAB = 512
+# Per mode: the package holds no Python op; the attention paths its calls record (none when inlined).
+PYTHON_FREE = {"dense": True, "sparse": False}
+RECORDED = {"dense": [], "sparse": ["sparse"]}
 
 # Runs in a fresh interpreter: argv = package, inputs file, outputs file.
 _LOADER = textwrap.dedent(
@@ -96,11 +104,58 @@ def test_package_runs_in_fresh_process_at_two_lengths(package, llama, tmp_path):
     mode, path = package
     assert package_device(path) == "cpu"  # so load_package applies no libstdc++ fix (tests/test_loading.py)
     result = _run_package(path, tmp_path)
-    assert "omnisparse::attention" in result["error_without_import"]
-    assert result["decisions"] == [[mode]] * len(LENGTHS)
+    if PYTHON_FREE[mode]:
+        assert result["error_without_import"] == ""
+    else:
+        assert "omnisparse::attention" in result["error_without_import"]
+    assert result["decisions"] == [RECORDED[mode]] * len(LENGTHS)
     for got, want in zip(result["logits"], _reference(llama, mode)):
         assert got.shape == want.shape
         assert rel_error(got, want) < REL_TOL[torch.float32]
+
+
+@pytest.fixture(scope="session")
+def cpp_runner(tmp_path_factory) -> Path:
+    """``run_package`` built once per session (about 15 s), or a skip saying what is missing."""
+    reason = toolchain_reason()
+    if reason is not None:
+        pytest.skip(f"cannot build the C++ runner: {reason}")
+    return build_runner(tmp_path_factory.mktemp("run_package_build"))
+
+
+def test_cpp_runner_runs_python_free_package(package, cpp_runner, tmp_path):
+    """The C++ runner's logits equal Python's for the same package and input (same kernels, same
+    process-independent math: rel err < 1e-6); a package that holds the op fails there, naming it."""
+    mode, path = package
+    ids = _input_ids(LENGTHS[1])
+    if not PYTHON_FREE[mode]:
+        with pytest.raises(subprocess.CalledProcessError) as failed:
+            run_package(cpp_runner, path, [ids], tmp_path)
+        assert "omnisparse::attention" in failed.value.stderr
+        return
+    (got,) = run_package(cpp_runner, path, [ids], tmp_path)
+    with torch.no_grad():
+        want = omnicompile.load_package(path)(input_ids=ids, use_cache=False)["logits"]
+    assert got.shape == want.shape
+    assert rel_error(got, want) < 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("package", ["dense"], indirect=True)
+def test_cpp_runner_builds_without_torch_cmake_config(package, tmp_path, monkeypatch):
+    """Where torch's CMake config fails (a CUDA torch without the CUDA toolkit), `build_runner` builds
+    against torch's include/ and lib/ folders instead (about 15 s); that runner runs the package too."""
+    if toolchain_reason() is not None:
+        pytest.skip(f"cannot build the C++ runner: {toolchain_reason()}")
+    _, path = package
+    monkeypatch.setattr(torch.utils, "cmake_prefix_path", str(tmp_path / "no_torch_config"))
+    runner = build_runner(tmp_path / "build")
+    assert runner.parent.name == "folders"
+    ids = _input_ids(LENGTHS[0])
+    (got,) = run_package(runner, path, [ids], tmp_path)
+    with torch.no_grad():
+        want = omnicompile.load_package(path)(input_ids=ids, use_cache=False)["logits"]
+    assert rel_error(got, want) < 1e-6
 
 
 def test_hand_written_attention_is_rewritten():
@@ -162,6 +217,27 @@ def test_model_without_attention_is_an_error(tmp_path):
 def test_bad_dynamic_dims_are_errors(dynamic, error, match):
     with pytest.raises(error, match=match):
         export_program(_Attention(), {"x": torch.randn(1, 48, 32), "flag": True}, dynamic=dynamic)
+
+
+@pytest.mark.parametrize(
+    "config, dynamic, route, reason",
+    [
+        (CONFIGS["dense"], {"x": {1: "seq"}}, "aten", "mode='dense'"),
+        (OmniSparseConfig(min_seq_len=64), None, "aten", "kv length 48 < min_seq_len 64"),
+        (OmniSparseConfig(block_size=16, min_seq_len=16), None, "op", "the sparse method on the CPU"),
+        (CONFIGS["sparse"], {"x": {1: "seq"}}, "op", "dynamic shapes"),
+    ],
+)
+def test_inline_routes(config, dynamic, route, reason):
+    """Static dims are static in the captured graph (only those asked for are symbolic), so the
+    routes of `passes.inline_attention` see them; the inlined program equals the model."""
+    model, x = _Attention(), torch.randn(1, 48, 32)
+    exported = export_program(model, (x,), config, dynamic=dynamic, inline=True)
+    ((got_route, got_reason),) = [(r.route, r.reason) for r in exported.inlined]
+    assert got_route == route and reason in got_reason
+    targets = {node.target for node in exported.program.graph.nodes}
+    assert (torch.ops.omnisparse.attention.default in targets) == (route == "op")
+    assert rel_error(exported.program.module()(x), model(x)) < REL_TOL[torch.float32]
 
 
 def test_positional_input_with_two_dynamic_dims():

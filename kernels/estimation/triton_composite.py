@@ -47,6 +47,7 @@ from ..triton_utils import (
     normaliser,
     online_stats,
     qk_reason,
+    run_kernel,
     score_constexprs,
     soft_cap,
     tile_dot,
@@ -102,7 +103,9 @@ def estimate_blocks(
     q_means, k_means = composite_means(q, group), composite_means(k, group)
     ahat = torch.empty(batch, heads, nq, nk, dtype=torch.float32, device=q.device)
     u_tiles = triton.cdiv(nq * per_block, block_u)
-    composite_kernel[(batch * heads * u_tiles,)](
+    run_kernel(
+        composite_kernel,
+        (batch * heads * u_tiles,),
         q_means,
         k_means,
         ahat,

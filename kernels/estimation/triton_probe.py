@@ -38,6 +38,7 @@ from ..triton_utils import (
     normaliser,
     online_stats,
     qk_reason,
+    run_kernel,
     score_constexprs,
     soft_cap,
     tile_dot,
@@ -113,12 +114,15 @@ def probe_block_mass(
         num_stages=cfg.num_stages,
     )
     cap = (softcap or 1.0) * LOG2E  # base 2; read only when SOFTCAP
-    rows = (q, k, q.stride(), k.stride(), (heads, q_len, kv_len, nq, r_tiles), scale * LOG2E, cap)
+    # Flat scalars (no tuples): Inductor compiles a traced launch's arguments one by one.
+    rows = (q, k, *q.stride(), *k.stride(), heads, q_len, kv_len, nq, r_tiles, scale * LOG2E, cap)
     # window: read only when WINDOWED
     split_args = (0 if window is None else window, splits, tiles_per_split)
     # The statistics of every split, then the masses (they need every split's statistics).
     for mass in (False, True):
-        probe_kernel[grid](
+        run_kernel(
+            probe_kernel,
+            grid,
             *rows,
             *split_args,
             stats,
@@ -173,12 +177,32 @@ def _scores(
 
 
 @triton.jit
+def _program_tile(heads, nq, r_tiles, BLOCK_R: tl.constexpr):
+    """This program's (batch, head, row tile), its query blocks ``offs_i`` and their row index in a
+    [B, H, nq] layout. Program order, fastest first: head (heads of a KV group share key tiles in L2),
+    row tile (last first: causal tiles near the end are the longest), batch; then the key split.
+    No pointers: the stores' addresses derive from it, and torch's mutation analysis of a traced launch
+    takes every argument of a called function as reaching its results."""
+    pid = tl.program_id(0)
+    head = (pid % heads).to(tl.int64)
+    rest = pid // heads
+    tile = r_tiles - 1 - rest % r_tiles
+    batch = (rest // r_tiles).to(tl.int64)
+    offs_i = tile * BLOCK_R + tl.arange(0, BLOCK_R)
+    return batch, head, tile, offs_i, (batch * heads + head) * nq + offs_i
+
+
+@triton.jit
 def _probe_rows(
     Q,
     K,
     q_strides,
     k_strides,
     sizes,
+    batch,
+    head,
+    tile,
+    offs_i,
     window,
     tiles_per_split,
     GQA: tl.constexpr,
@@ -190,20 +214,11 @@ def _probe_rows(
     IS_CAUSAL: tl.constexpr,
     WINDOWED: tl.constexpr,
 ):
-    """This program's probe rows (query blocks ``offs_i``, rows ``rows``, their q [BLOCK_R,
-    HEAD_DIM_PAD]), its key head's base pointer, the row index of (batch, head, offs_i) in a
-    [B, H, nq] layout, its split's key tiles [split_first, split_first + tiles_per_split) and the
-    part [lo, hi) of them the rows may see. ``sizes``: (heads, q_len, kv_len, nq, r_tiles)."""
+    """The probe rows of (batch, head, row ``tile``: query blocks ``offs_i``; `_program_tile`): rows
+    ``rows`` and their q [BLOCK_R, HEAD_DIM_PAD], the key head's base pointer, the split's key tiles
+    [split_first, split_first + tiles_per_split) and the part [lo, hi) of them the rows may see.
+    ``sizes``: (heads, q_len, kv_len, nq, r_tiles)."""
     heads, q_len, kv_len, nq, r_tiles = sizes
-    # Program order, fastest first: head (heads of a KV group share key tiles in L2), row tile
-    # (last first: causal tiles near the end are the longest), batch; then the key split.
-    pid = tl.program_id(0)
-    head = (pid % heads).to(tl.int64)
-    rest = pid // heads
-    tile = r_tiles - 1 - rest % r_tiles
-    batch = (rest // r_tiles).to(tl.int64)
-
-    offs_i = tile * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = offs_i < nq
     rows = tl.minimum((offs_i + 1) * BLOCK_SIZE, q_len) - 1  # rows past nq clamp to the last row
     offs_d = tl.arange(0, HEAD_DIM_PAD)
@@ -214,7 +229,6 @@ def _probe_rows(
         other=0.0,
     )
     k_base = K + batch * k_strides[0] + (head // GQA) * k_strides[1] + offs_d[None, :] * k_strides[3]
-    row_index = (batch * heads + head) * nq + offs_i
 
     # Key tiles the row tile sees: [first, visited). Causal: up to its last row; window: from the
     # tile of the first key its first row sees (numerators kept >= 0 for integer division).
@@ -230,16 +244,26 @@ def _probe_rows(
     split_first = tl.program_id(1) * tiles_per_split
     lo = tl.maximum(first, split_first)
     hi = tl.minimum(visited, split_first + tiles_per_split)
-    return offs_i, row_ok, rows, q_rows, k_base, row_index, split_first, lo, hi
+    return row_ok, rows, q_rows, k_base, split_first, lo, hi
 
 
 @triton.jit
 def probe_kernel(
     Q,
     K,
-    q_strides,
-    k_strides,
-    sizes,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    heads,
+    q_len,
+    kv_len,
+    nq,
+    r_tiles,
     qk_scale,
     softcap,
     window,
@@ -267,11 +291,14 @@ def probe_kernel(
     into STATS [2, B, H, nq, splits] (the max, then the sum); MASS=True the rows' block masses into
     OUT [B, H, nq, nk] (mixed into it with MIX)."""
     BLOCKS_J: tl.constexpr = BLOCK_N // BLOCK_SIZE
-    offs_i, row_ok, rows, q_rows, k_base, row_index, split_first, lo, hi = _probe_rows(
-        Q, K, q_strides, k_strides, sizes, window, tiles_per_split,
+    q_strides = (stride_qb, stride_qh, stride_qm, stride_qd)
+    k_strides = (stride_kb, stride_kh, stride_kn, stride_kd)
+    sizes = (heads, q_len, kv_len, nq, r_tiles)
+    batch, head, tile, offs_i, row_index = _program_tile(heads, nq, r_tiles, BLOCK_R)
+    row_ok, rows, q_rows, k_base, split_first, lo, hi = _probe_rows(
+        Q, K, q_strides, k_strides, sizes, batch, head, tile, offs_i, window, tiles_per_split,
         GQA, BLOCK_SIZE, BLOCK_R, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, IS_CAUSAL, WINDOWED,
     )  # fmt: skip
-    stride_kn, kv_len = k_strides[2], sizes[2]
     if MASS:
         # The rows' max and sum over every split (a split that saw nothing holds -inf, 0).
         offs_s = tl.arange(0, SPLITS_PAD)

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..triton_utils import interpreting
+from ..triton_utils import interpreting, run_kernel
 from .block_selection import BlockSelection
 from .params import SelectionCall, SelectionParams
 from .reference import MASS_SLACK, check_estimate
@@ -94,24 +94,27 @@ def select_blocks(
     check_estimate(ahat, params.block_size, call)
     num_kv_heads, is_causal, q_len, kv_len = call
     batch, heads, nq, nk = ahat.shape
-    allowed = allowed.expand(batch, heads, nq, nk)
     rows = batch * heads * nq
     block_n = triton.next_power_of_2(nk)
     num_warps = min(16, max(1, block_n // 512))
-    row_args = (ahat.stride(), allowed.stride(), heads, nq, nk, params.n_sink, params.n_local)
+    # Flat scalars (no tuples): Inductor compiles a traced launch's arguments one by one.
+    allowed_strides = _broadcast_strides(allowed, ahat.shape)
+    row_args = (*ahat.stride(), *allowed_strides, heads, nq, nk, params.n_sink, params.n_local)
 
     need = torch.empty(batch, heads, nq, dtype=torch.int32, device=ahat.device)
     lazy = torch.empty(batch, heads, nq, dtype=torch.bool, device=ahat.device)
     num_forced = torch.empty_like(need)
     num_available = torch.empty_like(need)
-    _need_kernel[(rows,)](
+    run_kernel(
+        _need_kernel,
+        (rows,),
         ahat,
         allowed,
         need,
         lazy,
         num_forced,
         num_available,
-        row_args,
+        *row_args,
         params.tau + MASS_SLACK,
         params.lazy_threshold,
         IS_CAUSAL=is_causal,
@@ -122,7 +125,9 @@ def select_blocks(
     )
     take = torch.empty_like(need)
     final_lazy = torch.empty_like(lazy)
-    _take_kernel[(batch * heads,)](
+    run_kernel(
+        _take_kernel,
+        (batch * heads,),
         need,
         lazy,
         num_forced,
@@ -142,13 +147,15 @@ def select_blocks(
 
     kv_indices = torch.empty(batch, heads, nq, nk, dtype=torch.int32, device=ahat.device)
     kv_num_blocks = torch.empty_like(need)
-    _select_kernel[(rows,)](
+    run_kernel(
+        _select_kernel,
+        (rows,),
         ahat,
         allowed,
         take,
         kv_indices,
         kv_num_blocks,
-        row_args,
+        *row_args,
         IS_CAUSAL=is_causal,
         BLOCK_N=block_n,
         num_warps=num_warps,
@@ -164,6 +171,15 @@ def select_blocks(
     )
 
 
+def _broadcast_strides(t: Tensor, shape: torch.Size) -> tuple[int, ...]:
+    """The strides of ``t`` broadcast to ``shape`` (0 along broadcast dims), without an expanded view:
+    functionalisation (a traced launch) cannot write back through one, and torch's mutation analysis
+    takes `_select_kernel` to write ``allowed`` (its scatter addresses derive from the loaded row)."""
+    strides = (0,) * (len(shape) - t.dim()) + t.stride()
+    sizes = (1,) * (len(shape) - t.dim()) + tuple(t.shape)
+    return tuple(0 if size == 1 else stride for size, stride in zip(sizes, strides))
+
+
 @triton.jit
 def _row_ptrs(base, strides, batch, head, i, offs):
     """Pointers to entries ``offs`` of row (batch, head, i) of a [B, H, nq, nk] tensor of ``strides``."""
@@ -171,12 +187,18 @@ def _row_ptrs(base, strides, batch, head, i, offs):
 
 
 @triton.jit
-def _load_row(AHAT, ALLOWED, row_args, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Row index and [BLOCK_N] block index, Ahat (0 past nk), forced (allowed & F pattern) and
-    available (allowed & not F pattern) of this program's (b, h, i) row. ``row_args``: (Ahat's
-    strides, allowed's strides, heads, nq, nk, n_sink, n_local), the kernels' shared arguments."""
-    ahat_strides, allowed_strides, heads, nq, nk, n_sink, n_local = row_args
-    row = tl.program_id(0)
+def _load_row(
+    AHAT, ALLOWED, row, stride_ab, stride_ah, stride_ai, stride_aj,
+    stride_lb, stride_lh, stride_li, stride_lj, heads, nq, nk, n_sink, n_local,
+    IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """[BLOCK_N] block index, Ahat (0 past nk), forced (allowed & F pattern) and available (allowed &
+    not F pattern) of the (b, h, i) row ``row`` (the program id, read by the kernels themselves: torch's
+    mutation analysis of a traced launch takes every argument of a called function as reaching its
+    results, and the stores' addresses derive from the row), from the kernels' shared arguments:
+    Ahat's strides, allowed's strides, heads, nq, nk, n_sink, n_local."""
+    ahat_strides = (stride_ab, stride_ah, stride_ai, stride_aj)
+    allowed_strides = (stride_lb, stride_lh, stride_li, stride_lj)
     i = row % nq
     head = ((row // nq) % heads).to(tl.int64)
     batch = (row // (nq * heads)).to(tl.int64)
@@ -190,7 +212,7 @@ def _load_row(AHAT, ALLOWED, row_args, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.cons
     else:
         first = i - n_local // 2
     pattern = (offs < n_sink) | ((offs >= first) & (offs < first + n_local))
-    return row, offs, value, allowed & pattern, allowed & ~pattern
+    return offs, value, allowed & pattern, allowed & ~pattern
 
 
 @triton.jit
@@ -201,7 +223,19 @@ def _need_kernel(
     LAZY,
     NUM_FORCED,
     NUM_AVAILABLE,
-    row_args,
+    stride_ab,
+    stride_ah,
+    stride_ai,
+    stride_aj,
+    stride_lb,
+    stride_lh,
+    stride_li,
+    stride_lj,
+    heads,
+    nq,
+    nk,
+    n_sink,
+    n_local,
     mass_target,
     lazy_threshold,
     IS_CAUSAL: tl.constexpr,
@@ -209,7 +243,11 @@ def _need_kernel(
     TAKE_ALL: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    row, _, value, forced, available = _load_row(AHAT, ALLOWED, row_args, IS_CAUSAL, BLOCK_N)
+    row = tl.program_id(0)
+    _, value, forced, available = _load_row(
+        AHAT, ALLOWED, row, stride_ab, stride_ah, stride_ai, stride_aj,
+        stride_lb, stride_lh, stride_li, stride_lj, heads, nq, nk, n_sink, n_local, IS_CAUSAL, BLOCK_N,
+    )  # fmt: skip
     local = tl.sum(tl.where(forced, value, 0.0))
     lazy = (local >= lazy_threshold) & QUERY_SELECTION
     num_available = tl.sum(available.to(tl.int32))
@@ -248,19 +286,36 @@ def _select_kernel(
     TAKE,
     KV_INDICES,
     KV_NUM_BLOCKS,
-    row_args,
+    stride_ab,
+    stride_ah,
+    stride_ai,
+    stride_aj,
+    stride_lb,
+    stride_lh,
+    stride_li,
+    stride_lj,
+    heads,
+    nq,
+    nk,
+    n_sink,
+    n_local,
     IS_CAUSAL: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    row, offs, value, forced, available = _load_row(AHAT, ALLOWED, row_args, IS_CAUSAL, BLOCK_N)
-    nk = row_args[4]
+    row = tl.program_id(0)
+    offs, value, forced, available = _load_row(
+        AHAT, ALLOWED, row, stride_ab, stride_ah, stride_ai, stride_aj,
+        stride_lb, stride_lh, stride_li, stride_lj, heads, nq, nk, n_sink, n_local, IS_CAUSAL, BLOCK_N,
+    )  # fmt: skip
     take = tl.load(TAKE + row)
     # Order-preserving int32 key of any float (negatives: flip the magnitude bits), -0.0 as +0.0.
     bits = tl.where(value == 0.0, 0.0, value).to(tl.int32, bitcast=True)
     key = tl.where(available, bits ^ ((bits >> 31) & 0x7FFFFFFF), _INT_MIN)
     # The take-th largest key: the largest P with #(key >= P) >= take, sign bit first.
     kth = tl.where(tl.sum((key >= 0).to(tl.int32)) >= take, 0, _INT_MIN)
-    for b in tl.static_range(31):
+    # A loop, not unrolled: the scatter's addresses depend on kth, and torch's mutation analysis of a
+    # traced launch (``wrap_triton``) walks every path through an unrolled chain (2^31 here).
+    for b in range(31):
         candidate = kth | (1 << (30 - b))
         kth = tl.where(tl.sum((key >= candidate).to(tl.int32)) >= take, candidate, kth)
     above = key > kth

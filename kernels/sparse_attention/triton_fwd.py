@@ -50,6 +50,7 @@ from ..triton_utils import (
     head_dim_reason,
     interpreting,
     needs_fp32_dot,
+    run_kernel,
     soft_cap,
     softmax_finish,
     softmax_step,
@@ -158,7 +159,9 @@ def sparse_attention(
 
     nq = selection.num_q_blocks
     grid = (batch * heads * nq * (b // cfg.block_m),)
-    sparse_fwd_kernel[grid](
+    run_kernel(
+        sparse_fwd_kernel,
+        grid,
         q,
         k,
         v,
