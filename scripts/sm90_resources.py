@@ -34,7 +34,7 @@ from omnicompile.kernels.triton_utils import head_dim_pad  # noqa: E402
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 FP32_SCALARS = {"qk_scale", "scale", "mask_floor", "softcap"}
 FP32_POINTERS = {"LSE", "LSE2", "DELTA", "DK32", "DV32", "AHAT", "STATS", "OUT", "MID_O", "MID_LSE"}
-INT_POINTERS = {"KV_NUM", "KV_IDX", "ORDER", "Q_NUM", "Q_IDX", "OFFSETS", "LENGTHS"}
+INT_POINTERS = {"KV_NUM", "KV_IDX", "ORDER", "Q_NUM", "Q_IDX", "OFFSETS", "LENGTHS", "TAIL_LENGTH"}
 INT_SCALARS = {"KV_HEADS", "BATCH_KV_HEADS"}
 # Stride tuples (`*_strides`: 4 strides, `num_strides` 3) whose last stride is 1 (the head dim).
 UNIT_LAST_STRIDE = {"q_strides", "k_strides", "v_strides", "do_strides", "dq_strides"}
