@@ -45,8 +45,9 @@ from ..triton_utils import (
 )
 from .launch import LaunchConfig, default_launch
 
-# Splits per row at most: the mass kernel holds a row tile's split statistics in registers.
-MAX_SPLITS = 256
+# Split statistics per row tile at most (rows x splits): the mass kernel holds them in registers;
+# 64 rows x 64 splits take 96-178 registers at D 64-256 without spills (sm_90, scripts/sm90_resources.py).
+MAX_SPLIT_STATS = 4096
 
 
 def supported(q: Tensor, k: Tensor, attn_mask: Tensor | None) -> str | None:
@@ -98,7 +99,8 @@ def probe_block_mass(
             f"triton probe_block_mass: ahat {tuple(ahat.shape)} is not a contiguous {(batch, heads, nq, nk)}"
         )
     key_tiles = triton.cdiv(nk * block_size, block_n)
-    tiles_per_split = max(triton.cdiv(cfg.split_n, block_n), triton.cdiv(key_tiles, MAX_SPLITS))
+    max_splits = max(1, MAX_SPLIT_STATS // cfg.block_r)
+    tiles_per_split = max(triton.cdiv(cfg.split_n, block_n), triton.cdiv(key_tiles, max_splits))
     splits = triton.cdiv(key_tiles, tiles_per_split)
     r_tiles = triton.cdiv(nq, cfg.block_r)
     stats = torch.empty(2, batch, heads, nq, splits, dtype=torch.float32, device=q.device)
