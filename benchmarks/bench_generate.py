@@ -75,9 +75,10 @@ def _cache_bytes(cache) -> int:
 
 def _generate(model, ids: torch.Tensor, cache, new: int, compile_config: CompileConfig | None, clock=None):
     """Greedy tokens [new] of ``ids`` [1, S]; ``compile_config`` None: eager."""
-    out = model.generate(
-        ids, past_key_values=cache, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-        pad_token_id=0, streamer=clock, disable_compile=compile_config is None, compile_config=compile_config,
+    out = model.generate(  # the mask given: a token equal to pad_token_id is not padding
+        ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=new,
+        min_new_tokens=new, do_sample=False, pad_token_id=0, streamer=clock,
+        disable_compile=compile_config is None, compile_config=compile_config,
     )  # fmt: skip
     return out[0, ids.shape[1] :].tolist()
 

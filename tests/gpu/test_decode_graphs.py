@@ -86,7 +86,8 @@ def test_generate_replays_compiled_decode_steps_from_cuda_graphs():
     growing tail's tokens, Inductor's CUDA graphs used (no cudagraph skip), one graph for two calls."""
     model = build_model("llama-tiny", attn_implementation=ATTN_IMPLEMENTATION, device="cuda")
     ids = torch.randint(0, model.config.vocab_size, (1, PROMPT), device="cuda")
-    kwargs = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    # the mask given: without it transformers 5.17 reads the random ids equal to pad_token_id as padding
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
     want = model.generate(ids, past_key_values=SlimKVCache(model.config, CONFIG), **kwargs)
     torch._dynamo.reset()
     counters.clear()
