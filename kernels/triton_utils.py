@@ -108,6 +108,14 @@ def score_constexprs(
 
 
 @triton.jit
+def as_fp32(x):
+    """A float scalar argument as fp32. AOTInductor types a Python float it passes to a user kernel
+    fp64 (torch's ``_use_fp64_for_unbacked_floats``), which would make the online statistics
+    derived from it fp64 and fail the loops' type check."""
+    return tl.cast(x, tl.float32)
+
+
+@triton.jit
 def tile_dot(a, b, acc, FP32_DOT: tl.constexpr):
     """``a @ b (+ acc)`` with fp32 accumulation; FP32_DOT (`needs_fp32_dot`): in exact fp32."""
     if FP32_DOT:

@@ -29,6 +29,7 @@ try:
         LOG2E,
         LOG2E_JIT,
         MAX_HEAD_DIM,
+        as_fp32,
         head_dim_pad,
         interpreting,
         needs_fp32_dot,
@@ -117,6 +118,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         FP32_DOT: tl.constexpr,
     ):
+        qk_scale = as_fp32(qk_scale)
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = bh // num_kv_heads

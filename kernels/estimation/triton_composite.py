@@ -44,6 +44,7 @@ from ..masks import check_window, resolve_scale
 from ..softcap import check_softcap
 from ..triton_utils import (
     LOG2E,
+    as_fp32,
     normaliser,
     online_stats,
     qk_reason,
@@ -352,6 +353,7 @@ def composite_kernel(
     # (last first: causal tiles near the end are the longest), batch.
     BLOCKS_I: tl.constexpr = BLOCK_U // PER_BLOCK
     BLOCKS_J: tl.constexpr = BLOCK_W // PER_BLOCK
+    qk_scale, softcap = as_fp32(qk_scale), as_fp32(softcap)
     pid = tl.program_id(0)
     head = (pid % heads).to(tl.int64)
     rest = pid // heads

@@ -35,6 +35,7 @@ from ..masks import check_window
 from ..softcap import check_softcap
 from ..triton_utils import (
     LOG2E,
+    as_fp32,
     normaliser,
     online_stats,
     qk_reason,
@@ -293,6 +294,7 @@ def probe_kernel(
     into STATS [2, B, H, nq, splits] (the max, then the sum); MASS=True the rows' block masses into
     OUT [B, H, nq, nk] (mixed into it with MIX)."""
     BLOCKS_J: tl.constexpr = BLOCK_N // BLOCK_SIZE
+    qk_scale, softcap = as_fp32(qk_scale), as_fp32(softcap)
     q_strides = (stride_qb, stride_qh, stride_qm, stride_qd)
     k_strides = (stride_kb, stride_kh, stride_kn, stride_kd)
     sizes = (heads, q_len, kv_len, nq, r_tiles)

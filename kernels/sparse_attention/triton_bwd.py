@@ -42,6 +42,7 @@ from ..softcap import check_softcap
 from ..triton_utils import (
     LOG2E,
     LOG2E_JIT,
+    as_fp32,
     head_dim_pad,
     head_dim_reason,
     interpreting,
@@ -227,6 +228,7 @@ def dq_kernel(
 ):
     # Program order, fastest first: head within its GQA group (the group shares K/V blocks, read
     # from L2), query tile from the last (causal rows near the end are the longest), KV head, batch.
+    qk_scale, softcap, mask_floor = as_fp32(qk_scale), as_fp32(softcap), as_fp32(mask_floor)
     pid = tl.program_id(0)
     g = pid % GROUP
     rest = pid // GROUP
@@ -363,6 +365,7 @@ def dkdv_kernel(
     # Program order, fastest first: (batch, KV head), key tile, chunk. Low key blocks (the sink,
     # and under causal masking the blocks most query blocks may choose) start first; programs of
     # later chunks are mostly empty and return after reading the counts.
+    qk_scale, softcap, mask_floor = as_fp32(qk_scale), as_fp32(softcap), as_fp32(mask_floor)
     pid = tl.program_id(0)
     bhk = pid % BATCH_KV_HEADS
     rest = pid // BATCH_KV_HEADS

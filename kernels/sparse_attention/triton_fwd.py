@@ -46,6 +46,7 @@ from ..softcap import check_softcap
 from ..triton_utils import (
     LOG2E,
     LOG2E_JIT,
+    as_fp32,
     head_dim_pad,
     head_dim_reason,
     interpreting,
@@ -461,6 +462,7 @@ def sparse_fwd_kernel(
     # of (batch, KV head, query block) units (`launch.unit_order`), or without ORDERED the causal
     # order (each (batch, KV head)'s last query block first).
     m_split: tl.constexpr = SPARSE_BLOCK // BLOCK_M
+    qk_scale, softcap, mask_floor = as_fp32(qk_scale), as_fp32(softcap), as_fp32(mask_floor)
     pid = tl.program_id(0)
     g = pid % GROUP
     rest = pid // GROUP
