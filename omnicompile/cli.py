@@ -183,8 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--model", default="smollm2-135m", help="a pretrained name of omnicompile.demos.models")
     ev.add_argument("--lengths", type=int, nargs="+", default=[4096])
-    ev.add_argument("--scopes", nargs="+", default=["heads"], choices=["heads", "kv_group", "head"])
-    ev.add_argument("--taus", type=float, nargs="+", default=[0.95])
+    default = OmniSparseConfig()  # the grid's default: the default config's scope and tau
+    ev.add_argument(
+        "--scopes", nargs="+", default=[default.budget_scope], choices=["heads", "kv_group", "head"]
+    )
+    ev.add_argument("--taus", type=float, nargs="+", default=[default.tau])
     ev.add_argument("--depths", type=int, default=10, help="passkey depths per length (0: none)")
     ev.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
