@@ -87,7 +87,13 @@ def test_generate_replays_compiled_decode_steps_from_cuda_graphs():
     model = build_model("llama-tiny", attn_implementation=ATTN_IMPLEMENTATION, device="cuda")
     ids = torch.randint(0, model.config.vocab_size, (1, PROMPT), device="cuda")
     # the mask given: without it transformers 5.17 reads the random ids equal to pad_token_id as padding
-    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    kwargs = dict(
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=NEW,
+        min_new_tokens=NEW,
+        do_sample=False,
+        pad_token_id=0,
+    )
     want = model.generate(ids, past_key_values=SlimKVCache(model.config, CONFIG), **kwargs)
     torch._dynamo.reset()
     counters.clear()
