@@ -145,7 +145,7 @@ def test_triton_route_traces_into_kernel_launches(tmp_path):
         [name, writes, [], True]
         for name, writes in (
             ("composite_kernel", ["AHAT"]),
-            ("probe_kernel", ["STATS"]),
+            ("probe_kernel", ["LSE", "STATS"]),
             ("probe_kernel", ["OUT"]),
             ("_need_kernel", ["LAZY", "NEED", "NUM_AVAILABLE", "NUM_FORCED"]),
             ("_take_kernel", ["LAZY_OUT", "TAKE"]),

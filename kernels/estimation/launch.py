@@ -40,7 +40,8 @@ def default_launch(head_dim: int, windowed: bool) -> LaunchConfig:
     registers at D <= 128 without a window, but 254-255 at D = 256 or with the window's band counts;
     64 x 32 tiles take 127-168 there. The row probe's tiles are the field defaults: 64 probe rows a
     program (an H100 sweep, `bench_prefill.py --sweep`, 2026-12-07: 0.37 -> 0.21 ms at SmolLM2's
-    shapes at 32K, 24.5 -> 8.6 ms at H 32 / D 128 at 128K, against 16 rows)."""
+    shapes at 32K, 24.5 -> 8.6 ms at H 32 / D 128 at 128K, against 16 rows; 6.6 ms with the one-pass
+    probe, same sweep)."""
     if windowed or head_dim_pad(head_dim) > 128:
         return LaunchConfig(block_w=32)
     return LaunchConfig()

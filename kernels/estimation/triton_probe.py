@@ -6,14 +6,19 @@ are cut into splits of ``split_n`` keys so that a row's work spreads over many p
 program per (batch, query head, tile of ``BLOCK_R`` probe rows, key split)); a program walks its
 split in steps of ``BLOCK_N`` keys. One kernel, `probe_kernel`, launched twice:
 
-1. ``MASS=False``: each program's online-softmax statistics of its rows over its split
-   (base-2 max and sum over the allowed keys: causal c <= r_i, window r_i - window < c, c < Skv),
-   stored per (row, split) [B, H, nq, n_splits];
-2. ``MASS=True``: each program merges its rows' split statistics into the row's max and sum,
-   rescores its split and stores the normalised probabilities summed per key block (``BLOCK_N`` is
-   a multiple of b) straight into the [B, H, nq, nk] output; with ``MIX`` it stores
-   ``(ahat + mass) / 2`` for rows that see a key and ``ahat`` elsewhere (`reference.with_row_probe`).
+1. ``MASS=False`` (scores each allowed key once): the base-2 log-sum-exp of every (row, key block)
+   over its allowed keys (causal c <= r_i, window r_i - window < c, c < Skv; -inf for a block the
+   row cannot see) into ``LSE`` [B, H, nq, nk] (the output itself, or a scratch when mixing), and
+   the split's online-softmax statistics of those block sums (max and sum) per (row, split)
+   [B, H, nq, n_splits];
+2. ``MASS=True`` (no scores: loads, exp2 and stores): each program merges its rows' split statistics
+   into the row's log-sum-exp and stores each block's probability exp2(lse_b - lse_row) into the
+   [B, H, nq, nk] output; with ``MIX`` it stores ``(ahat + mass) / 2`` for rows that see a key and
+   ``ahat`` elsewhere (`reference.with_row_probe`).
 
+Before 2026-12-07 the second launch re-scored every key with the merged statistics (the two
+launches cost two QK^T passes over the probe rows); the block log-sum-exps make the second one a
+memory pass.
 Splitting the keys keeps every program's loop short: one program per row tile over all 32K keys
 was a 1024-step serial chain (0.85 ms a layer at 32K on an H100, 2026-12-06, nearly as long as the
 sparse attention it serves). Key tiles a row tile never sees (past its last row when causal; before
@@ -106,6 +111,7 @@ def probe_block_mass(
     r_tiles = triton.cdiv(nq, cfg.block_r)
     stats = torch.empty(2, batch, heads, nq, splits, dtype=torch.float32, device=q.device)
     out = torch.empty(batch, heads, nq, nk, dtype=torch.float32, device=q.device) if ahat is None else ahat
+    block_lse = out if ahat is None else torch.empty_like(out)  # ahat is read by the mix: a scratch
     grid = (batch * heads * r_tiles, splits)
     common = dict(
         GQA=heads // kv_heads,
@@ -121,7 +127,8 @@ def probe_block_mass(
     rows = (q, k, *q.stride(), *k.stride(), heads, q_len, kv_len, nq, r_tiles, scale * LOG2E, cap)
     # window: read only when WINDOWED
     split_args = (0 if window is None else window, splits, tiles_per_split)
-    # The statistics of every split, then the masses (they need every split's statistics).
+    # The block log-sum-exps and the statistics of every split, then the masses (they need every
+    # split's statistics).
     for mass in (False, True):
         run_kernel(
             probe_kernel,
@@ -130,6 +137,7 @@ def probe_block_mass(
             *split_args,
             stats,
             stats.stride(0),
+            block_lse,
             out,
             nk,
             SPLITS_PAD=triton.next_power_of_2(splits),
@@ -196,42 +204,25 @@ def _program_tile(heads, nq, r_tiles, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
-def _probe_rows(
-    Q,
-    K,
-    q_strides,
-    k_strides,
+def _probe_span(
     sizes,
-    batch,
-    head,
     tile,
     offs_i,
     window,
     tiles_per_split,
-    GQA: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     WINDOWED: tl.constexpr,
 ):
-    """The probe rows of (batch, head, row ``tile``: query blocks ``offs_i``; `_program_tile`): rows
-    ``rows`` and their q [BLOCK_R, HEAD_DIM_PAD], the key head's base pointer, the split's key tiles
-    [split_first, split_first + tiles_per_split) and the part [lo, hi) of them the rows may see.
+    """The probe rows of row ``tile`` (query blocks ``offs_i``; `_program_tile`): which are real
+    (``row_ok``), their row index ``rows``, this program's split of key tiles [split_first,
+    split_first + tiles_per_split) and the part [lo, hi) of it the rows may see.
     ``sizes``: (heads, q_len, kv_len, nq, r_tiles)."""
     heads, q_len, kv_len, nq, r_tiles = sizes
     row_ok = offs_i < nq
     rows = tl.minimum((offs_i + 1) * BLOCK_SIZE, q_len) - 1  # rows past nq clamp to the last row
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    q_base = Q + batch * q_strides[0] + head * q_strides[1]
-    q_rows = tl.load(
-        q_base + rows[:, None] * q_strides[2] + offs_d[None, :] * q_strides[3],
-        mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
-        other=0.0,
-    )
-    k_base = K + batch * k_strides[0] + (head // GQA) * k_strides[1] + offs_d[None, :] * k_strides[3]
 
     # Key tiles the row tile sees: [first, visited). Causal: up to its last row; window: from the
     # tile of the first key its first row sees (numerators kept >= 0 for integer division).
@@ -247,7 +238,33 @@ def _probe_rows(
     split_first = tl.program_id(1) * tiles_per_split
     lo = tl.maximum(first, split_first)
     hi = tl.minimum(visited, split_first + tiles_per_split)
-    return row_ok, rows, q_rows, k_base, split_first, lo, hi
+    return row_ok, rows, split_first, lo, hi
+
+
+@triton.jit
+def _probe_operands(
+    Q,
+    K,
+    q_strides,
+    k_strides,
+    batch,
+    head,
+    rows,
+    row_ok,
+    GQA: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+):
+    """q [BLOCK_R, HEAD_DIM_PAD] of the probe ``rows`` of (batch, head) and the key head's base pointer."""
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    q_base = Q + batch * q_strides[0] + head * q_strides[1]
+    q_rows = tl.load(
+        q_base + rows[:, None] * q_strides[2] + offs_d[None, :] * q_strides[3],
+        mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
+    k_base = K + batch * k_strides[0] + (head // GQA) * k_strides[1] + offs_d[None, :] * k_strides[3]
+    return q_rows, k_base
 
 
 @triton.jit
@@ -274,6 +291,7 @@ def probe_kernel(
     tiles_per_split,
     STATS,
     stats_plane,
+    LSE,
     OUT,
     nk,
     GQA: tl.constexpr,
@@ -290,21 +308,20 @@ def probe_kernel(
     MIX: tl.constexpr,
     MASS: tl.constexpr,
 ):
-    """One pass over this program's key split (module docstring): MASS=False the split's statistics
-    into STATS [2, B, H, nq, splits] (the max, then the sum); MASS=True the rows' block masses into
-    OUT [B, H, nq, nk] (mixed into it with MIX)."""
+    """One pass over this program's key split (module docstring): MASS=False the block log-sum-exps
+    into LSE [B, H, nq, nk] and the split's statistics into STATS [2, B, H, nq, splits] (the max,
+    then the sum); MASS=True the rows' block masses from LSE into OUT [B, H, nq, nk] (mixed into it
+    with MIX; LSE may be OUT)."""
     BLOCKS_J: tl.constexpr = BLOCK_N // BLOCK_SIZE
     qk_scale, softcap = as_fp32(qk_scale), as_fp32(softcap)
-    q_strides = (stride_qb, stride_qh, stride_qm, stride_qd)
-    k_strides = (stride_kb, stride_kh, stride_kn, stride_kd)
     sizes = (heads, q_len, kv_len, nq, r_tiles)
     batch, head, tile, offs_i, row_index = _program_tile(heads, nq, r_tiles, BLOCK_R)
-    row_ok, rows, q_rows, k_base, split_first, lo, hi = _probe_rows(
-        Q, K, q_strides, k_strides, sizes, batch, head, tile, offs_i, window, tiles_per_split,
-        GQA, BLOCK_SIZE, BLOCK_R, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, IS_CAUSAL, WINDOWED,
-    )  # fmt: skip
+    row_ok, rows, split_first, lo, hi = _probe_span(
+        sizes, tile, offs_i, window, tiles_per_split, BLOCK_SIZE, BLOCK_R, BLOCK_N, IS_CAUSAL, WINDOWED
+    )
+    row_offset = row_index[:, None].to(tl.int64) * nk
     if MASS:
-        # The rows' max and sum over every split (a split that saw nothing holds -inf, 0).
+        # The rows' log-sum-exp over every split (a split that saw nothing holds -inf, 0).
         offs_s = tl.arange(0, SPLITS_PAD)
         stat = STATS + row_index[:, None] * splits + offs_s[None, :]
         stat_ok = row_ok[:, None] & (offs_s[None, :] < splits)
@@ -315,26 +332,25 @@ def probe_kernel(
         l_i = tl.sum(l_s * tl.math.exp2(m_s - m_safe[:, None]), 1)
         m_shift, inv_l = normaliser(m_i, l_i)  # rows that see no key get zeros
         seen = l_i > 0.0
-
-        out_base = OUT + row_index[:, None].to(tl.int64) * nk
         for t in tl.range(split_first, split_first + tiles_per_split):
+            offs_j = t * BLOCKS_J + tl.arange(0, BLOCKS_J)
+            ok = row_ok[:, None] & (offs_j[None, :] < nk)
             if (t >= lo) & (t < hi):
-                s = _scores(
-                    q_rows, k_base, t * BLOCK_N, rows, stride_kn, kv_len, qk_scale, softcap, window,
-                    BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, IS_CAUSAL, WINDOWED, SOFTCAP, FP32_DOT,
-                )  # fmt: skip
-                p = tl.math.exp2(s - m_shift[:, None]) * inv_l[:, None]
-                mass = tl.sum(tl.reshape(p, [BLOCK_R, BLOCKS_J, BLOCK_SIZE]), 2)
+                lse_b = tl.load(LSE + row_offset + offs_j[None, :], mask=ok, other=float("-inf"))
+                mass = tl.math.exp2(lse_b - m_shift[:, None]) * inv_l[:, None]
             else:
                 mass = tl.zeros([BLOCK_R, BLOCKS_J], dtype=tl.float32)
-            offs_j = t * BLOCKS_J + tl.arange(0, BLOCKS_J)
-            ptrs = out_base + offs_j[None, :]
-            ok = row_ok[:, None] & (offs_j[None, :] < nk)
+            ptrs = OUT + row_offset + offs_j[None, :]
             if MIX:
                 ahat = tl.load(ptrs, mask=ok, other=0.0)
                 mass = tl.where(seen[:, None], (ahat + mass) * 0.5, ahat)
             tl.store(ptrs, mass, mask=ok)
     else:
+        q_strides = (stride_qb, stride_qh, stride_qm, stride_qd)
+        k_strides = (stride_kb, stride_kh, stride_kn, stride_kd)
+        q_rows, k_base = _probe_operands(
+            Q, K, q_strides, k_strides, batch, head, rows, row_ok, GQA, HEAD_DIM, HEAD_DIM_PAD
+        )
         m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
         for t in tl.range(lo, hi):
@@ -342,7 +358,13 @@ def probe_kernel(
                 q_rows, k_base, t * BLOCK_N, rows, stride_kn, kv_len, qk_scale, softcap, window,
                 BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, IS_CAUSAL, WINDOWED, SOFTCAP, FP32_DOT,
             )  # fmt: skip
-            m_i, l_i = online_stats(m_i, l_i, s)
+            s = tl.reshape(s, [BLOCK_R, BLOCKS_J, BLOCK_SIZE])
+            m_b = tl.max(s, 2)
+            l_b = tl.sum(tl.math.exp2(s - tl.where(m_b == float("-inf"), 0.0, m_b)[:, :, None]), 2)
+            lse_b = tl.where(l_b > 0.0, m_b + tl.math.log2(tl.where(l_b > 0.0, l_b, 1.0)), float("-inf"))
+            offs_j = t * BLOCKS_J + tl.arange(0, BLOCKS_J)
+            tl.store(LSE + row_offset + offs_j[None, :], lse_b, mask=row_ok[:, None] & (offs_j[None, :] < nk))
+            m_i, l_i = online_stats(m_i, l_i, lse_b)  # a block's lse stands for its keys' scores
         stat = STATS + row_index * splits + tl.program_id(1)
         tl.store(stat, m_i, mask=row_ok)
         tl.store(stat + stats_plane, l_i, mask=row_ok)
