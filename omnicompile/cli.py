@@ -79,10 +79,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .demos.models import load_pretrained
-    from .evaluate import EvalSettings, evaluate, markdown_table, plot_layers
+    from .evaluate import STUDY_BASE, EvalSettings, evaluate, markdown_table, plot_layers
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    base = {"min_seq_len": 1024, **(json.loads(args.config) if args.config else {})}
+    base = {**STUDY_BASE, **(json.loads(args.config) if args.config else {})}
     settings = EvalSettings(
         lengths=tuple(args.lengths),
         scopes=tuple(args.scopes),
@@ -194,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--rope-scaling", default=None, help='e.g. \'{"rope_type": "yarn", "factor": 4.0}\'')
     ev.add_argument("--max-position-embeddings", type=int, default=None)
     ev.add_argument(
-        "--config", default=None, help="base OmniSparseConfig fields (JSON; min_seq_len defaults to 1024)"
+        "--config",
+        default=None,
+        help="base OmniSparseConfig fields (JSON; min_seq_len 1024 and max_head_dim 256 unless given)",
     )
     ev.add_argument("--logit-chunk", type=int, default=1024, help="positions whose logits are held at once")
     ev.add_argument("--out", default="accuracy.json", help="results JSON path")

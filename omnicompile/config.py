@@ -38,6 +38,9 @@ class OmniSparseConfig:
         tau: recall target of the KV selection, in (0, 1].
         block_size: query and key block size b (a power of two, >= 16).
         min_seq_len: key sequences shorter than this run dense (logged).
+        max_head_dim: query head dims above this run dense (logged): the Triton forward at D 256
+            runs at 0.37x of cuDNN on the blocks it computes, so there the sparse path pays only
+            below ~20% density (docs/METHOD.md, "Defaults and why").
         estimator: block estimator, ``"composite"``, ``"pooled"`` or ``"antidiagonal"``.
         granularity: tokens per composite token g (divides ``block_size``).
         antidiagonal_stride: stride s of the antidiagonal estimator (divides ``block_size``).
@@ -67,7 +70,8 @@ class OmniSparseConfig:
     mode: Mode = "sparse"
     tau: float = 0.99
     block_size: int = 64
-    min_seq_len: int = 4096
+    min_seq_len: int = 16384
+    max_head_dim: int = 128
     estimator: Estimator = "composite"
     granularity: int = 16
     antidiagonal_stride: int = 8
@@ -100,7 +104,8 @@ class OmniSparseConfig:
         self._check_range("dense_fallback_density", self.dense_fallback_density, 0.0, 1.0, low_open=True)
         if self.lazy_threshold is not None:
             self._check_range("lazy_threshold", self.lazy_threshold, 0.0, 1.0, low_open=True)
-        for name in ("block_size", "granularity", "antidiagonal_stride", "query_chunk", "obs_window"):
+        positive = ("block_size", "granularity", "antidiagonal_stride", "query_chunk", "obs_window")
+        for name in (*positive, "max_head_dim"):
             self._check_int(name, minimum=1)
         for name in ("min_seq_len", "n_sink", "n_local", "min_blocks", "recent_window", "dense_last_blocks"):
             self._check_int(name, minimum=0)

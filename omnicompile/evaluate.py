@@ -37,6 +37,9 @@ _ATTN_NAME = "omnisparse_eval"
 NEEDLE = " The pass key is {key}. Remember it. "
 QUESTION = " What is the pass key? The pass key is"
 LAYER_STATS = ("density", "recall_mean", "recall_min", "lazy_fraction", "rel_error")
+# The base of every sparse config: the method on every attention the eval reaches, also where the
+# backend's defaults run dense for speed (keys under 16384, head dims above 128: METHOD.md).
+STUDY_BASE: dict[str, Any] = {"min_seq_len": 1024, "max_head_dim": 256}
 
 
 @dataclass
@@ -56,7 +59,7 @@ class EvalSettings:
     scopes: tuple[str, ...] = ("heads",)
     taus: tuple[float, ...] = (0.95,)
     depths: int = 10
-    base_config: dict[str, Any] = field(default_factory=lambda: {"min_seq_len": 1024})
+    base_config: dict[str, Any] = field(default_factory=lambda: dict(STUDY_BASE))
     logit_chunk: int = 1024
     seed: int = 0
 

@@ -114,9 +114,9 @@ def decide(
     """Dense or sparse for q [B, H, Sq, D], k [B, Hkv, Skv, D], v [B, Hkv, Skv, Dv], and why.
 
     From shapes, dtypes, device and config only (no tensor data, no synchronisation): mode, the
-    key length (a window site: its span ``min(window, Skv)``) against ``min_seq_len``, a query
-    shorter than a block (a decode step), the dtype, Dv != D, and on CUDA what the Triton prefill
-    kernel rejects (the CPU references take every input the op accepts).
+    key length (a window site: its span ``min(window, Skv)``) against ``min_seq_len``, the head dim
+    against ``max_head_dim``, a query shorter than a block (a decode step), the dtype, Dv != D, and
+    on CUDA what the Triton prefill kernel rejects (the CPU references take every input the op accepts).
     """
     reason = ""
     if config.mode == "dense":
@@ -125,6 +125,8 @@ def decide(
         reason = f"kv length {k.shape[2]} < min_seq_len {config.min_seq_len}"
     elif window is not None and window < config.min_seq_len:
         reason = f"window {window} < min_seq_len {config.min_seq_len}"
+    elif q.shape[-1] > config.max_head_dim:
+        reason = f"head dim {q.shape[-1]} > max_head_dim {config.max_head_dim}"
     elif q.shape[2] < config.block_size:
         reason = f"query length {q.shape[2]} < block_size {config.block_size} (decode step)"
     elif q.dtype not in _SUPPORTED_DTYPES:

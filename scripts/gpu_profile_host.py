@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--calls", type=int, default=30)
     args = parser.parse_args()
-    config = OmniSparseConfig().to_json()
+    config = OmniSparseConfig(min_seq_len=1024).to_json()  # the sparse path at every length
     for seq_len in args.seq_lens:
         q, k, v = structured_qkv("mixed", 1, 9, 3, seq_len, 64, dtype=torch.bfloat16, device="cuda")
 

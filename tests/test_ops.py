@@ -95,6 +95,9 @@ def test_dense_reasons():
     assert "window" in decide(*_qkv(sq=128, skv=128), None, cfg, window=32).reason
     assert decide(*_qkv(sq=64, skv=64), None, cfg) == decide(*_qkv(sq=64, skv=64), None, cfg, window=64)
     assert decide(*_qkv(sq=64, skv=64), None, cfg).path == "sparse"
+    wide = tuple(torch.zeros(1, 2, 64, 256) for _ in range(3))  # Gemma 3's head dim
+    assert decide(*wide, None, cfg).reason == "head dim 256 > max_head_dim 128"
+    assert decide(*wide, None, cfg.replace(max_head_dim=256)).path == "sparse"
 
 
 def test_dense_decision_logged_once_per_site(caplog):

@@ -69,7 +69,7 @@ def test_op_equals_dense_capped_attention(seq, window, cap, mode):
     config = (
         OmniSparseConfig(mode="dense")
         if mode == "dense"
-        else OmniSparseConfig(tau=1.0, query_selection=False)
+        else OmniSparseConfig(tau=1.0, query_selection=False, min_seq_len=1024, max_head_dim=256)
     )
     q, k, v = _qkv(seq, requires_grad=True)
     with recording(measure=False) as recorder:
