@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # One call of the pretrained-model GPU session (docs/BENCHMARKS.md, docs/ACCURACY.md): receive one
 # model piece (scripts/gpu_models.sh), install the checkout, run this call's step; results to $OUT.
-#   bash scripts/gpu_models_run.sh PIECE STEP
+#   bash scripts/gpu_models_run.sh PIECE STEP [PYTEST_K]
 # STEP: kernels (GPU tests of the kernels, schedules and CUDA graphs; timings at the models' head dims
 # at 32K and of both schedules) | smollm2 (end-to-end
 # prefill, profiled) | smollm2-graphs (the same compiled with mode="reduce-overhead") | rope (SmolLM2
 # 32K under YaRN vs dynamic NTK) | gemma (end-to-end prefill + 32K eval with passkeys) | host (host time
 # of one op call, scripts/gpu_profile_host.py) | suite (host time, against .gpu/base; launch sweeps; GPU tests) |
 # varlen (chunked prefill and packed batch, benchmarks/bench_varlen.py) | generate (decode under CUDA
-# graphs through generate: tests/gpu/test_decode_graphs.py, benchmarks/bench_generate.py) | none (only receive).
+# graphs through generate: tests/gpu/test_decode_graphs.py, benchmarks/bench_generate.py) | prefill (GPU
+# kernel tests; issue 16's op timing 32K-256K; probe sweep against .gpu/base) | gemma-default (Gemma 3
+# end to end, default config) | packages (tests/gpu/test_packages.py, -k PYTEST_K) | none (only receive).
 # The call's `carry`: .gpu/whl, .gpu/models.sha256 and .gpu/pieces/PIECE.
 set -uo pipefail
 OUT="${OUT:-out}"; mkdir -p "$OUT"
@@ -63,11 +65,42 @@ suite)
     TRITON_INTERPRET=0 timeout 280 python3 -P -m pytest -q -ra -m gpu tests/gpu \
         --ignore=tests/gpu/test_packages.py --ignore=tests/gpu/test_cpp_runner.py 2>&1 | tee "$OUT/gpu_suite.txt" ;;
 generate)
-    TRITON_INTERPRET=0 timeout 200 python3 -P -m pytest -q -ra -m gpu tests/gpu/test_decode_graphs.py 2>&1 \
-        | tee "$OUT/decode_graphs.txt"
-    (cd benchmarks && timeout 330 python3 bench_generate.py --out "$OUT/generate") 2>&1 | tee "$OUT/generate.txt" ;;
+    # With PYTEST_K given, it is the prompt lengths instead (the GPU test then not run).
+    [ -z "${3:-}" ] && TRITON_INTERPRET=0 timeout 200 python3 -P -m pytest -q -ra -m gpu \
+        tests/gpu/test_decode_graphs.py 2>&1 | tee "$OUT/decode_graphs.txt"
+    (cd benchmarks && timeout 330 python3 bench_generate.py --seq-lens ${3:-8192 32768} --out "$OUT/generate") 2>&1 \
+        | tee "$OUT/generate.txt" ;;
 varlen) timeout 200 python3 benchmarks/bench_varlen.py --seq-lens 32768 --chunks 4096 8192 \
         --presets mixed structured --out "$OUT/varlen" 2>&1 | tee "$OUT/varlen.txt" ;;
+prefill)
+    # The kernels' GPU tests (the probe, the forward, the op at D 256), then issue 16's op timing on
+    # the presets whose heads differ in breadth, 32K-256K, at tau 0.99 and 0.95; the probe's launch
+    # sweep of this tree and of .gpu/base (the commit before) at 128K.
+    nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/device.txt"
+    TRITON_INTERPRET=0 timeout 150 python3 -P -m pytest -q -ra -m gpu tests/gpu/test_kernels.py \
+        tests/gpu/test_graphs.py tests/gpu/test_softcap.py 2>&1 | tee "$OUT/gpu_tests.txt"
+    for tau in 0.99 0.95; do
+        (cd benchmarks && timeout 150 python3 bench_prefill.py --seq-lens 32768 131072 262144 \
+            --presets mixed mixed_flat --scopes head --tau $tau --flex-seq-lens --time-budget-s 120 \
+            --out "$OUT/prefill_tau$tau") 2>&1 | tee "$OUT/prefill_tau$tau.txt" | tail -12
+    done
+    sweep=(--seq-lens 131072 --heads 32 --kv-heads 8 --head-dim 128 --presets structured --sweep --time-budget-s 0)
+    (cd benchmarks && timeout 90 python3 bench_prefill.py "${sweep[@]}" --out "$OUT/sweep") 2>&1 \
+        | grep -i probe | tee "$OUT/sweep_probe.txt"
+    if [ -d .gpu/base ]; then
+        python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /root/base .gpu/base &&
+            (cd benchmarks && PYTHONPATH=/root/base:$PYTHONPATH timeout 90 python3 bench_prefill.py \
+                "${sweep[@]}" --out "$OUT/sweep_base") 2>&1 | grep -i probe | tee "$OUT/sweep_probe_base.txt"
+    fi ;;
+gemma-default)
+    # Gemma 3 end to end with the default config (its global layers' head dim 256 > max_head_dim).
+    (cd benchmarks && timeout 300 python3 bench_models.py --models gemma3-270m --seq-lens 16384 32768 \
+        --variants eager dense sparse --config '{}' --time-budget-s 280 --out "$OUT/gemma-default") 2>&1 \
+        | tee "$OUT/gemma-default.txt" ;;
+packages)
+    # The exported-package GPU tests, -k ${3:-all} (each package loads in a fresh process).
+    TRITON_INTERPRET=0 timeout 560 python3 -P -m pytest -q -ra -m gpu tests/gpu/test_packages.py \
+        ${3:+-k "$3"} 2>&1 | tee "$OUT/packages.txt" ;;
 none) ;;
 *) echo "unknown step $2" >&2; exit 2 ;;
 esac
