@@ -58,6 +58,7 @@ from torch.fx import GraphModule
 from . import ops  # noqa: F401  (registers torch.ops.omnisparse.attention and its backward)
 from .backend import lower
 from .config import OmniSparseConfig
+from .kernels.triton_utils import MAX_HEAD_DIM
 from .method import decide
 from .passes import PassReport, run_passes
 from .passes.attention_site import ATTENTION, attention_args
@@ -199,12 +200,15 @@ def unshard(
 def step_config(config: OmniSparseConfig, kv_len: int) -> OmniSparseConfig:
     """The config of every ring step for a global key length ``kv_len`` (module docstring).
 
-    ``min_seq_len`` is the global length's business: the steps get 0. ``mode="dense"`` or a short
-    sequence gives the exact config (tau = 1, no query selection: every allowed block).
+    ``min_seq_len`` is the global length's business: the steps get 0. ``max_head_dim`` is a speed rule
+    of one op call; a step must run the sparse kernel (its lse merges), so the steps take every head
+    dim the kernels do (`MAX_HEAD_DIM`). ``mode="dense"`` or a short sequence gives the exact config
+    (tau = 1, no query selection: every allowed block).
     """
+    steps = config.replace(min_seq_len=0, max_head_dim=max(config.max_head_dim, MAX_HEAD_DIM))
     if config.mode == "dense" or kv_len < config.min_seq_len:
-        return config.replace(mode="sparse", tau=1.0, query_selection=False, min_seq_len=0)
-    return config.replace(min_seq_len=0)
+        return steps.replace(mode="sparse", tau=1.0, query_selection=False)
+    return steps
 
 
 def _check_steps(q: Tensor, k: Tensor, v: Tensor, config: OmniSparseConfig, load_balance: bool) -> None:

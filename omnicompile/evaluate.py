@@ -31,6 +31,7 @@ import torch
 
 from . import ops  # noqa: F401  (registers torch.ops.omnisparse.attention)
 from .config import OmniSparseConfig
+from .kernels.triton_utils import MAX_HEAD_DIM
 from .recording import recording
 
 _ATTN_NAME = "omnisparse_eval"
@@ -39,7 +40,7 @@ QUESTION = " What is the pass key? The pass key is"
 LAYER_STATS = ("density", "recall_mean", "recall_min", "lazy_fraction", "rel_error")
 # The base of every sparse config: the method on every attention the eval reaches, also where the
 # backend's defaults run dense for speed (keys under 16384, head dims above 128: METHOD.md).
-STUDY_BASE: dict[str, Any] = {"min_seq_len": 1024, "max_head_dim": 256}
+STUDY_BASE: dict[str, Any] = {"min_seq_len": 1024, "max_head_dim": MAX_HEAD_DIM}
 
 
 @dataclass

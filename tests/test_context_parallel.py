@@ -255,7 +255,7 @@ def test_backward_op_given_a_merged_output_returns_the_parts_share(config):
 
 def test_step_config_compares_min_seq_len_with_the_global_length():
     config = OmniSparseConfig(min_seq_len=4096, tau=0.9)
-    assert cp.step_config(config, 8192) == config.replace(min_seq_len=0)
+    assert cp.step_config(config, 8192) == config.replace(min_seq_len=0, max_head_dim=256)
     for short_or_dense in (cp.step_config(config, 2048), cp.step_config(config.replace(mode="dense"), 8192)):
         assert (short_or_dense.mode, short_or_dense.tau, short_or_dense.query_selection) == (
             "sparse",
