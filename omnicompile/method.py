@@ -294,6 +294,28 @@ def dense_outputs(x: AttentionInputs, need_lse: bool) -> tuple[torch.Tensor, tor
     return out, x.q.new_zeros(x.q.shape[:3], dtype=torch.float32) if lse is None else lse
 
 
+def masked_sparse_outputs(
+    x: AttentionInputs, config: OmniSparseConfig, need_lse: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sparse method with its attention as dense attention under the selection's token mask: the
+    reference `plan` (``triton=False``), then `dense.dense_attention` with the selected blocks (and
+    ``x``'s mask and window) as a bool [B, H, Sq, Skv] mask. out [B, H, Sq, Dv] in q.dtype, lse float32
+    [B, H, Sq] (zeros unless ``need_lse``): `_attend`'s reference to fp32 rounding.
+
+    Every shape follows from the inputs' (the reference attention sizes its gather by the largest
+    selected count, a data-dependent shape), so it traces into aten ops for a package without
+    Python; the price is O(Sq * Skv) mask and scores where the reference gathers selected blocks.
+    """
+    selection = plan(x, config, triton=False)
+    b, (q_len, kv_len) = config.block_size, (x.q.shape[2], x.k.shape[2])
+    keep = selection.dense_mask().repeat_interleave(b, 2).repeat_interleave(b, 3)[..., :q_len, :kv_len]
+    mask, causal = with_window(x.q, x.k, x.attn_mask, x.is_causal, x.window)
+    if mask is not None:
+        keep = keep & mask if mask.dtype == torch.bool else torch.where(keep, mask, float("-inf"))
+    inputs = AttentionInputs(x.q, x.k, x.v, keep, causal, x.scale, None, x.softcap)
+    return dense_outputs(inputs, need_lse)
+
+
 def triton_reason(x: AttentionInputs, config: OmniSparseConfig) -> str | None:
     """None when every stage of the call ``x`` is a Triton kernel (`triton_attention`), else why not:
     it runs dense (`decide`), or the fused estimator, probe, selection or forward does not take it

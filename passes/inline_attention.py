@@ -10,11 +10,13 @@ path, which ``torch.export`` then traces and AOTInductor compiles into the packa
   e.g. a key length below ``min_seq_len``): `dense_attention_call`, traced into aten ops (SDPA);
 - ``"triton"``: the sparse method on CUDA with static shapes, no mask and every stage a Triton
   kernel (`method.triton_reason`): the triton op ``omnisparse::sparse_attention``, whose kernels
-  AOTInductor compiles into the package.
+  AOTInductor compiles into the package;
+- ``"masked"``: the sparse method on the CPU with static shapes and no mask: the reference
+  estimator and selection, then dense attention under the selection's token mask
+  (`method.masked_sparse_outputs`: the op's CPU path to fp32 rounding, with no data-dependent shape).
 
 Every other call stays the op (``"op"``), with the reason logged once per site: a dynamic length
-(the sparse decision against ``min_seq_len`` and the kernels' tiles depend on it), the sparse
-method on the CPU (its reference sizes a gather by the selection: a data-dependent shape), a mask
+(the sparse decision against ``min_seq_len`` and the kernels' tiles depend on it), a mask
 the passes could not prove (the op reads its ``mask_check`` on the host), a window on CUDA (the
 op's Triton band kernel), a soft-cap or lse the dense path computes in query chunks of a dynamic
 length. Not in `PASSES`: the ``omnisparse`` backend keeps the op (its per-call logging and
@@ -33,7 +35,7 @@ from torch import Tensor
 from torch.fx import GraphModule, Node
 
 from omnicompile.config import OmniSparseConfig
-from omnicompile.method import AttentionInputs, decide, dense_outputs, triton_reason
+from omnicompile.method import AttentionInputs, decide, dense_outputs, masked_sparse_outputs, triton_reason
 from omnicompile.ops import check_inputs, effective_window
 
 from .attention_site import ATTENTION, attention_args, set_attention_args
@@ -43,7 +45,7 @@ logger = logging.getLogger("omnicompile")
 
 SPARSE_ATTENTION = torch.ops.omnisparse.sparse_attention.default
 
-Route = Literal["aten", "triton", "op"]
+Route = Literal["aten", "triton", "masked", "op"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,29 @@ def dense_attention_call(
     return dense_outputs(AttentionInputs(q, k, v, attn_mask, is_causal, scale, window, softcap), need_lse)
 
 
+def masked_sparse_call(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+    config: str,
+    site: str,
+    window: int | None = None,
+    mask_check: Tensor | None = None,
+    softcap: float | None = None,
+    need_lse: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """The op's sparse path on the CPU as plain torch code (the op's arguments; ``site`` and
+    ``mask_check`` unused): `method.masked_sparse_outputs` of the config ``config`` (JSON)."""
+    check_inputs(q, k, v, attn_mask, dropout_p, enable_gqa)
+    x = AttentionInputs(q, k, v, attn_mask, is_causal, scale, effective_window(window, q.shape[2]), softcap)
+    return masked_sparse_outputs(x, OmniSparseConfig.from_json(config), need_lse)
+
+
 def _static(*tensors: Tensor | None) -> bool:
     return all(isinstance(d, int) for t in tensors if t is not None for d in t.shape)
 
@@ -107,10 +132,10 @@ def attention_route(args: dict[str, Any]) -> tuple[Route, str]:
             "op",
             "dynamic shapes: the sparse decision (min_seq_len) and the kernels' tiles need the length",
         )
-    if q.device.type != "cuda":
-        return "op", "the sparse method on the CPU: its reference sizes a gather by the selection (data)"
     if args["attn_mask"] is not None:
         return "op", "an attn_mask the passes did not prove (the op reads its mask_check on the host)"
+    if q.device.type != "cuda":
+        return "masked", "the sparse method on the CPU, its selection a mask over dense attention"
     x = AttentionInputs(
         q, k, v, None, args["is_causal"], args["scale"], effective_window(window, q.shape[2]), softcap
     )
@@ -130,9 +155,9 @@ def inline_attention(gm: GraphModule) -> tuple[InlineRecord, ...]:
         records.append(InlineRecord(args["site"], route, reason))
         if route == "op":
             logger.info("omnisparse export: site %s stays the Python op: %s", args["site"], reason)
-        elif route == "aten":
+        elif route in ("aten", "masked"):
             set_attention_args(node, mask_check=None)
-            node.target = dense_attention_call
+            node.target = dense_attention_call if route == "aten" else masked_sparse_call
         else:
             window = effective_window(args["window"], example_value(args["q"]).shape[2])
             with gm.graph.inserting_before(node):

@@ -7,8 +7,9 @@ then with `omnicompile.load_package`, recording what each attention call ran. Th
 holds its attention as aten ops (`passes.inline_attention`): it loads without omnicompile, no op
 call runs, and the C++ runner (``cpp/run_package``, built once per session) runs it too, with the
 outputs of Python. The sparse package keeps the op (its length is dynamic): loading it without
-``import omnicompile`` fails, and so does the C++ runner. Dense packages must equal the eager
-model, sparse ones the model compiled by the ``omnisparse`` backend with the same config.
+``import omnicompile`` fails, and so does the C++ runner; a sparse package of static shape inlines
+its calls (the masked route) and runs without Python, from C++ too. Dense packages must equal the
+eager model, sparse ones the model compiled by the ``omnisparse`` backend with the same config.
 """
 
 from __future__ import annotations
@@ -26,8 +27,11 @@ import omnicompile
 from omnicompile import OmniSparseConfig
 from omnicompile.cpp_runner import build_runner, run_package, toolchain_reason
 from omnicompile.demos.models import build_model
+from omnicompile.demos.structured import structured_qkv
 from omnicompile.export import export, export_program
 from omnicompile.loading import package_device
+from omnicompile.passes.inline_attention import masked_sparse_call
+from omnicompile.recording import recording
 from tests.helpers import REL_TOL, rel_error
 
 CONFIGS = {
@@ -224,7 +228,7 @@ def test_bad_dynamic_dims_are_errors(dynamic, error, match):
     [
         (CONFIGS["dense"], {"x": {1: "seq"}}, "aten", "mode='dense'"),
         (OmniSparseConfig(min_seq_len=64), None, "aten", "kv length 48 < min_seq_len 64"),
-        (OmniSparseConfig(block_size=16, min_seq_len=16), None, "op", "the sparse method on the CPU"),
+        (OmniSparseConfig(block_size=16, min_seq_len=16), None, "masked", "the sparse method on the CPU"),
         (CONFIGS["sparse"], {"x": {1: "seq"}}, "op", "dynamic shapes"),
     ],
 )
@@ -238,6 +242,53 @@ def test_inline_routes(config, dynamic, route, reason):
     targets = {node.target for node in exported.program.graph.nodes}
     assert (torch.ops.omnisparse.attention.default in targets) == (route == "op")
     assert rel_error(exported.program.module()(x), model(x)) < REL_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("window", [None, 80])
+def test_masked_route_equals_the_ops_sparse_path(window):
+    """`masked_sparse_call` (the CPU route of a static sparse call) equals the op's sparse path on a
+    selection that drops blocks; traced by torch.export with no data-dependent shape."""
+    q, k, v = structured_qkv("structured", 1, 4, 2, 200, 32, seed=3)
+    config = OmniSparseConfig(block_size=16, min_seq_len=64, tau=0.8).to_json()
+    args = (q, k, v, None, 0.0, True, None, True, config, "site", window, None, None, True)
+    with recording() as recorder:
+        want = torch.ops.omnisparse.attention(*args)
+    assert recorder.runs[0].decision == "sparse" and recorder.runs[0].stats["density"] < 0.9
+    got = masked_sparse_call(*args)
+    for g, w in zip(got, want):
+        assert (g - w).abs().max().item() < 1e-5
+
+    class Call(torch.nn.Module):
+        def forward(self, q, k, v):
+            return masked_sparse_call(q, k, v, *args[3:])
+
+    traced = torch.export.export(Call(), (q, k, v)).module()(q, k, v)
+    assert all(torch.equal(t, g) for t, g in zip(traced, got))
+
+
+def test_static_sparse_package_runs_without_python(llama, tmp_path):
+    """A sparse package of static shape on the CPU (`inline_attention`'s masked route at every call)
+    loads without omnicompile and equals the model compiled by the backend; so does the C++ runner's
+    run of it, where one can be built."""
+    ids = _input_ids(LENGTHS[1])
+    path = export(llama, {"input_ids": ids, "use_cache": False}, tmp_path / "static.pt2", CONFIGS["sparse"])
+    compiled = torch.compile(llama, backend=omnicompile.backend(CONFIGS["sparse"]))
+    with torch.no_grad():
+        want = compiled(input_ids=ids, use_cache=False).logits
+    inputs, outputs = tmp_path / "inputs.pt", tmp_path / "outputs.pt"
+    torch.save(ids, inputs)
+    loader = (
+        "import sys, torch; p, i, o = sys.argv[1:]; "
+        "torch.save(torch._inductor.aoti_load_package(p)(input_ids=torch.load(i), use_cache=False), o)"
+    )
+    subprocess.run(
+        [sys.executable, "-c", loader, str(path), str(inputs), str(outputs)], check=True, timeout=300
+    )
+    got = torch.load(outputs)["logits"]
+    assert rel_error(got, want) < REL_TOL[torch.float32]
+    if toolchain_reason() is None:
+        (from_cpp,) = run_package(build_runner(tmp_path / "build"), path, [ids], tmp_path)
+        assert rel_error(from_cpp, got) < 1e-6
 
 
 def test_positional_input_with_two_dynamic_dims():
