@@ -7,13 +7,14 @@ device; its constant arguments) and, where the call's path is already decided, r
 path, which ``torch.export`` then traces and AOTInductor compiles into the package:
 
 - ``"aten"``: dense attention (``mode="dense"``, or static shapes that `method.decide` sends dense,
-  e.g. a key length below ``min_seq_len``): `dense_attention_call`, traced into aten ops (SDPA);
+  e.g. a key length below ``min_seq_len``): `inlined_attention_call`, traced into aten ops (SDPA);
 - ``"triton"``: the sparse method on CUDA with static shapes, no mask and every stage a Triton
   kernel (`method.triton_reason`): the triton op ``omnisparse::sparse_attention``, whose kernels
   AOTInductor compiles into the package;
 - ``"masked"``: the sparse method on the CPU with static shapes and no mask: the reference
   estimator and selection, then dense attention under the selection's token mask
-  (`method.masked_sparse_outputs`: the op's CPU path to fp32 rounding, with no data-dependent shape).
+  (`inlined_attention_call`: `method.masked_sparse_outputs`, the op's CPU path to fp32 rounding,
+  with no data-dependent shape).
 
 Every other call stays the op (``"op"``), with the reason logged once per site: a dynamic length
 (the sparse decision against ``min_seq_len`` and the kernels' tiles depend on it), a mask
@@ -57,7 +58,7 @@ class InlineRecord:
     reason: str
 
 
-def dense_attention_call(
+def inlined_attention_call(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -73,34 +74,20 @@ def dense_attention_call(
     softcap: float | None = None,
     need_lse: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """The op's dense path as plain torch code (the op's arguments; ``config``, ``site`` and
-    ``mask_check`` unused: a mask that is causal gives the same attention as ``is_causal``): (out
-    [B, H, Sq, Dv] in q.dtype, lse float32 [B, H, Sq], zeros unless ``need_lse``)."""
-    check_inputs(q, k, v, attn_mask, dropout_p, enable_gqa)
-    return dense_outputs(AttentionInputs(q, k, v, attn_mask, is_causal, scale, window, softcap), need_lse)
+    """An op call whose path `attention_route` decided, as plain torch code (the op's arguments;
+    ``site`` and ``mask_check`` unused: a mask that is causal gives the same attention as
+    ``is_causal``): (out [B, H, Sq, Dv] in q.dtype, lse float32 [B, H, Sq], zeros unless ``need_lse``).
 
-
-def masked_sparse_call(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    attn_mask: Tensor | None,
-    dropout_p: float,
-    is_causal: bool,
-    scale: float | None,
-    enable_gqa: bool,
-    config: str,
-    site: str,
-    window: int | None = None,
-    mask_check: Tensor | None = None,
-    softcap: float | None = None,
-    need_lse: bool = True,
-) -> tuple[Tensor, Tensor]:
-    """The op's sparse path on the CPU as plain torch code (the op's arguments; ``site`` and
-    ``mask_check`` unused): `method.masked_sparse_outputs` of the config ``config`` (JSON)."""
+    The ``"aten"`` route (``mode="dense"``, or static shapes `method.decide` sends dense): dense
+    attention (`method.dense_outputs`); the ``"masked"`` route (the sparse decision, static shapes, the
+    CPU): `method.masked_sparse_outputs`.
+    """
     check_inputs(q, k, v, attn_mask, dropout_p, enable_gqa)
+    cfg = OmniSparseConfig.from_json(config)
+    if cfg.mode == "dense" or decide(q, k, v, attn_mask, cfg, window).path == "dense":
+        return dense_outputs(AttentionInputs(q, k, v, attn_mask, is_causal, scale, window, softcap), need_lse)
     x = AttentionInputs(q, k, v, attn_mask, is_causal, scale, effective_window(window, q.shape[2]), softcap)
-    return masked_sparse_outputs(x, OmniSparseConfig.from_json(config), need_lse)
+    return masked_sparse_outputs(x, cfg, need_lse)
 
 
 def _static(*tensors: Tensor | None) -> bool:
@@ -157,7 +144,7 @@ def inline_attention(gm: GraphModule) -> tuple[InlineRecord, ...]:
             logger.info("omnisparse export: site %s stays the Python op: %s", args["site"], reason)
         elif route in ("aten", "masked"):
             set_attention_args(node, mask_check=None)
-            node.target = dense_attention_call if route == "aten" else masked_sparse_call
+            node.target = inlined_attention_call
         else:
             window = effective_window(args["window"], example_value(args["q"]).shape[2])
             with gm.graph.inserting_before(node):

@@ -30,7 +30,7 @@ from omnicompile.demos.models import build_model
 from omnicompile.demos.structured import structured_qkv
 from omnicompile.export import export, export_program
 from omnicompile.loading import package_device
-from omnicompile.passes.inline_attention import masked_sparse_call
+from omnicompile.passes.inline_attention import inlined_attention_call
 from omnicompile.recording import recording
 from tests.helpers import REL_TOL, rel_error
 
@@ -246,7 +246,7 @@ def test_inline_routes(config, dynamic, route, reason):
 
 @pytest.mark.parametrize("window", [None, 80])
 def test_masked_route_equals_the_ops_sparse_path(window):
-    """`masked_sparse_call` (the CPU route of a static sparse call) equals the op's sparse path on a
+    """`inlined_attention_call` (the CPU route of a static sparse call) equals the op's sparse path on a
     selection that drops blocks; traced by torch.export with no data-dependent shape."""
     q, k, v = structured_qkv("structured", 1, 4, 2, 200, 32, seed=3)
     config = OmniSparseConfig(block_size=16, min_seq_len=64, tau=0.8).to_json()
@@ -254,13 +254,13 @@ def test_masked_route_equals_the_ops_sparse_path(window):
     with recording() as recorder:
         want = torch.ops.omnisparse.attention(*args)
     assert recorder.runs[0].decision == "sparse" and recorder.runs[0].stats["density"] < 0.9
-    got = masked_sparse_call(*args)
+    got = inlined_attention_call(*args)
     for g, w in zip(got, want):
         assert (g - w).abs().max().item() < 1e-5
 
     class Call(torch.nn.Module):
         def forward(self, q, k, v):
-            return masked_sparse_call(q, k, v, *args[3:])
+            return inlined_attention_call(q, k, v, *args[3:])
 
     traced = torch.export.export(Call(), (q, k, v)).module()(q, k, v)
     assert all(torch.equal(t, g) for t, g in zip(traced, got))

@@ -25,9 +25,8 @@ from omnicompile.demos.structured import structured_qkv
 from omnicompile.passes.attention_site import ATTENTION
 from omnicompile.passes.inline_attention import (
     SPARSE_ATTENTION,
-    dense_attention_call,
     inline_attention,
-    masked_sparse_call,
+    inlined_attention_call,
 )
 from tests.helpers import REL_TOL, rel_error
 
@@ -101,10 +100,10 @@ def _graph(
         ("cuda", CONFIG, {}, "triton", SPARSE_ATTENTION, "every stage a Triton kernel"),
         ("cuda", CONFIG, {"window": 100}, "triton", SPARSE_ATTENTION, "every stage a Triton kernel"),
         ("cuda", CONFIG, {"window": 200}, "triton", SPARSE_ATTENTION, "every stage a Triton kernel"),
-        ("cpu", CONFIG, {"window": 40}, "aten", dense_attention_call, "window 40 < min_seq_len 64"),
-        ("cuda", CONFIG, {"seq": 48}, "aten", dense_attention_call, "kv length 48 < min_seq_len 64"),
-        ("cpu", OmniSparseConfig(mode="dense"), {}, "aten", dense_attention_call, "mode='dense'"),
-        ("cpu", CONFIG, {}, "masked", masked_sparse_call, "the sparse method on the CPU"),
+        ("cpu", CONFIG, {"window": 40}, "aten", inlined_attention_call, "window 40 < min_seq_len 64"),
+        ("cuda", CONFIG, {"seq": 48}, "aten", inlined_attention_call, "kv length 48 < min_seq_len 64"),
+        ("cpu", OmniSparseConfig(mode="dense"), {}, "aten", inlined_attention_call, "mode='dense'"),
+        ("cpu", CONFIG, {}, "masked", inlined_attention_call, "the sparse method on the CPU"),
         ("cpu", CONFIG, {"mask": True}, "op", ATTENTION, "an attn_mask the passes did not prove"),
         ("cuda", CONFIG, {"mask": True}, "op", ATTENTION, "an attn_mask the passes did not prove"),
         ("cuda", OmniSparseConfig(mode="dense"), {"window": 40}, "op", ATTENTION, "the Triton band kernel"),
