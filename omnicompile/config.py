@@ -104,8 +104,14 @@ class OmniSparseConfig:
         self._check_range("dense_fallback_density", self.dense_fallback_density, 0.0, 1.0, low_open=True)
         if self.lazy_threshold is not None:
             self._check_range("lazy_threshold", self.lazy_threshold, 0.0, 1.0, low_open=True)
-        positive = ("block_size", "granularity", "antidiagonal_stride", "query_chunk", "obs_window")
-        for name in (*positive, "max_head_dim"):
+        for name in (
+            "block_size",
+            "granularity",
+            "antidiagonal_stride",
+            "query_chunk",
+            "obs_window",
+            "max_head_dim",
+        ):
             self._check_int(name, minimum=1)
         for name in ("min_seq_len", "n_sink", "n_local", "min_blocks", "recent_window", "dense_last_blocks"):
             self._check_int(name, minimum=0)

@@ -19,6 +19,7 @@ split in steps of ``BLOCK_N`` keys. One kernel, `probe_kernel`, launched twice:
 Before 2026-12-07 the second launch re-scored every key with the merged statistics (the two
 launches cost two QK^T passes over the probe rows); the block log-sum-exps make the second one a
 memory pass.
+
 Splitting the keys keeps every program's loop short: one program per row tile over all 32K keys
 was a 1024-step serial chain (0.85 ms a layer at 32K on an H100, 2026-12-06, nearly as long as the
 sparse attention it serves). Key tiles a row tile never sees (past its last row when causal; before
