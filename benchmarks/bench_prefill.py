@@ -13,9 +13,10 @@ For each sequence length S, KV-head count and input preset (`omnicompile.demos.s
   relative error against dense flash, speed-ups, and our TFLOP/s on the computed blocks
   (4 * D * b^2 per computed block).
 
-``--sweep`` first times launch configurations of the forward, estimator and row probe at the first S. Writes
-``prefill.csv``, ``prefill.json`` (and ``sweep.csv``) and ``prefill.png`` to ``--out``; prints a table
-last. Stops starting new cases after ``--time-budget-s`` and still writes what it has.
+``--sweep`` first times launch configurations of the forward, selection, estimator and row probe at
+the first S. Writes ``prefill.csv``, ``prefill.json`` (and ``sweep.csv``) and ``prefill.png`` to
+``--out``; prints a table last. Stops starting new cases after ``--time-budget-s`` and still writes
+what it has.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -45,7 +47,7 @@ from omnicompile.kernels.estimation import launch as estimation_launch
 from omnicompile.kernels.estimation.triton_composite import estimate_blocks
 from omnicompile.kernels.estimation.triton_probe import probe_block_mass
 from omnicompile.kernels.masks import allowed_blocks
-from omnicompile.kernels.selection import BlockSelection, SelectionCall
+from omnicompile.kernels.selection import BlockSelection, SelectionCall, triton_select
 from omnicompile.kernels.sparse_attention.launch import LaunchConfig
 from omnicompile.kernels.sparse_attention.triton_fwd import sparse_attention
 from omnicompile.method import estimation_params, select_on_device, selection_params
@@ -77,6 +79,9 @@ PROBE_SWEEP = [
     estimation_launch.LaunchConfig(block_r=r, split_n=n, num_warps=w)
     for r, n, w in [(16, 1024, 4), (32, 1024, 4), (64, 1024, 4), (64, 2048, 4), (64, 1024, 8), (128, 2048, 8)]
 ]
+
+# Warps of the selection's row kernels (the default: `triton_select.row_warps`, 16 values a thread).
+SELECT_WARPS = [1, 2, 4, 8, 16]
 
 
 def time_ms(fn: Callable[[], object], target_ms: float = 200.0, max_reps: int = 50) -> float:
@@ -304,8 +309,9 @@ def profile_pipeline(args, log: Console) -> None:
 
 
 def sweep(args, log: Console) -> list[dict]:
-    """Time each launch config of the forward, the composite estimator and the row probe (its output
-    against the default config's: max abs diff) on the structured preset at the first S."""
+    """Time each launch config of the forward, the selection's row kernels (its kv_indices equal to the
+    default's or not), the composite estimator and the row probe (its output against the default
+    config's: max abs diff) on the structured preset at the first S."""
     seq, kv_heads = args.seq_lens[0], args.kv_heads[0]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -326,6 +332,27 @@ def sweep(args, log: Console) -> list[dict]:
                 "kv_heads": kv_heads,
                 **dataclasses.asdict(launch),
                 "ms": ms,
+            }
+        )
+        log.print(json.dumps(rows[-1]))
+    ahat = estimate_blocks(q, k, None, True, scale, estimation_params(config))
+    allowed = allowed_blocks(None, True, 1, args.heads, seq, seq, config.block_size, q.device)
+    call = SelectionCall(kv_heads, True, seq, seq)
+    default_warps = triton_select.row_warps(triton.next_power_of_2(ahat.shape[-1]))
+    for warps in SELECT_WARPS:
+        run = functools.partial(
+            triton_select.select_blocks, ahat, allowed, selection_params(config), call, num_warps=warps
+        )
+        same = torch.equal(run().kv_indices, selection.kv_indices)
+        rows.append(
+            {
+                "kernel": "select",
+                "seq_len": seq,
+                "kv_heads": kv_heads,
+                "num_warps": warps,
+                "default": warps == default_warps,
+                "ms": time_ms(run),
+                "equal": same,
             }
         )
         log.print(json.dumps(rows[-1]))

@@ -9,8 +9,10 @@
 # of one op call, scripts/gpu_profile_host.py) | suite (host time, against .gpu/base; launch sweeps; GPU tests) |
 # varlen (chunked prefill and packed batch, benchmarks/bench_varlen.py) | generate (decode under CUDA
 # graphs through generate: tests/gpu/test_decode_graphs.py, benchmarks/bench_generate.py) | prefill (GPU
-# kernel tests; issue 16's op timing 32K-256K; probe sweep against .gpu/base) | gemma-default (Gemma 3
-# end to end, default config) | packages (tests/gpu/test_packages.py, -k PYTEST_K) | none (only receive).
+# kernel tests; issue 16's op timing 32K-256K; probe sweep against .gpu/base) | op (the op timing
+# alone, flat and Hkv 4 / 32 too; chunked and packed prefill) | gemma-default (Gemma 3
+# end to end, default config) | packages (tests/gpu/test_packages.py, -k PYTEST_K) | export
+# (benchmarks/bench_export.py at PYTEST_K lengths) | none (only receive).
 # The call's `carry`: .gpu/whl, .gpu/models.sha256 and .gpu/pieces/PIECE.
 set -uo pipefail
 OUT="${OUT:-out}"; mkdir -p "$OUT"
@@ -92,6 +94,25 @@ prefill)
             (cd benchmarks && PYTHONPATH=/root/base:$PYTHONPATH timeout 90 python3 bench_prefill.py \
                 "${sweep[@]}" --out "$OUT/sweep_base") 2>&1 | grep -i probe | tee "$OUT/sweep_probe_base.txt"
     fi ;;
+op)
+    # Issue 16's op timing alone (no GPU tests), most wanted first: the presets whose heads differ in
+    # breadth 32K-256K at tau 0.95; the launch sweep at 256K (selection warps too); Hkv 4 / 32 at 128K;
+    # flat attention (random); tau 0.99; then chunked and packed prefill (benchmarks/bench_varlen.py).
+    nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/device.txt"
+    op_run() {  # NAME TIMEOUT_S ARGS...: one bench_prefill.py run, its table's tail echoed
+        (cd benchmarks && timeout "$2" python3 bench_prefill.py "${@:3}" --out "$OUT/$1") 2>&1 \
+            | tee "$OUT/$1.txt" | tail -12
+    }
+    breadth=(--presets mixed mixed_flat --scopes head --flex-seq-lens)
+    op_run prefill_tau0.95 140 --seq-lens 32768 131072 262144 "${breadth[@]}" --tau 0.95 --time-budget-s 110
+    op_run sweep 80 --seq-lens 262144 --presets structured --sweep --time-budget-s 0
+    op_run prefill_hkv 90 --seq-lens 131072 --kv-heads 4 32 --presets mixed --scopes head --tau 0.95 \
+        --flex-seq-lens --time-budget-s 60
+    op_run prefill_random 60 --seq-lens 32768 131072 --presets random --scopes head --tau 0.99 \
+        --flex-seq-lens --recall-heads 0 --time-budget-s 40
+    op_run prefill_tau0.99 120 --seq-lens 32768 131072 262144 "${breadth[@]}" --tau 0.99 --time-budget-s 90
+    timeout 90 python3 benchmarks/bench_varlen.py --seq-lens 32768 --chunks 4096 8192 \
+        --presets mixed structured --out "$OUT/varlen" 2>&1 | tee "$OUT/varlen.txt" | tail -14 ;;
 gemma-default)
     # Gemma 3 end to end with the default config (its global layers' head dim 256 > max_head_dim).
     (cd benchmarks && timeout 300 python3 bench_models.py --models gemma3-270m --seq-lens 16384 32768 \
@@ -101,6 +122,11 @@ packages)
     # The exported-package GPU tests, -k ${3:-all} (each package loads in a fresh process).
     TRITON_INTERPRET=0 timeout 560 python3 -P -m pytest -q -ra -m gpu tests/gpu/test_packages.py \
         ${3:+-k "$3"} 2>&1 | tee "$OUT/packages.txt" ;;
+export)
+    # Issue 18: load time, first call and steady state of the dense and sparse packages against
+    # torch.compile with the backend, each in a fresh process (benchmarks/bench_export.py).
+    timeout 570 python3 benchmarks/bench_export.py --seq-lens ${3:-32768 65536} --out "$OUT/export" 2>&1 \
+        | tee "$OUT/export.txt" | tail -20 ;;
 none) ;;
 *) echo "unknown step $2" >&2; exit 2 ;;
 esac
