@@ -35,7 +35,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -80,8 +79,8 @@ PROBE_SWEEP = [
     for r, n, w in [(16, 1024, 4), (32, 1024, 4), (64, 1024, 4), (64, 2048, 4), (64, 1024, 8), (128, 2048, 8)]
 ]
 
-# Warps of the selection's row kernels (the default: `triton_select.row_warps`, 16 values a thread).
-SELECT_WARPS = [1, 2, 4, 8, 16]
+# Warps of the selection's row kernels (None: the default, 16 values a thread).
+SELECT_WARPS = [None, 1, 2, 4, 8, 16]
 
 
 def time_ms(fn: Callable[[], object], target_ms: float = 200.0, max_reps: int = 50) -> float:
@@ -338,7 +337,6 @@ def sweep(args, log: Console) -> list[dict]:
     ahat = estimate_blocks(q, k, None, True, scale, estimation_params(config))
     allowed = allowed_blocks(None, True, 1, args.heads, seq, seq, config.block_size, q.device)
     call = SelectionCall(kv_heads, True, seq, seq)
-    default_warps = triton_select.row_warps(triton.next_power_of_2(ahat.shape[-1]))
     for warps in SELECT_WARPS:
         run = functools.partial(
             triton_select.select_blocks, ahat, allowed, selection_params(config), call, num_warps=warps
@@ -349,8 +347,7 @@ def sweep(args, log: Console) -> list[dict]:
                 "kernel": "select",
                 "seq_len": seq,
                 "kv_heads": kv_heads,
-                "num_warps": warps,
-                "default": warps == default_warps,
+                "num_warps": warps or "default",
                 "ms": time_ms(run),
                 "equal": same,
             }

@@ -63,9 +63,9 @@ def dense_attention(
     softcap: float | None = None,
     need_lse: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """(out, lse): SDPA (contiguous output); on CUDA with cuDNN attention first in priority. A window
-    runs as SDPA with its materialised mask (`with_window`); a soft-capped call as `capped_attention`
-    with the mask, causality and window as `masks.mask_bias`.
+    """(out, lse): SDPA (out in the layout SDPA returns); on CUDA with cuDNN attention first in
+    priority. A window runs as SDPA with its materialised mask (`with_window`); a soft-capped call as
+    `capped_attention` with the mask, causality and window as `masks.mask_bias`.
 
     ``lse``: float32 [B, H, Sq] (`capped_attention`'s, which costs nothing more; else `dense_lse`, an
     extra pass over the scores) when ``need_lse``, else None.
@@ -80,12 +80,12 @@ def dense_attention(
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
         )
-        return out.contiguous(), lse
+        return out, lse
     with sdpa_kernel(_DENSE_BACKENDS, set_priority=True):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
         )
-    return out.contiguous(), lse
+    return out, lse
 
 
 def score_chunks(

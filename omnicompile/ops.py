@@ -9,9 +9,10 @@ soft-cap and whether the lse is read)::
                           bool need_lse=True) -> (Tensor out, Tensor lse)
 
 q: [B, H, Sq, D]; k: [B, Hkv, Skv, D]; v: [B, Hkv, Skv, Dv]; attn_mask: None, bool (True = keep) or
-additive float, broadcastable to [B, H, Sq, Skv]. ``out`` [B, H, Sq, Dv] (q.dtype, contiguous) equals
-SDPA semantics when nothing is skipped; ``lse`` float32 [B, H, Sq] is the natural-log log-sum-exp of the
-scaled (soft-capped) masked scores over the attended keys, on every path, and -inf for a row that sees
+additive float, broadcastable to [B, H, Sq, Skv]. ``out`` [B, H, Sq, Dv] (q.dtype; laid out as
+[B, Sq, H, Dv], `out_like`) equals SDPA semantics when nothing is skipped; ``lse``
+float32 [B, H, Sq] is the natural-log log-sum-exp of the scaled (soft-capped) masked scores over the
+attended keys, on every path, and -inf for a row that sees
 no key (additive values <= ``finfo.min / 2`` count as masked, as in `kernels.masks`), so that partial
 attentions over disjoint keys merge exactly (`merge.merge_attention`). It is not differentiable (the
 backward ignores it). ``need_lse=False`` (the passes' and the transformers integration's calls, which
@@ -208,14 +209,27 @@ def attention(
     if run.decision.path == "dense":
         _log_dense_once(site, run.decision.reason)
     _record(site, run, x, cfg)
-    return run.out.contiguous(), run.lse.contiguous()
+    return in_layout(run.out, out_like(q, v.shape[-1])), run.lse.contiguous()
 
 
 @attention.register_fake
 def _attention_fake(q, k, v, *_args, **_kwargs):
+    return out_like(q, v.shape[-1]), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def out_like(q: Tensor, dv: int) -> Tensor:
+    """The op's empty output [B, H, Sq, Dv] in q.dtype, laid out as [B, Sq, H, Dv] in memory (as SDPA's
+    flash and cuDNN outputs are): a model's transpose of it back to [B, Sq, H, Dv] is then a view, not a
+    copy. The layout does not follow q's strides: Inductor may pass q at other strides than the fake
+    saw, and the fake and real outputs must agree."""
     batch, heads, q_len, _ = q.shape
-    out = q.new_empty((batch, heads, q_len, v.shape[-1]))
-    return out, q.new_empty((batch, heads, q_len), dtype=torch.float32)
+    return q.new_empty((batch, q_len, heads, dv)).transpose(1, 2)
+
+
+def in_layout(out: Tensor, target: Tensor) -> Tensor:
+    """``out`` with ``target``'s strides: ``out`` itself where they already agree, else copied into
+    ``target`` (same shape and dtype)."""
+    return out if out.stride() == target.stride() else target.copy_(out)
 
 
 @torch.library.triton_op("omnisparse::sparse_attention", mutates_args=())
@@ -230,8 +244,8 @@ def sparse_attention(
     softcap: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The sparse method with every stage a Triton kernel (`method.triton_attention`): (out [B, H, Sq, D]
-    in q.dtype, lse float32 [B, H, Sq]), as `attention` without a mask for the same arguments where
-    `method.triton_reason` accepts the call, else ``ValueError`` with its reason.
+    in q.dtype and q's layout, lse float32 [B, H, Sq]), as `attention` without a mask for the same
+    arguments where `method.triton_reason` accepts the call, else ``ValueError`` with its reason.
 
     q: [B, H, Sq, D]; k, v: [B, Hkv, Skv, D] (GQA when Hkv < H); ``window``: a causal sliding window
     that cuts something (`effective_window`). Its kernels launch through `kernels.triton_utils.run_kernel`
@@ -244,7 +258,7 @@ def sparse_attention(
     if reason is not None:
         raise ValueError(f"omnisparse.sparse_attention: {reason}")
     out, lse = triton_attention(x, cfg)
-    return out.contiguous(), lse.contiguous()
+    return out, lse.contiguous()
 
 
 @torch.library.custom_op("omnisparse::attention_backward", mutates_args=())

@@ -23,7 +23,15 @@ from omnicompile.method import estimation_params, selection_params
 pytestmark = pytest.mark.interpreter
 
 # Operators that launch nothing: allocations and views.
-_NO_LAUNCH = {"aten.empty", "aten.empty_like", "aten.new_empty", "aten.view", "aten.expand", "aten.alias"}
+_NO_LAUNCH = {
+    "aten.empty",
+    "aten.empty_like",
+    "aten.new_empty",
+    "aten.view",
+    "aten.expand",
+    "aten.alias",
+    "aten.transpose",
+}
 
 
 class _Operators(TorchDispatchMode):

@@ -88,7 +88,7 @@ def select_blocks(
         ahat: float32 [B, H, nq, nk], the block estimate (any strides).
         allowed: bool, broadcastable to [B, H, nq, nk] (read at stride 0 along broadcast dims).
         params, call: as `reference.select_blocks`.
-        num_warps: warps of the two row kernels; None = `row_warps` (a launch sweep's override).
+        num_warps: warps of the two row kernels; None = `_row_warps` (a launch sweep's override).
 
     Returns:
         kv_num_blocks, budget int32 [B, H, nq]; kv_indices int32 [B, H, nq, nk] (padded with nk);
@@ -102,7 +102,7 @@ def select_blocks(
     batch, heads, nq, nk = ahat.shape
     rows = batch * heads * nq
     block_n = triton.next_power_of_2(nk)
-    num_warps = row_warps(block_n) if num_warps is None else num_warps
+    num_warps = _row_warps(block_n) if num_warps is None else num_warps
     # Flat scalars (no tuples): Inductor compiles a traced launch's arguments one by one.
     allowed_strides = _broadcast_strides(allowed, ahat.shape)
     row_args = (*ahat.stride(), *allowed_strides, heads, nq, nk, params.n_sink, params.n_local)
@@ -177,7 +177,7 @@ def select_blocks(
     )
 
 
-def row_warps(block_n: int) -> int:
+def _row_warps(block_n: int) -> int:
     """Default warps of the row kernels for a row of ``block_n`` (a power of two) values: 16 values
     per thread, 1 to 16 warps."""
     return min(16, max(1, block_n // 512))

@@ -125,8 +125,8 @@ def sparse_attention(
         launch: tile/schedule override (benchmarks); None = `launch.default_launch`.
 
     Returns:
-        out [B, H, Sq, D] in q.dtype and lse float32 [B, H, Sq] (natural log). Rows with no
-        attended key give out 0 and lse -inf.
+        out [B, H, Sq, D] in q.dtype (laid out as [B, Sq, H, D]) and lse float32 [B, H, Sq] (natural
+        log). Rows with no attended key give out 0 and lse -inf.
     """
     reason = supported(q, k, v, attn_mask)
     if reason is not None:
@@ -144,7 +144,7 @@ def sparse_attention(
     if scale < 0:  # q . k * scale == (-q) . k * (-scale), exactly; the kernel wants scale >= 0
         q, scale = -q, -scale
 
-    out = torch.empty_like(q)
+    out = q.new_empty((batch, q_len, heads, head_dim)).transpose(1, 2)  # [B, Sq, H, D] in memory, as SDPA's
     lse = torch.empty((batch, heads, q_len), dtype=torch.float32, device=q.device)
     kv_indices = selection.kv_indices.contiguous()
     kv_num_blocks = selection.kv_num_blocks.contiguous()
