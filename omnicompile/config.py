@@ -70,7 +70,7 @@ class OmniSparseConfig:
     mode: Mode = "sparse"
     tau: float = 0.99
     block_size: int = 64
-    min_seq_len: int = 16384
+    min_seq_len: int = 32768
     max_head_dim: int = 128
     estimator: Estimator = "composite"
     granularity: int = 16

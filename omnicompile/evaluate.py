@@ -39,7 +39,7 @@ NEEDLE = " The pass key is {key}. Remember it. "
 QUESTION = " What is the pass key? The pass key is"
 LAYER_STATS = ("density", "recall_mean", "recall_min", "lazy_fraction", "rel_error")
 # The base of every sparse config: the method on every attention the eval reaches, also where the
-# backend's defaults run dense for speed (keys under 16384, head dims above 128: METHOD.md).
+# backend's defaults run dense for speed (keys under 32768, head dims above 128: METHOD.md).
 STUDY_BASE: dict[str, Any] = {"min_seq_len": 1024, "max_head_dim": MAX_HEAD_DIM}
 
 
