@@ -10,21 +10,20 @@ soft-cap and whether the lse is read)::
 
 q: [B, H, Sq, D]; k: [B, Hkv, Skv, D]; v: [B, Hkv, Skv, Dv]; attn_mask: None, bool (True = keep) or
 additive float, broadcastable to [B, H, Sq, Skv]. ``out`` [B, H, Sq, Dv] (q.dtype; laid out as
-[B, Sq, H, Dv], `out_like`) equals SDPA semantics when nothing is skipped; ``lse``
-float32 [B, H, Sq] is the natural-log log-sum-exp of the scaled (soft-capped) masked scores over the
-attended keys, on every path, and -inf for a row that sees
-no key (additive values <= ``finfo.min / 2`` count as masked, as in `kernels.masks`), so that partial
-attentions over disjoint keys merge exactly (`merge.merge_attention`). It is not differentiable (the
-backward ignores it). ``need_lse=False`` (the passes' and the transformers integration's calls, which
-never read it) lets dense attention skip computing it (SDPA returns none; `dense.dense_lse`): the lse
-is then zeros where dense attention ran. ``window`` (only with ``is_causal=True`` and no mask): query
-row r sees keys ``r - window < c <= r``. ``mask_check``: the 0-d bool that ``omnisparse::causal_mask_check``
-computed for ``attn_mask`` (the passes insert one per distinct mask per graph, where the mask is
-not known at compile time); when True the call runs as ``is_causal=True`` without the mask. The op
-never reads a mask to find out whether it is causal. ``softcap`` (Gemma 2's logit soft-capping; None
-or a finite number > 0, else ``ValueError``): the scaled scores s = scale * q . k become
-``softcap * tanh(s / softcap)`` before the mask is added and the softmax taken, as transformers' eager
-Gemma 2 attention; ``lse`` is then that of the capped scores.
+[B, Sq, H, Dv], `out_like`) equals SDPA semantics when nothing is skipped; ``lse`` float32 [B, H, Sq] is
+the natural-log log-sum-exp of the scaled (soft-capped) masked scores over the attended keys, on every
+path, and -inf for a row that sees no key (additive values <= ``finfo.min / 2`` count as masked, as in
+`kernels.masks`), so that partial attentions over disjoint keys merge exactly (`merge.merge_attention`).
+It is not differentiable (the backward ignores it). ``need_lse=False`` (the passes' and the transformers
+integration's calls, which never read it) lets dense attention skip computing it (SDPA returns none;
+`dense.dense_lse`): the lse is then zeros where dense attention ran. ``window`` (only with
+``is_causal=True`` and no mask): query row r sees keys ``r - window < c <= r``. ``mask_check``: the 0-d
+bool that ``omnisparse::causal_mask_check`` computed for ``attn_mask`` (the passes insert one per
+distinct mask per graph, where the mask is not known at compile time); when True the call runs as
+``is_causal=True`` without the mask. The op never reads a mask to find out whether it is causal.
+``softcap`` (Gemma 2's logit soft-capping; None or a finite number > 0, else ``ValueError``): the scaled
+scores s = scale * q . k become ``softcap * tanh(s / softcap)`` before the mask is added and the softmax
+taken, as transformers' eager Gemma 2 attention; ``lse`` is then that of the capped scores.
 
 This module only registers the op (schema, fake, autograd, autocast), validates its arguments and
 logs and records what ran. What runs is `method.omnisparse_attention`: `method.decide` chooses between
@@ -209,7 +208,7 @@ def attention(
     if run.decision.path == "dense":
         _log_dense_once(site, run.decision.reason)
     _record(site, run, x, cfg)
-    return in_layout(run.out, out_like(q, v.shape[-1])), run.lse.contiguous()
+    return in_out_layout(run.out, q), run.lse.contiguous()
 
 
 @attention.register_fake
@@ -226,10 +225,13 @@ def out_like(q: Tensor, dv: int) -> Tensor:
     return q.new_empty((batch, q_len, heads, dv)).transpose(1, 2)
 
 
-def in_layout(out: Tensor, target: Tensor) -> Tensor:
-    """``out`` with ``target``'s strides: ``out`` itself where they already agree, else copied into
-    ``target`` (same shape and dtype)."""
-    return out if out.stride() == target.stride() else target.copy_(out)
+def in_out_layout(out: Tensor, q: Tensor) -> Tensor:
+    """``out`` [B, H, Sq, Dv] with `out_like`'s strides: ``out`` itself where they already agree (the
+    sparse kernels' and SDPA's outputs on CUDA), else copied into a new `out_like` tensor."""
+    batch, heads, q_len, dv = out.shape
+    if out.stride() == (q_len * heads * dv, dv, heads * dv, 1):
+        return out
+    return out_like(q, dv).copy_(out)
 
 
 @torch.library.triton_op("omnisparse::sparse_attention", mutates_args=())

@@ -34,6 +34,24 @@ def test_opcheck(mask_kind):
     torch.library.opcheck(torch.ops.omnisparse.attention.default, args)
 
 
+@pytest.mark.parametrize("path", ["dense", "sparse"])
+@pytest.mark.parametrize("q_layout", ["contiguous", "projection"])
+def test_output_is_laid_out_as_a_models_projection(path, q_layout):
+    """The output's memory order is [B, Sq, H, Dv] whatever q's strides, on the fake and the real path
+    alike (opcheck), so a model's transpose of it back to [B, Sq, H * Dv] needs no copy."""
+    config = DENSE if path == "dense" else OmniSparseConfig(block_size=16, min_seq_len=16).to_json()
+    q, k, v = (t.detach() for t in _qkv(sq=64, skv=64))
+    if q_layout == "projection":  # [B, Sq, H, D] in memory, as a model's q projection transposed
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    args = (q, k, v, None, 0.0, True, None, True, config, "site0")
+    out, _ = torch.ops.omnisparse.attention(*args)
+    assert out.transpose(1, 2).is_contiguous()
+    if path == "dense":
+        expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        torch.testing.assert_close(out, expected)
+    torch.library.opcheck(torch.ops.omnisparse.attention.default, args)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dense_mode_equals_sdpa_forward_and_backward(dtype):
     q, k, v = _qkv(sq=20, skv=36, dtype=dtype)
