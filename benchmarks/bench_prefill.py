@@ -4,14 +4,16 @@ For each sequence length S, KV-head count and input preset (`omnicompile.demos.s
 ``mixed``, ``mixed_flat``, ``flat_head``, ``random``), with B = 1, causal, bf16:
 - dense: torch SDPA with the flash, cuDNN and memory-efficient backends (each alone; a backend that
   refuses GQA is retried on repeated K/V and marked so);
-- per estimator and budget scope: our pipeline in parts (Triton estimator, selection in torch ops,
+- per estimator and budget scope: our pipeline in parts (Triton estimator, Triton selection,
   Triton sparse attention) and in total, eager and replayed from a CUDA graph (no Python or launch
   overhead: what a compiled model would see), and FlexAttention on the same selection (``--flex-seq-lens``:
   it compiles per shape);
-- density (computed / allowed blocks), exact recall (`omnicompile.metrics.exact_recall`, on
-  ``--recall-heads`` sampled heads, up to ``--recall-max-seq``: it costs an exact fp32 pass), output
-  relative error against dense flash, speed-ups, and our TFLOP/s on the computed blocks
-  (4 * D * b^2 per computed block).
+- density (computed / allowed blocks) and its spread over the (b, h) (min / median / max), exact
+  recall (`omnicompile.metrics.exact_recall`, on ``--recall-heads`` sampled heads, up to
+  ``--recall-max-seq``: it costs an exact fp32 pass) and on the same heads the per-head oracle's
+  density at that mean recall (`metrics.oracle_density`; ``x oracle`` = the selection's density on
+  those heads / the oracle's), output relative error against dense flash, speed-ups, and our TFLOP/s
+  on the computed blocks (4 * D * b^2 per computed block).
 
 ``--sweep`` first times launch configurations of the forward, selection, estimator and row probe at
 the first S. Writes ``prefill.csv``, ``prefill.json`` (and ``sweep.csv``) and ``prefill.png`` to
@@ -50,7 +52,14 @@ from omnicompile.kernels.selection import BlockSelection, SelectionCall, triton_
 from omnicompile.kernels.sparse_attention.launch import LaunchConfig
 from omnicompile.kernels.sparse_attention.triton_fwd import sparse_attention
 from omnicompile.method import estimation_params, select_on_device, selection_params
-from omnicompile.metrics import density, exact_block_mass, exact_recall, relative_error
+from omnicompile.metrics import (
+    density,
+    exact_block_mass,
+    exact_recall,
+    head_densities,
+    oracle_density,
+    relative_error,
+)
 
 DENSE_BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -79,6 +88,8 @@ PROBE_SWEEP = [
     for r, n, w in [(16, 1024, 4), (32, 1024, 4), (64, 1024, 4), (64, 2048, 4), (64, 1024, 8), (128, 2048, 8)]
 ]
 
+# What `_recall` measures (NaN where it does not run).
+RECALL_KEYS = ("recall_mean", "recall_min", "sampled_density", "oracle_density", "x_oracle")
 # Warps of the selection's row kernels (None: the default, 16 values a thread).
 SELECT_WARPS = [None, 1, 2, 4, 8, 16]
 
@@ -139,14 +150,26 @@ def _head_subset(selection: BlockSelection, heads: list[int]) -> BlockSelection:
     return dataclasses.replace(selection, **fields)
 
 
-def _recall(q, k, selection: BlockSelection, scale: float, num_heads: int) -> tuple[float, float]:
-    """Mean and worst exact recall over ``num_heads`` heads spread over the layer (last one included)."""
+def _recall(q, k, selection: BlockSelection, allowed, scale: float, num_heads: int) -> dict[str, float]:
+    """Exact recall (mean, worst) over ``num_heads`` heads spread over the layer (last one included),
+    the selection's density on those heads and the per-head oracle's density at the same mean recall
+    (`metrics.oracle_density`); ``allowed``: the pipeline's allowed blocks."""
     heads = sorted({round(i * (q.shape[1] - 1) / max(num_heads - 1, 1)) for i in range(num_heads)})
     group = q.shape[1] // k.shape[1]
     sub_k = k[:, [h // group for h in heads]]  # one KV head per sampled query head
     mass = exact_block_mass(q[:, heads], sub_k, None, True, scale, selection.block_size)
-    recall = exact_recall(mass, _head_subset(selection, heads))
-    return recall.mean().item(), recall.min().item()
+    sampled = _head_subset(selection, heads)
+    recall = exact_recall(mass, sampled)
+    sub_allowed = allowed if allowed.shape[1] == 1 else allowed[:, heads]
+    oracle, _ = oracle_density(mass, sub_allowed, recall.mean().item())
+    sampled_density = density(sampled, sub_allowed)
+    return {
+        "recall_mean": recall.mean().item(),
+        "recall_min": recall.min().item(),
+        "sampled_density": sampled_density,
+        "oracle_density": oracle,
+        "x_oracle": sampled_density / max(oracle, 1e-9),
+    }
 
 
 def _flex_runner(q, k, v, selection: BlockSelection, scale: float) -> Callable[[], torch.Tensor]:
@@ -270,9 +293,15 @@ def run_case(args, seq: int, kv_heads: int, preset: str, dense_ms: dict, log: Co
                     row["flex_ms"] = time_ms(_flex_runner(q, k, v, selection, scale))
                 except Exception as err:  # noqa: BLE001 - report, never fake, a missing baseline
                     log.print(f"flex at S={seq}: {type(err).__name__}: {str(err).splitlines()[0][:120]}")
-            row["recall_mean"] = row["recall_min"] = float("nan")
+            heads = head_densities(selection, allowed).flatten()
+            row.update(
+                head_density_min=heads.min().item(),
+                head_density_median=heads.median().item(),
+                head_density_max=heads.max().item(),
+            )
+            row.update(dict.fromkeys(RECALL_KEYS, float("nan")))
             if args.recall_heads and seq <= args.recall_max_seq:
-                row["recall_mean"], row["recall_min"] = _recall(q, k, selection, scale, args.recall_heads)
+                row.update(_recall(q, k, selection, allowed, scale, args.recall_heads))
             rows.append(row)
             del parts, selection, out
     return rows
@@ -448,6 +477,11 @@ def _plot(path: Path, rows: list[dict]) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _head_spread(row: dict) -> str:
+    """The per-(b, h) densities' min / median / max of a row."""
+    return "/".join(f"{row[f'head_density_{q}']:.2f}" for q in ("min", "median", "max"))
+
+
 def _table(rows: list[dict]) -> Table:
     table = Table(title="prefill (B=1, causal): ms, speed-up vs SDPA flash, quality")
     columns = [
@@ -468,6 +502,9 @@ def _table(rows: list[dict]) -> Table:
         ("x flash", "speedup_total_vs_flash", "{:.2f}"),
         ("x cudnn", "speedup_total_vs_cudnn", "{:.2f}"),
         ("density", "density", "{:.3f}"),
+        ("heads min/med/max", None, _head_spread),
+        ("oracle", "oracle_density", "{:.3f}"),
+        ("x oracle", "x_oracle", "{:.2f}"),
         ("recall", "recall_mean", "{:.3f}"),
         ("worst", "recall_min", "{:.3f}"),
         ("rel err", "rel_error", "{:.1e}"),
@@ -476,7 +513,7 @@ def _table(rows: list[dict]) -> Table:
     for title, _, _ in columns:
         table.add_column(title, justify="right")
     for row in rows:
-        table.add_row(*[fmt.format(row[key]) for _, key, fmt in columns])
+        table.add_row(*[fmt(row) if callable(fmt) else fmt.format(row[key]) for _, key, fmt in columns])
     return table
 
 

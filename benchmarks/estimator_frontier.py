@@ -31,7 +31,7 @@ from omnicompile.kernels.estimation import estimate_blocks
 from omnicompile.kernels.masks import allowed_blocks
 from omnicompile.kernels.selection import SelectionCall, select_blocks
 from omnicompile.method import estimation_params, selection_params
-from omnicompile.metrics import exact_block_mass, exact_recall
+from omnicompile.metrics import exact_block_mass, exact_recall, oracle_density
 
 VARIANTS: dict[str, dict] = {
     "composite": {"row_probe": False},
@@ -40,36 +40,6 @@ VARIANTS: dict[str, dict] = {
     "antidiagonal+probe": {"estimator": "antidiagonal"},
     "pooled+probe": {"estimator": "pooled"},
 }
-
-
-def oracle_density(mass: torch.Tensor, allowed: torch.Tensor, recall: float) -> tuple[float, float]:
-    """(density, threshold): the per-(b, h, i) oracle whose mean recall equals ``recall``.
-
-    mass: float32 [B, H, nq, nk] exact block mass (rows sum to 1 where a row sees a key); allowed: bool
-    broadcastable to it. Bisection on the per-row threshold t (mean recall is non-decreasing in t).
-    """
-    ranked = mass.masked_fill(~allowed, 0.0).sort(-1, descending=True).values
-    cumulative = ranked.cumsum(-1)
-    live = cumulative[..., -1] > 0
-    total_allowed = allowed.expand(mass.shape).sum().clamp(min=1)
-
-    def at(t: float) -> tuple[float, float]:
-        count = (torch.searchsorted(cumulative, torch.full_like(cumulative[..., :1], t)) + 1).clamp(
-            max=mass.shape[-1]
-        )
-        got = cumulative.gather(-1, count - 1).squeeze(-1)
-        got = torch.where(live, got, 1.0)
-        count = torch.where(live, count.squeeze(-1), 0)
-        return (count.sum() / total_allowed).item(), got.mean().item()
-
-    lo, hi = 0.0, 1.0
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        if at(mid)[1] < recall:
-            lo = mid
-        else:
-            hi = mid
-    return at(hi)[0], hi
 
 
 def preset_inputs(names: list[str], seq_len: int, device: str) -> Iterator[tuple[str, tuple]]:

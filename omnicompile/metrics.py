@@ -1,4 +1,5 @@
-"""Measures of a selection: exact block mass and recall, density, lazy fraction, relative error.
+"""Measures of a selection: exact block mass and recall, the per-head oracle's density, density, lazy
+fraction, relative error.
 
 These cost an exact pass over the attention (chunked over query blocks, never a [Sq, Skv] matrix)
 and are meant for tests, benchmarks and ``omnicompile.explain``, not the hot path. They synchronise
@@ -48,10 +49,47 @@ def exact_recall(mass: torch.Tensor, selection: BlockSelection) -> torch.Tensor:
     return torch.where(mass.sum(-1) > 0, recall, 1.0)
 
 
+def oracle_density(mass: torch.Tensor, allowed: torch.Tensor, recall: float) -> tuple[float, float]:
+    """(density, threshold): the per-(b, h, i) oracle whose mean recall equals ``recall``: each row
+    takes the fewest blocks, in descending exact mass, whose mass reaches one threshold t.
+
+    mass: float32 [B, H, nq, nk] exact block mass (rows sum to 1 where a row sees a key); allowed: bool
+    broadcastable to it. Bisection on the per-row threshold t (mean recall is non-decreasing in t).
+    """
+    ranked = mass.masked_fill(~allowed, 0.0).sort(-1, descending=True).values
+    cumulative = ranked.cumsum(-1)
+    live = cumulative[..., -1] > 0
+    total_allowed = allowed.expand(mass.shape).sum().clamp(min=1)
+
+    def at(t: float) -> tuple[float, float]:
+        count = (torch.searchsorted(cumulative, torch.full_like(cumulative[..., :1], t)) + 1).clamp(
+            max=mass.shape[-1]
+        )
+        got = cumulative.gather(-1, count - 1).squeeze(-1)
+        got = torch.where(live, got, 1.0)
+        count = torch.where(live, count.squeeze(-1), 0)
+        return (count.sum() / total_allowed).item(), got.mean().item()
+
+    lo, hi = 0.0, 1.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        if at(mid)[1] < recall:
+            lo = mid
+        else:
+            hi = mid
+    return at(hi)[0], hi
+
+
 def density(selection: BlockSelection, allowed: torch.Tensor) -> float:
     """Computed blocks / allowed blocks over all (b, h, i); allowed: bool broadcastable to [B, H, nq, nk]."""
     allowed_total = allowed.expand(selection.kv_indices.shape).sum()
     return (selection.kv_num_blocks.sum() / allowed_total.clamp(min=1)).item()
+
+
+def head_densities(selection: BlockSelection, allowed: torch.Tensor) -> torch.Tensor:
+    """float32 [B, H]: computed / allowed blocks of each (b, h); allowed as `density`."""
+    allowed_per_head = allowed.expand(selection.kv_indices.shape).sum((-1, -2))
+    return selection.kv_num_blocks.sum(-1) / allowed_per_head.clamp(min=1)
 
 
 def dense_heads(selection: BlockSelection, allowed: torch.Tensor) -> float:

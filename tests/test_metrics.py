@@ -16,7 +16,9 @@ from omnicompile.metrics import (
     density,
     exact_block_mass,
     exact_recall,
+    head_densities,
     lazy_fraction,
+    oracle_density,
     relative_error,
     selection_stats,
 )
@@ -85,6 +87,7 @@ def test_density_lazy_fraction_and_stats():
         torch.stack([allowed[0, 0], torch.eye(4, dtype=torch.bool)])[None], BLOCK, 64, 64
     )
     assert dense_heads(one_head, allowed) == 0.5
+    torch.testing.assert_close(head_densities(one_head, allowed), torch.tensor([[1.0, 0.4]]))
     cfg = OmniSparseConfig(tau=0.9, block_size=BLOCK, granularity=4)
     selection = plan(AttentionInputs(q, k, None, None, True, None), cfg)
     mass = exact_block_mass(q, k, None, True, None, BLOCK)
@@ -114,3 +117,16 @@ def test_relative_error():
     assert relative_error(ref.to(torch.bfloat16), ref) == 0.0
     assert relative_error(torch.tensor([3.0, 4.5]), ref) == pytest.approx(0.1)
     assert relative_error(torch.zeros(2), torch.zeros(2)) == 0.0
+
+
+def test_oracle_density_takes_the_fewest_blocks_at_the_mean_recall():
+    """Row 0 holds 0.7 / 0.2 / 0.1 of its mass in three blocks, row 1 a quarter in each of four. At a
+    mean recall of 0.725 the oracle takes one block of row 0 (0.7) and three of row 1 (0.75): 4 of 8;
+    at recall 1 it takes every block that holds mass (3 + 4 of 8)."""
+    mass = torch.tensor([[[[0.7, 0.2, 0.1, 0.0], [0.25, 0.25, 0.25, 0.25]]]])
+    allowed = torch.ones(1, 1, 2, 4, dtype=torch.bool)
+    assert oracle_density(mass, allowed, 0.725)[0] == pytest.approx(4 / 8)
+    assert oracle_density(mass, allowed, 1.0)[0] == pytest.approx(7 / 8)
+    row_one_only = allowed.clone()
+    row_one_only[..., 0, :] = False  # row 0 sees nothing: it needs no block and counts as recalled
+    assert oracle_density(mass, row_one_only, 1.0)[0] == pytest.approx(4 / 4)
