@@ -246,8 +246,9 @@ def sparse_attention(
     softcap: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The sparse method with every stage a Triton kernel (`method.triton_attention`): (out [B, H, Sq, D]
-    in q.dtype and q's layout, lse float32 [B, H, Sq]), as `attention` without a mask for the same
-    arguments where `method.triton_reason` accepts the call, else ``ValueError`` with its reason.
+    in q.dtype, laid out as [B, Sq, H, D] as the Triton forward writes it, lse float32 [B, H, Sq]), as
+    `attention` without a mask for the same arguments where `method.triton_reason` accepts the call,
+    else ``ValueError`` with its reason.
 
     q: [B, H, Sq, D]; k, v: [B, Hkv, Skv, D] (GQA when Hkv < H); ``window``: a causal sliding window
     that cuts something (`effective_window`). Its kernels launch through `kernels.triton_utils.run_kernel`
