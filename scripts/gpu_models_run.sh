@@ -10,7 +10,7 @@
 # varlen (chunked prefill and packed batch, benchmarks/bench_varlen.py) | generate (decode under CUDA
 # graphs through generate: tests/gpu/test_decode_graphs.py, benchmarks/bench_generate.py) | prefill (GPU
 # kernel tests; issue 16's op timing 32K-256K; probe sweep against .gpu/base) | op (the op timing
-# alone, flat and Hkv 4 / 32 too; chunked and packed prefill) | gemma-default (Gemma 3
+# alone, flat and Hkv 4 / 32 too; chunked and packed prefill) | eval32 (SmolLM2 32K eval, per layer) | gemma-default (Gemma 3
 # end to end, default config) | packages (tests/gpu/test_packages.py, -k PYTEST_K) | export
 # (benchmarks/bench_export.py at PYTEST_K lengths) | none (only receive).
 # The call's `carry`: .gpu/whl, .gpu/models.sha256 and .gpu/pieces/PIECE.
@@ -99,7 +99,7 @@ prefill)
 op)
     # Issue 16's op timing alone (no GPU tests), most wanted first: the presets whose heads differ in
     # breadth 32K-256K at tau 0.95; the launch sweep at 256K (selection warps too); Hkv 4 / 32 at 128K;
-    # flat attention (random); tau 0.99; then chunked and packed prefill (benchmarks/bench_varlen.py).
+    # flat attention (random); scope x estimator; SmolLM2's shape; then chunked and packed prefill (benchmarks/bench_varlen.py).
     nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/device.txt"
     op_run() {  # NAME TIMEOUT_S ARGS...: one bench_prefill.py run, its table's tail echoed
         (cd benchmarks && timeout "$2" python3 bench_prefill.py "${@:3}" --out "$OUT/$1") 2>&1 \
@@ -110,11 +110,21 @@ op)
     op_run sweep 80 --seq-lens 262144 --presets structured --sweep --time-budget-s 0
     op_run prefill_hkv 90 --seq-lens 131072 --kv-heads 4 32 --presets mixed --scopes head --tau 0.95 \
         --flex-seq-lens --time-budget-s 60
-    op_run prefill_random 60 --seq-lens 32768 131072 --presets random --scopes head --tau 0.99 \
-        --flex-seq-lens --recall-heads 0 --time-budget-s 40
-    op_run prefill_tau0.99 120 --seq-lens 32768 131072 262144 "${breadth[@]}" --tau 0.99 --time-budget-s 90
-    timeout 90 python3 benchmarks/bench_varlen.py --seq-lens 32768 --chunks 4096 8192 \
+    op_run prefill_random 45 --seq-lens 32768 131072 --presets random --scopes head --tau 0.99 \
+        --flex-seq-lens --recall-heads 0 --time-budget-s 30
+    op_run scopes 100 --seq-lens 32768 131072 --presets mixed --scopes heads kv_group head \
+        --estimators composite antidiagonal --tau 0.95 --flex-seq-lens --time-budget-s 75
+    op_run smollm2_shape 40 --seq-lens 32768 --heads 9 --kv-heads 3 --head-dim 64 --presets mixed \
+        structured --scopes head --tau 0.99 --flex-seq-lens --time-budget-s 20
+    timeout 75 python3 benchmarks/bench_varlen.py --seq-lens 32768 --chunks 4096 8192 \
         --presets mixed structured --out "$OUT/varlen" 2>&1 | tee "$OUT/varlen.txt" | tail -14 ;;
+eval32)
+    # SmolLM2 at 32K (YaRN x4, bf16): perplexity, top-1, KL and per-layer density / exact recall of the
+    # default config at tau 0.99 and 0.995 (which layers cost what), with a plot.
+    timeout 300 omnicompile eval --model smollm2-135m --lengths 32768 --scopes head \
+        --taus 0.99 0.995 --depths 0 --device cuda --dtype bfloat16 --max-position-embeddings 32768 \
+        --rope-scaling "$YARN" --config '{"min_seq_len": 4096}' --out "$OUT/eval_smollm2_32k_head.json" \
+        --plot "$OUT/eval_smollm2_32k_head.png" 2>&1 | tee "$OUT/eval32.txt" ;;
 gemma-default)
     # Gemma 3 end to end with the default config (its global layers' head dim 256 > max_head_dim).
     (cd benchmarks && timeout 300 python3 bench_models.py --models gemma3-270m --seq-lens 16384 32768 \
