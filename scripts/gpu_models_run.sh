@@ -34,9 +34,10 @@ kernels)
         | tee "$OUT/schedule.txt" ;;
 smollm2 | smollm2-graphs | gemma)
     model=$([ "$2" = gemma ] && echo gemma3-270m || echo smollm2-135m)
-    extra=(--variants eager inductor dense sparse --profile --config "${SPARSE[@]}")
+    # Plain Inductor (349.8 ms at 32K, 2026-12-07) only with INDUCTOR=1 (device time); lengths: $3.
+    extra=(--variants eager dense sparse ${INDUCTOR:+inductor} --profile --config "${SPARSE[@]}")
     [ "$2" = smollm2-graphs ] && extra=(--variants eager dense sparse --graphs)  # each graph compile ~85 s
-    (cd benchmarks && timeout 420 python3 bench_models.py --models "$model" --seq-lens 8192 16384 32768 \
+    (cd benchmarks && timeout 420 python3 bench_models.py --models "$model" --seq-lens ${3:-16384 32768} \
         "${extra[@]}" --time-budget-s 330 --out "$OUT/$2") 2>&1 | tee "$OUT/$2.txt"
     if [ "$2" = gemma ]; then
         timeout 170 omnicompile eval --model gemma3-270m --lengths 32768 --depths 10 --device cuda \
@@ -98,8 +99,9 @@ prefill)
     fi ;;
 op)
     # Issue 16's op timing alone (no GPU tests), most wanted first: the presets whose heads differ in
-    # breadth 32K-256K at tau 0.95; the launch sweep at 256K (selection warps too); Hkv 4 / 32 at 128K;
-    # flat attention (random); scope x estimator; SmolLM2's shape; then chunked and packed prefill (benchmarks/bench_varlen.py).
+    # breadth 32K-256K at tau 0.95; Hkv 4 / 32 at 128K; SmolLM2's shape at 32K; scope x estimator at 32K;
+    # flat attention (random); the launch sweep at 128K (selection warps too); with a third argument,
+    # chunked and packed prefill (benchmarks/bench_varlen.py).
     nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/device.txt"
     op_run() {  # NAME TIMEOUT_S ARGS...: one bench_prefill.py run, its table's tail echoed
         (cd benchmarks && timeout "$2" python3 bench_prefill.py "${@:3}" --out "$OUT/$1") 2>&1 \
@@ -107,16 +109,16 @@ op)
     }
     breadth=(--presets mixed mixed_flat --scopes head --flex-seq-lens)
     op_run prefill_tau0.95 140 --seq-lens 32768 131072 262144 "${breadth[@]}" --tau 0.95 --time-budget-s 110
-    op_run sweep 80 --seq-lens 262144 --presets structured --sweep --time-budget-s 0
     op_run prefill_hkv 90 --seq-lens 131072 --kv-heads 4 32 --presets mixed --scopes head --tau 0.95 \
         --flex-seq-lens --time-budget-s 60
-    op_run prefill_random 45 --seq-lens 32768 131072 --presets random --scopes head --tau 0.99 \
-        --flex-seq-lens --recall-heads 0 --time-budget-s 30
-    op_run scopes 100 --seq-lens 32768 131072 --presets mixed --scopes heads kv_group head \
-        --estimators composite antidiagonal --tau 0.95 --flex-seq-lens --time-budget-s 75
     op_run smollm2_shape 40 --seq-lens 32768 --heads 9 --kv-heads 3 --head-dim 64 --presets mixed \
         structured --scopes head --tau 0.99 --flex-seq-lens --time-budget-s 20
-    timeout 75 python3 benchmarks/bench_varlen.py --seq-lens 32768 --chunks 4096 8192 \
+    op_run scopes 60 --seq-lens 32768 --presets mixed --scopes heads kv_group head \
+        --estimators composite antidiagonal --tau 0.95 --flex-seq-lens --time-budget-s 40
+    op_run prefill_random 45 --seq-lens 32768 131072 --presets random --scopes head --tau 0.99 \
+        --flex-seq-lens --recall-heads 0 --time-budget-s 30
+    op_run sweep 50 --seq-lens 131072 --presets structured --sweep --time-budget-s 0
+    [ -n "${3:-}" ] && timeout 75 python3 benchmarks/bench_varlen.py --seq-lens 32768 --chunks 4096 8192 \
         --presets mixed structured --out "$OUT/varlen" 2>&1 | tee "$OUT/varlen.txt" | tail -14 ;;
 eval32)
     # SmolLM2 at 32K (YaRN x4, bf16): perplexity, top-1, KL and per-layer density / exact recall of the
