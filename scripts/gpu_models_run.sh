@@ -100,7 +100,8 @@ prefill)
 op)
     # Issue 16's op timing alone (no GPU tests), most wanted first: the presets whose heads differ in
     # breadth 32K-256K at tau 0.95; Hkv 4 / 32 at 128K; SmolLM2's shape at 32K; scope x estimator at 32K;
-    # flat attention (random); the launch sweep at 128K (selection warps too); with a third argument,
+    # flat attention (random); the launch sweep at 128K (selection warps too), then `structured` there
+    # (the kernel at a few % density); with a third argument,
     # chunked and packed prefill (benchmarks/bench_varlen.py).
     nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/device.txt"
     op_run() {  # NAME TIMEOUT_S ARGS...: one bench_prefill.py run, its table's tail echoed
@@ -117,7 +118,7 @@ op)
         --estimators composite antidiagonal --tau 0.95 --flex-seq-lens --time-budget-s 40
     op_run prefill_random 45 --seq-lens 32768 131072 --presets random --scopes head --tau 0.99 \
         --flex-seq-lens --recall-heads 0 --time-budget-s 30
-    op_run sweep 50 --seq-lens 131072 --presets structured --sweep --time-budget-s 0
+    op_run sweep 90 --seq-lens 131072 --presets structured --scopes head --sweep --time-budget-s 45
     [ -n "${3:-}" ] && timeout 75 python3 benchmarks/bench_varlen.py --seq-lens 32768 --chunks 4096 8192 \
         --presets mixed structured --out "$OUT/varlen" 2>&1 | tee "$OUT/varlen.txt" | tail -14 ;;
 eval32)
