@@ -10,7 +10,7 @@
 # varlen (chunked prefill and packed batch, benchmarks/bench_varlen.py) | generate (decode under CUDA
 # graphs through generate: tests/gpu/test_decode_graphs.py, benchmarks/bench_generate.py) | prefill (GPU
 # kernel tests; issue 16's op timing 32K-256K; probe sweep against .gpu/base) | op (the op timing
-# alone, flat and Hkv 4 / 32 too; chunked and packed prefill) | eval32 (SmolLM2 32K eval, per layer) | gemma-default (Gemma 3
+# alone, flat and Hkv 4 / 32 too; chunked and packed prefill with a third argument) | eval32 (SmolLM2 32K eval, per layer) | gemma-default (Gemma 3
 # end to end, default config) | packages (tests/gpu/test_packages.py, -k PYTEST_K) | export
 # (benchmarks/bench_export.py at PYTEST_K lengths) | none (only receive).
 # The call's `carry`: .gpu/whl, .gpu/models.sha256 and .gpu/pieces/PIECE.
@@ -99,7 +99,8 @@ prefill)
     fi ;;
 op)
     # Issue 16's op timing alone (no GPU tests), most wanted first: the presets whose heads differ in
-    # breadth 32K-256K at tau 0.95; Hkv 4 / 32 at 128K; SmolLM2's shape at 32K; scope x estimator at 32K;
+    # breadth 32K-256K at tau 0.95; Hkv 4 / 32 at 128K; SmolLM2's shape at 32K; scope x estimator at 32K
+    # (the estimators with a Triton kernel: composite, pooled);
     # flat attention (random); the launch sweep at 128K (selection warps too), then `structured` there
     # (the kernel at a few % density); with a third argument,
     # chunked and packed prefill (benchmarks/bench_varlen.py).
@@ -115,12 +116,14 @@ op)
     op_run smollm2_shape 40 --seq-lens 32768 --heads 9 --kv-heads 3 --head-dim 64 --presets mixed \
         structured --scopes head --tau 0.99 --flex-seq-lens --time-budget-s 20
     op_run scopes 60 --seq-lens 32768 --presets mixed --scopes heads kv_group head \
-        --estimators composite antidiagonal --tau 0.95 --flex-seq-lens --time-budget-s 40
+        --estimators composite pooled --tau 0.95 --flex-seq-lens --time-budget-s 40
     op_run prefill_random 45 --seq-lens 32768 131072 --presets random --scopes head --tau 0.99 \
         --flex-seq-lens --recall-heads 0 --time-budget-s 30
     op_run sweep 90 --seq-lens 131072 --presets structured --scopes head --sweep --time-budget-s 45
-    [ -n "${3:-}" ] && timeout 75 python3 benchmarks/bench_varlen.py --seq-lens 32768 --chunks 4096 8192 \
-        --presets mixed structured --out "$OUT/varlen" 2>&1 | tee "$OUT/varlen.txt" | tail -14 ;;
+    if [ -n "${3:-}" ]; then
+        timeout 75 python3 benchmarks/bench_varlen.py --seq-lens 32768 --chunks 4096 8192 \
+            --presets mixed structured --out "$OUT/varlen" 2>&1 | tee "$OUT/varlen.txt" | tail -14
+    fi ;;
 eval32)
     # SmolLM2 at 32K (YaRN x4, bf16): perplexity, top-1, KL and per-layer density / exact recall of the
     # default config at tau 0.99 and 0.995 (which layers cost what), with a plot.
