@@ -1,7 +1,8 @@
 """Pieces shared by the Triton kernels: interpreter detection, the fp32-dot rule, the tile dot, the
 base-2 constants, the head-dim support check, the score constexprs of a launch, the launch itself
-(`run_kernel`: traceable inside a ``torch.library.triton_op``) and the online-softmax primitives (one
-step, the normaliser, the finish), in base 2 as FlashAttention and FlashInfer's ``state_merge`` /
+(`run_kernel`: traceable inside a ``torch.library.triton_op``), host TMA descriptors
+(`tma_descriptors`) and the online-softmax primitives (one step, the normaliser, the finish), in
+base 2 as FlashAttention and FlashInfer's ``state_merge`` /
 ``state_normalize``."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 LN2 = 0.6931471805599453  # ln(2) == 1 / LOG2E: log(x) == log2(x) * LN2
@@ -46,6 +48,26 @@ def run_kernel(kernel: triton.JITFunction, grid: tuple[int, ...], *args: object,
         elif any(isinstance(a, torch.Tensor) and is_fake(a) for a in values):
             return
     kernel[grid](*args, **kwargs)
+
+
+def tma_descriptors(
+    tensors: tuple[torch.Tensor, ...], rows: int, cols: int
+) -> tuple[TensorDescriptor, ...] | None:
+    """Host TMA descriptors of 4-D [B, H, S, D] tensors, a [1, 1, rows, cols] tile each (columns past
+    D and rows past S read as zeros), or None where TMA cannot take them: a GPU before sm_90, a traced
+    (fake or functional) tensor, a last stride other than 1, other strides or the base not 16-byte
+    aligned (the kernels then load through pointers)."""
+    if any(type(t) is not torch.Tensor for t in tensors):
+        return None
+    if not interpreting() and any(
+        t.device.type != "cuda" or torch.cuda.get_device_capability(t.device)[0] < 9 for t in tensors
+    ):
+        return None
+    for t in tensors:
+        size = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * size % 16 for s in t.stride()[:-1]):
+            return None
+    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, cols]) for t in tensors)
 
 
 def needs_fp32_dot(dtype: torch.dtype) -> bool:

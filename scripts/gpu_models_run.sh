@@ -11,7 +11,8 @@
 # graphs through generate: tests/gpu/test_decode_graphs.py, benchmarks/bench_generate.py) | prefill (GPU
 # kernel tests; issue 16's op timing 32K-256K; probe sweep against .gpu/base) | op (the op timing
 # alone, flat and Hkv 4 / 32 too; chunked and packed prefill with a third argument) | eval32 (SmolLM2 32K eval, per layer) | gemma-default (Gemma 3
-# end to end, default config) | packages (tests/gpu/test_packages.py, -k PYTEST_K) | export
+# end to end, default config) | tiles (the forward by tile, TMA; scope x estimator; chunked and
+# packed prefill; serving stack) | packages (tests/gpu/test_packages.py, -k PYTEST_K) | export
 # (benchmarks/bench_export.py at PYTEST_K lengths) | none (only receive).
 # The call's `carry`: .gpu/whl, .gpu/models.sha256 and .gpu/pieces/PIECE.
 set -uo pipefail
@@ -23,6 +24,10 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index . || exit 1
 # against 0.983 in fp32 at 8K (docs/ACCURACY.md), its GPU time not yet measured.
 SPARSE=('{}' '{"tau": 0.995}')
 YARN='{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192}'
+op_run() {  # NAME TIMEOUT_S ARGS...: one bench_prefill.py run, its table's tail echoed
+    (cd benchmarks && timeout "$2" python3 bench_prefill.py "${@:3}" --out "$OUT/$1") 2>&1 \
+        | tee "$OUT/$1.txt" | tail -12
+}
 case "$2" in
 kernels)
     nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/device.txt"
@@ -105,10 +110,6 @@ op)
     # (the kernel at a few % density); with a third argument,
     # chunked and packed prefill (benchmarks/bench_varlen.py).
     nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/device.txt"
-    op_run() {  # NAME TIMEOUT_S ARGS...: one bench_prefill.py run, its table's tail echoed
-        (cd benchmarks && timeout "$2" python3 bench_prefill.py "${@:3}" --out "$OUT/$1") 2>&1 \
-            | tee "$OUT/$1.txt" | tail -12
-    }
     breadth=(--presets mixed mixed_flat --scopes head --flex-seq-lens)
     op_run prefill_tau0.95 140 --seq-lens 32768 131072 262144 "${breadth[@]}" --tau 0.95 --time-budget-s 110
     op_run prefill_hkv 90 --seq-lens 131072 --kv-heads 4 32 --presets mixed --scopes head --tau 0.95 \
@@ -124,6 +125,18 @@ op)
         timeout 75 python3 benchmarks/bench_varlen.py --seq-lens 32768 --chunks 4096 8192 \
             --presets mixed structured --out "$OUT/varlen" 2>&1 | tee "$OUT/varlen.txt" | tail -14
     fi ;;
+tiles)
+    # The forward by tile (TMA loads, 128-token blocks; benchmarks/bench_fwd_tiles.py), issue 16's scope
+    # x estimator table at 32K, chunked and packed prefill after the host-time cut; what the serving
+    # stack finds on this image.
+    nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/device.txt"
+    python3 -c "import transformers.cli.serve" 2>&1 | tail -1 | sed 's/^/serve: /' | tee "$OUT/serving_stack.txt"
+    python3 -m pip list 2>/dev/null | grep -iE "^(fastapi|uvicorn|openai|starlette|pydantic) " | tee -a "$OUT/serving_stack.txt"
+    (cd benchmarks && timeout 240 python3 bench_fwd_tiles.py --out "$OUT/tiles") 2>&1 | tee "$OUT/tiles.txt" | tail -45
+    op_run scopes 60 --seq-lens 32768 --presets mixed --scopes heads kv_group head \
+        --estimators composite pooled --tau 0.95 --flex-seq-lens --time-budget-s 40
+    timeout 75 python3 benchmarks/bench_varlen.py --seq-lens 32768 --chunks 4096 8192 \
+        --presets mixed structured --out "$OUT/varlen" 2>&1 | tee "$OUT/varlen.txt" | tail -14 ;;
 eval32)
     # SmolLM2 at 32K (YaRN x4, bf16): perplexity, top-1, KL and per-layer density / exact recall of the
     # default config at tau 0.99 and 0.995 (which layers cost what), with a plot.

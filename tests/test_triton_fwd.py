@@ -313,3 +313,21 @@ def test_large_and_padded_head_dims(head_dim, window):
     gen = torch.Generator().manual_seed(head_dim)
     q, k, v = _inputs(1, 2, 1, 40, 40, head_dim, torch.bfloat16, gen)
     _check(q, k, v, _random_selection(1, 2, 40, 40, 16, 0.7, gen), None, True, window=window)
+
+
+@pytest.mark.parametrize(
+    "head_dim, window, kind", [(32, None, None), (48, None, "bool"), (32, 20, None), (80, None, "additive")]
+)
+def test_tma_loads_match_reference(head_dim, window, kind):
+    """K/V through TMA descriptors (``LaunchConfig.tma``): K and V strided as [B, S, Hkv, D] views,
+    a partial last block (kv_len 90), a padded head dim (48, 80), masks and a window."""
+    gen = torch.Generator().manual_seed(head_dim)
+    q, k, v = _inputs(1, 4, 2, 90, 90, head_dim, torch.float16, gen)
+    k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (k, v))
+    mask = None
+    if kind is not None:
+        keep = torch.rand(1, 1, 90, 90, generator=gen) < 0.7
+        mask = keep if kind == "bool" else torch.zeros(keep.shape).masked_fill(~keep, float("-inf")).half()
+    selection = _random_selection(1, 4, 90, 90, 32, 0.7, gen)
+    launch = LaunchConfig(32, 16, 4, 2, tma=True)
+    _check(q, k, v, selection, mask, mask is None, launch=launch, window=window)

@@ -2,7 +2,7 @@
 backward (`triton_bwd`), their defaults (`default_launch`, `default_backward_launch`) and the
 forward's work order (`unit_order`).
 
-One config launches one pass: the forward reads ``block_m``, ``block_n``, ``num_warps``,
+One config launches one pass: the forward reads ``block_m``, ``block_n``, ``num_warps``, ``tma``,
 ``num_stages`` and ``schedule``; the backward ``dq_*``, ``dkdv_*``, ``num_warps`` and ``num_stages``.
 """
 
@@ -35,7 +35,9 @@ class LaunchConfig:
     two, capped at the selection's block size. The field defaults are the backward's up to D = 128
     (`default_backward_launch`).
 
-    ``num_warps``, ``num_stages``: those of the pass's kernels.
+    ``num_warps``, ``num_stages``: those of the pass's kernels. ``tma``: the forward reads K and V
+    through host TMA descriptors (`triton_utils.tma_descriptors`; pointer loads where TMA cannot
+    take the tensors).
     """
 
     block_m: int = 64
@@ -43,6 +45,7 @@ class LaunchConfig:
     num_warps: int = 4
     num_stages: int = 2
     schedule: Literal["heaviest_first", "causal"] = "causal"
+    tma: bool = False
     dq_block_m: int = 64
     dq_block_n: int = 32
     dkdv_block_m: int = 32

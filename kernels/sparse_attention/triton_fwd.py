@@ -56,6 +56,7 @@ from ..triton_utils import (
     softmax_finish,
     softmax_step,
     tile_dot,
+    tma_descriptors,
 )
 from .launch import LaunchConfig, default_launch, unit_order
 
@@ -160,12 +161,14 @@ def sparse_attention(
 
     nq = selection.num_q_blocks
     grid = (batch * heads * nq * (b // cfg.block_m),)
+    descs = tma_descriptors((k, v), cfg.block_n, head_dim_pad(head_dim)) if cfg.tma else None
     run_kernel(
         sparse_fwd_kernel,
         grid,
         q,
         k,
         v,
+        *(descs or (k, v)),  # read only when TMA
         out,
         lse,
         kv_num_blocks,
@@ -198,6 +201,7 @@ def sparse_attention(
         SOFTCAP=softcap is not None,
         FP32_DOT=needs_fp32_dot(q.dtype),
         ORDERED=order is not None,
+        TMA=descs is not None,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -237,6 +241,9 @@ def _attend_block(
     q,
     k_base,
     v_base,
+    k_desc,
+    v_desc,
+    desc_at,
     mask_base,
     block,
     part,
@@ -259,6 +266,7 @@ def _attend_block(
     SOFTCAP: tl.constexpr,
     FP32_DOT: tl.constexpr,
     MASKED: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """One online-softmax step (`softmax_step`) of the rows ``offs_m`` over keys [part * BLOCK_N,
     (part + 1) * BLOCK_N) of key block ``block``.
@@ -266,11 +274,18 @@ def _attend_block(
     ``k_base``/``v_base`` already hold the head's base plus the [1, HEAD_DIM_PAD] column offsets.
     MASKED: per-element masks (key range, causal with its ``window``, attn_mask with additive values
     <= ``mask_floor`` as -inf). SOFTCAP: the scaled scores capped at the base-2 ``softcap`` first.
+    TMA: K and V tiles through the [B, Hkv, Skv, D] descriptors ``k_desc``/``v_desc`` at (batch, KV
+    head) ``desc_at`` (out-of-range rows and padded columns read as zeros), else pointer loads.
     """
-    offs_n = block * SPARSE_BLOCK + part * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    k = _load_rows(k_base, offs_n, stride_kn, offs_d, kv_len, HEAD_DIM, HEAD_DIM_PAD, MASKED)
-    v = _load_rows(v_base, offs_n, stride_vn, offs_d, kv_len, HEAD_DIM, HEAD_DIM_PAD, MASKED)
+    n0 = block * SPARSE_BLOCK + part * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    if TMA:
+        k = k_desc.load([desc_at[0], desc_at[1], n0, 0]).reshape(BLOCK_N, HEAD_DIM_PAD)
+        v = v_desc.load([desc_at[0], desc_at[1], n0, 0]).reshape(BLOCK_N, HEAD_DIM_PAD)
+    else:
+        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        k = _load_rows(k_base, offs_n, stride_kn, offs_d, kv_len, HEAD_DIM, HEAD_DIM_PAD, MASKED)
+        v = _load_rows(v_base, offs_n, stride_vn, offs_d, kv_len, HEAD_DIM, HEAD_DIM_PAD, MASKED)
     s = tile_dot(q, tl.trans(k), None, FP32_DOT)
     if MASKED:
         s = s * qk_scale
@@ -308,6 +323,9 @@ def _attend_run(
     q,
     k_base,
     v_base,
+    k_desc,
+    v_desc,
+    desc_at,
     mask_base,
     idx_ptr,
     lo,
@@ -333,6 +351,7 @@ def _attend_run(
     SOFTCAP: tl.constexpr,
     FP32_DOT: tl.constexpr,
     MASKED: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """`_attend_block` over part of the head's selected list ``idx_ptr`` [n_blocks], in
     SPARSE_BLOCK / BLOCK_N parts a block: MASKED=False the mask-free run, positions [lo, hi);
@@ -353,10 +372,10 @@ def _attend_run(
         pos = (it + 1) // n_split
         nxt = tl.load(idx_ptr + tl.minimum(pos + gap * (pos >= gap_at), nk - 1))
         acc, l_i, m_i = _attend_block(
-            acc, l_i, m_i, q, k_base, v_base, mask_base, block, it % n_split, offs_m,
-            stride_kn, stride_vn, stride_mn, kv_len, qk_scale, softcap, window, mask_floor,
+            acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, desc_at, mask_base, block, it % n_split,
+            offs_m, stride_kn, stride_vn, stride_mn, kv_len, qk_scale, softcap, window, mask_floor,
             HEAD_DIM, HEAD_DIM_PAD, SPARSE_BLOCK, BLOCK_N, IS_CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, FP32_DOT,
-            MASKED,
+            MASKED, TMA,
         )  # fmt: skip
         block = nxt
     return acc, l_i, m_i
@@ -410,6 +429,8 @@ def sparse_fwd_kernel(
     Q,
     K,
     V,
+    K_DESC,
+    V_DESC,
     O,
     LSE,
     KV_NUM,
@@ -457,6 +478,7 @@ def sparse_fwd_kernel(
     SOFTCAP: tl.constexpr,
     FP32_DOT: tl.constexpr,
     ORDERED: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     # Program order, fastest first: head within its KV group, query tile, then the work list ORDER
     # of (batch, KV head, query block) units (`launch.unit_order`), or without ORDERED the causal
@@ -500,12 +522,13 @@ def sparse_fwd_kernel(
     lo, hi = _mask_free_run(
         idx_ptr, n_blocks, qblock, kv_len, window, SPARSE_BLOCK, IS_CAUSAL, WINDOWED, MASK_KIND
     )
+    desc_at = (batch.to(tl.int32), hkv.to(tl.int32))
     for run in tl.static_range(2):
         acc, l_i, m_i = _attend_run(
-            acc, l_i, m_i, q, k_base, v_base, mask_base, idx_ptr, lo, hi, n_blocks, offs_m,
-            stride_kn, stride_vn, stride_mn, kv_len, nk, qk_scale, softcap, window, mask_floor,
-            HEAD_DIM, HEAD_DIM_PAD, SPARSE_BLOCK, BLOCK_N, IS_CAUSAL, WINDOWED, MASK_KIND, SOFTCAP, FP32_DOT,
-            run == 1,
+            acc, l_i, m_i, q, k_base, v_base, K_DESC, V_DESC, desc_at, mask_base, idx_ptr, lo, hi,
+            n_blocks, offs_m, stride_kn, stride_vn, stride_mn, kv_len, nk, qk_scale, softcap, window,
+            mask_floor, HEAD_DIM, HEAD_DIM_PAD, SPARSE_BLOCK, BLOCK_N, IS_CAUSAL, WINDOWED, MASK_KIND,
+            SOFTCAP, FP32_DOT, run == 1, TMA,
         )  # fmt: skip
     out, lse = softmax_finish(acc, m_i, l_i)
     o_ptrs = (
