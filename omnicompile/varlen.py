@@ -8,7 +8,10 @@ the chunk starts, into two attentions the op runs as they are:
 - the chunk against the cached prefix (keys ``0 .. S - n - 1``): every query sees every key, no mask;
 - the chunk against itself (keys ``S - n .. S - 1``): plain causal;
 
-and merges them exactly by their log-sum-exps (`merge.merge_attention`). Each part makes its own
+and merges them exactly by their log-sum-exps (`merge.merge_attention`). ``min_seq_len`` is read
+against what each part computes: the prefix part (most of a long chunked prefill's query-key pairs)
+runs sparse once the chunk's whole key length S reaches it, as a one-shot prefill of S tokens would
+(`prefix_config`); the chunk's own causal part is decided by its own length. Each part makes its own
 selection against the keys it is given, reaching recall ``tau`` of that part's mass, so the merged
 row keeps at least ``tau`` of its whole mass; with ``mode="dense"`` (or tau = 1) it equals dense
 attention. The op's lse carries no gradient: where autograd needs gradients of q, k or v, the chunk
@@ -21,6 +24,9 @@ and kernels per sequence, nothing spent across sequence boundaries.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import functools
 
 import torch
 from torch import Tensor
@@ -65,6 +71,16 @@ def _call(
     )
 
 
+@functools.lru_cache(maxsize=64)
+def prefix_config(config: str, total: int) -> str:
+    """The op config (JSON) of the chunk-against-prefix part of a chunk whose whole key length is
+    ``total``: ``config`` with ``min_seq_len`` lifted (0) when ``total`` reaches it, else ``config``."""
+    parsed = OmniSparseConfig.from_json(config)
+    if total < parsed.min_seq_len:
+        return config
+    return dataclasses.replace(parsed, min_seq_len=0).to_json()
+
+
 def bottom_right_causal_mask(q_len: int, kv_len: int, device: torch.device | str | None = None) -> Tensor:
     """bool [q_len, kv_len], True = keep: query i sees keys ``0 .. kv_len - q_len + i``."""
     rows = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
@@ -103,10 +119,10 @@ def prefix_causal_attention(
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         mask = bottom_right_causal_mask(n, total, q.device)
         return _call(q, k, v, mask, False, scale, config, site, softcap, False)[0]
+    on_prefix = prefix_config(config, total)
+    k_prefix, v_prefix = k[:, :, :prefix], v[:, :, :prefix]
     parts = [
-        _call(
-            q, k[:, :, :prefix], v[:, :, :prefix], None, False, scale, config, f"{site}.prefix", softcap, True
-        ),
+        _call(q, k_prefix, v_prefix, None, False, scale, on_prefix, f"{site}.prefix", softcap, True),
         _call(
             q, k[:, :, prefix:], v[:, :, prefix:], None, True, scale, config, f"{site}.chunk", softcap, True
         ),

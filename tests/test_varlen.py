@@ -9,6 +9,8 @@ structured heads a prefill in chunks stays as close to dense as the one-shot spa
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -66,6 +68,19 @@ def test_chunk_after_a_prefix_equals_bottom_right_masked_sdpa(chunk, prefix, mod
     if mode == "exact" and chunk >= 16 and prefix >= 16:  # both parts long enough to run sparse
         assert [run.decision for run in recorder.runs] == ["sparse", "sparse"]
         assert [run.site for run in recorder.runs] == ["chunk.prefix", "chunk.chunk"]
+
+
+def test_min_seq_len_is_read_against_the_chunk_s_whole_key_length() -> None:
+    """A chunk of 32 queries after 64 cached keys, min_seq_len 96 (= S): the prefix part runs sparse
+    as a one-shot prefill of 96 tokens would; the chunk's own 32-key causal part runs dense. With S
+    below min_seq_len both run dense."""
+    q, k, v = _qkv(5, 32, 96)
+    for min_seq_len, want in ((96, ["sparse", "dense"]), (97, ["dense", "dense"])):
+        config = dataclasses.replace(EXACT, min_seq_len=min_seq_len)
+        with recording(measure=False) as recorder:
+            out = prefix_causal_attention(q, k, v, config, SCALE)
+        assert [run.decision for run in recorder.runs] == want
+        assert rel_error(out, _sdpa(q, k, v, bottom_right_causal_mask(32, 96))) <= REL_TOL[torch.float32]
 
 
 def test_bottom_right_mask_is_causal_shifted_to_the_last_keys() -> None:
