@@ -12,7 +12,8 @@
 # kernel tests; issue 16's op timing 32K-256K; probe sweep against .gpu/base) | op (the op timing
 # alone, flat and Hkv 4 / 32 too; chunked and packed prefill with a third argument) | eval32 (SmolLM2 32K eval, per layer) | gemma-default (Gemma 3
 # end to end, default config) | tiles (the forward by tile, TMA; scope x estimator; chunked and
-# packed prefill; serving stack) | packages (tests/gpu/test_packages.py, -k PYTEST_K) | export
+# packed prefill; serving stack) | gpu-tests (GPU suite; serving stack) | serve (load test, SmolLM2)
+# | packages (tests/gpu/test_packages.py, -k PYTEST_K) | export
 # (benchmarks/bench_export.py at PYTEST_K lengths) | none (only receive).
 # The call's `carry`: .gpu/whl, .gpu/models.sha256 and .gpu/pieces/PIECE.
 set -uo pipefail
@@ -139,6 +140,31 @@ tiles)
     timeout 75 python3 benchmarks/bench_varlen.py --seq-lens 32768 --chunks 4096 8192 \
         --presets mixed structured --config '{"min_seq_len": 4096}' --out "$OUT/varlen" 2>&1 \
         | tee "$OUT/varlen.txt" | tail -14 ;;
+gpu-tests)
+    # The GPU suite (exported packages aside: tests/gpu/test_packages.py, test_cpp_runner.py), and
+    # which of transformers' serving packages this image has.
+    nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/device.txt"
+    python3 - <<'PY' 2>&1 | tee "$OUT/serving_stack.txt"
+import importlib, importlib.metadata as md
+for name in ("transformers", "fastapi", "uvicorn", "openai", "starlette", "pydantic"):
+    try:
+        print(name, md.version(name))
+    except md.PackageNotFoundError:
+        print(name, "missing")
+try:
+    importlib.import_module("transformers.cli.serve")
+    print("transformers.cli.serve imports")
+except Exception as error:  # what keeps the server from starting here
+    print("transformers.cli.serve:", repr(error))
+PY
+    TRITON_INTERPRET=0 timeout 300 python3 -P -m pytest -q -ra -m gpu tests/gpu \
+        --ignore=tests/gpu/test_packages.py --ignore=tests/gpu/test_cpp_runner.py 2>&1 | tee "$OUT/gpu_suite.txt" ;;
+serve)
+    # The load test (docs/SERVING.md) on SmolLM2 (8192 positions): 8 passkey prompts of 8000 tokens,
+    # 8 in flight, dense (sdpa) then omnisparse with sparse sites from 4096 keys.
+    timeout 280 python3 -P benchmarks/serve_load.py --model smollm2-135m --lengths 8000 --requests 8 \
+        --concurrency 8 --max-tokens 16 --device cuda --dtype bfloat16 --config '{"min_seq_len": 4096}' \
+        --time-limit 260 --out "$OUT/serve" 2>&1 | tee "$OUT/serve.txt" | tail -30 ;;
 eval32)
     # SmolLM2 at 32K (YaRN x4, bf16): perplexity, top-1, KL and per-layer density / exact recall of the
     # default config at tau 0.99 and 0.995 (which layers cost what), with a plot.

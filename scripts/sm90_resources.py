@@ -100,6 +100,7 @@ def main() -> None:
                 SOFTCAP=False,
                 FP32_DOT=False,
                 ORDERED=False,
+                TMA=False,  # the pointer-load build (TMA descriptors need tensordesc signatures)
             )
             print(
                 f"D {dim} fwd window={windowed} {cfg}:",
