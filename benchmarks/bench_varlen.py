@@ -6,6 +6,8 @@ chunk) against the one-shot sparse prefill and dense. For each sequence length S
 - one-shot: the op over all S queries (``is_causal=True``), and cuDNN / flash SDPA for reference;
 - chunked: S / C calls, chunk j's queries against keys ``0 .. (j + 1) C - 1`` (split at the chunk and
   merged by lse), timed end to end as a serving engine runs it (one chunk after another);
+- both also replayed from a CUDA graph (``_graph_ms`` columns: no Python or launch overhead, as under
+  ``torch.compile(mode="reduce-overhead")`` or an engine's graph runner);
 - output relative error of each against dense (flash, fp32 norms) and of chunked against one-shot.
 Target (issue 20): chunked within 1.3x of the one-shot time.
 
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_prefill import print_rows, time_ms, write_csv
+from bench_prefill import graphed, print_rows, time_ms, write_csv
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from omnicompile.config import OmniSparseConfig
@@ -60,6 +62,15 @@ def _chunked(q, k, v, config: str, chunk: int) -> torch.Tensor:
     )
 
 
+def _graph_ms(fn) -> float:
+    """Median ms of ``fn`` replayed from a CUDA graph; NaN (reason printed) where capture fails."""
+    try:
+        return time_ms(graphed(fn))
+    except RuntimeError as err:
+        print(f"CUDA graph capture failed: {str(err).splitlines()[0][:160]}")
+        return float("nan")
+
+
 def _dense(q, k, v, backend: SDPBackend) -> torch.Tensor:
     with sdpa_kernel(backend):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -86,6 +97,9 @@ def run_case(seq_len: int, chunk: int, preset: str, config: OmniSparseConfig) ->
         "chunked_vs_one_shot_err": relative_error(chunked, one_shot),
     }
     row["chunked_over_one_shot"] = row["chunked_ms"] / row["one_shot_ms"]
+    row["one_shot_graph_ms"] = _graph_ms(lambda: _one_shot(q, k, v, cfg))
+    row["chunked_graph_ms"] = _graph_ms(lambda: _chunked(q, k, v, cfg, chunk))
+    row["chunked_over_one_shot_graph"] = row["chunked_graph_ms"] / row["one_shot_graph_ms"]
     return row
 
 
