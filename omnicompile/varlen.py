@@ -71,14 +71,18 @@ def _call(
     )
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
+def _without_min_seq_len(config: str) -> tuple[int, str]:
+    """``config``'s ``min_seq_len`` and the same config (JSON) with it at 0."""
+    parsed = OmniSparseConfig.from_json(config)
+    return parsed.min_seq_len, dataclasses.replace(parsed, min_seq_len=0).to_json()
+
+
 def prefix_config(config: str, total: int) -> str:
     """The op config (JSON) of the chunk-against-prefix part of a chunk whose whole key length is
     ``total``: ``config`` with ``min_seq_len`` lifted (0) when ``total`` reaches it, else ``config``."""
-    parsed = OmniSparseConfig.from_json(config)
-    if total < parsed.min_seq_len:
-        return config
-    return dataclasses.replace(parsed, min_seq_len=0).to_json()
+    min_seq_len, lifted = _without_min_seq_len(config)
+    return config if total < min_seq_len else lifted
 
 
 def bottom_right_causal_mask(q_len: int, kv_len: int, device: torch.device | str | None = None) -> Tensor:

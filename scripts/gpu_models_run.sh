@@ -12,7 +12,7 @@
 # kernel tests; issue 16's op timing 32K-256K; probe sweep against .gpu/base) | op (the op timing
 # alone, flat and Hkv 4 / 32 too; chunked and packed prefill with a third argument) | eval32 (SmolLM2 32K eval, per layer) | gemma-default (Gemma 3
 # end to end, default config) | tiles (the forward by tile, TMA; scope x estimator; chunked and
-# packed prefill; serving stack) | gpu-tests (GPU suite; serving stack) | serve (load test, SmolLM2)
+# packed prefill) | gpu-tests (GPU suite; serving stack) | serve (load test, SmolLM2)
 # | packages (tests/gpu/test_packages.py, -k PYTEST_K) | export
 # (benchmarks/bench_export.py at PYTEST_K lengths) | none (only receive).
 # The call's `carry`: .gpu/whl, .gpu/models.sha256 and .gpu/pieces/PIECE.
@@ -128,15 +128,13 @@ op)
     fi ;;
 tiles)
     # The forward by tile (TMA loads, 128-token blocks; benchmarks/bench_fwd_tiles.py), issue 16's scope
-    # x estimator table at 32K, chunked and packed prefill after the host-time cut; what the serving
-    # stack finds on this image.
+    # x estimator table at 32K, chunked and packed prefill after the host-time cut.
     nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/device.txt"
-    python3 -c "import transformers.cli.serve" 2>&1 | tail -1 | sed 's/^/serve: /' | tee "$OUT/serving_stack.txt"
-    python3 -m pip list 2>/dev/null | grep -iE "^(fastapi|uvicorn|openai|starlette|pydantic) " | tee -a "$OUT/serving_stack.txt"
     (cd benchmarks && timeout 240 python3 bench_fwd_tiles.py --out "$OUT/tiles") 2>&1 | tee "$OUT/tiles.txt" | tail -45
     op_run scopes 60 --seq-lens 32768 --presets mixed --scopes heads kv_group head \
         --estimators composite pooled --tau 0.95 --flex-seq-lens --time-budget-s 40
-    # min_seq_len 4096 as in the first varlen run (the default 32768 would run every chunk dense).
+    # min_seq_len 4096 as in the first varlen run (under the default 32768 only the last chunk's
+    # prefix part would run sparse).
     timeout 75 python3 benchmarks/bench_varlen.py --seq-lens 32768 --chunks 4096 8192 \
         --presets mixed structured --config '{"min_seq_len": 4096}' --out "$OUT/varlen" 2>&1 \
         | tee "$OUT/varlen.txt" | tail -14 ;;

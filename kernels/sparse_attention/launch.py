@@ -61,7 +61,7 @@ def default_launch(block_size: int, dtype: torch.dtype, has_mask: bool, head_dim
     slower; 4 stages leave one program per SM). An attn_mask tile costs registers: narrower key
     steps. Head dims above 128 (256: 64 x 256 fp32 accumulators) need 8 warps and 2 stages to stay
     spill-free (4 warps spill 120-256 B; 3 stages of 64-key tiles need 224 KB of shared memory).
-    K/V through TMA at head dim 128 (padded): 4-5% faster on an H100 (2026-12-07,
+    K/V through TMA at head dim 128 (padded): 4-6% faster on an H100 (2026-12-07,
     `benchmarks/bench_fwd_tiles.py`, 64K, full / mixed / structured selections: 510 -> 535, 480 ->
     499, 349 -> 371 TFLOP/s); at 64 it was 2-7% slower below full density, so pointer loads stay there.
     """
